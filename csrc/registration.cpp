@@ -1,0 +1,31 @@
+// Every memboost op schema lives here (one TORCH_LIBRARY block); kernels are
+// registered per device in csrc/cpu/*.cpp and csrc/cuda/*.cu, fake (meta)
+// kernels in memboost/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// An empty module: importing memboost._C loads the library, whose static
+// initializers register the ops with the dispatcher.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(memboost, m) {
+  // values uint8 [..., n] -> int32 [..., ceil(n/16)]; 16 two-bit values per
+  // word, element j at bits 2j..2j+1 (LSB first); the tail is zero-padded.
+  m.def("pack_2bit(Tensor values) -> Tensor");
+  // int32 [..., w] -> uint8 [..., num_elements], num_elements <= 16*w.
+  m.def("unpack_2bit(Tensor packed, int num_elements) -> Tensor");
+  // Same with 8 four-bit values per word, element j at bits 4j..4j+3.
+  m.def("pack_4bit(Tensor values) -> Tensor");
+  m.def("unpack_4bit(Tensor packed, int num_elements) -> Tensor");
+  // Mixed 2/4/16-bit weight (layout: csrc/common/mixed_format.h) -> W [N, K].
+  m.def(
+      "mixed_dequantize(Tensor plane2, Tensor lowbits, Tensor meta, Tensor mask, Tensor row_scale, "
+      "Tensor outlier_rowptr, Tensor outlier_cols, Tensor outlier_vals, int group_size, ScalarType dtype) -> Tensor");
+  // y = x @ W.T + bias straight from the mixed format, any leading batch shape.
+  m.def(
+      "mixed_linear(Tensor x, Tensor plane2, Tensor lowbits, Tensor meta, Tensor mask, Tensor row_scale, "
+      "Tensor outlier_rowptr, Tensor outlier_cols, Tensor outlier_vals, Tensor? bias, int group_size) -> Tensor");
+}

@@ -1,0 +1,67 @@
+"""memboost: mixed 2/4/16-bit weight quantization for PyTorch, with fused CPU
+and CUDA kernels.
+
+    import memboost
+    q = memboost.quantize(w, ratio_4bit=0.1)     # w: [out, in] fp16/bf16/fp32
+    q.avg_bits                                   # every stored bit counted
+    w_hat = memboost.dequantize(q)
+    y = q.linear(x)                              # x @ w_hat.T without building w_hat
+    torch.save(q.state_dict(), "w.pt")
+    q2 = memboost.QuantizedTensor.from_state_dict(torch.load("w.pt", weights_only=True))
+"""
+
+import torch
+
+from ._native import build_info, cuda_kernels_usable
+from . import ops, reference
+from .tensor import QuantizedTensor
+from .mixed import MixedQuantizedTensor, quantize
+from . import nn
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantizedTensor", "MixedQuantizedTensor", "quantize", "dequantize", "pack_2bit", "unpack_2bit",
+    "pack_4bit", "unpack_4bit", "build_info", "cuda_kernels_usable", "nn", "ops", "reference",
+]
+
+
+def dequantize(q: QuantizedTensor) -> torch.Tensor:
+    """The weight back in its original dtype and on q's device, outliers included."""
+    if not isinstance(q, QuantizedTensor):
+        raise TypeError(f"'q' must be a QuantizedTensor, got {type(q).__name__}")
+    return q.dequantize()
+
+
+def _check_codes(values: torch.Tensor, bits: int) -> None:
+    if not isinstance(values, torch.Tensor) or values.dtype != torch.uint8:
+        got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
+        raise TypeError(f"'values' must be a uint8 tensor, got {got}")
+    if values.numel() and int(values.max()) >= (1 << bits):
+        raise ValueError(f"'values' must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing, "
+                         f"got a maximum of {int(values.max())}")
+
+
+def pack_2bit(values: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..3 [..., n] -> int32 [..., ceil(n/16)]: 16 per word, element
+    j at bits 2j..2j+1 (LSB first). A length that is not a multiple of 16 is
+    zero-padded; pass the original length to unpack_2bit."""
+    _check_codes(values, 2)
+    return ops.pack_2bit(values)
+
+
+def unpack_2bit(packed: torch.Tensor, num_elements: int) -> torch.Tensor:
+    """int32 [..., w] -> uint8 [..., num_elements] (num_elements <= 16*w)."""
+    return ops.unpack_2bit(packed, num_elements)
+
+
+def pack_4bit(values: torch.Tensor) -> torch.Tensor:
+    """uint8 codes 0..15 [..., n] -> int32 [..., ceil(n/8)]: 8 per word, element
+    j at bits 4j..4j+3 (LSB first); tail zero-padded like pack_2bit."""
+    _check_codes(values, 4)
+    return ops.pack_4bit(values)
+
+
+def unpack_4bit(packed: torch.Tensor, num_elements: int) -> torch.Tensor:
+    """int32 [..., w] -> uint8 [..., num_elements] (num_elements <= 8*w)."""
+    return ops.unpack_4bit(packed, num_elements)

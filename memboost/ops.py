@@ -1,0 +1,101 @@
+"""Thin wrappers over torch.ops.memboost plus the fake (meta) kernels that let
+the ops run under torch.compile and FakeTensor tracing. The schemas are in
+csrc/registration.cpp; pure-PyTorch references are in memboost/reference.py."""
+
+from typing import Optional
+
+import torch
+
+from . import _native  # noqa: F401  (loads the library before registering fakes)
+
+_ops = torch.ops.memboost
+
+
+def _packed_words(n: int, per_word: int) -> int:
+    return (n + per_word - 1) // per_word
+
+
+def _fake_pack(per_word: int):
+    def fake(values):
+        torch._check(values.dtype == torch.uint8, lambda: "values must be uint8")
+        return values.new_empty((*values.shape[:-1], _packed_words(values.shape[-1], per_word)), dtype=torch.int32)
+
+    return fake
+
+
+def _fake_unpack(per_word: int):
+    def fake(packed, num_elements):
+        torch._check(packed.dtype == torch.int32, lambda: "packed must be int32")
+        torch._check(num_elements <= packed.shape[-1] * per_word, lambda: "num_elements too large")
+        return packed.new_empty((*packed.shape[:-1], num_elements), dtype=torch.uint8)
+
+    return fake
+
+
+torch.library.register_fake("memboost::pack_2bit")(_fake_pack(16))
+torch.library.register_fake("memboost::unpack_2bit")(_fake_unpack(16))
+torch.library.register_fake("memboost::pack_4bit")(_fake_pack(8))
+torch.library.register_fake("memboost::unpack_4bit")(_fake_unpack(8))
+
+
+@torch.library.register_fake("memboost::mixed_dequantize")
+def _(plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals, group_size, dtype):
+    return plane2.new_empty((plane2.shape[0], plane2.shape[1] * 16), dtype=dtype)
+
+
+@torch.library.register_fake("memboost::mixed_linear")
+def _(x, plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals, bias, group_size):
+    torch._check(x.shape[-1] == plane2.shape[1] * 16, lambda: "x last dimension must equal in_features")
+    return x.new_empty((*x.shape[:-1], plane2.shape[0]))
+
+
+def pack_2bit(values: torch.Tensor) -> torch.Tensor:
+    return _ops.pack_2bit.default(values)
+
+
+def unpack_2bit(packed: torch.Tensor, num_elements: int) -> torch.Tensor:
+    return _ops.unpack_2bit.default(packed, num_elements)
+
+
+def pack_4bit(values: torch.Tensor) -> torch.Tensor:
+    return _ops.pack_4bit.default(values)
+
+
+def unpack_4bit(packed: torch.Tensor, num_elements: int) -> torch.Tensor:
+    return _ops.unpack_4bit.default(packed, num_elements)
+
+
+def mixed_dequantize(tensors: dict, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    t = tensors
+    return _ops.mixed_dequantize.default(
+        t["plane2"], t["lowbits"], t["meta"], t["mask"], t["row_scale"],
+        t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], group_size, dtype,
+    )
+
+
+def mixed_linear(x: torch.Tensor, tensors: dict, bias: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
+    t = tensors
+    return _ops.mixed_linear.default(
+        x, t["plane2"], t["lowbits"], t["meta"], t["mask"], t["row_scale"],
+        t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], bias, group_size,
+    )
+
+
+def _mixed_linear_setup_context(ctx, inputs, output):
+    x, *quantized, bias, group_size = inputs
+    ctx.quantized = quantized
+    ctx.group_size = group_size
+    ctx.has_bias = bias is not None
+
+
+def _mixed_linear_backward(ctx, grad):
+    # The quantized weight is frozen: gradients flow to x and bias only.
+    w = _ops.mixed_dequantize.default(*ctx.quantized, ctx.group_size, grad.dtype)
+    grad_x = grad @ w
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return (grad_x,) + (None,) * len(ctx.quantized) + (grad_bias, None)
+
+
+torch.library.register_autograd(
+    "memboost::mixed_linear", _mixed_linear_backward, setup_context=_mixed_linear_setup_context
+)
