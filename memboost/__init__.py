@@ -17,12 +17,13 @@ from . import ops, reference
 from .tensor import QuantizedTensor
 from .mixed import MixedQuantizedTensor, quantize
 from . import nn
+from .model import quantize_linears_
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QuantizedTensor", "MixedQuantizedTensor", "quantize", "dequantize", "pack_2bit", "unpack_2bit",
-    "pack_4bit", "unpack_4bit", "build_info", "cuda_kernels_usable", "nn", "ops", "reference",
+    "pack_4bit", "unpack_4bit", "build_info", "cuda_kernels_usable", "nn", "ops", "reference", "quantize_linears_",
 ]
 
 

@@ -27,7 +27,9 @@ from .tensor import QuantizedTensor, dtype_name
 
 _LOG2_STEP_MIN = 1e-4  # keeps the per-row code step finite when all ranges agree
 _SCALE_LEVELS = 15  # 4-bit scale codes: 0..15
-_CHUNK_ELEMENTS = 1 << 21  # rows are processed in chunks of about this many weights
+_CHUNK_ELEMENTS = 1 << 21
+# Range shrink factors tried per group, in octaves (1, 0.90, 0.81, 0.71 of the full range).
+_CLIP_OCTAVES = (0.0, 0.15, 0.3, 0.5)  # rows are processed in chunks of about this many weights
 
 
 class MixedQuantizedTensor(QuantizedTensor):
@@ -201,18 +203,19 @@ def _bitset(flags: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def _search_codes(x, err_weight, lo, hi, levels, log2_base, log2_step, first_code, depth):
+def _search_codes(x, err_weight, lo, hi, levels, log2_base, log2_step):
     """Best (scale code, zero, codes) per group by weighted squared error.
 
     x [n, G, gs] values to quantize; err_weight broadcastable to x; lo/hi
-    [n, G] the group min/max; levels [n, G] (3 or 15). Candidates: the `depth`
-    scale codes at and below `first_code` (clipping the range), and for each
-    the two zero points that best centre the grid on [lo, hi].
+    [n, G] the group min/max; levels [n, G] (3 or 15). Candidates: the scale
+    codes nearest to the full range shrunk by each of _CLIP_OCTAVES, and for
+    each the two zero points that best centre the grid on [lo, hi].
     """
     best_err = best_code = best_zero = None
     mid = (lo + hi) * 0.5
-    for d in range(depth):
-        code = (first_code - d).clamp(0, _SCALE_LEVELS)
+    log_rng = torch.log2((hi - lo).clamp_min(torch.finfo(torch.float32).tiny))
+    for clip in _CLIP_OCTAVES:
+        code = torch.ceil((log_rng - clip - log2_base) / log2_step - 1e-3).clamp(0, _SCALE_LEVELS)
         step = torch.exp2(log2_base + code * log2_step) / levels
         z_centre = levels * 0.5 - mid / step
         for z in (torch.floor(z_centre), torch.ceil(z_centre)):
@@ -259,17 +262,16 @@ def _quantize_rows(w: torch.Tensor, h: Optional[torch.Tensor], n4: int, gs: int,
     x = torch.where(four.unsqueeze(-1), wg, clean)
     lo, hi = x.amin(-1), x.amax(-1)
 
-    # 4. Two-level scales: a 4-bit log2 code per group on a per-row grid.
-    rng = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
-    log_rng = torch.log2(rng)
-    log2_base = log_rng.amin(1, keepdim=True)
+    # 4. Two-level scales: a 4-bit log2 code per group on a per-row grid that
+    #    reaches a little below the smallest range, so every group can clip.
+    log_rng = torch.log2((hi - lo).clamp_min(torch.finfo(torch.float32).tiny))
+    log2_base = log_rng.amin(1, keepdim=True) - _CLIP_OCTAVES[-1]
     log2_step = ((log_rng.amax(1, keepdim=True) - log2_base) / _SCALE_LEVELS).clamp_min(_LOG2_STEP_MIN)
-    first_code = torch.ceil((log_rng - log2_base) / log2_step - 1e-3).clamp(0, _SCALE_LEVELS)
     levels = torch.where(four, 15.0, 3.0)
     err_weight = (~is_out).to(torch.float32)
     if h is not None:
         err_weight = err_weight * h.view(1, groups, gs)
-    code, zero, q, deq = _search_codes(x, err_weight, lo, hi, levels, log2_base, log2_step, first_code, depth=4)
+    code, zero, q, deq = _search_codes(x, err_weight, lo, hi, levels, log2_base, log2_step)
 
     # 5. Outliers keep their exact value as a 16-bit residual on top of their code.
     resid = (wg - deq)[is_out]

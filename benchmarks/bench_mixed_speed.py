@@ -1,0 +1,125 @@
+"""Speed of the fused mixed 2/4/16-bit linear, as ratios against baselines
+run in the same process.
+
+CPU: fused op vs torch.nn.functional.linear on the dequantized fp32 weight,
+     and quantize time per million weights.
+GPU: fused op vs cuBLAS fp16 (F.linear), many weight copies per CUDA graph so
+     the working set exceeds the 50 MB L2; achieved bandwidth as a fraction of
+     a measured device-to-device copy; fused outliers vs cuSPARSE outliers.
+
+    python benchmarks/bench_mixed_speed.py [--device cpu|cuda] [--json out.json]
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import memboost  # noqa: E402
+from common import copy_bandwidth_cuda, print_table, time_cpu, time_cuda_graph, write_json  # noqa: E402
+
+PAPER_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)
+SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+
+
+def weight(out_f, in_f, device, dtype):
+    g = torch.Generator(device="cpu").manual_seed(out_f * 7 + in_f)
+    return (torch.randn(out_f, in_f, generator=g) * 0.02).to(device=device, dtype=dtype)
+
+
+def without_outliers(q):
+    t = dict(q.tensors)
+    t["outlier_rowptr"] = torch.zeros_like(t["outlier_rowptr"])
+    t["outlier_cols"] = t["outlier_cols"][:0]
+    t["outlier_vals"] = t["outlier_vals"][:0]
+    return type(q)(t, q.meta)
+
+
+def bench_cpu(args):
+    rows = []
+    torch.set_num_threads(os.cpu_count() or 1)
+    for out_f, in_f in PAPER_SHAPES[:2] + SMOLLM2_SHAPES:
+        w = weight(out_f, in_f, "cpu", torch.float32)
+        t0 = time.perf_counter()
+        q = memboost.quantize(w, ratio_4bit=args.ratio)
+        qtime = time.perf_counter() - t0
+        w_hat = memboost.dequantize(q)
+        for batch in (1, 8):
+            x = torch.randn(batch, in_f)
+            t_fused = time_cpu(lambda: q.linear(x))
+            t_dense = time_cpu(lambda: torch.nn.functional.linear(x, w_hat))
+            rows.append({"shape": f"{out_f}x{in_f}", "batch": batch, "avg_bits": q.avg_bits,
+                         "fused_ms": t_fused * 1e3, "fp32_linear_ms": t_dense * 1e3,
+                         "speedup_vs_fp32": t_dense / t_fused,
+                         "quantize_s_per_Mweight": qtime / (w.numel() / 1e6)})
+    print_table(rows, ["shape", "batch", "avg_bits", "fused_ms", "fp32_linear_ms", "speedup_vs_fp32",
+                       "quantize_s_per_Mweight"], f"CPU ({torch.get_num_threads()} threads), ratio_4bit={args.ratio}")
+    return {"cpu": rows}
+
+
+def bench_cuda(args):
+    bw = copy_bandwidth_cuda()
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 << 20)
+    print(f"device: {props.name}, copy bandwidth {bw / 1e12:.3f} TB/s, L2 {l2 >> 20} MiB")
+    rows, outlier_rows = [], []
+    for out_f, in_f in PAPER_SHAPES + SMOLLM2_SHAPES:
+        w = weight(out_f, in_f, "cuda", torch.float16)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        q = memboost.quantize(w, ratio_4bit=args.ratio)
+        torch.cuda.synchronize()
+        qtime = time.perf_counter() - t0
+        # Enough copies that one pass over them is 4x the L2: every call reads HBM.
+        n_fp16 = max(2, -(-4 * l2 // (w.numel() * 2)))
+        n_q = max(2, -(-4 * l2 // q.nbytes))
+        dense = [w.clone() for _ in range(n_fp16)]
+        quant = [type(q)({k: v.clone() for k, v in q.tensors.items()}, q.meta) for _ in range(n_q)]
+        for batch in (1, 8, 32):
+            x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
+            t_q = time_cuda_graph([lambda qq=qq: qq.linear(x) for qq in quant])
+            t_d = time_cuda_graph([lambda ww=ww: torch.nn.functional.linear(x, ww) for ww in dense])
+            moved = q.nbytes + x.numel() * 2 + batch * out_f * 2
+            rows.append({"shape": f"{out_f}x{in_f}", "batch": batch, "avg_bits": q.avg_bits,
+                         "fused_us": t_q * 1e6, "cublas_fp16_us": t_d * 1e6, "speedup_vs_fp16": t_d / t_q,
+                         "fused_GBps": moved / t_q / 1e9, "frac_of_copy_bw": moved / t_q / bw,
+                         "quantize_s_per_Mweight": qtime / (w.numel() / 1e6)})
+        # Outliers: fused in the GEMV vs the GEMV without them + a cuSPARSE CSR SpMV.
+        if out_f >= 4096:
+            x = torch.randn(1, in_f, device="cuda", dtype=torch.float16)
+            bare = [without_outliers(qq) for qq in quant]
+            csr = [torch.sparse_csr_tensor(qq.tensors["outlier_rowptr"].long(),
+                                           qq.tensors["outlier_cols"].long() & 0xFFFF,
+                                           qq.tensors["outlier_vals"].float(), size=(out_f, in_f)) for qq in quant]
+            xt = x.float().T.contiguous()
+            t_fused = time_cuda_graph([lambda qq=qq: qq.linear(x) for qq in quant])
+            t_bare = time_cuda_graph([lambda qq=qq: qq.linear(x) for qq in bare])
+            t_split = time_cuda_graph([lambda qq=qq, s=s: qq.linear(x) + (s @ xt).T.half()
+                                       for qq, s in zip(bare, csr)])
+            outlier_rows.append({"shape": f"{out_f}x{in_f}", "outliers": q.num_outliers,
+                                 "no_outliers_us": t_bare * 1e6, "fused_us": t_fused * 1e6,
+                                 "cusparse_us": t_split * 1e6})
+    print_table(rows, ["shape", "batch", "avg_bits", "fused_us", "cublas_fp16_us", "speedup_vs_fp16", "fused_GBps",
+                       "frac_of_copy_bw", "quantize_s_per_Mweight"],
+                f"CUDA {props.name}, ratio_4bit={args.ratio}, L2 exceeded, CUDA graphs")
+    print_table(outlier_rows, ["shape", "outliers", "no_outliers_us", "fused_us", "cusparse_us"],
+                "Outliers at batch 1: fused into the GEMV vs a separate cuSPARSE SpMV")
+    return {"device": props.name, "copy_bandwidth_Bps": bw, "cuda": rows, "outliers": outlier_rows}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ratio", type=float, default=0.1, help="ratio_4bit of the quantized weights")
+    ap.add_argument("--json", default="", help="write the results here")
+    args = ap.parse_args()
+    result = {"ratio_4bit": args.ratio, "torch": torch.__version__, "build": memboost.build_info()}
+    result.update(bench_cuda(args) if args.device == "cuda" else bench_cpu(args))
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()

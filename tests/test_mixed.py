@@ -1,0 +1,226 @@
+import io
+import os
+
+import pytest
+import torch
+
+import memboost
+from memboost import reference
+from memboost.mixed import MixedQuantizedTensor
+
+from conftest import llm_like_weight, rel_err
+
+
+def _parts(q):
+    return [q.tensors[k] for k in q.tensor_names]
+
+
+def _quantize(device, shape=(96, 512), dtype=torch.float32, **kw):
+    return memboost.quantize(llm_like_weight(*shape, dtype=dtype).to(device), **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [16, 64, 128])
+def test_dequantize_kernel_matches_reference(device, dtype, group_size):
+    q = _quantize(device, dtype=dtype, ratio_4bit=0.3, group_size=group_size, outlier_fraction=0.01)
+    got = memboost.dequantize(q)
+    assert got.dtype == dtype and got.device.type == device and got.shape == (96, 512)
+    want = reference.mixed_dequantize(*[t.cpu() for t in _parts(q)], group_size, dtype)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("batch", [(1,), (2,), (3,), (8,), (2, 5), (33,), (70,)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_kernel_matches_reference(device, dtype, tol, batch, with_bias):
+    q = _quantize(device, shape=(200, 384), dtype=dtype, ratio_4bit=0.25, outlier_fraction=0.005)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*batch, 384, generator=g).to(dtype).to(device)
+    bias = torch.randn(200, generator=g).to(dtype).to(device) if with_bias else None
+    y = q.linear(x, bias)
+    assert y.shape == (*batch, 200) and y.dtype == dtype and y.device.type == device
+    want = reference.mixed_linear(x.cpu(), *[t.cpu() for t in _parts(q)], None if bias is None else bias.cpu(),
+                                  q.group_size)
+    assert rel_err(y, want) < tol
+
+
+def test_linear_row_count_not_multiple_of_warp_rows(device):
+    # 7 rows and K=48 (3 words per row: not a multiple of the 4-word vector path)
+    q = _quantize(device, shape=(7, 48), ratio_4bit=0.4, group_size=16, outlier_fraction=0.05)
+    x = torch.randn(5, 48).to(device)
+    want = reference.mixed_linear(x.cpu(), *[t.cpu() for t in _parts(q)], None, 16)
+    assert rel_err(q.linear(x), want) < 1e-5
+
+
+def test_opcheck(device):
+    q = _quantize(device, shape=(40, 128), ratio_4bit=0.5, outlier_fraction=0.02)
+    parts = _parts(q)
+    torch.library.opcheck(torch.ops.memboost.mixed_dequantize.default, (*parts, 64, torch.float16))
+    x = torch.randn(3, 128, device=device)
+    bias = torch.randn(40, device=device)
+    torch.library.opcheck(torch.ops.memboost.mixed_linear.default, (x, *parts, bias, 64))
+    torch.library.opcheck(torch.ops.memboost.mixed_linear.default, (x.requires_grad_(), *parts, None, 64))
+
+
+def test_ratio_acts_and_error_falls_as_ratio_rises(device):
+    w = llm_like_weight(128, 1024).to(device)
+    errors, bits = [], []
+    for ratio in (0.0, 0.1, 0.25, 0.5, 1.0):
+        q = memboost.quantize(w, ratio_4bit=ratio, outlier_fraction=0.0)
+        assert abs(q.ratio_4bit - ratio) <= 0.5 / 16 + 1e-9  # 16 groups per row
+        errors.append(rel_err(memboost.dequantize(q), w))
+        bits.append(q.avg_bits)
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+    assert all(a < b for a, b in zip(bits, bits[1:])), bits
+    q0 = memboost.quantize(w, ratio_4bit=0.0, outlier_fraction=0.0)
+    assert q0.tensors["lowbits"].shape[1] == 0 and int(q0.tensors["mask"].abs().sum()) == 0
+    q1 = memboost.quantize(w, ratio_4bit=1.0, outlier_fraction=0.0)
+    assert reference.unpack_bitmask(q1.tensors["mask"].cpu(), 16).all()
+    assert errors[-1] < errors[0] / 3  # 4-bit is several times finer than 2-bit
+
+
+def test_avg_bits_counts_everything(device):
+    q = _quantize(device, shape=(256, 1024), ratio_4bit=0.25, outlier_fraction=0.005)
+    n, k, g = 256, 1024, 16
+    n4 = 4
+    nnz = q.num_outliers
+    assert 0 < nnz <= n * round(0.005 * k)
+    stored_bits = (n * k * 2            # 2-bit plane
+                   + n * n4 * 64 * 2    # low bits of 4-bit groups
+                   + n * g * 8          # scale code + zero per group
+                   + n * 32             # 4-bit mask (16 groups -> one word)
+                   + n * 2 * 32         # per-row log2 base and step
+                   + (n + 1) * 32       # outlier row pointers
+                   + nnz * (16 + 16)    # outlier columns and values
+                   + 8 * q.state_dict()["format_info"].numel())
+    assert q.nbytes * 8 == stored_bits
+    assert q.avg_bits == pytest.approx(stored_bits / (n * k))
+    assert 2.6 < q.avg_bits < 3.0
+
+
+def test_outliers_are_restored_and_live_in_2bit_groups(device):
+    w = llm_like_weight(64, 256)
+    w[5, 17], w[40, 200], w[63, 0] = 3.0, -2.5, 4.0  # planted, 100x the typical magnitude
+    w = w.to(device)
+    q = memboost.quantize(w, ratio_4bit=0.1, outlier_fraction=0.01)
+    w_hat = memboost.dequantize(q)
+    for r, c in ((5, 17), (40, 200), (63, 0)):
+        assert abs(float(w_hat[r, c] - w[r, c])) < 2e-3 * abs(float(w[r, c]))
+    without = memboost.dequantize(memboost.quantize(w, ratio_4bit=0.1, outlier_fraction=0.0))
+    assert rel_err(w_hat, w) < rel_err(without, w)
+    # every outlier sits in a 2-bit group
+    t = {k: v.cpu() for k, v in q.tensors.items()}
+    four = reference.unpack_bitmask(t["mask"], 4)
+    rows = torch.repeat_interleave(torch.arange(64), (t["outlier_rowptr"][1:] - t["outlier_rowptr"][:-1]).long())
+    cols = t["outlier_cols"].long() & 0xFFFF
+    assert not four[rows, cols // 64].any()
+
+
+def test_calibration_lowers_weighted_error(device):
+    w = llm_like_weight(128, 512).to(device)
+    h = torch.ones(512)
+    h[:64] = 100.0  # the first 64 input channels matter most
+    h = h.to(device)
+    plain = memboost.dequantize(memboost.quantize(w, ratio_4bit=0.1))
+    calib = memboost.dequantize(memboost.quantize(w, ratio_4bit=0.1, calibration=h))
+
+    def weighted(w_hat):
+        return float((((w_hat - w) ** 2) * h).sum())
+
+    assert weighted(calib) < 0.8 * weighted(plain)
+
+
+def test_state_dict_round_trips_exactly(device, tmp_path):
+    q = _quantize(device, dtype=torch.bfloat16, ratio_4bit=0.2, outlier_fraction=0.01)
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    buf.seek(0)
+    q2 = memboost.QuantizedTensor.from_state_dict(torch.load(buf, weights_only=True))
+    assert isinstance(q2, MixedQuantizedTensor) and q2.dtype == torch.bfloat16 and q2.shape == q.shape
+    assert torch.equal(memboost.dequantize(q2), memboost.dequantize(q))
+    assert q2.avg_bits == q.avg_bits
+
+    from safetensors.torch import load_file, save_file
+    path = os.path.join(tmp_path, "w.safetensors")
+    save_file(q.state_dict(), path)
+    q3 = memboost.QuantizedTensor.from_state_dict(load_file(path, device=device))
+    assert torch.equal(memboost.dequantize(q3), memboost.dequantize(q))
+
+
+def test_to_device_shape_dtype_repr(device):
+    q = _quantize("cpu", dtype=torch.float16)
+    moved = q.to(device)
+    assert moved.device.type == device and moved.shape == (96, 512) and moved.dtype == torch.float16
+    assert torch.equal(memboost.dequantize(moved).cpu(), memboost.dequantize(q))
+    text = repr(moved)
+    assert "MixedQuantizedTensor" in text and "avg_bits=" in text and "(96, 512)" in text
+
+
+def test_huge_rows_count_and_wide_rows(device):
+    # Many rows (grid-size limits) and a long row, without [out, in]-sized masks.
+    w = llm_like_weight(70000, 64, dtype=torch.float16).to(device)
+    q = memboost.quantize(w, ratio_4bit=0.1)
+    assert rel_err(memboost.dequantize(q), w) < 0.5  # 2-bit on heavy-tailed weights
+    x = torch.randn(2, 64, dtype=torch.float16, device=device)
+    assert rel_err(q.linear(x), x.float() @ memboost.dequantize(q).float().T) < 2e-3
+
+
+@pytest.mark.slow
+def test_embedding_sized_layer(device):
+    w = (torch.randn(151936, 576) * 0.02).to(torch.float16).to(device)
+    q = memboost.quantize(w, ratio_4bit=0.1)
+    assert q.shape == (151936, 576)
+    assert rel_err(memboost.dequantize(q), w) < 0.45
+    x = torch.randn(1, 576, dtype=torch.float16, device=device)
+    y = q.linear(x)
+    assert y.shape == (1, 151936) and torch.isfinite(y).all()
+
+
+def test_bad_input_is_named():
+    w = torch.randn(32, 128)
+    cases = [
+        (lambda: memboost.quantize(torch.randn(4, 8, 16)), ValueError, "'w' must be a 2-D weight"),
+        (lambda: memboost.quantize(torch.ones(32, 128, dtype=torch.int32)), TypeError, "'w' must be float16"),
+        (lambda: memboost.quantize(torch.empty(0, 128)), ValueError, "'w' is empty"),
+        (lambda: memboost.quantize(w.clone().index_fill_(1, torch.tensor([3]), float("nan"))), ValueError, "NaN or Inf"),
+        (lambda: memboost.quantize(w.clone().index_fill_(1, torch.tensor([3]), float("inf"))), ValueError, "NaN or Inf"),
+        (lambda: memboost.quantize(w, ratio_4bit=1.5), ValueError, "'ratio_4bit' must be a number in \\[0, 1\\]"),
+        (lambda: memboost.quantize(w, ratio_4bit=-0.1), ValueError, "'ratio_4bit'"),
+        (lambda: memboost.quantize(w, group_size=48), ValueError, "'group_size' 48 does not divide in_features 128"),
+        (lambda: memboost.quantize(w, group_size=40), ValueError, "multiple of 16"),
+        (lambda: memboost.quantize(w, outlier_fraction=1.0), ValueError, "'outlier_fraction'"),
+        (lambda: memboost.quantize(w, calibration=torch.ones(64)), ValueError, "'calibration' must be a tensor of shape"),
+        (lambda: memboost.quantize(w, calibration=-torch.ones(128)), ValueError, "non-negative"),
+        (lambda: memboost.dequantize(w), TypeError, "'q' must be a QuantizedTensor"),
+    ]
+    for fn, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            fn()
+
+
+def test_corrupt_state_dict_is_named():
+    q = memboost.quantize(torch.randn(32, 128), ratio_4bit=0.25)
+    good = q.state_dict()
+    from memboost.tensor import encode_json, decode_json
+
+    missing = {k: v for k, v in good.items() if k != "meta"}
+    with pytest.raises(ValueError, match=r"missing \['meta'\]"):
+        memboost.QuantizedTensor.from_state_dict(missing)
+    with pytest.raises(ValueError, match="'format_info'"):
+        memboost.QuantizedTensor.from_state_dict({k: v for k, v in good.items() if k != "format_info"})
+    bad_shape = dict(good, plane2=good["plane2"][:, :4])
+    with pytest.raises(ValueError, match="'plane2' must have shape"):
+        memboost.QuantizedTensor.from_state_dict(bad_shape)
+    bad_dtype = dict(good, meta=good["meta"].to(torch.int32))
+    with pytest.raises(ValueError, match="'meta' must have dtype"):
+        memboost.QuantizedTensor.from_state_dict(bad_dtype)
+    info = decode_json(good["format_info"], "format_info")
+    with pytest.raises(ValueError, match="version 99"):
+        memboost.QuantizedTensor.from_state_dict(dict(good, format_info=encode_json(dict(info, version=99))))
+    with pytest.raises(ValueError, match="unknown quantized format"):
+        memboost.QuantizedTensor.from_state_dict(dict(good, format_info=encode_json(dict(info, format="zzz"))))
+    with pytest.raises(ValueError, match="valid JSON"):
+        memboost.QuantizedTensor.from_state_dict(dict(good, format_info=good["format_info"][:-3]))
+    bad_ptr = dict(good, outlier_rowptr=good["outlier_rowptr"] + 1)
+    with pytest.raises(ValueError, match="'outlier_rowptr' must rise"):
+        memboost.QuantizedTensor.from_state_dict(bad_ptr)
