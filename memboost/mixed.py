@@ -17,7 +17,6 @@ Choices the paper leaves open, and why:
   minimises the (calibration-weighted) squared error of the stored format.
 """
 
-import math
 from typing import Optional
 
 import torch

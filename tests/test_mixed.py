@@ -224,3 +224,15 @@ def test_corrupt_state_dict_is_named():
     bad_ptr = dict(good, outlier_rowptr=good["outlier_rowptr"] + 1)
     with pytest.raises(ValueError, match="'outlier_rowptr' must rise"):
         memboost.QuantizedTensor.from_state_dict(bad_ptr)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 6])
+def test_cpu_portable_path_matches_reference(monkeypatch, batch):
+    # The AVX2 path runs by default on x86-64; the portable one serves other CPUs.
+    q = _quantize("cpu", shape=(50, 256), ratio_4bit=0.3, outlier_fraction=0.01)
+    x = torch.randn(batch, 256)
+    want = reference.mixed_linear(x, *_parts(q), None, q.group_size)
+    fast = q.linear(x)
+    monkeypatch.setenv("MEMBOOST_CPU_ISA", "generic")
+    portable = q.linear(x)
+    assert rel_err(fast, want) < 1e-5 and rel_err(portable, want) < 1e-5

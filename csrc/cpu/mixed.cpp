@@ -4,7 +4,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "common/mixed_args.h"
 
@@ -38,14 +44,15 @@ MixedView make_view(const at::Tensor& plane2, const at::Tensor& lowbits, const a
                    d};
 }
 
-// 16 weights of a 2-bit group; written branch-free so the compiler vectorizes
-// the variable shifts (AVX2 clone picked at run time).
-__attribute__((target_clones("avx2", "default"))) void decode_word2(uint32_t word, float step, float zero_step,
+// 16 weights of a 2-bit group (portable path).
+#define MB_INLINE inline __attribute__((always_inline))
+
+MB_INLINE void decode_word2(uint32_t word, float step, float zero_step,
                                                                     float* out) {
   for (int j = 0; j < 16; ++j) out[j] = static_cast<float>((word >> (2 * j)) & 3u) * step - zero_step;
 }
 
-__attribute__((target_clones("avx2", "default"))) void decode_word4(uint32_t hi, uint32_t lo, float step,
+MB_INLINE void decode_word4(uint32_t hi, uint32_t lo, float step,
                                                                     float zero_step, float* out) {
   for (int j = 0; j < 16; ++j) {
     const uint32_t q = (((hi >> (2 * j)) & 3u) << 2) | ((lo >> (2 * j)) & 3u);
@@ -53,7 +60,7 @@ __attribute__((target_clones("avx2", "default"))) void decode_word4(uint32_t hi,
   }
 }
 
-__attribute__((target_clones("avx2", "default"))) float dot(const float* a, const float* b, int64_t n) {
+MB_INLINE float dot(const float* a, const float* b, int64_t n) {
   // Eight partial sums so the loop vectorizes without -ffast-math.
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
@@ -65,7 +72,7 @@ __attribute__((target_clones("avx2", "default"))) float dot(const float* a, cons
 }
 
 // Decodes row r of the weight (outliers included) into out[K].
-void decode_row(const MixedView& v, int64_t r, float* out) {
+MB_INLINE void decode_row(const MixedView& v, int64_t r, float* out) {
   const MixedDims& d = v.d;
   const uint32_t* plane_row = v.plane2 + r * d.plane_words;
   const uint32_t* low_row = v.lowbits + r * d.low_words;
@@ -91,6 +98,122 @@ void decode_row(const MixedView& v, int64_t r, float* out) {
   for (int32_t e = v.rowptr[r]; e < v.rowptr[r + 1]; ++e) out[v.cols[e]] += static_cast<float>(v.vals[e]);
 }
 
+void decode_rows(const MixedView& v, int64_t begin, int64_t end,
+                                                                    float* out) {
+  for (int64_t r = begin; r < end; ++r) decode_row(v, r, out + r * v.d.cols);
+}
+
+// Portable path: y[m, r] = W[r] . x[m] for rows [begin, end); each row is
+// decoded once into an L1-resident buffer and reused for every activation row.
+void linear_rows_generic(const MixedView& v, int64_t begin, int64_t end, const float* x, int64_t m_rows, float* y) {
+  std::vector<float> row(v.d.cols);
+  for (int64_t r = begin; r < end; ++r) {
+    decode_row(v, r, row.data());
+    for (int64_t m = 0; m < m_rows; ++m) y[m * v.d.rows + r] = dot(row.data(), x + m * v.d.cols, v.d.cols);
+  }
+}
+
+#if defined(__x86_64__)
+// AVX2 path: codes are decoded in registers and never stored. Per group,
+//   W[r, group] . x = step * (q . x) - zero_step * sum(x over the group),
+// so a group costs one vector FMA per 8 weights per activation row, the
+// group sums of x are computed once per call, and the step is applied with
+// one FMA per group.
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+template <int MT>
+__attribute__((target("avx2,fma"))) void linear_rows_avx2_tile(const MixedView& v, int64_t begin, int64_t end,
+                                                              const float* x, const float* xsum, float* y) {
+  const MixedDims& d = v.d;
+  const int64_t words_per_group = d.group_size / kWeightsPerWord;
+  const __m256i shift_lo = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i shift_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
+  const __m256i three = _mm256_set1_epi32(3);
+  for (int64_t r = begin; r < end; ++r) {
+    const uint32_t* plane_row = v.plane2 + r * d.plane_words;
+    const uint32_t* low_row = v.lowbits + r * d.low_words;
+    const uint32_t* mask_row = v.mask + r * d.mask_words;
+    const uint8_t* meta_row = v.meta + r * d.groups;
+    const float log2_base = v.row_scale[2 * r], log2_step = v.row_scale[2 * r + 1];
+    __m256 acc[MT];
+    float corr[MT];
+    for (int i = 0; i < MT; ++i) {
+      acc[i] = _mm256_setzero_ps();
+      corr[i] = 0.f;
+    }
+    int64_t low_group = 0;
+    for (int64_t g = 0; g < d.groups; ++g) {
+      const bool four = test_bit(mask_row, static_cast<int>(g));
+      const GroupParams p = group_params(meta_row[g], four, log2_base, log2_step);
+      __m256 dots[MT];
+      for (int i = 0; i < MT; ++i) dots[i] = _mm256_setzero_ps();
+      for (int64_t w = 0; w < words_per_group; ++w) {
+        const int64_t word_index = g * words_per_group + w;
+        const __m256i word = _mm256_set1_epi32(static_cast<int>(plane_row[word_index]));
+        __m256i c0 = _mm256_and_si256(_mm256_srlv_epi32(word, shift_lo), three);
+        __m256i c1 = _mm256_and_si256(_mm256_srlv_epi32(word, shift_hi), three);
+        if (four) {
+          const __m256i low = _mm256_set1_epi32(static_cast<int>(low_row[low_group * words_per_group + w]));
+          c0 = _mm256_or_si256(_mm256_slli_epi32(c0, 2), _mm256_and_si256(_mm256_srlv_epi32(low, shift_lo), three));
+          c1 = _mm256_or_si256(_mm256_slli_epi32(c1, 2), _mm256_and_si256(_mm256_srlv_epi32(low, shift_hi), three));
+        }
+        const __m256 q0 = _mm256_cvtepi32_ps(c0), q1 = _mm256_cvtepi32_ps(c1);
+        const float* xk = x + word_index * kWeightsPerWord;
+        for (int i = 0; i < MT; ++i) {
+          dots[i] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(xk + i * d.cols), dots[i]);
+          dots[i] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xk + i * d.cols + 8), dots[i]);
+        }
+      }
+      const __m256 step = _mm256_set1_ps(p.step);
+      for (int i = 0; i < MT; ++i) {
+        acc[i] = _mm256_fmadd_ps(dots[i], step, acc[i]);
+        corr[i] += p.zero_step * xsum[i * d.groups + g];
+      }
+      low_group += four;
+    }
+    for (int i = 0; i < MT; ++i) {
+      float out = hsum(acc[i]) - corr[i];
+      for (int32_t e = v.rowptr[r]; e < v.rowptr[r + 1]; ++e)
+        out += static_cast<float>(v.vals[e]) * x[i * d.cols + v.cols[e]];
+      y[i * d.rows + r] = out;
+    }
+  }
+}
+
+void linear_rows_avx2(const MixedView& v, int64_t begin, int64_t end, const float* x, const float* xsum,
+                      int64_t m_rows, float* y) {
+  // Activation rows in tiles of up to 4 (4 accumulators stay in registers).
+  for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
+    const float* xt = x + m0 * v.d.cols;
+    const float* st = xsum + m0 * v.d.groups;
+    float* yt = y + m0 * v.d.rows;
+    switch (std::min<int64_t>(4, m_rows - m0)) {
+      case 1: linear_rows_avx2_tile<1>(v, begin, end, xt, st, yt); break;
+      case 2: linear_rows_avx2_tile<2>(v, begin, end, xt, st, yt); break;
+      case 3: linear_rows_avx2_tile<3>(v, begin, end, xt, st, yt); break;
+      default: linear_rows_avx2_tile<4>(v, begin, end, xt, st, yt); break;
+    }
+  }
+}
+#endif
+
+// The AVX2 path is used when the CPU has it, unless MEMBOOST_CPU_ISA=generic
+// (read at each call, so tests can exercise both paths in one process).
+bool use_avx2() {
+#if defined(__x86_64__)
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* isa = std::getenv("MEMBOOST_CPU_ISA");
+  return supported && !(isa && std::string(isa) == "generic");
+#else
+  return false;
+#endif
+}
+
 at::Tensor mixed_dequantize_cpu(const at::Tensor& plane2, const at::Tensor& lowbits, const at::Tensor& meta,
                                 const at::Tensor& mask, const at::Tensor& row_scale, const at::Tensor& rowptr,
                                 const at::Tensor& cols, const at::Tensor& vals, int64_t group_size,
@@ -100,9 +223,7 @@ at::Tensor mixed_dequantize_cpu(const at::Tensor& plane2, const at::Tensor& lowb
   auto out_f = at::empty({d.rows, d.cols}, plane2.options().dtype(at::kFloat));
   const MixedView v = make_view(plane2, lowbits, meta, mask, row_scale, rowptr, cols, vals, d);
   float* out = out_f.data_ptr<float>();
-  at::parallel_for(0, d.rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) decode_row(v, r, out + r * d.cols);
-  });
+  at::parallel_for(0, d.rows, 16, [&](int64_t begin, int64_t end) { decode_rows(v, begin, end, out); });
   return dtype == at::kFloat ? out_f : out_f.to(dtype);
 }
 
@@ -119,13 +240,19 @@ at::Tensor mixed_linear_cpu(const at::Tensor& x, const at::Tensor& plane2, const
     const MixedView v = make_view(plane2, lowbits, meta, mask, row_scale, rowptr, cols, vals, d);
     const float* xp = xf.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, d.rows, 8, [&](int64_t begin, int64_t end) {
-      std::vector<float> row(d.cols);
-      for (int64_t r = begin; r < end; ++r) {
-        decode_row(v, r, row.data());
-        for (int64_t m = 0; m < m_rows; ++m) yp[m * d.rows + r] = dot(row.data(), xp + m * d.cols, d.cols);
-      }
-    });
+    if (use_avx2()) {
+#if defined(__x86_64__)
+      const auto xsum = xf.view({m_rows, d.groups, d.group_size}).sum(-1).contiguous();
+      const float* sp = xsum.data_ptr<float>();
+      at::parallel_for(0, d.rows, 16, [&](int64_t begin, int64_t end) {
+        linear_rows_avx2(v, begin, end, xp, sp, m_rows, yp);
+      });
+#endif
+    } else {
+      at::parallel_for(0, d.rows, 8, [&](int64_t begin, int64_t end) {
+        linear_rows_generic(v, begin, end, xp, m_rows, yp);
+      });
+    }
   }
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   return y.to(x.scalar_type()).reshape(linear_output_shape(x, d.rows));

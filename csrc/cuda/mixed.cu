@@ -37,9 +37,17 @@ struct DeviceView {
   int words_per_group;
 };
 
+// Vector loads need aligned bases; a tensor that is a view into a larger
+// buffer may not be, so such inputs are copied once.
+at::Tensor aligned(const at::Tensor& t, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0 ? t : t.clone();
+}
+
 DeviceView make_view(const at::Tensor& plane2, const at::Tensor& lowbits, const at::Tensor& meta,
                      const at::Tensor& mask, const at::Tensor& row_scale, const at::Tensor& rowptr,
                      const at::Tensor& cols, const at::Tensor& vals, const MixedDims& d) {
+  // plane2 is read 16 bytes at a time, row_scale as float2: callers pass
+  // tensors that went through aligned().
   return DeviceView{reinterpret_cast<const uint32_t*>(plane2.data_ptr<int32_t>()),
                     reinterpret_cast<const uint32_t*>(lowbits.data_ptr<int32_t>()),
                     meta.data_ptr<uint8_t>(),
@@ -220,7 +228,8 @@ at::Tensor mixed_dequantize_cuda(const at::Tensor& plane2, const at::Tensor& low
   const c10::cuda::CUDAGuard guard(plane2.device());
   auto out = at::empty({d.rows, d.cols}, plane2.options().dtype(dtype));
   if (out.numel() == 0) return out;
-  const DeviceView v = make_view(plane2, lowbits, meta, mask, row_scale, rowptr, cols, vals, d);
+  const auto plane = aligned(plane2, 16), scales = aligned(row_scale, 8);
+  const DeviceView v = make_view(plane, lowbits, meta, mask, scales, rowptr, cols, vals, d);
   const auto stream = at::cuda::getCurrentCUDAStream();
   MB_DISPATCH_FLOAT_TYPES(dtype, T, [&] {
     T* o = reinterpret_cast<T*>(out.data_ptr());
@@ -255,7 +264,7 @@ at::Tensor mixed_linear_cuda(const at::Tensor& x, const at::Tensor& plane2, cons
   check_activation(x, d, bias, plane2);
   const c10::cuda::CUDAGuard guard(x.device());
   auto x2 = x.reshape({-1, d.cols}).contiguous();
-  if (reinterpret_cast<uintptr_t>(x2.data_ptr()) % 16 != 0) x2 = x2.clone();  // 16-byte loads need alignment
+  x2 = aligned(x2, 16);
   const int64_t m_rows = x2.size(0);
   const auto out_shape = linear_output_shape(x, d.rows);
   if (m_rows > kMaxGemvBatch) {
@@ -266,7 +275,8 @@ at::Tensor mixed_linear_cuda(const at::Tensor& x, const at::Tensor& plane2, cons
   }
   auto y = at::empty({m_rows, d.rows}, x2.options());
   if (y.numel() == 0) return y.reshape(out_shape);
-  const DeviceView v = make_view(plane2, lowbits, meta, mask, row_scale, rowptr, cols, vals, d);
+  const auto plane = aligned(plane2, 16), scales = aligned(row_scale, 8);
+  const DeviceView v = make_view(plane, lowbits, meta, mask, scales, rowptr, cols, vals, d);
   const auto b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const auto stream = at::cuda::getCurrentCUDAStream();
   MB_DISPATCH_FLOAT_TYPES(x.scalar_type(), T, [&] {

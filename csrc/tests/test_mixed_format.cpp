@@ -1,0 +1,39 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "common/mixed_format.h"
+
+using namespace memboost;
+using namespace memboost::mixed;
+
+TEST(MixedFormat, GroupParamsDecodeRangeAndZero) {
+  // code 3, zero 2, row grid base -4, step 0.5: range 2^(-4 + 1.5)
+  const uint8_t meta = static_cast<uint8_t>(3 | (2 << 4));
+  const float range = std::exp2(-2.5f);
+  const GroupParams two = group_params(meta, false, -4.0f, 0.5f);
+  EXPECT_FLOAT_EQ(two.step, range / 3.0f);
+  EXPECT_FLOAT_EQ(two.zero_step, 2.0f * range / 3.0f);
+  const GroupParams four = group_params(meta, true, -4.0f, 0.5f);
+  EXPECT_FLOAT_EQ(four.step, range / 15.0f);
+  EXPECT_TRUE(four.four_bit);
+}
+
+TEST(MixedFormat, CodeJoinsHighAndLowPlanes) {
+  // element 0: high bits 2, low bits 1 -> 4-bit code 9; 2-bit groups ignore the low plane
+  const uint32_t hi = 2u, lo = 1u;
+  EXPECT_EQ(code_at(hi, lo, true, 0), 9u);
+  EXPECT_EQ(code_at(hi, lo, false, 0), 2u);
+  for (uint32_t q = 0; q < 16; ++q) {
+    const uint32_t h = insert_value<2>(0u, 7, q >> 2), l = insert_value<2>(0u, 7, q & 3u);
+    EXPECT_EQ(code_at(h, l, true, 7), q);
+  }
+}
+
+TEST(MixedFormat, DequantizedZeroIsExact) {
+  // q == zero must give exactly 0.0 (padding and all-zero rows rely on it).
+  for (int zero = 0; zero < 4; ++zero) {
+    const GroupParams p = group_params(static_cast<uint8_t>(5 | (zero << 4)), false, -7.0f, 0.3f);
+    EXPECT_EQ(static_cast<float>(zero) * p.step - p.zero_step, 0.0f);
+  }
+}
