@@ -64,8 +64,27 @@ DeviceView make_view(const at::Tensor& plane2, const at::Tensor& lowbits, const 
                     static_cast<int>(d.group_size / kWeightsPerWord)};
 }
 
-// Decoding state of one plane word of one row: the 16 codes as floats plus
-// the group's step and zero*step.
+// What decoding one plane word of one row needs besides the word itself: its
+// group's step and zero*step, and (4-bit groups) the matching low-bits word.
+struct WordContext {
+  GroupParams params;
+  uint32_t low;
+};
+
+__device__ __forceinline__ WordContext word_context(const DeviceView& v, int64_t row, int64_t word_index, float2 scale) {
+  const int group = static_cast<int>(word_index / v.words_per_group);
+  const uint32_t* mask_row = v.mask + row * v.mask_words;
+  const bool four = test_bit(mask_row, group);
+  WordContext c{group_params(__ldg(v.meta + row * v.groups + group), four, scale.x, scale.y), 0u};
+  if (four) {
+    const int low_group = count_set_before(mask_row, group);
+    c.low = __ldg(v.lowbits + row * v.low_words + int64_t(low_group) * v.words_per_group +
+                  word_index % v.words_per_group);
+  }
+  return c;
+}
+
+// One plane word of one row decoded: the 16 codes as floats, step, zero*step.
 struct DecodedWord {
   float q[16];
   float step, zero_step;
@@ -73,20 +92,11 @@ struct DecodedWord {
 
 __device__ __forceinline__ void decode_word(const DeviceView& v, int64_t row, int64_t word_index, uint32_t plane_word,
                                             float2 scale, DecodedWord& out) {
-  const int group = static_cast<int>(word_index / v.words_per_group);
-  const uint32_t* mask_row = v.mask + row * v.mask_words;
-  const bool four = test_bit(mask_row, group);
-  const GroupParams p = group_params(__ldg(v.meta + row * v.groups + group), four, scale.x, scale.y);
-  uint32_t low = 0;
-  if (four) {
-    const int low_group = count_set_before(mask_row, group);
-    low = __ldg(v.lowbits + row * v.low_words + int64_t(low_group) * v.words_per_group +
-                word_index % v.words_per_group);
-  }
+  const WordContext c = word_context(v, row, word_index, scale);
 #pragma unroll
-  for (int j = 0; j < 16; ++j) out.q[j] = static_cast<float>(code_at(plane_word, low, four, j));
-  out.step = p.step;
-  out.zero_step = p.zero_step;
+  for (int j = 0; j < 16; ++j) out.q[j] = static_cast<float>(code_at(plane_word, c.low, c.params.four_bit, j));
+  out.step = c.params.step;
+  out.zero_step = c.params.zero_step;
 }
 
 template <int WPL>
@@ -137,25 +147,47 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 #pragma unroll
     for (int i = 0; i < WPL; ++i) {
       const int64_t word_index = u * WPL + i;
-      DecodedWord dw[R];
+      if constexpr (BT == 1) {
+        // Batch 1: load the 16 activations once and decode each row's codes
+        // straight into the FMAs (fewer live registers, more warps per SM).
+        float xv[16];
+        load16<T>(x + m0 * K + word_index * kWeightsPerWord, xv);
+        float xsum = 0.f;
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (row0 + r < v.rows) decode_word(v, row0 + r, word_index, words[r][i], scale[r], dw[r]);
-      }
+        for (int j = 0; j < 16; ++j) xsum += xv[j];
 #pragma unroll
-      for (int b = 0; b < BT; ++b) {
-        if (b < bt) {
-          float xv[16];
-          load16<T>(x + (m0 + b) * K + word_index * kWeightsPerWord, xv);
-          float xsum = 0.f;
-#pragma unroll
-          for (int j = 0; j < 16; ++j) xsum += xv[j];
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
+        for (int r = 0; r < R; ++r) {
+          if (row0 + r < v.rows) {
+            const WordContext c = word_context(v, row0 + r, word_index, scale[r]);
             float dotq = 0.f;
 #pragma unroll
-            for (int j = 0; j < 16; ++j) dotq = fmaf(dw[r].q[j], xv[j], dotq);
-            acc[r][b] += dw[r].step * dotq - dw[r].zero_step * xsum;
+            for (int j = 0; j < 16; ++j)
+              dotq = fmaf(static_cast<float>(code_at(words[r][i], c.low, c.params.four_bit, j)), xv[j], dotq);
+            acc[r][0] += c.params.step * dotq - c.params.zero_step * xsum;
+          }
+        }
+      } else {
+        // Small batch: decode each row's word once, reuse it for every activation row.
+        DecodedWord dw[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (row0 + r < v.rows) decode_word(v, row0 + r, word_index, words[r][i], scale[r], dw[r]);
+        }
+#pragma unroll
+        for (int b = 0; b < BT; ++b) {
+          if (b < bt) {
+            float xv[16];
+            load16<T>(x + (m0 + b) * K + word_index * kWeightsPerWord, xv);
+            float xsum = 0.f;
+#pragma unroll
+            for (int j = 0; j < 16; ++j) xsum += xv[j];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+              float dotq = 0.f;
+#pragma unroll
+              for (int j = 0; j < 16; ++j) dotq = fmaf(dw[r].q[j], xv[j], dotq);
+              acc[r][b] += dw[r].step * dotq - dw[r].zero_step * xsum;
+            }
           }
         }
       }
