@@ -52,6 +52,9 @@ class QuantizedWeight(nn.Module):
         names = list(self._format_cls.tensor_names) + [FORMAT_INFO_KEY]
         present = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
         missing = [prefix + n for n in names if n not in present]
+        if strict:
+            unexpected_keys.extend(k for k in state_dict
+                                   if k.startswith(prefix) and k[len(prefix):] not in names and "." not in k[len(prefix):])
         if missing:
             missing_keys.extend(missing)
             return

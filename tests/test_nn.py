@@ -58,6 +58,8 @@ def test_load_errors_are_named():
     wrong = MixedLinear(128, 96, dtype=torch.float32)
     with pytest.raises(RuntimeError, match="does not fit a layer of shape"):
         wrong.load_state_dict(sd)
+    with pytest.raises(RuntimeError, match="Unexpected key.*weight.extra"):
+        MixedLinear(256, 96).load_state_dict({**sd, "weight.extra": torch.zeros(1)})
     with pytest.raises(RuntimeError, match="weight.mask"):
         MixedLinear(256, 96).load_state_dict({k: v for k, v in sd.items() if k != "weight.mask"})
 
