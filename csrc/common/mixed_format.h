@@ -45,12 +45,28 @@ MB_HD float exp2_fast(float v) {
 #endif
 }
 
-MB_HD GroupParams group_params(uint8_t meta, bool four_bit, float log2_base, float log2_step) {
-  const int code = meta & 0xF;
-  const int zero = meta >> 4;
-  const float range = exp2_fast(log2_base + static_cast<float>(code) * log2_step);
+MB_HD GroupParams group_params_from_range(uint8_t meta, bool four_bit, float range) {
   const float step = range * (four_bit ? (1.0f / 15.0f) : (1.0f / 3.0f));
-  return GroupParams{step, static_cast<float>(zero) * step, four_bit};
+  return GroupParams{step, static_cast<float>(meta >> 4) * step, four_bit};
+}
+
+MB_HD GroupParams group_params(uint8_t meta, bool four_bit, float log2_base, float log2_step) {
+  return group_params_from_range(meta, four_bit, exp2_fast(log2_base + static_cast<float>(meta & 0xF) * log2_step));
+}
+
+// The 16 ranges a row's scale codes can take, with two exp2 instead of one
+// per group: range[c] = exp2(log2_base) * exp2(log2_step)^c. The repeated
+// product is within about 1e-6 (relative) of exp2(log2_base + c * log2_step).
+struct RowRanges {
+  float range[16];
+};
+
+inline RowRanges row_ranges(float log2_base, float log2_step) {
+  RowRanges t;
+  const float ratio = exp2_fast(log2_step);
+  float r = exp2_fast(log2_base);
+  for (int c = 0; c < 16; ++c, r *= ratio) t.range[c] = r;
+  return t;
 }
 
 // Code of element j (0..15) of a word: 2-bit groups read plane2 alone, 4-bit

@@ -37,3 +37,17 @@ TEST(MixedFormat, DequantizedZeroIsExact) {
     EXPECT_EQ(static_cast<float>(zero) * p.step - p.zero_step, 0.0f);
   }
 }
+
+TEST(MixedFormat, RowRangesMatchPerGroupExp2) {
+  // The CPU GEMV's per-row table must agree with group_params within 1e-6 relative,
+  // over the spread of row grids the quantizer writes (log2 steps up to ~1.5).
+  for (const float base : {-20.0f, -7.3f, 0.0f, 3.1f}) {
+    for (const float step : {0.05f, 0.37f, 1.5f}) {
+      const RowRanges t = row_ranges(base, step);
+      for (int code = 0; code < 16; ++code) {
+        const float want = group_params(static_cast<uint8_t>(code), false, base, step).step * 3.0f;
+        EXPECT_NEAR(t.range[code], want, 1e-6f * want) << "base " << base << " step " << step << " code " << code;
+      }
+    }
+  }
+}
