@@ -40,14 +40,18 @@ def fortune_prompt(text: str, words: int = 6) -> str:
     return " ".join(fortune.split()[:words])
 
 
-def generate(model, tokenizer, prompt: str, new_tokens: int) -> str:
-    """Greedy completion through the Instruct model's chat template."""
+def generate(model, tokenizer, prompt: str, new_tokens: int):
+    """Greedy completion through the Instruct model's chat template:
+    (text, generated tokens per second)."""
     messages = [{"role": "user", "content": f'Complete this fortune cookie: "{prompt}'}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                            return_dict=True)
+    start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    seconds = time.perf_counter() - start
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new) / seconds
 
 
 def mixed_skeleton(config, group_size: int, ratio_4bit: float):
@@ -86,7 +90,7 @@ def main() -> int:
     print(f"loaded SmolLM2-135M-Instruct in {time.perf_counter() - start:.0f} s")
     prompt = fortune_prompt(text)
     ppl_fp32 = perplexity(model, tokenizer, text, max_tokens=args.ppl_tokens)
-    gen_fp32 = generate(model, tokenizer, prompt, args.new_tokens)
+    gen_fp32, speed_fp32 = generate(model, tokenizer, prompt, args.new_tokens)
 
     t0 = time.perf_counter()
     stats = None
@@ -101,7 +105,7 @@ def main() -> int:
     qbytes = sum(m.weight.tensor().nbytes for m in layers)
     numel = sum(m.in_features * m.out_features for m in layers)
     ppl_q = perplexity(quantized, tokenizer, text, max_tokens=args.ppl_tokens)
-    gen_q = generate(quantized, tokenizer, prompt, args.new_tokens)
+    gen_q, speed_q = generate(quantized, tokenizer, prompt, args.new_tokens)
 
     print(f"\nquantized {len(layers)} decoder linears in {quantize_s:.1f} s, calibration included "
           f"(ratio_4bit={args.ratio}, group_size={args.group_size}, outlier_fraction={args.outlier_fraction}, "
@@ -115,6 +119,8 @@ def main() -> int:
     print(f"  prompt              : {prompt!r}")
     print(f"  float32  says       : {gen_fp32!r}")
     print(f"  quantized says      : {gen_q!r}")
+    print(f"  generation speed    : {speed_fp32:.1f} tokens/s float32 -> {speed_q:.1f} tokens/s quantized "
+          f"(greedy, {torch.get_num_threads()} CPU threads)")
 
     # Save. lm_head.weight is the embedding matrix itself (tied weights);
     # safetensors refuses tensors that share memory, so the tied key is left
@@ -131,7 +137,7 @@ def main() -> int:
     ids = tokenizer(text[:2000], return_tensors="pt")["input_ids"][:, :128]
     with torch.inference_mode():
         same_logits = torch.equal(quantized(ids).logits, reloaded(ids).logits)
-    same_text = generate(reloaded, tokenizer, prompt, args.new_tokens) == gen_q
+    same_text = generate(reloaded, tokenizer, prompt, args.new_tokens)[0] == gen_q
     print(f"reloaded: missing keys {missing} (tied), unexpected {unexpected}; "
           f"identical logits: {same_logits}, identical generation: {same_text}")
     print(f"total {time.perf_counter() - start:.0f} s")
