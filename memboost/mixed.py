@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from . import ops
+from . import ops, reference
 from .tensor import QuantizedTensor, dtype_name
 
 _LOG2_STEP_MIN = 1e-4  # keeps the per-row code step finite when all ranges agree
@@ -112,10 +112,20 @@ class MixedQuantizedTensor(QuantizedTensor):
         devices = {v.device for v in t.values()}
         if len(devices) != 1:
             raise ValueError(f"all tensors of a quantized weight must be on one device, got {sorted(map(str, devices))}")
+        if devices == {torch.device("cpu")}:  # the kernels index with these: a corrupt file must not reach them
+            self._validate_contents(n, k, g, low.shape[1] * 16 // gs, nnz)
+
+    def _validate_contents(self, n: int, k: int, groups: int, n4: int, nnz: int) -> None:
+        # Checked on CPU only (where checkpoints are loaded): on CUDA it would synchronize.
+        t = self.tensors
         rowptr = t["outlier_rowptr"]
-        if rowptr.device.type == "cpu":  # cheap here; on CUDA it would synchronize
-            if int(rowptr[0]) != 0 or int(rowptr[-1]) != nnz or bool((rowptr[1:] < rowptr[:-1]).any()):
-                raise ValueError(f"'outlier_rowptr' must rise from 0 to the outlier count {nnz}")
+        if int(rowptr[0]) != 0 or int(rowptr[-1]) != nnz or bool((rowptr[1:] < rowptr[:-1]).any()):
+            raise ValueError(f"'outlier_rowptr' must rise from 0 to the outlier count {nnz}")
+        if nnz and int((t["outlier_cols"].to(torch.int32) & 0xFFFF).max()) >= k:
+            raise ValueError(f"'outlier_cols' must be column indices below in_features {k}")
+        per_row = reference.unpack_bitmask(t["mask"], groups).sum(1)
+        if n and not bool((per_row == n4).all()):
+            raise ValueError(f"'mask' must mark exactly n4={n4} 4-bit groups in every row (the size of 'lowbits')")
 
 
 def _check_tensor(tensors: dict, name: str, dtype: torch.dtype, shape) -> None:

@@ -88,6 +88,10 @@ __device__ __forceinline__ WordContext word_context(const DeviceView& v, int64_t
 struct DecodedWord {
   float q[16];
   float step, zero_step;
+
+  // Element j as the reference computes it: a product, then a difference,
+  // each rounded (no contraction to an FMA, which rounds once).
+  __device__ __forceinline__ float weight(int j) const { return __fsub_rn(__fmul_rn(q[j], step), zero_step); }
 };
 
 __device__ __forceinline__ void decode_word(const DeviceView& v, int64_t row, int64_t word_index, uint32_t plane_word,
@@ -231,12 +235,14 @@ __global__ void mixed_dequant_kernel(DeviceView v, T* __restrict__ out) {
     decode_word(v, row, word_index, __ldg(v.plane2 + i), v.row_scale[row], dw);
     float w[16];
 #pragma unroll
-    for (int j = 0; j < 16; ++j) w[j] = dw.q[j] * dw.step - dw.zero_step;
+    for (int j = 0; j < 16; ++j) w[j] = dw.weight(j);
     store16<T>(out + i * kWeightsPerWord, w);
   }
 }
 
-// A warp per row adds that row's outliers (each position appears once).
+// A warp per row adds that row's outliers (each position appears once). The
+// base weight is decoded again in float32, so an fp16/bf16 output is rounded
+// once (base + outlier), as in the reference, not twice.
 template <typename T>
 __global__ void add_outliers_kernel(DeviceView v, T* __restrict__ out) {
   const int lane = threadIdx.x & 31;
@@ -244,8 +250,11 @@ __global__ void add_outliers_kernel(DeviceView v, T* __restrict__ out) {
   for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; row < v.rows;
        row += (int64_t(gridDim.x) * blockDim.x) >> 5) {
     for (int32_t e = v.rowptr[row] + lane; e < v.rowptr[row + 1]; e += 32) {
-      T* p = out + row * K + v.cols[e];
-      *p = from_float<T>(to_float<T>(*p) + __half2float(v.vals[e]));
+      const int64_t col = v.cols[e];
+      const int64_t word_index = col / kWeightsPerWord;
+      DecodedWord dw;
+      decode_word(v, row, word_index, __ldg(v.plane2 + row * v.plane_words + word_index), v.row_scale[row], dw);
+      out[row * K + col] = from_float<T>(dw.weight(static_cast<int>(col % kWeightsPerWord)) + __half2float(v.vals[e]));
     }
   }
 }
