@@ -55,14 +55,13 @@ def bench_cpu(args):
     stream_bytes = args.llc_mib * 4 << 20
     for out_f, in_f in PAPER_SHAPES[:2] + SMOLLM2_SHAPES:
         w = weight(out_f, in_f, "cpu", torch.float32)
-        t0 = time.perf_counter()
         q = memboost.quantize(w, ratio_4bit=args.ratio)
-        qtime = time.perf_counter() - t0
+        qtime = time_cpu(lambda: memboost.quantize(w, ratio_4bit=args.ratio), min_time=0.0, warmup=0)
         w_hat = memboost.dequantize(q)
         dense = copies_exceeding(w_hat.nbytes, stream_bytes, w_hat.clone)
         quant = copies_exceeding(q.nbytes, stream_bytes, lambda: type(q)({k: v.clone() for k, v in q.tensors.items()},
                                                                           q.meta))
-        for batch in (1, 8):
+        for batch in (1, 8, 256):  # 256: a prompt (prefill) or a perplexity window
             x = torch.randn(batch, in_f)
             t_fused = time_cpu(lambda: q.linear(x))
             t_dense = time_cpu(lambda: torch.nn.functional.linear(x, w_hat))

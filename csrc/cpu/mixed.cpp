@@ -1,6 +1,7 @@
 // CPU kernels of the mixed 2/4/16-bit format: decode a row into a float
 // buffer (in L1), then use it for every activation row; rows are spread
 // across threads with ATen's parallel_for.
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -78,12 +79,12 @@ MB_INLINE void decode_row(const MixedView& v, int64_t r, float* out) {
   const uint32_t* low_row = v.lowbits + r * d.low_words;
   const uint32_t* mask_row = v.mask + r * d.mask_words;
   const uint8_t* meta_row = v.meta + r * d.groups;
-  const float log2_base = v.row_scale[2 * r], log2_step = v.row_scale[2 * r + 1];
+  const RowRanges ranges = row_ranges(v.row_scale[2 * r], v.row_scale[2 * r + 1]);
   const int64_t words_per_group = d.group_size / kWeightsPerWord;
   int64_t low_group = 0;
   for (int64_t g = 0; g < d.groups; ++g) {
     const bool four = test_bit(mask_row, static_cast<int>(g));
-    const GroupParams p = group_params(meta_row[g], four, log2_base, log2_step);
+    const GroupParams p = group_params_from_range(meta_row[g], four, ranges.range[meta_row[g] & 0xF]);
     for (int64_t w = 0; w < words_per_group; ++w) {
       const int64_t word_index = g * words_per_group + w;
       float* o = out + word_index * kWeightsPerWord;
@@ -204,6 +205,28 @@ void linear_rows_avx2(const MixedView& v, int64_t begin, int64_t end, const floa
 }
 #endif
 
+// From this many activation rows on, decoding a block of weight rows once
+// into a cache-sized float buffer and multiplying it with ATen's GEMM beats
+// the fused kernel, which decodes every weight once per 4 activation rows.
+constexpr int64_t kGemmMinRows = 32;
+
+// y[:, block] = x @ W[block].T for blocks of weight rows decoded into a
+// ~2 MiB buffer: the full float weight is never built, and the buffer stays
+// in cache between its decoding and its GEMM.
+void linear_rows_gemm(const MixedView& v, const at::Tensor& xf, at::Tensor& y) {
+  const int64_t block = std::min(v.d.rows, std::max<int64_t>(16, (int64_t(1) << 19) / v.d.cols));
+  auto buffer = at::empty({block, v.d.cols}, xf.options());
+  for (int64_t r0 = 0; r0 < v.d.rows; r0 += block) {
+    const int64_t rows = std::min(block, v.d.rows - r0);
+    float* out = buffer.data_ptr<float>();
+    at::parallel_for(r0, r0 + rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) decode_row(v, r, out + (r - r0) * v.d.cols);
+    });
+    auto y_block = y.narrow(1, r0, rows);
+    at::mm_out(y_block, xf, buffer.narrow(0, 0, rows).t());
+  }
+}
+
 // The AVX2 path is used when the CPU has it, unless MEMBOOST_CPU_ISA=generic
 // (read at each call, so tests can exercise both paths in one process).
 bool use_avx2() {
@@ -242,7 +265,9 @@ at::Tensor mixed_linear_cpu(const at::Tensor& x, const at::Tensor& plane2, const
     const MixedView v = make_view(plane2, lowbits, meta, mask, row_scale, rowptr, cols, vals, d);
     const float* xp = xf.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    if (use_avx2()) {
+    if (m_rows >= kGemmMinRows) {
+      linear_rows_gemm(v, xf, y);
+    } else if (use_avx2()) {
 #if defined(__x86_64__)
       // Group sums of x, by hand: at::sum's dispatch costs more than the sums
       // for the small layers that dominate a 135M-parameter model.
