@@ -44,6 +44,16 @@ def test_linear_kernel_matches_reference(device, dtype, tol, batch, with_bias):
     assert rel_err(y, want) < tol
 
 
+def test_linear_many_activation_rows_spans_weight_row_blocks(device):
+    # From 32 activation rows the CPU decodes blocks of 2**19 / in_features weight
+    # rows (256 here) for a GEMM: 300 rows give a full block and a partial one.
+    q = _quantize(device, shape=(300, 2048), ratio_4bit=0.2, outlier_fraction=0.005)
+    x = torch.randn(40, 2048).to(device)
+    bias = torch.randn(300).to(device)
+    want = reference.mixed_linear(x.cpu(), *[t.cpu() for t in _parts(q)], bias.cpu(), q.group_size)
+    assert rel_err(q.linear(x, bias), want) < 1e-5
+
+
 def test_linear_row_count_not_multiple_of_warp_rows(device):
     # 7 rows and K=48 (3 words per row: not a multiple of the 4-word vector path)
     q = _quantize(device, shape=(7, 48), ratio_4bit=0.4, group_size=16, outlier_fraction=0.05)
