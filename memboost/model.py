@@ -6,7 +6,9 @@ from typing import Callable, Dict, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
+from .mixed import MixedQuantizedTensor
 from .nn import MixedLinear
+from .tensor import FORMAT_INFO_KEY, QuantizedTensor
 
 
 def _eligible_linears(model: nn.Module, skip: Iterable[str], filter_fn=None, group_size: Optional[int] = None):
@@ -75,3 +77,26 @@ def quantize_linears_(model: nn.Module, ratio_4bit: float = 0.1, group_size: int
             child, ratio_4bit=ratio_4bit, group_size=group_size, outlier_fraction=outlier_fraction,
             calibration=None if calibration is None else calibration[full]))
     return model
+
+
+def load_quantized_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+    """Loads a state_dict saved from a model that quantize_linears_ changed
+    into a model of the same architecture built as usual (plain nn.Linear
+    layers, e.g. from its config): every nn.Linear whose weight is quantized
+    in `state_dict` becomes a MixedLinear first, in place. Returns
+    load_state_dict's (missing_keys, unexpected_keys)."""
+    replacements = []  # every layer is checked before any is replaced
+    for full, parent, child_name, child in list(_eligible_linears(model, skip=())):
+        prefix = f"{full}.weight."
+        if prefix + FORMAT_INFO_KEY not in state_dict:
+            continue
+        parts = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        qtensor = QuantizedTensor.from_state_dict(parts)
+        if not isinstance(qtensor, MixedQuantizedTensor) or tuple(qtensor.shape) != tuple(child.weight.shape):
+            raise ValueError(f"'state_dict' has a {type(qtensor).__name__} of shape {tuple(qtensor.shape)} for "
+                             f"'{full}', an nn.Linear of weight shape {tuple(child.weight.shape)}")
+        replacements.append((parent, child_name, MixedLinear.from_quantized(qtensor.to(child.weight.device),
+                                                                            child.bias)))
+    for parent, child_name, layer in replacements:
+        setattr(parent, child_name, layer)
+    return model.load_state_dict(state_dict, strict=strict)

@@ -90,13 +90,23 @@ class MixedLinear(nn.Module):
                     outlier_fraction: float = 0.002, calibration: Optional[torch.Tensor] = None) -> "MixedLinear":
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"'linear' must be an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight.detach()
+        qtensor = quantize(linear.weight.detach(), ratio_4bit=ratio_4bit, group_size=group_size,
+                           outlier_fraction=outlier_fraction, calibration=calibration)
+        return cls.from_quantized(qtensor, linear.bias)
+
+    @classmethod
+    def from_quantized(cls, qtensor: MixedQuantizedTensor, bias: Optional[torch.Tensor] = None) -> "MixedLinear":
+        """A layer around an existing quantized weight [out, in] (and a copy of `bias`)."""
+        if not isinstance(qtensor, MixedQuantizedTensor):
+            raise TypeError(f"'qtensor' must be a MixedQuantizedTensor, got {type(qtensor).__name__}")
+        out_features, in_features = qtensor.shape
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"'bias' must have shape ({out_features},), got {tuple(bias.shape)}")
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight = QuantizedWeight(quantize(w, ratio_4bit=ratio_4bit, group_size=group_size,
-                                                outlier_fraction=outlier_fraction, calibration=calibration))
-        layer.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        layer.in_features, layer.out_features = in_features, out_features
+        layer.weight = QuantizedWeight(qtensor)
+        layer.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

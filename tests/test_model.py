@@ -99,3 +99,27 @@ def test_quantize_linears_needs_statistics_for_every_layer():
     with pytest.raises(ValueError, match=r"'calibration' has no statistics for 1 layer.*mlp\.2"):
         memboost.quantize_linears_(model, calibration=stats)
     assert type(model.mlp[0]) is nn.Linear  # nothing was replaced
+
+
+def test_load_quantized_restores_a_quantized_model_into_a_fresh_one(device, tmp_path):
+    quantized = memboost.quantize_linears_(_model(device), ratio_4bit=0.3, outlier_fraction=0.01)
+    path = tmp_path / "model.safetensors"
+    memboost.save_safetensors(quantized.state_dict(), path)
+
+    torch.manual_seed(123)  # a fresh model: different random float weights
+    fresh = Block().to(device)
+    missing, unexpected = memboost.load_quantized_(fresh, memboost.load_safetensors(path, device=device))
+    assert missing == [] and unexpected == []
+    assert [type(m) for m in (fresh.mlp[0], fresh.mlp[2], fresh.lm_head)] == [MixedLinear, MixedLinear, nn.Linear]
+    x = _inputs(device, batches=1)[0]
+    with torch.no_grad():
+        assert torch.equal(fresh(x), quantized(x))
+
+
+def test_load_quantized_refuses_a_weight_of_another_shape(device):
+    state = memboost.quantize_linears_(_model(device), ratio_4bit=0.3).state_dict()
+    other = Block().to(device)
+    other.mlp[2] = nn.Linear(256, 96).to(device)
+    with pytest.raises(ValueError, match=r"of shape \(128, 256\) for 'mlp.2', an nn.Linear of weight shape \(96, 256\)"):
+        memboost.load_quantized_(other, state)
+    assert type(other.mlp[0]) is nn.Linear  # nothing replaced: the model is as it was
