@@ -40,9 +40,14 @@ def without_outliers(q):
     return type(q)(t, q.meta)
 
 
-def copies_exceeding(nbytes_each, total, make):
-    """ceil(total / nbytes_each) objects from make(), at least 1."""
-    return [make() for _ in range(max(1, -(-total // nbytes_each)))]
+def copies_exceeding(nbytes_each, total, make, minimum=1):
+    """ceil(total / nbytes_each) objects from make(), at least `minimum`:
+    one pass over them reads `total` bytes, so caches cannot hold them."""
+    return [make() for _ in range(max(minimum, -(-total // nbytes_each)))]
+
+
+def clone_quantized(q):
+    return type(q)({k: v.clone() for k, v in q.tensors.items()}, q.meta)
 
 
 def bench_cpu(args):
@@ -59,8 +64,7 @@ def bench_cpu(args):
         qtime = time_cpu(lambda: memboost.quantize(w, ratio_4bit=args.ratio), min_time=0.0, warmup=0)
         w_hat = memboost.dequantize(q)
         dense = copies_exceeding(w_hat.nbytes, stream_bytes, w_hat.clone)
-        quant = copies_exceeding(q.nbytes, stream_bytes, lambda: type(q)({k: v.clone() for k, v in q.tensors.items()},
-                                                                          q.meta))
+        quant = copies_exceeding(q.nbytes, stream_bytes, lambda: clone_quantized(q))
         for batch in (1, 8, 256):  # 256: a prompt (prefill) or a perplexity window
             x = torch.randn(batch, in_f)
             t_fused = time_cpu(lambda: q.linear(x))
@@ -94,10 +98,8 @@ def bench_cuda(args):
         torch.cuda.synchronize()
         qtime = time.perf_counter() - t0
         # Enough copies that one pass over them is 4x the L2: every call reads HBM.
-        n_fp16 = max(2, -(-4 * l2 // (w.numel() * 2)))
-        n_q = max(2, -(-4 * l2 // q.nbytes))
-        dense = [w.clone() for _ in range(n_fp16)]
-        quant = [type(q)({k: v.clone() for k, v in q.tensors.items()}, q.meta) for _ in range(n_q)]
+        dense = copies_exceeding(w.numel() * 2, 4 * l2, w.clone, minimum=2)
+        quant = copies_exceeding(q.nbytes, 4 * l2, lambda: clone_quantized(q), minimum=2)
         for batch in (1, 8, 32):
             x = torch.randn(batch, in_f, device="cuda", dtype=torch.float16)
             t_q = time_cuda_graph([lambda qq=qq: qq.linear(x) for qq in quant])

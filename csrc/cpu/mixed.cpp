@@ -99,9 +99,9 @@ MB_INLINE void decode_row(const MixedView& v, int64_t r, float* out) {
   for (int32_t e = v.rowptr[r]; e < v.rowptr[r + 1]; ++e) out[v.cols[e]] += static_cast<float>(v.vals[e]);
 }
 
-void decode_rows(const MixedView& v, int64_t begin, int64_t end,
-                                                                    float* out) {
-  for (int64_t r = begin; r < end; ++r) decode_row(v, r, out + r * v.d.cols);
+// Decodes rows [begin, end) into out, row r at out + (r - first_row) * cols.
+void decode_rows(const MixedView& v, int64_t begin, int64_t end, float* out, int64_t first_row = 0) {
+  for (int64_t r = begin; r < end; ++r) decode_row(v, r, out + (r - first_row) * v.d.cols);
 }
 
 // Portable path: y[m, r] = W[r] . x[m] for rows [begin, end); each row is
@@ -219,9 +219,7 @@ void linear_rows_gemm(const MixedView& v, const at::Tensor& xf, at::Tensor& y) {
   for (int64_t r0 = 0; r0 < v.d.rows; r0 += block) {
     const int64_t rows = std::min(block, v.d.rows - r0);
     float* out = buffer.data_ptr<float>();
-    at::parallel_for(r0, r0 + rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) decode_row(v, r, out + (r - r0) * v.d.cols);
-    });
+    at::parallel_for(r0, r0 + rows, 16, [&](int64_t begin, int64_t end) { decode_rows(v, begin, end, out, r0); });
     auto y_block = y.narrow(1, r0, rows);
     at::mm_out(y_block, xf, buffer.narrow(0, 0, rows).t());
   }
