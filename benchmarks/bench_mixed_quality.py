@@ -10,6 +10,9 @@ for
 - memboost.quantize, group_size 64, over ratio_4bit x outlier_fraction,
   without calibration and with it (memboost.calibrate's per-channel E[x^2]
   from fortune tokens disjoint from the evaluated ones, 'cal' below);
+- the settings that minimise weight error: quarter-step zero points without
+  calibration ('mse0', exact_zero=False) and groups of 32 ('g32'), pooled
+  over all types only;
 - a baseline: plain round-to-nearest (RTN), asymmetric min/max per group with
   an fp16 scale and an fp16 zero (min) per group, 2 and 3 bits, groups of
   32/64/128: avg_bits = bits + 32 / group_size (a little more at group 128,
@@ -17,7 +20,10 @@ for
 Then, for each RTN config, the most accurate memboost config that stores no
 more bits; the memboost configs closest to the 2.9 bits per weight of the
 paper (arXiv 2311.16442 reports 2.85-2.91); and model level, perplexity on
-Debian's fortunes of the float model vs memboost.quantize_linears_ and RTN.
+Debian's fortunes of the float model vs memboost.quantize_linears_ and RTN,
+including the config that wins on weight error beside its other zero-point
+setting (weight error and perplexity disagree: see exact_zero in
+memboost/mixed.py).
 
 The weights come from a Q4_1 GGUF (see memboost/models.py): they already lie
 on a 4-bit grid of blocks of 32, which favours baselines whose groups align
@@ -36,6 +42,7 @@ import copy
 import os
 import sys
 import time
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -137,10 +144,34 @@ def measure(linears, stats, inputs, quantize_fn) -> dict:
             for t, (e, s, oe, os_, b, n) in totals.items()}
 
 
-def memboost_fn(ratio, outliers, calibrated):
+class Mixed(NamedTuple):
+    """One memboost.quantize setting; exact_zero None is quantize's default
+    (whole zero points without calibration, quarter steps with it)."""
+    ratio: float
+    outliers: float
+    calibrated: bool = False
+    group_size: int = GROUP_SIZE
+    exact_zero: Optional[bool] = None
+
+    @property
+    def label(self) -> str:
+        extra = [f"g{self.group_size}"] if self.group_size != GROUP_SIZE else []
+        if self.exact_zero is not None and self.exact_zero != (not self.calibrated):
+            extra.append("exact0" if self.exact_zero else "mse0")
+        if self.calibrated:
+            extra.append("cal")
+        return " ".join([f"mixed r={self.ratio:g} o={self.outliers:g}"] + extra)
+
+    def quantize_linears_(self, model, stats):
+        return memboost.quantize_linears_(model, ratio_4bit=self.ratio, group_size=self.group_size,
+                                          outlier_fraction=self.outliers, exact_zero=self.exact_zero,
+                                          calibration=stats if self.calibrated else None)
+
+
+def memboost_fn(cfg: Mixed):
     def fn(w, h):
-        q = memboost.quantize(w, ratio_4bit=ratio, group_size=GROUP_SIZE, outlier_fraction=outliers,
-                              calibration=h if calibrated else None)
+        q = memboost.quantize(w, ratio_4bit=cfg.ratio, group_size=cfg.group_size, outlier_fraction=cfg.outliers,
+                              calibration=h if cfg.calibrated else None, exact_zero=cfg.exact_zero)
         return q.dequantize(), 8 * q.nbytes  # every stored byte, metadata included
     return fn
 
@@ -149,10 +180,14 @@ def rtn_fn(bits, group_size):
     return lambda w, h: (rtn_dequantize(w, bits, group_size), rtn_stored_bits(w.shape, bits, group_size))
 
 
-def memboost_row(ratio, outliers, calibrated, result):
-    return {"method": "memboost", "ratio_4bit": ratio, "outlier_fraction": outliers, "group_size": GROUP_SIZE,
-            "calibrated": calibrated, "config": f"mixed r={ratio:g} o={outliers:g}{' cal' if calibrated else ''}",
-            "per_type": result}
+def memboost_row(cfg: Mixed, result):
+    return {"method": "memboost", "ratio_4bit": cfg.ratio, "outlier_fraction": cfg.outliers,
+            "group_size": cfg.group_size, "calibrated": cfg.calibrated, "exact_zero": cfg.exact_zero,
+            "config": cfg.label, "per_type": result}
+
+
+def row_config(row) -> Mixed:
+    return Mixed(row["ratio_4bit"], row["outlier_fraction"], row["calibrated"], row["group_size"], row["exact_zero"])
 
 
 def rtn_row(bits, group_size, result):
@@ -232,13 +267,12 @@ def model_level(model, tokenizer, text, args, stats, mixed_settings, rtn_setting
     t0 = time.perf_counter()
     rows.append({"model": "float32 (Q4_1 source)", "avg_bits": 32.0, "perplexity": ppl(model),
                  "seconds": time.perf_counter() - t0})
-    for ratio, outliers, calibrated in mixed_settings:
+    for cfg in mixed_settings:
         t0 = time.perf_counter()
-        q = memboost.quantize_linears_(copy.deepcopy(model), ratio_4bit=ratio, group_size=GROUP_SIZE,
-                                       outlier_fraction=outliers, calibration=stats if calibrated else None)
+        q = cfg.quantize_linears_(copy.deepcopy(model), stats)
         layers = [m for m in quantized_linears(q) if isinstance(m, MixedLinear)]
         bits = sum(8 * m.weight.tensor().nbytes for m in layers) / sum(m.in_features * m.out_features for m in layers)
-        rows.append({"model": f"memboost r={ratio:g} o={outliers:g}{' cal' if calibrated else ''}",
+        rows.append({"model": cfg.label,
                      "layers": len(layers), "avg_bits": bits, "perplexity": ppl(q),
                      "seconds": time.perf_counter() - t0})
         del q
@@ -292,16 +326,20 @@ def main():
     calib_s = time.perf_counter() - t0
 
     if args.quick:
-        grid = [(0.0, 0.002), (0.25, 0.002)]
-        cal_grid = [(0.25, 0.002)]
+        grid = [Mixed(0.0, 0.002), Mixed(0.25, 0.002)]
+        cal_grid = [Mixed(0.25, 0.002, True)]
         rtn_grid = [(2, 64), (3, 128)]
         search = [(0.3, 0.002)]
+        weight_grid = [Mixed(0.4, 0.0, group_size=32, exact_zero=False)]
     else:
         # 0.75 too, so that the RTN configs of 3.5-4 bits meet a memboost config near their size
-        grid = [(r, o) for r in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0) for o in (0.0, 0.002, 0.01)]
-        cal_grid = [(r, o) for r in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0) for o in (0.002, 0.01)]
+        grid = [Mixed(r, o) for r in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0) for o in (0.0, 0.002, 0.01)]
+        cal_grid = [Mixed(r, o, True) for r in (0.0, 0.1, 0.25, 0.5, 0.75, 1.0) for o in (0.002, 0.01)]
         rtn_grid = [(b, g) for b in (2, 3) for g in (32, 64, 128)]
         search = [(round(0.2 + 0.05 * i, 3), o) for i in range(6) for o in (0.002, 0.005)]
+        # the settings that minimise weight error: quarter-step zero points, groups of 32 and 64
+        weight_grid = [Mixed(r, o, group_size=g, exact_zero=False)
+                       for g in (32, 64) for r in (0.3, 0.4, 0.45, 0.5, 0.6, 0.75) for o in (0.0, 0.002)]
 
     n_weights = sum(m.weight.numel() for _, _, m in linears)
     print(f"SmolLM2-135M-Instruct, decoder layers {layers[0]}..{layers[-1]} ({len(layers)}), "
@@ -310,14 +348,14 @@ def main():
           f"{args.ppl_tokens}; output error on {EVAL_ROWS} input rows per layer from the first "
           f"{min(args.ppl_tokens, EVAL_TOKENS)} tokens")
 
-    def run(configs, calibrated):
-        return [memboost_row(r, o, calibrated, measure(linears, stats, inputs, memboost_fn(r, o, calibrated)))
-                for r, o in configs]
+    def run(configs):
+        return [memboost_row(cfg, measure(linears, stats, inputs, memboost_fn(cfg))) for cfg in configs]
 
     t0 = time.perf_counter()
-    plain_rows, cal_rows = run(grid, False), run(cal_grid, True)
+    plain_rows, cal_rows = run(grid), run(cal_grid)
     rtn_rows = [rtn_row(b, g, measure(linears, stats, inputs, rtn_fn(b, g))) for b, g in rtn_grid]
-    search_rows = run(search, False) + run(search, True)
+    search_rows = run([Mixed(r, o) for r, o in search]) + run([Mixed(r, o, True) for r, o in search])
+    weight_rows = run(weight_grid)
     weight_s = time.perf_counter() - t0
 
     table_rows = plain_rows + cal_rows + rtn_rows
@@ -329,16 +367,29 @@ def main():
     print_table([{"config": r["config"], **{k: r["per_type"]["all"][k] for k in ("avg_bits", "rel_err", "out_err")}}
                  for r in search_rows],
                 ["config", "avg_bits", "rel_err", "out_err"], "Fine ratio_4bit search around the paper's bits")
-    comparison = compare(rtn_rows, plain_rows + search_rows[:len(search)], cal_rows + search_rows[len(search):])
+    print_table([{"config": r["config"], **{k: r["per_type"]["all"][k] for k in ("avg_bits", "rel_err", "out_err")}}
+                 for r in weight_rows],
+                ["config", "avg_bits", "rel_err", "out_err"],
+                "Settings for the least weight error: quarter-step zero points ('mse0'), groups of 32 and 64")
+    comparison = compare(rtn_rows, plain_rows + search_rows[:len(search)] + weight_rows,
+                         cal_rows + search_rows[len(search):])
     paper = paper_like(search_rows, rtn_rows)
 
-    paper_plain = (paper["memboost"]["ratio_4bit"], paper["memboost"]["outlier_fraction"], False)
-    paper_cal = (paper["memboost_calibrated"]["ratio_4bit"], paper["memboost_calibrated"]["outlier_fraction"], True)
+    # Perplexity of the defaults, of the paper-like picks, and of the configs
+    # that beat RTN 3-bit g128 on weight error, each beside its other zero setting.
+    rtn3_bits = next(r for r in rtn_rows if r["config"] == "RTN 3b g128")["per_type"]["all"]["avg_bits"]
+    w_pick = best_within(plain_rows + search_rows[:len(search)] + weight_rows, rtn3_bits, "rel_err")
+    w_picks = []
+    if w_pick is not None:
+        w_pick = row_config(w_pick)
+        w_picks = [w_pick, w_pick._replace(exact_zero=None if w_pick.exact_zero is False else False)]
     if args.quick:
-        mixed_settings, rtn_settings = [(0.1, 0.002, False), (0.1, 0.002, True)], [(3, 128)]
+        mixed_settings, rtn_settings = [Mixed(0.1, 0.002), Mixed(0.1, 0.002, True)] + w_picks, [(3, 128)]
     else:  # ratio 1 (all 4-bit) shows what the format costs at its most accurate
-        mixed_settings = list(dict.fromkeys([(0.1, 0.002, False), (0.1, 0.002, True), (0.25, 0.002, False),
-                                             paper_plain, paper_cal, (0.5, 0.002, True), (1.0, 0.002, False)]))
+        mixed_settings = list(dict.fromkeys([
+            Mixed(0.1, 0.002), Mixed(0.1, 0.002, True), Mixed(0.25, 0.002), Mixed(0.25, 0.002, exact_zero=False),
+            row_config(paper["memboost"]), row_config(paper["memboost_calibrated"]), Mixed(0.5, 0.002, True),
+            *w_picks, Mixed(1.0, 0.002)]))
         rtn_settings = [(3, 128), (2, 32), (2, 64)]
     t0 = time.perf_counter()
     ppl_rows = model_level(model, tokenizer, text, args, stats, mixed_settings, rtn_settings)
@@ -353,6 +404,7 @@ def main():
         "text": "Debian fortunes-min", "ppl_tokens": args.ppl_tokens, "context": CONTEXT,
         "calibration_tokens": len(calib_ids), "output_error_rows": EVAL_ROWS,
         "memboost": plain_rows, "memboost_calibrated": cal_rows, "rtn": rtn_rows, "paper_search": search_rows,
+        "weight_error_settings": weight_rows,
         "comparison": comparison, "paper_like": paper, "perplexity": ppl_rows,
         "seconds": {"load": load_s, "calibration": calib_s, "weight_errors": weight_s, "perplexity": ppl_s,
                     "total": total_s},

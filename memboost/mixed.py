@@ -10,11 +10,13 @@ csrc/common/mixed_format.h.
 Choices the paper leaves open, and why:
 - Every row gets the same number of 4-bit groups (ratio_4bit * G rounded half up), so
   every row has the same size and the GEMV kernel needs no per-row offsets.
-- Sensitivity of a group is its outlier-free range squared times the summed
-  calibration weight of its columns (the Hessian diagonal when given, else 1):
-  the expected 2-bit error of that group.
+- A group's sensitivity is how much its squared error, weighted per column
+  by the calibration (the Hessian diagonal when given, else 1), falls when it
+  is stored in 4 bits instead of 2: both are measured, not estimated.
 - The scale code and the zero point are chosen by a small search that
-  minimises the (calibration-weighted) squared error of the stored format.
+  minimises that weighted squared error of the stored format. 2-bit zero
+  points have quarter steps: four levels that must include 0.0 fit a
+  symmetric group badly.
 """
 
 from typing import Optional
@@ -26,14 +28,16 @@ from .tensor import QuantizedTensor, dtype_name
 
 _LOG2_STEP_MIN = 1e-4  # keeps the per-row code step finite when all ranges agree
 _SCALE_LEVELS = 15  # 4-bit scale codes: 0..15
-_CHUNK_ELEMENTS = 1 << 21
-# Range shrink factors tried per group, in octaves (1, 0.90, 0.81, 0.71 of the full range).
-_CLIP_OCTAVES = (0.0, 0.15, 0.3, 0.5)  # rows are processed in chunks of about this many weights
+_CHUNK_ELEMENTS = 1 << 21  # rows are processed in chunks of about this many weights
+# Range shrink factors tried per group, in octaves (1, 0.93, ..., 0.66 of the full range).
+_CLIP_OCTAVES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
+_MAX_ROW_SPAN_OCTAVES = 8.0  # groups with smaller ranges than 2^-8 of the row's largest share code 0
+_ZERO_RESOLUTION = {3: 0.25, 15: 1.0}  # zero point steps per width (see csrc/common/mixed_format.h)
 
 
 class MixedQuantizedTensor(QuantizedTensor):
     format = "mixed"
-    version = 1
+    version = 2  # 2: quarter-step zero points in 2-bit groups
     tensor_names = ("plane2", "lowbits", "meta", "mask", "row_scale", "outlier_rowptr", "outlier_cols", "outlier_vals")
 
     @property
@@ -171,7 +175,7 @@ def _check_args(w, ratio_4bit, group_size, outlier_fraction, calibration):
 
 
 def quantize(w: torch.Tensor, ratio_4bit: float = 0.1, group_size: int = 64, outlier_fraction: float = 0.002,
-             calibration: Optional[torch.Tensor] = None) -> MixedQuantizedTensor:
+             calibration: Optional[torch.Tensor] = None, exact_zero: Optional[bool] = None) -> MixedQuantizedTensor:
     """Quantizes a 2-D weight [out, in] to the mixed 2/4/16-bit format.
 
     ratio_4bit: fraction of each row's groups stored in 4 bits (0: all 2-bit,
@@ -183,15 +187,27 @@ def quantize(w: torch.Tensor, ratio_4bit: float = 0.1, group_size: int = 64, out
     calibration: optional per-input-channel importance [in_features], e.g. the
         Hessian diagonal E[x^2] or squared activation norms; it weights the
         error that picks the 4-bit groups and the scales.
+    exact_zero: keep 0.0 one of the four levels of every 2-bit group (whole
+        zero points). Default: when no calibration is given. Quarter-step
+        zero points lower the squared weight error (about 8% at 2 bits), but
+        small weights then move by up to half a step, which the input
+        channels with very large activations amplify: without calibration,
+        which would weigh those channels, SmolLM2's perplexity is several
+        times worse (benchmarks/bench_mixed_quality.py).
     """
     _check_args(w, ratio_4bit, group_size, outlier_fraction, calibration)
+    if exact_zero is None:
+        exact_zero = calibration is None
+    elif not isinstance(exact_zero, bool):
+        raise TypeError(f"'exact_zero' must be True, False or None, got {exact_zero!r}")
     n, k = w.shape
     groups = k // group_size
     n4 = _num_4bit_groups(ratio_4bit, groups)
     k_out = int(outlier_fraction * k + 0.5)
     h = None if calibration is None else calibration.to(device=w.device, dtype=torch.float32)
     chunk = max(1, _CHUNK_ELEMENTS // k)
-    parts = [_quantize_rows(w[r:r + chunk].to(torch.float32), h, n4, group_size, k_out) for r in range(0, n, chunk)]
+    parts = [_quantize_rows(w[r:r + chunk].to(torch.float32), h, n4, group_size, k_out, exact_zero)
+             for r in range(0, n, chunk)]
 
     tensors = {name: torch.cat([p[name] for p in parts]) for name in ("plane2", "lowbits", "meta", "mask", "row_scale")}
     counts = torch.cat([p["outlier_counts"] for p in parts])
@@ -217,86 +233,141 @@ def _bitset(flags: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
-def _search_codes(x, err_weight, lo, hi, levels, log2_base, log2_step):
-    """Best (scale code, zero, codes) per group by weighted squared error.
+def _search_codes(x, err_weight, levels: int, log2_base, log2_step, exact_zero: bool):
+    """Best (scale code, zero nibble, codes, dequantized values) per group of x
+    [n, G, gs] at one width (levels 3 or 15), by err_weight-ed squared error.
 
-    x [n, G, gs] values to quantize; err_weight broadcastable to x; lo/hi
-    [n, G] the group min/max; levels [n, G] (3 or 15). Candidates: the scale
-    codes nearest to the full range shrunk by each of _CLIP_OCTAVES, and for
-    each the two zero points that best centre the grid on [lo, hi].
+    Candidates: the scale code that covers the group's range shrunk by each of
+    _CLIP_OCTAVES; for each, the zero points on the width's zero grid (quarter
+    steps for 2-bit, whole steps for 4-bit) next to the value that centres the
+    levels on the group; for 2-bit also one step further each way and the
+    whole zeros (which keep 0.0 a level); with exact_zero the whole zeros
+    only. Returns the error [n, G] too, for the choice of 4-bit groups.
     """
+    zero_res = _ZERO_RESOLUTION[levels]
+    mid = (x.amin(-1) + x.amax(-1)) * 0.5
+    log_rng = _log2_range(x)
     best_err = best_code = best_zero = None
-    mid = (lo + hi) * 0.5
-    log_rng = torch.log2((hi - lo).clamp_min(torch.finfo(torch.float32).tiny))
     for clip in _CLIP_OCTAVES:
         code = torch.ceil((log_rng - clip - log2_base) / log2_step - 1e-3).clamp(0, _SCALE_LEVELS)
-        step = torch.exp2(log2_base + code * log2_step) / levels
-        z_centre = levels * 0.5 - mid / step
-        for z in (torch.floor(z_centre), torch.ceil(z_centre)):
-            z = torch.minimum(z.clamp_min(0), levels)
-            s3, z3 = step.unsqueeze(-1), z.unsqueeze(-1)
-            q = torch.minimum((torch.round(x / s3) + z3).clamp_min(0), levels.unsqueeze(-1))
-            err = ((q - z3) * s3 - x).square_().mul_(err_weight).sum(-1)
+        step = _group_step(code, levels, log2_base, log2_step)
+        centre = levels * 0.5 - mid / step  # in steps
+        whole = [torch.floor(centre) / zero_res, torch.ceil(centre) / zero_res]
+        near = torch.floor(centre / zero_res)
+        zeros = whole if zero_res == 1.0 or exact_zero else [near - 1, near, near + 1, near + 2] + whole
+        step3, inv_step3 = step.unsqueeze(-1), (1.0 / step).unsqueeze(-1)
+        for zero in zeros:
+            zero = zero.clamp(0, 15)  # the zero nibble
+            # The squared error of these codes, in place (this loop is the cost of quantize).
+            z3 = (zero * zero_res).unsqueeze(-1)
+            err = torch.addcmul(z3, x, inv_step3).round_().clamp_(0, levels).sub_(z3).mul_(step3).sub_(x).square_()
+            err = (err if err_weight is None else err.mul_(err_weight)).sum(-1)
             if best_err is None:
-                best_err, best_code, best_zero = err, code, z
+                best_err, best_code, best_zero = err, code, zero
             else:
                 better = err < best_err
                 best_err = torch.where(better, err, best_err)
                 best_code = torch.where(better, code, best_code)
-                best_zero = torch.where(better, z, best_zero)
-    step = torch.exp2(log2_base + best_code * log2_step) / levels
-    s3, z3 = step.unsqueeze(-1), best_zero.unsqueeze(-1)
-    q = torch.minimum((torch.round(x / s3) + z3).clamp_min(0), levels.unsqueeze(-1))
-    return best_code, best_zero, q, (q - z3) * s3
+                best_zero = torch.where(better, zero, best_zero)
+    step3 = _group_step(best_code, levels, log2_base, log2_step).unsqueeze(-1)
+    z3 = (best_zero * zero_res).unsqueeze(-1)
+    q = torch.addcmul(z3, x, 1.0 / step3).round_().clamp_(0, levels)  # the same operations as the search
+    return best_err, [best_code, best_zero, q, (q - z3) * step3]
 
 
-def _quantize_rows(w: torch.Tensor, h: Optional[torch.Tensor], n4: int, gs: int, k_out: int) -> dict:
+def _group_step(code, levels: int, log2_base, log2_step):
+    return torch.exp2(log2_base + code * log2_step) / levels
+
+
+def _requantize(result, groups: torch.Tensor, x, err_weight, levels: int, log2_base, log2_step,
+                exact_zero: bool) -> None:
+    """Quantizes the groups flagged in `groups` [n, G] of x [n, G, gs] at one
+    width and writes them into result = [code, zero, codes, values] in place."""
+    n, g, gs = x.shape
+    count = int(groups.sum())
+    if count == 0:
+        return
+    pick = lambda t: t.expand(n, g, gs)[groups].view(count, 1, gs)  # noqa: E731
+    base, step = (t.expand(n, g)[groups].view(count, 1) for t in (log2_base, log2_step))
+    _, found = _search_codes(pick(x), None if err_weight is None else pick(err_weight), levels, base, step, exact_zero)
+    for dst, src in zip(result, found):
+        dst[groups] = src.reshape(count, *dst.shape[2:])
+
+
+def _log2_range(x: torch.Tensor) -> torch.Tensor:
+    """log2 of the range [n, G] a group of x [n, G, gs] needs: the levels are
+    (q - zero) * step with 0 <= zero <= levels, so they always reach 0.0 and
+    the range must too (a group of equal values needs no more)."""
+    rng = x.amax(-1).clamp_min(0) - x.amin(-1).clamp_max(0)
+    return torch.log2(rng.clamp_min(torch.finfo(torch.float32).tiny))
+
+
+def _pick_outliers(dev: torch.Tensor, count: int) -> torch.Tensor:
+    """bool [n, k]: the `count` largest entries of dev [n, k] per row."""
+    flags = torch.zeros(dev.shape, dtype=torch.bool, device=dev.device)
+    if count > 0:
+        flags.scatter_(1, dev.topk(count, dim=1).indices, True)
+    return flags
+
+
+def _quantize_rows(w: torch.Tensor, h: Optional[torch.Tensor], n4: int, gs: int, k_out: int,
+                   exact_zero: bool) -> dict:
     n, k = w.shape
     groups = k // gs
     wg = w.view(n, groups, gs)
     group_mean = wg.mean(-1, keepdim=True)
+    col_weight = None if h is None else h.view(1, groups, gs)
+
+    def error_weight(out: torch.Tensor) -> Optional[torch.Tensor]:
+        # outliers are stored exactly: their codes' error does not count
+        keep = None if k_out == 0 else (~out).to(torch.float32)
+        return col_weight if keep is None else keep if col_weight is None else keep * col_weight
 
     # 1. Outlier candidates: the k_out largest deviations from the group mean
     #    per row, weighted by sqrt(calibration) (their share of the output error).
-    is_out = torch.zeros(n, groups, gs, dtype=torch.bool, device=w.device)
-    if k_out > 0:
-        dev = (wg - group_mean).abs().view(n, k)
-        if h is not None:
-            dev = dev * h.sqrt()
-        idx = dev.topk(k_out, dim=1).indices
-        is_out.view(n, k).scatter_(1, idx, True)
+    #    They are quantized as the group mean and kept exactly as residuals.
+    dev = (wg - group_mean).abs().view(n, k)
+    if h is not None:
+        dev = dev * h.sqrt()
+    is_out = _pick_outliers(dev, k_out).view(n, groups, gs)
     clean = torch.where(is_out, group_mean, wg)
 
-    # 2. Sensitivity: expected 2-bit error = outlier-free range^2 x calibration mass.
-    range_clean = clean.amax(-1) - clean.amin(-1)
-    mass = torch.full((groups,), float(gs), device=w.device) if h is None else h.view(groups, gs).sum(-1)
-    four = torch.zeros(n, groups, dtype=torch.bool, device=w.device)
-    if n4 > 0:
-        sens = range_clean.square() * mass
-        four.scatter_(1, sens.topk(n4, dim=1).indices, True)
+    # 2. Two-level scales: a 4-bit log2 code per group on a per-row grid from
+    #    a little below the smallest range (so every group can clip) to the
+    #    largest. The grid spans at most _MAX_ROW_SPAN_OCTAVES: a constant or
+    #    near-constant group must not coarsen it for the whole row.
+    log_clean, log_top = _log2_range(clean), _log2_range(wg).amax(1, keepdim=True)
+    log2_base = torch.maximum(log_clean.amin(1, keepdim=True), log_top - _MAX_ROW_SPAN_OCTAVES) - _CLIP_OCTAVES[-1]
+    log2_step = ((log_top - log2_base) / _SCALE_LEVELS).clamp_min(_LOG2_STEP_MIN)
 
-    # 3. Outliers live in 2-bit groups only (4-bit groups quantize their raw
-    #    values), so the budget of candidates that fell in 4-bit groups goes to
-    #    the next largest deviations of the 2-bit groups.
-    if k_out > 0 and n4 > 0:
-        dev = dev.masked_fill(four.repeat_interleave(gs, dim=1), -1.0)
-        is_out = torch.zeros_like(is_out)
-        is_out.view(n, k).scatter_(1, dev.topk(min(k_out, (groups - n4) * gs), dim=1).indices, True)
-    x = torch.where(is_out, group_mean, wg)
-    lo, hi = x.amin(-1), x.amax(-1)
+    # 3. 4-bit groups: per row, the n4 groups with the largest (calibration-
+    #    weighted) 2-bit error. Ranking by the error saved (2-bit minus 4-bit
+    #    error) picks almost the same groups at twice the search cost.
+    if n4 == groups:
+        four = torch.ones(n, groups, dtype=torch.bool, device=w.device)
+        is_out.fill_(False)  # 4-bit groups hold no outliers
+        code, zero, q, deq = _search_codes(wg, col_weight, 15, log2_base, log2_step, True)[1]
+    else:
+        four = torch.zeros(n, groups, dtype=torch.bool, device=w.device)
+        err2, result = _search_codes(clean, error_weight(is_out), 3, log2_base, log2_step, exact_zero)
+        if n4 > 0:
+            four.scatter_(1, err2.topk(n4, dim=1).indices, True)
+            # 4-bit groups quantize their raw values (every row has n4 of them).
+            _requantize(result, four, wg, col_weight, 15, log2_base, log2_step, True)
+            if k_out > 0:
+                # Outliers live in 2-bit groups only: the budget of candidates
+                # that fell in 4-bit groups goes to the next largest deviations
+                # of the 2-bit groups, and the groups that gained one are
+                # quantized again.
+                dev = dev.masked_fill(four.repeat_interleave(gs, dim=1), -1.0)
+                was_out = is_out
+                is_out = _pick_outliers(dev, min(k_out, (groups - n4) * gs)).view(n, groups, gs)
+                changed = (is_out & ~was_out).any(-1)
+                clean = torch.where(is_out, group_mean, wg)
+                _requantize(result, changed, clean, error_weight(is_out), 3, log2_base, log2_step, exact_zero)
+        code, zero, q, deq = result
 
-    # 4. Two-level scales: a 4-bit log2 code per group on a per-row grid that
-    #    reaches a little below the smallest range, so every group can clip.
-    log_rng = torch.log2((hi - lo).clamp_min(torch.finfo(torch.float32).tiny))
-    log2_base = log_rng.amin(1, keepdim=True) - _CLIP_OCTAVES[-1]
-    log2_step = ((log_rng.amax(1, keepdim=True) - log2_base) / _SCALE_LEVELS).clamp_min(_LOG2_STEP_MIN)
-    levels = torch.where(four, 15.0, 3.0)
-    err_weight = (~is_out).to(torch.float32)
-    if h is not None:
-        err_weight = err_weight * h.view(1, groups, gs)
-    code, zero, q, deq = _search_codes(x, err_weight, lo, hi, levels, log2_base, log2_step)
-
-    # 5. Outliers keep their exact value as a 16-bit residual on top of their code.
+    # 4. Outliers keep their exact value as a 16-bit residual on top of their code.
     resid = (wg - deq)[is_out]
     if resid.numel() and resid.abs().max() > torch.finfo(torch.float16).max:
         raise ValueError("'w' has outliers too large for the format's float16 residuals")

@@ -60,12 +60,13 @@ def calibrate(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_he
 def quantize_linears_(model: nn.Module, ratio_4bit: float = 0.1, group_size: int = 64,
                       outlier_fraction: float = 0.002, skip: Iterable[str] = ("lm_head",),
                       filter_fn: Optional[Callable[[str, nn.Linear], bool]] = None,
-                      calibration: Optional[Mapping[str, torch.Tensor]] = None) -> nn.Module:
+                      calibration: Optional[Mapping[str, torch.Tensor]] = None,
+                      exact_zero: Optional[bool] = None) -> nn.Module:
     """Replaces each nn.Linear (not named in `skip`, accepted by `filter_fn`,
     with in_features divisible by group_size) by a MixedLinear, in place.
     `calibration`, from calibrate(), gives each layer's per-input-channel
     statistics by qualified name; every replaced layer must have an entry.
-    Returns the model."""
+    The other arguments are memboost.quantize's. Returns the model."""
     targets = list(_eligible_linears(model, skip, filter_fn, group_size))
     if calibration is not None:
         missing = [full for full, *_ in targets if full not in calibration]
@@ -75,7 +76,7 @@ def quantize_linears_(model: nn.Module, ratio_4bit: float = 0.1, group_size: int
     for full, parent, child_name, child in targets:
         setattr(parent, child_name, MixedLinear.from_linear(
             child, ratio_4bit=ratio_4bit, group_size=group_size, outlier_fraction=outlier_fraction,
-            calibration=None if calibration is None else calibration[full]))
+            calibration=None if calibration is None else calibration[full], exact_zero=exact_zero))
     return model
 
 

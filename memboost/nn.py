@@ -87,11 +87,13 @@ class MixedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, ratio_4bit: float = 0.1, group_size: int = 64,
-                    outlier_fraction: float = 0.002, calibration: Optional[torch.Tensor] = None) -> "MixedLinear":
+                    outlier_fraction: float = 0.002, calibration: Optional[torch.Tensor] = None,
+                    exact_zero: Optional[bool] = None) -> "MixedLinear":
+        """Quantizes `linear`'s weight with memboost.quantize (same arguments)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"'linear' must be an nn.Linear, got {type(linear).__name__}")
         qtensor = quantize(linear.weight.detach(), ratio_4bit=ratio_4bit, group_size=group_size,
-                           outlier_fraction=outlier_fraction, calibration=calibration)
+                           outlier_fraction=outlier_fraction, calibration=calibration, exact_zero=exact_zero)
         return cls.from_quantized(qtensor, linear.bias)
 
     @classmethod

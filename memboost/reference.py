@@ -68,8 +68,8 @@ def mixed_dequantize(plane2, lowbits, meta, mask, row_scale, outlier_rowptr, out
         lo = unpack_2bit(lowbits, n4 * group_size).to(torch.int64).reshape(n, n4, group_size)
         codes[four] = (hi[four] << 2) | lo.reshape(-1, group_size)
     scale_code = (meta & 0xF).to(torch.float32)
-    zero = (meta >> 4).to(torch.float32)
     rng = torch.exp2(row_scale[:, :1] + scale_code * row_scale[:, 1:])
+    zero = (meta >> 4).to(torch.float32) * torch.where(four, 1.0, 0.25)  # quarter steps in 2-bit groups
     step = rng / torch.where(four, 15.0, 3.0)
     # q * step - zero * step: the same float operations as the kernels
     w = codes.to(torch.float32) * step.unsqueeze(-1) - (zero * step).unsqueeze(-1)

@@ -16,7 +16,15 @@ def _parts(q):
 
 
 def _quantize(device, shape=(96, 512), dtype=torch.float32, **kw):
+    # quarter-step zero points by default: the kernels must decode them as well as whole ones
+    kw.setdefault("exact_zero", False)
     return memboost.quantize(llm_like_weight(*shape, dtype=dtype).to(device), **kw)
+
+
+def _two_bit_zero_nibbles(q) -> torch.Tensor:
+    t = {k: v.cpu() for k, v in q.tensors.items()}
+    four = reference.unpack_bitmask(t["mask"], t["meta"].shape[1])
+    return (t["meta"] >> 4)[~four]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -87,6 +95,37 @@ def test_ratio_acts_and_error_falls_as_ratio_rises(device):
     q1 = memboost.quantize(w, ratio_4bit=1.0, outlier_fraction=0.0)
     assert reference.unpack_bitmask(q1.tensors["mask"].cpu(), 16).all()
     assert errors[-1] < errors[0] / 3  # 4-bit is several times finer than 2-bit
+
+
+def test_exact_zero_keeps_zero_a_level_and_quarter_steps_lower_weight_error(device):
+    w = llm_like_weight(128, 1024).to(device)
+    exact = memboost.quantize(w, ratio_4bit=0.25, outlier_fraction=0.0, exact_zero=True)
+    quarter = memboost.quantize(w, ratio_4bit=0.25, outlier_fraction=0.0, exact_zero=False)
+    assert bool((_two_bit_zero_nibbles(exact) % 4 == 0).all())
+    assert float((_two_bit_zero_nibbles(quarter) % 4 != 0).float().mean()) > 0.3
+    assert rel_err(memboost.dequantize(quarter), w) < 0.97 * rel_err(memboost.dequantize(exact), w)
+    # the default follows the calibration: exact without, quarter steps with
+    default = memboost.quantize(w, ratio_4bit=0.25, outlier_fraction=0.0)
+    assert torch.equal(default.tensors["meta"], exact.tensors["meta"])
+    ones = torch.ones(1024, device=device)
+    calibrated = memboost.quantize(w, ratio_4bit=0.25, outlier_fraction=0.0, calibration=ones)
+    assert torch.equal(calibrated.tensors["meta"], quarter.tensors["meta"])
+
+
+@pytest.mark.parametrize("exact_zero", [True, False])
+def test_constant_groups_are_kept_and_do_not_coarsen_their_row(device, exact_zero):
+    w = llm_like_weight(8, 512)
+    w[0, :64] = 0.0   # e.g. a pruned block
+    w[1, 64:128] = 0.05  # a constant block away from zero
+    normal = w.clone()
+    normal[0, :64], normal[1, 64:128] = w[2, :64], w[2, 64:128]
+    got, ref = (memboost.dequantize(memboost.quantize(m.to(device), ratio_4bit=0.0, outlier_fraction=0.0,
+                                                      exact_zero=exact_zero)).cpu() for m in (w, normal))
+    assert torch.equal(got[0, :64], torch.zeros(64))
+    assert float((got[1, 64:128] - 0.05).abs().max()) < 0.1 * 0.05
+    # the rest of those rows is quantized as finely as when the block is ordinary
+    for row, rest in ((0, slice(64, None)), (1, slice(128, None))):
+        assert rel_err(got[row, rest], w[row, rest]) < 1.1 * rel_err(ref[row, rest], w[row, rest])
 
 
 def test_avg_bits_counts_everything(device):
@@ -221,6 +260,7 @@ def test_bad_input_is_named():
         (lambda: memboost.quantize(w, outlier_fraction=1.0), ValueError, "'outlier_fraction'"),
         (lambda: memboost.quantize(w, calibration=torch.ones(64)), ValueError, "'calibration' must be a tensor of shape"),
         (lambda: memboost.quantize(w, calibration=-torch.ones(128)), ValueError, "non-negative"),
+        (lambda: memboost.quantize(w, exact_zero="yes"), TypeError, "'exact_zero' must be True, False or None"),
         (lambda: memboost.dequantize(w), TypeError, "'q' must be a QuantizedTensor"),
     ]
     for fn, exc, msg in cases:

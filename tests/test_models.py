@@ -59,3 +59,7 @@ def test_smollm2_perplexity_fp32_quantized_and_calibrated():
         ppl[calibrated] = perplexity(q, tokenizer, text, context=256, max_tokens=PPL_TOKENS)
         assert math.isfinite(ppl[calibrated]) and ppl_fp32 < ppl[calibrated] < 40 * ppl_fp32
     assert ppl[True] < 0.8 * ppl[False]
+    # Without calibration, quarter-step zero points (lower weight error) cost
+    # perplexity: the reason exact_zero defaults to on when uncalibrated.
+    q = memboost.quantize_linears_(copy.deepcopy(model), ratio_4bit=0.25, exact_zero=False)
+    assert perplexity(q, tokenizer, text, context=256, max_tokens=PPL_TOKENS) > 1.5 * ppl[False]

@@ -12,7 +12,10 @@
 //                              groups, in group order; every row has the same
 //                              number n4 of 4-bit groups.
 //   meta     uint8 [N, G]      low nibble: log2-quantized scale code,
-//                              high nibble: integer zero point.
+//                              high nibble: zero point z, in quarter steps
+//                              for 2-bit groups (zero = z / 4, so the four
+//                              levels need not include 0) and whole steps
+//                              for 4-bit groups (zero = z).
 //   mask     int32 [N, ceil(G/32)]  bit g set when group g is 4-bit.
 //   row_scale float32 [N, 2]   (log2_base, log2_step) of the row's scale codes.
 //   outliers CSR: rowptr int32 [N+1], cols int16 (read as uint16) [nnz],
@@ -47,7 +50,9 @@ MB_HD float exp2_fast(float v) {
 
 MB_HD GroupParams group_params_from_range(uint8_t meta, bool four_bit, float range) {
   const float step = range * (four_bit ? (1.0f / 15.0f) : (1.0f / 3.0f));
-  return GroupParams{step, static_cast<float>(meta >> 4) * step, four_bit};
+  // zero / 4 is exact in float, so the kernels and the reference agree bit for bit.
+  const float zero = static_cast<float>(meta >> 4) * (four_bit ? 1.0f : 0.25f);
+  return GroupParams{step, zero * step, four_bit};
 }
 
 MB_HD GroupParams group_params(uint8_t meta, bool four_bit, float log2_base, float log2_step) {

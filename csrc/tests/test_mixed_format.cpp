@@ -8,14 +8,15 @@ using namespace memboost;
 using namespace memboost::mixed;
 
 TEST(MixedFormat, GroupParamsDecodeRangeAndZero) {
-  // code 3, zero 2, row grid base -4, step 0.5: range 2^(-4 + 1.5)
-  const uint8_t meta = static_cast<uint8_t>(3 | (2 << 4));
+  // code 3, zero nibble 6, row grid base -4, step 0.5: range 2^(-4 + 1.5)
+  const uint8_t meta = static_cast<uint8_t>(3 | (6 << 4));
   const float range = std::exp2(-2.5f);
   const GroupParams two = group_params(meta, false, -4.0f, 0.5f);
   EXPECT_FLOAT_EQ(two.step, range / 3.0f);
-  EXPECT_FLOAT_EQ(two.zero_step, 2.0f * range / 3.0f);
+  EXPECT_FLOAT_EQ(two.zero_step, 1.5f * range / 3.0f);  // 2-bit: zero in quarter steps
   const GroupParams four = group_params(meta, true, -4.0f, 0.5f);
   EXPECT_FLOAT_EQ(four.step, range / 15.0f);
+  EXPECT_FLOAT_EQ(four.zero_step, 6.0f * range / 15.0f);  // 4-bit: whole steps
   EXPECT_TRUE(four.four_bit);
 }
 
@@ -31,10 +32,14 @@ TEST(MixedFormat, CodeJoinsHighAndLowPlanes) {
 }
 
 TEST(MixedFormat, DequantizedZeroIsExact) {
-  // q == zero must give exactly 0.0 (padding and all-zero rows rely on it).
+  // A whole zero point gives exactly 0.0 at q == zero (all-zero groups and rows rely on it).
   for (int zero = 0; zero < 4; ++zero) {
-    const GroupParams p = group_params(static_cast<uint8_t>(5 | (zero << 4)), false, -7.0f, 0.3f);
-    EXPECT_EQ(static_cast<float>(zero) * p.step - p.zero_step, 0.0f);
+    const GroupParams two = group_params(static_cast<uint8_t>(5 | ((4 * zero) << 4)), false, -7.0f, 0.3f);
+    EXPECT_EQ(static_cast<float>(zero) * two.step - two.zero_step, 0.0f);
+  }
+  for (int zero = 0; zero < 16; ++zero) {
+    const GroupParams four = group_params(static_cast<uint8_t>(5 | (zero << 4)), true, -7.0f, 0.3f);
+    EXPECT_EQ(static_cast<float>(zero) * four.step - four.zero_step, 0.0f);
   }
 }
 
