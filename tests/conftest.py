@@ -31,7 +31,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def llm_like_weight(out_features: int, in_features: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
     """Heavy-tailed weights with per-row scale spread and rare large values, like LLM layers."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.distributions.StudentT(5.0).sample((out_features, in_features)) * 0.02
+    # Student's t with 5 degrees of freedom, z / sqrt(chi2_5 / 5), drawn from g so
+    # that every test sees the same weights whatever ran before it.
+    z = torch.randn(out_features, in_features, generator=g)
+    chi2 = torch.randn(5, out_features, in_features, generator=g).square().sum(0)
+    w = z / (chi2 / 5).sqrt() * 0.02
     w *= torch.exp(0.3 * torch.randn(out_features, 1, generator=g))
     w *= torch.exp(0.3 * torch.randn(1, in_features, generator=g))
     return w.to(dtype)

@@ -123,9 +123,11 @@ def test_constant_groups_are_kept_and_do_not_coarsen_their_row(device, exact_zer
                                                       exact_zero=exact_zero)).cpu() for m in (w, normal))
     assert torch.equal(got[0, :64], torch.zeros(64))
     assert float((got[1, 64:128] - 0.05).abs().max()) < 0.1 * 0.05
-    # the rest of those rows is quantized as finely as when the block is ordinary
+    # the rest of those rows is quantized about as finely as when the block is
+    # ordinary (the block may still move the row's code grid a little: up to
+    # 1.14x over 100 weight draws); a coarsened grid gave 1.4-1.7x
     for row, rest in ((0, slice(64, None)), (1, slice(128, None))):
-        assert rel_err(got[row, rest], w[row, rest]) < 1.1 * rel_err(ref[row, rest], w[row, rest])
+        assert rel_err(got[row, rest], w[row, rest]) < 1.25 * rel_err(ref[row, rest], w[row, rest])
 
 
 def test_avg_bits_counts_everything(device):
