@@ -25,7 +25,7 @@ including the config that wins on weight error beside its other zero-point
 setting (weight error and perplexity disagree: see exact_zero in
 memboost/mixed.py).
 
-The weights come from a Q4_1 GGUF (see memboost/models.py): they already lie
+The weights come from a Q4_1 GGUF (see memboost/testbed.py): they already lie
 on a 4-bit grid of blocks of 32, which favours baselines whose groups align
 with those blocks (RTN at group 32).
 
@@ -49,7 +49,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import memboost  # noqa: E402
-from memboost.models import english_text, load_smollm2, perplexity  # noqa: E402
+from memboost.testbed import english_text, load_smollm2, perplexity  # noqa: E402
 from memboost.nn import MixedLinear  # noqa: E402
 from common import print_table, write_json  # noqa: E402
 

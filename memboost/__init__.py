@@ -1,5 +1,5 @@
-"""memboost: mixed 2/4/16-bit weight quantization for PyTorch, with fused CPU
-and CUDA kernels.
+"""memboost: weight quantization for PyTorch (mixed 2/4/16-bit so far), with
+fused CPU and CUDA kernels.
 
     import memboost
     q = memboost.quantize(w, ratio_4bit=0.1)     # w: [out, in] fp16/bf16/fp32
@@ -9,41 +9,46 @@ and CUDA kernels.
     torch.save(q.state_dict(), "w.pt")
     q2 = memboost.QuantizedTensor.from_state_dict(torch.load("w.pt", weights_only=True))
     stats = memboost.calibrate(model, batches)   # per-layer E[x^2], optional
-    memboost.quantize_linears_(model, ratio_4bit=0.25, calibration=stats)
+    report = memboost.quantize_model(model, "mixed", ratio_4bit=0.25, calibration=stats)
+
+Every error for bad input is a memboost.MemboostError (a ValueError).
 """
 
 import torch
 
+from .errors import MemboostError, MemboostTypeError
 from ._native import build_info, cuda_kernels_usable
 from . import ops, reference
 from .tensor import QuantizedTensor
 from .mixed import MixedQuantizedTensor, quantize
 from . import nn
-from .model import calibrate, load_quantized_, quantize_linears_
+from .model import QuantizationReport, calibrate, load_quantized_, quantize_linears_, quantize_model
 from .serialization import load_safetensors, save_safetensors
+from . import testbed
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QuantizedTensor", "MixedQuantizedTensor", "quantize", "dequantize", "pack_2bit", "unpack_2bit",
     "pack_4bit", "unpack_4bit", "build_info", "cuda_kernels_usable", "nn", "ops", "reference", "calibrate",
-    "quantize_linears_", "load_quantized_", "save_safetensors", "load_safetensors",
+    "quantize_linears_", "quantize_model", "QuantizationReport", "load_quantized_", "save_safetensors",
+    "load_safetensors", "MemboostError", "MemboostTypeError", "testbed",
 ]
 
 
 def dequantize(q: QuantizedTensor) -> torch.Tensor:
     """The weight back in its original dtype and on q's device, outliers included."""
     if not isinstance(q, QuantizedTensor):
-        raise TypeError(f"'q' must be a QuantizedTensor, got {type(q).__name__}")
+        raise MemboostTypeError(f"'q' must be a QuantizedTensor, got {type(q).__name__}")
     return q.dequantize()
 
 
 def _check_codes(values: torch.Tensor, bits: int) -> None:
     if not isinstance(values, torch.Tensor) or values.dtype != torch.uint8:
         got = values.dtype if isinstance(values, torch.Tensor) else type(values).__name__
-        raise TypeError(f"'values' must be a uint8 tensor, got {got}")
+        raise MemboostTypeError(f"'values' must be a torch.uint8 tensor, got {got}")
     if values.numel() and int(values.max()) >= (1 << bits):
-        raise ValueError(f"'values' must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing, "
+        raise MemboostError(f"'values' must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing, "
                          f"got a maximum of {int(values.max())}")
 
 

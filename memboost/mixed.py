@@ -19,11 +19,13 @@ Choices the paper leaves open, and why:
   symmetric group badly); exact_zero restricts them to whole steps.
 """
 
+import warnings
 from typing import Optional
 
 import torch
 
 from . import ops, reference
+from .errors import MemboostError, MemboostTypeError, check_float_weight
 from .tensor import QuantizedTensor, dtype_name
 
 _LOG2_STEP_MIN = 1e-4  # keeps the per-row code step finite when all ranges agree
@@ -33,6 +35,9 @@ _CHUNK_ELEMENTS = 1 << 21  # rows are processed in chunks of about this many wei
 _CLIP_OCTAVES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 _MAX_ROW_SPAN_OCTAVES = 8.0  # groups with smaller ranges than 2^-8 of the row's largest share code 0
 _ZERO_RESOLUTION = {3: 0.25, 15: 1.0}  # zero point steps per width (see csrc/common/mixed_format.h)
+# Outliers cost 2 + 2 bytes each plus kernel time (the paper: 1.5% of them cost
+# over 30% of it); past a few percent a wider format is the better deal.
+MAX_OUTLIER_FRACTION = 0.05
 
 
 class MixedQuantizedTensor(QuantizedTensor):
@@ -63,7 +68,7 @@ class MixedQuantizedTensor(QuantizedTensor):
         """A valid all-zero weight of this shape (what a layer holds before load_state_dict)."""
         n, k = shape
         if k % group_size or group_size % 16:
-            raise ValueError(f"'group_size' {group_size} must be a multiple of 16 dividing in_features {k}")
+            raise MemboostError(f"'group_size' {group_size} must be a multiple of 16 dividing in_features {k}")
         g = k // group_size
         n4 = _num_4bit_groups(ratio_4bit, g)
         z = lambda *s, dt=torch.int32: torch.zeros(*s, dtype=dt, device=device)  # noqa: E731
@@ -86,12 +91,12 @@ class MixedQuantizedTensor(QuantizedTensor):
         meta, t = self.meta, self.tensors
         for key in ("shape", "dtype", "group_size"):
             if key not in meta:
-                raise ValueError(f"mixed format metadata is missing '{key}'")
+                raise MemboostError(f"mixed format metadata is missing '{key}'")
         shape, gs = meta["shape"], meta["group_size"]
-        if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise ValueError(f"metadata 'shape' must be [out_features, in_features], got {shape!r}")
-        if not (isinstance(gs, int) and gs >= 16 and gs % 16 == 0 and shape[1] % gs == 0):
-            raise ValueError(f"metadata 'group_size' {gs!r} must be a multiple of 16 dividing in_features {shape[1]}")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(type(s) is int and s >= 0 for s in shape)):
+            raise MemboostError(f"metadata 'shape' must be [out_features, in_features], got {shape!r}")
+        if not (type(gs) is int and gs >= 16 and gs % 16 == 0 and shape[1] % gs == 0):
+            raise MemboostError(f"metadata 'group_size' {gs!r} must be a multiple of 16 dividing in_features {shape[1]}")
         self.dtype  # validates the dtype name
         n, k = shape
         g = k // gs
@@ -107,71 +112,85 @@ class MixedQuantizedTensor(QuantizedTensor):
         _check_tensor(t, "lowbits", torch.int32, None)
         low = t["lowbits"]
         if low.dim() != 2 or low.shape[0] != n or low.shape[1] % (gs // 16) or low.shape[1] * 16 // gs > g:
-            raise ValueError(f"'lowbits' must have shape [{n}, n4*{gs // 16}] with n4 <= {g}, got {tuple(low.shape)}")
+            raise MemboostError(f"'lowbits' must have shape [{n}, n4*{gs // 16}] with n4 <= {g}, got {tuple(low.shape)}")
         _check_tensor(t, "outlier_cols", torch.int16, None)
         _check_tensor(t, "outlier_vals", torch.float16, None)
         nnz = t["outlier_vals"].numel()
         if t["outlier_cols"].dim() != 1 or t["outlier_vals"].dim() != 1 or t["outlier_cols"].numel() != nnz:
-            raise ValueError("'outlier_cols' and 'outlier_vals' must be 1-D and of equal length")
+            raise MemboostError("'outlier_cols' and 'outlier_vals' must be 1-D and of equal length")
+        if nnz > n * k:
+            raise MemboostError(f"{nnz} outliers cannot fit a weight of {n * k} elements")
+        if nnz and k > 65536:
+            raise MemboostError(f"outlier column indices are 16-bit: in_features {k} > 65536 allows no outliers")
         devices = {v.device for v in t.values()}
         if len(devices) != 1:
-            raise ValueError(f"all tensors of a quantized weight must be on one device, got {sorted(map(str, devices))}")
-        if devices == {torch.device("cpu")}:  # the kernels index with these: a corrupt file must not reach them
-            self._validate_contents(n, k, g, low.shape[1] * 16 // gs, nnz)
+            raise MemboostError(f"all tensors of a quantized weight must be on one device, got {sorted(map(str, devices))}")
+        self._validate_contents(n, k, g, low.shape[1] * 16 // gs, nnz)
 
     def _validate_contents(self, n: int, k: int, groups: int, n4: int, nnz: int) -> None:
-        # Checked on CPU only (where checkpoints are loaded): on CUDA it would synchronize.
+        # The kernels index with these, so they are checked wherever the
+        # tensors live (a checkpoint loaded straight onto the GPU too): the
+        # few index tensors are copied to the CPU. Construction only; layers
+        # reuse an already validated weight without this.
         t = self.tensors
-        rowptr = t["outlier_rowptr"]
+        rowptr = t["outlier_rowptr"].cpu().to(torch.int64)
         if int(rowptr[0]) != 0 or int(rowptr[-1]) != nnz or bool((rowptr[1:] < rowptr[:-1]).any()):
-            raise ValueError(f"'outlier_rowptr' must rise from 0 to the outlier count {nnz}")
-        if nnz and int((t["outlier_cols"].to(torch.int32) & 0xFFFF).max()) >= k:
-            raise ValueError(f"'outlier_cols' must be column indices below in_features {k}")
-        per_row = reference.unpack_bitmask(t["mask"], groups).sum(1)
+            raise MemboostError(f"'outlier_rowptr' must rise from 0 to the outlier count {nnz}")
+        if nnz:
+            cols = t["outlier_cols"].cpu().to(torch.int64) & 0xFFFF
+            if int(cols.max()) >= k:
+                raise MemboostError(f"'outlier_cols' must be column indices below in_features {k}")
+            # Two outliers at one position would be added twice by the CPU kernels
+            # and race in the CUDA dequantize: refuse them.
+            rows = torch.repeat_interleave(torch.arange(n), rowptr[1:] - rowptr[:-1])
+            if torch.unique(rows * k + cols).numel() != nnz:
+                raise MemboostError("'outlier_cols' repeats a column within a row")
+        per_row = reference.unpack_bitmask(t["mask"].cpu(), groups).sum(1)
         if n and not bool((per_row == n4).all()):
-            raise ValueError(f"'mask' must mark exactly n4={n4} 4-bit groups in every row (the size of 'lowbits')")
+            raise MemboostError(f"'mask' must mark exactly n4={n4} 4-bit groups in every row (the size of 'lowbits')")
+        if groups % 32 and n:  # bits past the last group must be clear
+            tail = t["mask"][:, -1].cpu().to(torch.int64) & 0xFFFFFFFF
+            if bool((tail >> (groups % 32)).any()):
+                raise MemboostError("'mask' has bits set past the last group")
 
 
 def _check_tensor(tensors: dict, name: str, dtype: torch.dtype, shape) -> None:
     t = tensors.get(name)
     if not isinstance(t, torch.Tensor):
-        raise ValueError(f"'{name}' must be a tensor, got {type(t).__name__}")
+        raise MemboostError(f"'{name}' must be a tensor, got {type(t).__name__}")
     if t.dtype != dtype:
-        raise ValueError(f"'{name}' must have dtype {dtype}, got {t.dtype}")
+        raise MemboostError(f"'{name}' must have dtype {dtype}, got {t.dtype}")
     if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"'{name}' must have shape {tuple(shape)}, got {tuple(t.shape)}")
+        raise MemboostError(f"'{name}' must have shape {tuple(shape)}, got {tuple(t.shape)}")
 
 
 def _check_args(w, ratio_4bit, group_size, outlier_fraction, calibration):
-    if not isinstance(w, torch.Tensor):
-        raise TypeError(f"'w' must be a torch.Tensor, got {type(w).__name__}")
+    check_float_weight(w)
     if w.dim() != 2:
-        raise ValueError(f"'w' must be a 2-D weight [out_features, in_features], got shape {tuple(w.shape)}")
-    if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"'w' must be float16, bfloat16 or float32, got {w.dtype}")
-    if w.numel() == 0:
-        raise ValueError(f"'w' is empty (shape {tuple(w.shape)})")
-    if not isinstance(ratio_4bit, (int, float)) or not 0.0 <= ratio_4bit <= 1.0:
-        raise ValueError(f"'ratio_4bit' must be a number in [0, 1], got {ratio_4bit!r}")
-    if not isinstance(group_size, int) or group_size < 16 or group_size % 16:
-        raise ValueError(f"'group_size' must be a positive multiple of 16, got {group_size!r}")
+        raise MemboostError(f"'w' must be a 2-D weight [out_features, in_features], got shape {tuple(w.shape)}")
+    if not isinstance(ratio_4bit, (int, float)) or isinstance(ratio_4bit, bool) or not 0.0 <= ratio_4bit <= 1.0:
+        raise MemboostError(f"'ratio_4bit' must be a number in [0, 1], got {ratio_4bit!r}")
+    if type(group_size) is not int or group_size < 16 or group_size % 16:
+        raise MemboostError(f"'group_size' must be a positive multiple of 16, got {group_size!r}")
     k = w.shape[1]
     if k % group_size:
-        fits = [g for g in (16, 32, 64, 128, 256) if k % g == 0]
-        raise ValueError(f"'group_size' {group_size} does not divide in_features {k}; "
-                         f"group sizes that do: {fits or 'none (in_features must be a multiple of 16)'}")
-    if not isinstance(outlier_fraction, (int, float)) or not 0.0 <= outlier_fraction < 1.0:
-        raise ValueError(f"'outlier_fraction' must be in [0, 1), got {outlier_fraction!r}")
+        raise MemboostError(f"'group_size' {group_size} does not divide in_features {k}; "
+                            f"group sizes that do: {fitting_group_sizes(k) or 'none (in_features must be a multiple of 16)'}")
+    if not isinstance(outlier_fraction, (int, float)) or not 0.0 <= outlier_fraction <= MAX_OUTLIER_FRACTION:
+        raise MemboostError(f"'outlier_fraction' must be in [0, {MAX_OUTLIER_FRACTION}], got {outlier_fraction!r}")
     if outlier_fraction > 0 and k > 65536:
-        raise ValueError(f"outlier column indices are 16-bit: in_features {k} > 65536 needs outlier_fraction=0")
+        raise MemboostError(f"outlier column indices are 16-bit: in_features {k} > 65536 needs outlier_fraction=0")
     if calibration is not None:
         if not isinstance(calibration, torch.Tensor) or calibration.shape != (k,):
             got = tuple(calibration.shape) if isinstance(calibration, torch.Tensor) else type(calibration).__name__
-            raise ValueError(f"'calibration' must be a tensor of shape [in_features]=({k},), got {got}")
+            raise MemboostError(f"'calibration' must be a tensor of shape [in_features]=({k},), got {got}")
         if not torch.isfinite(calibration).all() or (calibration < 0).any():
-            raise ValueError("'calibration' must hold finite, non-negative per-input-channel weights")
-    if not torch.isfinite(w).all():
-        raise ValueError("'w' contains NaN or Inf values")
+            raise MemboostError("'calibration' must hold finite, non-negative per-input-channel weights")
+
+
+def fitting_group_sizes(in_features: int) -> list:
+    """The usual group sizes that divide in_features."""
+    return [g for g in (16, 32, 64, 128, 256) if in_features % g == 0]
 
 
 def quantize(w: torch.Tensor, ratio_4bit: float = 0.1, group_size: int = 64, outlier_fraction: float = 0.002,
@@ -183,7 +202,7 @@ def quantize(w: torch.Tensor, ratio_4bit: float = 0.1, group_size: int = 64, out
     group_size: consecutive input columns sharing a scale and zero (multiple
         of 16 dividing in_features).
     outlier_fraction: at most this fraction of each row's weights is kept
-        exactly as sparse 16-bit outliers (0 disables).
+        exactly as sparse 16-bit outliers (0 disables; at most 0.05).
     calibration: optional per-input-channel importance [in_features], e.g. the
         Hessian diagonal E[x^2] or squared activation norms; it weights the
         error that picks the 4-bit groups and the scales.
@@ -199,10 +218,13 @@ def quantize(w: torch.Tensor, ratio_4bit: float = 0.1, group_size: int = 64, out
     if exact_zero is None:
         exact_zero = calibration is None
     elif not isinstance(exact_zero, bool):
-        raise TypeError(f"'exact_zero' must be True, False or None, got {exact_zero!r}")
+        raise MemboostTypeError(f"'exact_zero' must be True, False or None, got {exact_zero!r}")
     n, k = w.shape
     groups = k // group_size
     n4 = _num_4bit_groups(ratio_4bit, groups)
+    if abs(n4 / groups - ratio_4bit) > 0.1:
+        warnings.warn(f"ratio_4bit={ratio_4bit} becomes {n4}/{groups} = {n4 / groups:.3f} on rows of {groups} groups "
+                      f"(every row has a whole number of 4-bit groups); a smaller group_size is finer", stacklevel=2)
     k_out = int(outlier_fraction * k + 0.5)
     h = None if calibration is None else calibration.to(device=w.device, dtype=torch.float32)
     chunk = max(1, _CHUNK_ELEMENTS // k)
@@ -370,7 +392,7 @@ def _quantize_rows(w: torch.Tensor, h: Optional[torch.Tensor], n4: int, gs: int,
     # 4. Outliers keep their exact value as a 16-bit residual on top of their code.
     resid = (wg - deq)[is_out]
     if resid.numel() and resid.abs().max() > torch.finfo(torch.float16).max:
-        raise ValueError("'w' has outliers too large for the format's float16 residuals")
+        raise MemboostError("'w' has outliers too large for the format's float16 residuals")
     cols = is_out.view(n, k).nonzero()[:, 1]
 
     q = q.to(torch.uint8)

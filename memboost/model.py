@@ -1,103 +1,261 @@
 """Whole-model helpers: collect calibration statistics, then replace every
-eligible nn.Linear of a model in place (torchao's quantize_ style)."""
+eligible linear layer of a model in place with a quantized one (torchao's
+quantize_ style), with a report of what was done."""
 
-from typing import Callable, Dict, Iterable, Mapping, Optional
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .mixed import MixedQuantizedTensor
-from .nn import MixedLinear
+from .errors import MemboostError, MemboostTypeError
+from .nn import QuantizedLinear
 from .tensor import FORMAT_INFO_KEY, QuantizedTensor
 
 
-def _eligible_linears(model: nn.Module, skip: Iterable[str], filter_fn=None, group_size: Optional[int] = None):
-    """(qualified name, parent, attribute name, nn.Linear) for each exact
-    nn.Linear not named in `skip`, accepted by `filter_fn`, and whose
-    in_features group_size divides (when given)."""
-    skip = tuple(skip)
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D: a linear layer with its weight stored [in, out].
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _as_linear(module: nn.Module) -> nn.Linear:
+    """An nn.Linear view of a linear layer (an nn.Linear itself, or a Conv1D's transposed weight)."""
+    if type(module) is nn.Linear:
+        return module
+    w = module.weight.detach().t()
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(w, requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return linear
+
+
+def _linears(model: nn.Module):
+    """(qualified name, parent, attribute name, layer) for every nn.Linear and Conv1D."""
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is not nn.Linear or any(s and s in full for s in skip):
-                continue
-            if group_size is not None and child.in_features % group_size:
-                continue
-            if filter_fn is not None and not filter_fn(full, child):
-                continue
-            yield full, module, child_name, child
+            if type(child) is nn.Linear or _is_conv1d(child):
+                yield (f"{name}.{child_name}" if name else child_name), module, child_name, child
+
+
+def _skipped_by_name(full: str, skip: Iterable[str]) -> Optional[str]:
+    for s in skip:
+        if s and s in full:
+            return f"name matches skip {s!r}"
+    return None
+
+
+@dataclass
+class LayerReport:
+    name: str
+    shape: Tuple[int, int]
+    avg_bits: float
+    bytes_before: int
+    bytes_after: int
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class QuantizationReport:
+    """What quantize_model did: the layers replaced (with their realised
+    parameters), those skipped and why, and the bytes before and after."""
+
+    method: str
+    replaced: List[LayerReport] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(r.bytes_before for r in self.replaced)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(r.bytes_after for r in self.replaced)
+
+    @property
+    def bits_per_weight(self) -> float:
+        weights = sum(r.shape[0] * r.shape[1] for r in self.replaced)
+        return 8.0 * self.bytes_after / weights if weights else 0.0
+
+    def summary(self) -> str:
+        if not self.replaced:
+            return f"memboost {self.method}: no layer replaced ({len(self.skipped)} skipped)"
+        return (f"memboost {self.method}: {len(self.replaced)} layers replaced, {len(self.skipped)} skipped; "
+                f"{self.bits_per_weight:.3f} bits per weight; {self.bytes_before / 2**20:.1f} MiB -> "
+                f"{self.bytes_after / 2**20:.1f} MiB")
+
+    def table(self) -> str:
+        """A Markdown table: one row per layer replaced, then the skipped ones."""
+        keys = sorted({k for r in self.replaced for k in r.details})
+        lines = ["| layer | shape | bits | " + " | ".join(keys) + (" |" if keys else "|"),
+                 "|---|---|---|" + "---|" * len(keys)]
+        for r in self.replaced:
+            cells = [r.name, f"{r.shape[0]}x{r.shape[1]}", f"{r.avg_bits:.3f}"] + [str(r.details.get(k, "")) for k in keys]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += [f"| {name} | skipped: {why} |" for name, why in self.skipped]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary() + "\n" + self.table()
+
+
+def _check_batches(batches) -> None:
+    if isinstance(batches, (torch.Tensor, Mapping, str, bytes)):
+        raise MemboostTypeError(
+            f"'batches' must be an iterable of batches (e.g. a list of token-id tensors [batch, seq] or of dicts of "
+            f"model inputs), got a single {type(batches).__name__}: wrap it in a list")
+    try:
+        iter(batches)
+    except TypeError:
+        raise MemboostTypeError(f"'batches' must be an iterable of batches, got {type(batches).__name__}") from None
 
 
 def calibrate(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_head",)) -> Dict[str, torch.Tensor]:
     """Runs `model` on each batch (a tensor: model(batch); a dict: model(**batch))
-    without gradients and returns, for every nn.Linear not named in `skip`,
+    without gradients and returns, for every linear layer not named in `skip`,
     the mean of x**2 over all its input rows, per input channel (float32
     [in_features]): the diagonal of the layer's Hessian up to a constant,
-    which is what quantize(..., calibration=) and quantize_linears_ take."""
+    which is what quantize(..., calibration=) and quantize_model take."""
+    _check_batches(batches)
     sums: Dict[str, torch.Tensor] = {}
     rows: Dict[str, int] = {}
 
-    def hook(name):
+    def hook(name, in_features):
         def accumulate(module, args):
-            x = args[0].detach().reshape(-1, module.in_features).float()
+            x = args[0].detach().reshape(-1, in_features).float()
             sums[name] = sums[name] + x.square().sum(0) if name in sums else x.square().sum(0)
             rows[name] = rows.get(name, 0) + x.shape[0]
         return accumulate
 
-    handles = [child.register_forward_pre_hook(hook(full)) for full, _, _, child in _eligible_linears(model, skip)]
+    handles = []
+    for full, _, _, child in _linears(model):
+        if _skipped_by_name(full, skip) is None:
+            in_features = child.weight.shape[0] if _is_conv1d(child) else child.in_features
+            handles.append(child.register_forward_pre_hook(hook(full, in_features)))
     try:
         with torch.no_grad():
-            for batch in batches:
+            for i, batch in enumerate(batches):
+                if not isinstance(batch, (torch.Tensor, Mapping)):
+                    raise MemboostTypeError(f"batch {i} of 'batches' must be a tensor of model inputs or a dict of "
+                                            f"keyword inputs, got {type(batch).__name__}")
                 model(**batch) if isinstance(batch, Mapping) else model(batch)
     finally:
         for handle in handles:
             handle.remove()
     if not rows:
-        raise ValueError("'batches' ran no input through any linear layer (empty, or every layer skipped)")
+        raise MemboostError("'batches' ran no input through any linear layer (empty, or every layer skipped)")
     return {name: s / rows[name] for name, s in sums.items()}
+
+
+def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] = ("lm_head",),
+                   calibration: Optional[Mapping[str, torch.Tensor]] = None,
+                   filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, verbose: bool = False,
+                   progress: Optional[bool] = None, **params) -> QuantizationReport:
+    """Replaces, in place, every nn.Linear (and GPT-2 Conv1D) of `model` not
+    named in `skip` and accepted by `filter_fn` with the drop-in layer of
+    `method` (memboost.nn.QuantizedLinear.for_format), quantized with
+    `params` (the format's quantizer arguments, e.g. ratio_4bit=0.25 for
+    "mixed"). `calibration`, from calibrate(), gives each layer's statistics
+    by qualified name. Every layer is quantized before any is replaced, so an
+    error leaves the model as it was.
+
+    Returns a QuantizationReport (layers replaced with their realised
+    parameters and bits, layers skipped and why, bytes before and after),
+    printed when verbose=True; warns when no layer was replaced. A progress
+    bar runs over the layers unless progress=False (default: when there are
+    more than 8)."""
+    if not isinstance(model, nn.Module):
+        raise MemboostTypeError(f"'model' must be an nn.Module, got {type(model).__name__}")
+    layer_cls = QuantizedLinear.for_format(method)
+    if isinstance(skip, str):
+        skip = (skip,)
+    report = QuantizationReport(method)
+    targets = []
+    for full, parent, child_name, child in _linears(model):
+        linear = _as_linear(child)
+        why = (_skipped_by_name(full, skip)
+               or (None if filter_fn is None or filter_fn(full, child) else "filter_fn returned False")
+               or layer_cls.skip_reason(linear.in_features, linear.out_features, **params))
+        if why:
+            report.skipped.append((full, why))
+        else:
+            targets.append((full, parent, child_name, linear))
+    if calibration is not None:
+        missing = [full for full, *_ in targets if full not in calibration]
+        if missing:
+            raise MemboostError(f"'calibration' has no statistics for {len(missing)} layer(s) to quantize, e.g. "
+                                f"{missing[:3]}; run memboost.calibrate on the same model with the same skip")
+
+    iterator = targets
+    if progress or (progress is None and len(targets) > 8):
+        try:
+            from tqdm.auto import tqdm
+            iterator = tqdm(targets, desc=f"memboost {method}", unit="layer", leave=False)
+        except ImportError:  # tqdm is optional
+            pass
+    replacements = []
+    for full, parent, child_name, linear in iterator:
+        extra = {} if calibration is None else {"calibration": calibration[full]}
+        try:
+            layer = layer_cls.from_linear(linear, **params, **extra)
+        except MemboostError as exc:
+            raise type(exc)(f"{full}: {exc}") from None
+        q = layer.weight.tensor()
+        report.replaced.append(LayerReport(
+            full, (linear.out_features, linear.in_features), q.avg_bits,
+            linear.weight.numel() * linear.weight.element_size(), q.nbytes, q._repr_fields()))
+        replacements.append((parent, child_name, layer))
+    for parent, child_name, layer in replacements:
+        setattr(parent, child_name, layer)
+    if not report.replaced:
+        reasons = sorted({why for _, why in report.skipped})
+        warnings.warn(f"memboost.quantize_model replaced no layer ({len(report.skipped)} skipped: "
+                      f"{'; '.join(reasons[:3]) or 'the model has no linear layer'})", stacklevel=2)
+    if verbose:
+        print(report)
+    return report
 
 
 def quantize_linears_(model: nn.Module, ratio_4bit: float = 0.1, group_size: int = 64,
                       outlier_fraction: float = 0.002, skip: Iterable[str] = ("lm_head",),
-                      filter_fn: Optional[Callable[[str, nn.Linear], bool]] = None,
+                      filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
                       calibration: Optional[Mapping[str, torch.Tensor]] = None,
                       exact_zero: Optional[bool] = None) -> nn.Module:
-    """Replaces each nn.Linear (not named in `skip`, accepted by `filter_fn`,
-    with in_features divisible by group_size) by a MixedLinear, in place.
-    `calibration`, from calibrate(), gives each layer's per-input-channel
-    statistics by qualified name; every replaced layer must have an entry.
-    The other arguments are memboost.quantize's. Returns the model."""
-    targets = list(_eligible_linears(model, skip, filter_fn, group_size))
-    if calibration is not None:
-        missing = [full for full, *_ in targets if full not in calibration]
-        if missing:
-            raise ValueError(f"'calibration' has no statistics for {len(missing)} layer(s) to quantize, e.g. "
-                             f"{missing[:3]}; run memboost.calibrate on the same model with the same skip")
-    for full, parent, child_name, child in targets:
-        setattr(parent, child_name, MixedLinear.from_linear(
-            child, ratio_4bit=ratio_4bit, group_size=group_size, outlier_fraction=outlier_fraction,
-            calibration=None if calibration is None else calibration[full], exact_zero=exact_zero))
+    """quantize_model(model, method="mixed", ...) under its earlier name:
+    replaces each eligible linear with a MixedLinear in place and returns the
+    model (the report is quantize_model's)."""
+    quantize_model(model, "mixed", skip=skip, calibration=calibration, filter_fn=filter_fn,
+                   ratio_4bit=ratio_4bit, group_size=group_size, outlier_fraction=outlier_fraction,
+                   exact_zero=exact_zero)
     return model
 
 
 def load_quantized_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
-    """Loads a state_dict saved from a model that quantize_linears_ changed
+    """Loads a state_dict saved from a model that quantize_model changed
     into a model of the same architecture built as usual (plain nn.Linear
-    layers, e.g. from its config): every nn.Linear whose weight is quantized
-    in `state_dict` becomes a MixedLinear first, in place. Returns
-    load_state_dict's (missing_keys, unexpected_keys)."""
+    layers, e.g. from its config): every linear whose weight is quantized in
+    `state_dict` becomes its format's layer first, in place. Tied weights
+    are tied again afterwards (model.tie_weights() when the model has it).
+    Returns load_state_dict's (missing_keys, unexpected_keys)."""
     replacements = []  # every layer is checked before any is replaced
-    for full, parent, child_name, child in list(_eligible_linears(model, skip=())):
+    for full, parent, child_name, child in list(_linears(model)):
         prefix = f"{full}.weight."
         if prefix + FORMAT_INFO_KEY not in state_dict:
             continue
         parts = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        qtensor = QuantizedTensor.from_state_dict(parts)
-        if not isinstance(qtensor, MixedQuantizedTensor) or tuple(qtensor.shape) != tuple(child.weight.shape):
-            raise ValueError(f"'state_dict' has a {type(qtensor).__name__} of shape {tuple(qtensor.shape)} for "
-                             f"'{full}', an nn.Linear of weight shape {tuple(child.weight.shape)}")
-        replacements.append((parent, child_name, MixedLinear.from_quantized(qtensor.to(child.weight.device),
-                                                                            child.bias)))
+        qtensor = QuantizedTensor.from_state_dict(parts, name=full)
+        linear = _as_linear(child)
+        if tuple(qtensor.shape) != tuple(linear.weight.shape):
+            raise MemboostError(f"'state_dict' has a {type(qtensor).__name__} of shape {tuple(qtensor.shape)} for "
+                                f"'{full}', a linear layer of weight shape {tuple(linear.weight.shape)}")
+        device = child.weight.device
+        layer = QuantizedLinear.for_format(qtensor.format).from_quantized(
+            qtensor if device.type == "meta" else qtensor.to(device), linear.bias)
+        replacements.append((parent, child_name, layer))
     for parent, child_name, layer in replacements:
         setattr(parent, child_name, layer)
-    return model.load_state_dict(state_dict, strict=strict)
+    result = model.load_state_dict(state_dict, strict=strict)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return result

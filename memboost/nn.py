@@ -1,34 +1,64 @@
-"""Drop-in nn.Linear replacements over QuantizedTensor.
+"""Drop-in nn.Linear replacements over QuantizedTensor, one small class per
+format on a shared base.
 
 A layer keeps its quantized weight in a QuantizedWeight child module whose
-buffers are exactly the QuantizedTensor's state_dict, so `.to()`,
+buffers are the QuantizedTensor's state_dict, so `.to(device)`,
 `state_dict()` and `load_state_dict()` work as for any module and the keys
-are `weight.<tensor>` plus `weight.format_info` (safetensors-safe)."""
+are `weight.<tensor>` plus `weight.format_info` (safetensors-safe).
 
-from typing import Optional
+Casting a model (`model.half()`, `.float()`, `.to(torch.bfloat16)`) never
+touches the packed weight: floating buffers (scales, outlier values) are
+held as integer views of the same bits, which PyTorch's casts skip (they
+only cast floating tensors), and viewed back, without a copy, when the
+weight is used or saved. A cast changes only the compute dtype, which
+follows the input (bitsandbytes' and torchao's layers behave the same).
+"""
+
+from typing import Dict, Optional, Type
 
 import torch
 from torch import nn
 
+from .errors import MemboostError, MemboostTypeError
 from .mixed import MixedQuantizedTensor, quantize
-from .tensor import FORMAT_INFO_KEY, QuantizedTensor, decode_json
+from .tensor import FORMAT_INFO_KEY, QuantizedTensor, check_output_dtype, decode_json
+
+# Same-width integer views of the floating dtypes a quantized state holds.
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 class QuantizedWeight(nn.Module):
     def __init__(self, qtensor: QuantizedTensor):
         super().__init__()
         self._set(qtensor)
+        self.register_state_dict_post_hook(QuantizedWeight._float_views_in_state_dict)
 
     def _set(self, qtensor: QuantizedTensor) -> None:
         self._format_cls = type(qtensor)
         self._meta = dict(qtensor.meta)
+        self._float_dtypes: Dict[str, torch.dtype] = {}
         for name, t in qtensor.state_dict().items():
+            if t.is_floating_point():
+                self._float_dtypes[name] = t.dtype
+                t = t.view(_INT_VIEW[t.dtype])
             self.register_buffer(name, t)
+
+    def _stored(self, name: str) -> torch.Tensor:
+        t = getattr(self, name)
+        dtype = self._float_dtypes.get(name)
+        return t if dtype is None else t.view(dtype)
+
+    @staticmethod
+    def _float_views_in_state_dict(module, state_dict, prefix, local_metadata) -> None:
+        for name, dtype in module._float_dtypes.items():
+            key = prefix + name
+            if key in state_dict:
+                state_dict[key] = state_dict[key].view(dtype)
 
     def tensor(self) -> QuantizedTensor:
         """The QuantizedTensor view of the buffers (no copy, no re-validation)."""
         cls = self._format_cls
-        return cls._wrap({name: getattr(self, name) for name in cls.tensor_names}, self._meta)
+        return cls._wrap({name: self._stored(name) for name in cls.tensor_names}, self._meta)
 
     @property
     def shape(self) -> torch.Size:
@@ -58,67 +88,134 @@ class QuantizedWeight(nn.Module):
         if missing:
             missing_keys.extend(missing)
             return
+        layer = prefix[:-1] or "weight"
         try:
+            # Integer views of floating tensors (a state_dict taken with
+            # keep_vars, or one a caller built from the buffers) are read back.
+            present = {n: (t.view(self._float_dtypes[n]) if n in self._float_dtypes and not t.is_floating_point()
+                           and t.element_size() == self._float_dtypes[n].itemsize else t)
+                       for n, t in present.items()}
             info = decode_json(present[FORMAT_INFO_KEY], prefix + FORMAT_INFO_KEY)
-            qtensor = QuantizedTensor.from_state_dict(present)
-        except (ValueError, TypeError) as exc:
-            error_msgs.append(f"{prefix[:-1] or 'weight'}: {exc}")
+            qtensor = QuantizedTensor.from_state_dict(present, name=layer)
+        except MemboostError as exc:
+            error_msgs.append(str(exc) if str(exc).startswith(layer) else f"{layer}: {exc}")
             return
         if info.get("shape") != self._meta.get("shape"):
-            error_msgs.append(f"{prefix}: quantized weight of shape {info.get('shape')} does not fit a layer of "
+            error_msgs.append(f"{layer}: quantized weight of shape {info.get('shape')} does not fit a layer of "
                               f"shape {self._meta.get('shape')}")
             return
-        self._set(qtensor.to(self.device))
+        device = self.device
+        self._set(qtensor if device.type == "meta" else qtensor.to(device))
 
     def extra_repr(self) -> str:
-        return repr(self.tensor())
+        return f"format={self._format_cls.format}, shape={tuple(self.shape)}"
 
 
-class MixedLinear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """Base of the drop-in nn.Linear layers: y = x @ W.T + bias with W held
+    in one quantized format. Subclasses set `format` (the QuantizedTensor
+    format, also quantize_model's `method`) and implement `quantize_weight`.
+
+    compute_dtype: None (default) computes in the input's dtype (float32 for
+    a float64 input); torch.float16/bfloat16/float32 casts the input to it,
+    and the output back to the input's dtype.
+    """
+
+    format: str = ""
+    _layers: Dict[str, Type["QuantizedLinear"]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.format:
+            QuantizedLinear._layers[cls.format] = cls
+
+    @staticmethod
+    def for_format(name: str) -> Type["QuantizedLinear"]:
+        """The layer class of a format (quantize_model's `method`)."""
+        if name not in QuantizedLinear._layers:
+            raise MemboostError(f"unknown method {name!r}; expected one of {sorted(QuantizedLinear._layers)}")
+        return QuantizedLinear._layers[name]
+
+    @classmethod
+    def quantize_weight(cls, weight: torch.Tensor, **params) -> QuantizedTensor:
+        """The format's quantizer for a weight [out, in] (keyword parameters only)."""
+        raise NotImplementedError(f"{cls.__name__} must implement quantize_weight()")
+
+    @classmethod
+    def skip_reason(cls, in_features: int, out_features: int, **params) -> Optional[str]:
+        """Why a linear of this shape cannot take the format with these
+        parameters (None: it can). quantize_model reports it and moves on."""
+        return None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **params) -> "QuantizedLinear":
+        """Quantizes `linear`'s weight with the format's quantizer (same keyword arguments)."""
+        if not isinstance(linear, nn.Linear):
+            raise MemboostTypeError(f"'linear' must be an nn.Linear, got {type(linear).__name__}")
+        return cls.from_quantized(cls.quantize_weight(linear.weight.detach(), **params), linear.bias)
+
+    @classmethod
+    def from_quantized(cls, qtensor: QuantizedTensor, bias: Optional[torch.Tensor] = None,
+                       compute_dtype: Optional[torch.dtype] = None) -> "QuantizedLinear":
+        """A layer around an existing quantized weight [out, in] (and a copy of `bias`)."""
+        if cls.format and getattr(qtensor, "format", None) != cls.format:
+            raise MemboostTypeError(f"'qtensor' must be a {cls.format} QuantizedTensor, got {type(qtensor).__name__}")
+        out_features, in_features = qtensor.shape
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise MemboostError(f"'bias' must have shape ({out_features},), got {tuple(bias.shape)}")
+        layer = cls.__new__(cls)
+        QuantizedLinear._init(layer, qtensor, bias, compute_dtype)
+        return layer
+
+    def _init(self, qtensor: QuantizedTensor, bias: Optional[torch.Tensor], compute_dtype) -> None:
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = qtensor.shape
+        self.weight = QuantizedWeight(qtensor)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.compute_dtype = None if compute_dtype is None else check_output_dtype(compute_dtype, "compute_dtype")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype or (x.dtype if x.dtype in _INT_VIEW else torch.float32)
+        xc = x if x.dtype == dtype else x.to(dtype)
+        bias = self.bias
+        if bias is not None and bias.dtype != dtype:
+            bias = bias.to(dtype)
+        y = self.weight.tensor().linear(xc, bias)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        q = self.weight.tensor()
+        fields = ", ".join(f"{k}={v}" for k, v in q._repr_fields().items())
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{fields + ', ' if fields else ''}avg_bits={q.avg_bits:.3f}")
+
+
+class MixedLinear(QuantizedLinear):
     """nn.Linear with a mixed 2/4/16-bit weight; forward runs the fused kernel."""
+
+    format = "mixed"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 64,
                  ratio_4bit: float = 0.1, dtype: torch.dtype = torch.float16, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight = QuantizedWeight(MixedQuantizedTensor.zeros(
-            (out_features, in_features), dtype=dtype, group_size=group_size, ratio_4bit=ratio_4bit, device=device))
-        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        qtensor = MixedQuantizedTensor.zeros((out_features, in_features), dtype=dtype, group_size=group_size,
+                                             ratio_4bit=ratio_4bit, device=device)
+        b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
+        self._init(qtensor, b, None)
+
+    @classmethod
+    def quantize_weight(cls, weight: torch.Tensor, **params) -> MixedQuantizedTensor:
+        return quantize(weight, **params)
+
+    @classmethod
+    def skip_reason(cls, in_features: int, out_features: int, group_size: int = 64, **params) -> Optional[str]:
+        if isinstance(group_size, int) and group_size > 0 and in_features % group_size:
+            return f"group_size {group_size} does not divide in_features {in_features}"
+        return None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, ratio_4bit: float = 0.1, group_size: int = 64,
                     outlier_fraction: float = 0.002, calibration: Optional[torch.Tensor] = None,
                     exact_zero: Optional[bool] = None) -> "MixedLinear":
         """Quantizes `linear`'s weight with memboost.quantize (same arguments)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"'linear' must be an nn.Linear, got {type(linear).__name__}")
-        qtensor = quantize(linear.weight.detach(), ratio_4bit=ratio_4bit, group_size=group_size,
-                           outlier_fraction=outlier_fraction, calibration=calibration, exact_zero=exact_zero)
-        return cls.from_quantized(qtensor, linear.bias)
-
-    @classmethod
-    def from_quantized(cls, qtensor: MixedQuantizedTensor, bias: Optional[torch.Tensor] = None) -> "MixedLinear":
-        """A layer around an existing quantized weight [out, in] (and a copy of `bias`)."""
-        if not isinstance(qtensor, MixedQuantizedTensor):
-            raise TypeError(f"'qtensor' must be a MixedQuantizedTensor, got {type(qtensor).__name__}")
-        out_features, in_features = qtensor.shape
-        if bias is not None and tuple(bias.shape) != (out_features,):
-            raise ValueError(f"'bias' must have shape ({out_features},), got {tuple(bias.shape)}")
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = in_features, out_features
-        layer.weight = QuantizedWeight(qtensor)
-        layer.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        return layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias
-        if bias is not None and bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
-        return self.weight.tensor().linear(x, bias)
-
-    def extra_repr(self) -> str:
-        q = self.weight.tensor()
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"group_size={q.group_size}, ratio_4bit={q.ratio_4bit:.3f}, avg_bits={q.avg_bits:.3f}, "
-                f"outliers={q.num_outliers}")
+        return super().from_linear(linear, ratio_4bit=ratio_4bit, group_size=group_size,
+                                   outlier_fraction=outlier_fraction, calibration=calibration, exact_zero=exact_zero)

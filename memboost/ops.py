@@ -38,14 +38,19 @@ torch.library.register_fake("memboost::pack_4bit")(_fake_pack(8))
 torch.library.register_fake("memboost::unpack_4bit")(_fake_unpack(8))
 
 
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what every op computes in and returns
+
+
 @torch.library.register_fake("memboost::mixed_dequantize")
 def _(plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals, group_size, dtype):
+    torch._check_value(dtype in _FLOAT_DTYPES, lambda: f"'dtype' must be float16, bfloat16 or float32, got {dtype}")
     return plane2.new_empty((plane2.shape[0], plane2.shape[1] * 16), dtype=dtype)
 
 
 @torch.library.register_fake("memboost::mixed_linear")
 def _(x, plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals, bias, group_size):
-    torch._check(x.shape[-1] == plane2.shape[1] * 16, lambda: "x last dimension must equal in_features")
+    torch._check_value(x.dtype in _FLOAT_DTYPES, lambda: f"'x' must be float16, bfloat16 or float32, got {x.dtype}")
+    torch._check_value(x.shape[-1] == plane2.shape[1] * 16, lambda: "'x' last dimension must equal in_features")
     return x.new_empty((*x.shape[:-1], plane2.shape[0]))
 
 

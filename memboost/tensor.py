@@ -7,6 +7,8 @@ from typing import Dict, Optional, Type
 
 import torch
 
+from .errors import MemboostError, MemboostTypeError
+
 FORMAT_INFO_KEY = "format_info"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -16,22 +18,35 @@ def encode_json(obj: dict) -> torch.Tensor:
     return torch.tensor(list(json.dumps(obj, sort_keys=True).encode("utf-8")), dtype=torch.uint8)
 
 
+_MAX_JSON_BYTES = 1 << 20  # metadata is small; a larger blob is corrupt
+
+
 def decode_json(t: torch.Tensor, what: str) -> dict:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
-        raise ValueError(f"'{what}' must be a 1-D uint8 tensor holding JSON, got {type(t).__name__}")
+        got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise MemboostError(f"'{what}' must be a 1-D torch.uint8 tensor holding JSON, got {got}")
+    if t.numel() > _MAX_JSON_BYTES:
+        raise MemboostError(f"'{what}' holds {t.numel()} bytes, more than metadata ever needs ({_MAX_JSON_BYTES})")
     try:
-        obj = json.loads(bytes(t.cpu().tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"'{what}' does not hold valid JSON metadata: {exc}") from None
+        obj = json.loads(t.cpu().numpy().tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise MemboostError(f"'{what}' does not hold valid JSON metadata: {exc}") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"'{what}' must hold a JSON object, got {type(obj).__name__}")
+        raise MemboostError(f"'{what}' must hold a JSON object, got {type(obj).__name__}")
     return obj
 
 
 def dtype_from_name(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"unsupported dtype '{name}' in metadata; expected one of {sorted(_DTYPES)}")
+    if not isinstance(name, str) or name not in _DTYPES:
+        raise MemboostError(f"unsupported dtype {name!r} in metadata; expected one of {sorted(_DTYPES)}")
     return _DTYPES[name]
+
+
+def check_output_dtype(dtype, what: str = "dtype") -> torch.dtype:
+    """The dtypes a quantized weight dequantizes to (and its layers compute in)."""
+    if dtype not in _DTYPES.values():
+        raise MemboostTypeError(f"'{what}' must be torch.float16, torch.bfloat16 or torch.float32, got {dtype}")
+    return dtype
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -99,6 +114,7 @@ class QuantizedTensor:
         return 8.0 * self.nbytes / max(1, self.numel())
 
     # -- behaviour (format specific) ----------------------------------------
+    # Abstract: every registered format defines these three.
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement dequantize()")
 
@@ -106,11 +122,22 @@ class QuantizedTensor:
         raise NotImplementedError(f"{type(self).__name__} must implement linear()")
 
     def _validate(self) -> None:
+        """Raises MemboostError unless the tensors and metadata form a valid
+        weight of this format, wherever the tensors live: the kernels index
+        with them, so a corrupt file must never reach a kernel."""
         raise NotImplementedError(f"{type(self).__name__} must implement _validate()")
 
     # -- moving and saving ---------------------------------------------------
-    def to(self, device) -> "QuantizedTensor":
-        return type(self)._wrap({k: v.to(device) for k, v in self.tensors.items()}, self.meta)
+    def to(self, *args, **kwargs) -> "QuantizedTensor":
+        """Moves the packed tensors to a device. A dtype (torch.float16,
+        torch.bfloat16 or torch.float32) changes only the dtype dequantize()
+        returns; the packed codes and scales are never cast. Takes what
+        torch.Tensor.to takes: `.to("cuda")`, `.to(torch.float16)`,
+        `.to("cuda", torch.bfloat16)`, `.to(device=..., dtype=...)`."""
+        device, dtype = _parse_to_args(args, kwargs)
+        meta = self.meta if dtype is None else dict(self.meta, dtype=dtype_name(check_output_dtype(dtype)))
+        tensors = self.tensors if device is None else {k: v.to(device) for k, v in self.tensors.items()}
+        return type(self)._wrap(dict(tensors), meta)
 
     def cuda(self) -> "QuantizedTensor":
         return self.to("cuda")
@@ -123,24 +150,34 @@ class QuantizedTensor:
         return {**{k: self.tensors[k] for k in self.tensor_names}, FORMAT_INFO_KEY: encode_json(info)}
 
     @staticmethod
-    def from_state_dict(state: Dict[str, torch.Tensor]) -> "QuantizedTensor":
-        """Rebuilds the right format from a state_dict(); validates everything."""
+    def from_state_dict(state: Dict[str, torch.Tensor], name: str = "") -> "QuantizedTensor":
+        """Rebuilds the right format from a state_dict(); validates everything,
+        on whatever device the tensors are. `name` (e.g. the layer's
+        qualified name) prefixes every error message."""
+        where = f"{name}: " if name else ""
         if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict of tensors, got {type(state).__name__}")
+            raise MemboostTypeError(f"{where}state must be a dict of tensors, got {type(state).__name__}")
         if FORMAT_INFO_KEY not in state:
-            raise ValueError(f"state_dict has no '{FORMAT_INFO_KEY}' entry (keys: {sorted(state)})")
-        info = decode_json(state[FORMAT_INFO_KEY], FORMAT_INFO_KEY)
-        fmt = info.pop("format", None)
-        version = info.pop("version", None)
-        cls = QuantizedTensor._formats.get(fmt)
-        if cls is None:
-            raise ValueError(f"unknown quantized format {fmt!r}; known: {sorted(QuantizedTensor._formats)}")
-        if version != cls.version:
-            raise ValueError(f"format '{fmt}' version {version!r} is not supported (this memboost reads {cls.version})")
-        missing = [k for k in cls.tensor_names if k not in state]
-        if missing:
-            raise ValueError(f"state_dict for format '{fmt}' is missing {missing}")
-        return cls({k: state[k] for k in cls.tensor_names}, info)
+            raise MemboostError(f"{where}state_dict has no '{FORMAT_INFO_KEY}' entry (keys: {sorted(state)[:8]})")
+        try:
+            info = decode_json(state[FORMAT_INFO_KEY], FORMAT_INFO_KEY)
+            fmt = info.pop("format", None)
+            version = info.pop("version", None)
+            cls = QuantizedTensor._formats.get(fmt) if isinstance(fmt, str) else None
+            if cls is None:
+                raise MemboostError(f"unknown quantized format {fmt!r}; known: {sorted(QuantizedTensor._formats)}")
+            if version != cls.version:
+                newer = isinstance(version, int) and version > cls.version
+                raise MemboostError(f"format '{fmt}' version {version!r} is not supported (this memboost reads "
+                                    f"version {cls.version}{'; upgrade memboost' if newer else ''})")
+            missing = [k for k in cls.tensor_names if k not in state]
+            if missing:
+                raise MemboostError(f"state_dict for format '{fmt}' is missing {missing}")
+            return cls({k: state[k] for k in cls.tensor_names}, info)
+        except MemboostError as exc:
+            if not where:
+                raise
+            raise type(exc)(f"{where}{exc}") from None
 
     def __repr__(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self._repr_fields().items())
@@ -149,3 +186,21 @@ class QuantizedTensor:
 
     def _repr_fields(self) -> dict:
         return {}
+
+
+def _parse_to_args(args, kwargs):
+    """(device or None, dtype or None) from torch.Tensor.to-style arguments."""
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    kwargs.pop("non_blocking", None), kwargs.pop("copy", None)
+    if kwargs:
+        raise MemboostTypeError(f"to() got unexpected keyword arguments {sorted(kwargs)}")
+    for arg in args:
+        if isinstance(arg, torch.dtype):
+            dtype = arg
+        elif isinstance(arg, (str, torch.device, int)):
+            device = arg
+        elif isinstance(arg, torch.Tensor):
+            device = arg.device
+        else:
+            raise MemboostTypeError(f"to() takes a device and/or a dtype, got {type(arg).__name__}")
+    return device, dtype

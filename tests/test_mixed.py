@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import memboost
-from memboost import reference
+from memboost import ops, reference
 from memboost.mixed import MixedQuantizedTensor
 
 from conftest import llm_like_weight, rel_err
@@ -251,7 +251,7 @@ def test_bad_input_is_named():
     w = torch.randn(32, 128)
     cases = [
         (lambda: memboost.quantize(torch.randn(4, 8, 16)), ValueError, "'w' must be a 2-D weight"),
-        (lambda: memboost.quantize(torch.ones(32, 128, dtype=torch.int32)), TypeError, "'w' must be float16"),
+        (lambda: memboost.quantize(torch.ones(32, 128, dtype=torch.int32)), TypeError, "'w' must be torch.float16"),
         (lambda: memboost.quantize(torch.empty(0, 128)), ValueError, "'w' is empty"),
         (lambda: memboost.quantize(w.clone().index_fill_(1, torch.tensor([3]), float("nan"))), ValueError, "NaN or Inf"),
         (lambda: memboost.quantize(w.clone().index_fill_(1, torch.tensor([3]), float("inf"))), ValueError, "NaN or Inf"),
@@ -260,14 +260,16 @@ def test_bad_input_is_named():
         (lambda: memboost.quantize(w, group_size=48), ValueError, "'group_size' 48 does not divide in_features 128"),
         (lambda: memboost.quantize(w, group_size=40), ValueError, "multiple of 16"),
         (lambda: memboost.quantize(w, outlier_fraction=1.0), ValueError, "'outlier_fraction'"),
+        (lambda: memboost.quantize(w, outlier_fraction=0.5), ValueError, r"'outlier_fraction' must be in \[0, 0.05\]"),
         (lambda: memboost.quantize(w, calibration=torch.ones(64)), ValueError, "'calibration' must be a tensor of shape"),
         (lambda: memboost.quantize(w, calibration=-torch.ones(128)), ValueError, "non-negative"),
         (lambda: memboost.quantize(w, exact_zero="yes"), TypeError, "'exact_zero' must be True, False or None"),
         (lambda: memboost.dequantize(w), TypeError, "'q' must be a QuantizedTensor"),
     ]
     for fn, exc, msg in cases:
-        with pytest.raises(exc, match=msg):
+        with pytest.raises(exc, match=msg) as info:
             fn()
+        assert isinstance(info.value, memboost.MemboostError)  # one family, a ValueError subclass
 
 
 def test_corrupt_state_dict_is_named():
@@ -304,6 +306,59 @@ def test_corrupt_state_dict_is_named():
     bad_mask = dict(good, mask=good["mask"] | 1 | 2)
     with pytest.raises(ValueError, match="'mask' must mark exactly n4=1"):
         memboost.QuantizedTensor.from_state_dict(bad_mask)
+    # two outliers at one position (the CUDA dequantize would race on them)
+    cols = good["outlier_cols"].clone()
+    rowptr = good["outlier_rowptr"]
+    row = int(torch.nonzero(rowptr[1:] - rowptr[:-1] >= 2)[0])
+    cols[int(rowptr[row]) + 1] = cols[int(rowptr[row])]
+    with pytest.raises(ValueError, match="'outlier_cols' repeats a column within a row"):
+        memboost.QuantizedTensor.from_state_dict(dict(good, outlier_cols=cols))
+    # errors name the layer when given one
+    with pytest.raises(memboost.MemboostError, match=r"^model.layers.0.mlp: state_dict for format 'mixed' is missing"):
+        memboost.QuantizedTensor.from_state_dict(missing, name="model.layers.0.mlp")
+
+
+def test_corrupt_state_is_refused_on_every_device(device):
+    # A checkpoint loaded straight onto the device is validated there too.
+    q = memboost.quantize(torch.randn(32, 128), ratio_4bit=0.25, outlier_fraction=0.02)
+    good = {k: v.to(device) for k, v in q.state_dict().items()}
+    bad_cols = dict(good, outlier_cols=torch.full_like(good["outlier_cols"], 200))
+    with pytest.raises(memboost.MemboostError, match="'outlier_cols' must be column indices below in_features 128"):
+        memboost.QuantizedTensor.from_state_dict(bad_cols)
+    with pytest.raises(memboost.MemboostError, match="'outlier_rowptr' must rise"):
+        memboost.QuantizedTensor.from_state_dict(dict(good, outlier_rowptr=good["outlier_rowptr"] * 2))
+    assert memboost.QuantizedTensor.from_state_dict(good).device.type == device
+
+
+def test_native_ops_accept_one_dtype_set(device):
+    # float64 is refused by the CPU and CUDA kernels and by the fake kernel alike.
+    q = _quantize(device, shape=(16, 128), ratio_4bit=0.25)
+    with pytest.raises(ValueError, match="'dtype' must be torch.float16, torch.bfloat16 or torch.float32, got torch.float64"):
+        ops.mixed_dequantize(q.tensors, q.group_size, torch.float64)
+    with pytest.raises(ValueError, match="'x' must be torch.float16"):
+        q.linear(torch.randn(2, 128, dtype=torch.float64, device=device))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = {k: mode.from_tensor(v) for k, v in q.tensors.items()}
+        with pytest.raises(ValueError, match="'dtype' must be float16, bfloat16 or float32"):
+            ops.mixed_dequantize(fake, q.group_size, torch.float64)
+
+
+def test_quantized_tensor_to_moves_devices_and_sets_only_the_output_dtype(device):
+    q = _quantize("cpu", shape=(16, 128), ratio_4bit=0.25)
+    half = q.to(device, torch.float16)
+    assert half.device.type == device and half.dtype == torch.float16 and half.avg_bits == q.avg_bits
+    for name in q.tensor_names:  # the packed tensors keep their dtypes
+        assert half.tensors[name].dtype == q.tensors[name].dtype
+    torch.testing.assert_close(half.dequantize().cpu(), q.dequantize().to(torch.float16))
+    assert q.to(torch.bfloat16).dequantize().dtype == torch.bfloat16 and q.dtype == torch.float32
+    with pytest.raises(TypeError, match="'dtype' must be torch.float16, torch.bfloat16 or torch.float32"):
+        q.to(torch.int32)
+
+
+def test_realised_ratio_is_warned_about_when_rows_are_short():
+    with pytest.warns(UserWarning, match=r"ratio_4bit=0.25 becomes 1/2 = 0.500"):
+        memboost.quantize(torch.randn(8, 128), ratio_4bit=0.25, group_size=64)
 
 
 @pytest.mark.parametrize("batch", [1, 3, 6])

@@ -120,6 +120,79 @@ def test_load_quantized_refuses_a_weight_of_another_shape(device):
     state = memboost.quantize_linears_(_model(device), ratio_4bit=0.3).state_dict()
     other = Block().to(device)
     other.mlp[2] = nn.Linear(256, 96).to(device)
-    with pytest.raises(ValueError, match=r"of shape \(128, 256\) for 'mlp.2', an nn.Linear of weight shape \(96, 256\)"):
+    with pytest.raises(ValueError, match=r"of shape \(128, 256\) for 'mlp.2', a linear layer of weight shape \(96, 256\)"):
         memboost.load_quantized_(other, state)
     assert type(other.mlp[0]) is nn.Linear  # nothing replaced: the model is as it was
+
+
+def test_quantize_model_reports_replaced_and_skipped_layers(device):
+    model = _model(device)
+    report = memboost.quantize_model(model, "mixed", group_size=256, ratio_4bit=0.0, progress=False)
+    # mlp.0 has 128 input features: group_size 256 does not fit it
+    assert [r.name for r in report.replaced] == ["mlp.2"]
+    assert dict(report.skipped) == {"mlp.0": "group_size 256 does not divide in_features 128",
+                                    "lm_head": "name matches skip 'lm_head'"}
+    r = report.replaced[0]
+    assert r.shape == (128, 256) and r.bytes_before == 128 * 256 * 4
+    assert r.bytes_after == model.mlp[2].weight.tensor().nbytes and r.details["ratio_4bit"] == 0.0
+    assert abs(report.bits_per_weight - model.mlp[2].weight.tensor().avg_bits) < 1e-9
+    text = str(report)
+    assert "1 layers replaced, 2 skipped" in text and "| mlp.0 | skipped: group_size 256" in text
+
+
+def test_quantize_model_warns_when_nothing_is_replaced():
+    model = _model("cpu")
+    with pytest.warns(UserWarning, match="replaced no layer .*group_size 48 does not divide"):
+        report = memboost.quantize_model(model, "mixed", group_size=48)
+    assert not report.replaced and type(model.mlp[0]) is nn.Linear
+
+
+def test_quantize_model_error_leaves_the_model_unchanged():
+    model = _model("cpu")
+    with torch.no_grad():
+        model.mlp[2].weight[0, 0] = float("nan")
+    with pytest.raises(memboost.MemboostError, match="^mlp.2: 'w' contains NaN"):
+        memboost.quantize_model(model, "mixed")
+    assert type(model.mlp[0]) is nn.Linear and type(model.mlp[2]) is nn.Linear
+    with pytest.raises(memboost.MemboostError, match="unknown method 'zzz'"):
+        memboost.quantize_model(model, "zzz")
+
+
+def test_quantize_model_takes_gpt2_conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(96, 128)  # weight [in=128, out=96]
+    model = nn.Sequential(conv)
+    x = torch.randn(5, 128)
+    want = model(x)
+    report = memboost.quantize_model(model, "mixed", ratio_4bit=1.0)
+    assert isinstance(model[0], MixedLinear) and report.replaced[0].shape == (96, 128)
+    assert rel_err(model(x), want) < 0.15
+
+
+def test_calibrate_refuses_a_single_tensor():
+    with pytest.raises(memboost.MemboostTypeError, match="'batches' must be an iterable of batches .*wrap it in a list"):
+        memboost.calibrate(_model("cpu"), _inputs("cpu")[0])
+    with pytest.raises(memboost.MemboostTypeError, match="batch 0 of 'batches' must be a tensor"):
+        memboost.calibrate(_model("cpu"), [[1, 2, 3]])
+
+
+def test_tied_model_saves_and_reloads_as_written_in_the_readme(tmp_path):
+    # A tiny Llama with tied embeddings, like SmolLM2: the README's save/load runs as written.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    memboost.quantize_model(model, "mixed", ratio_4bit=0.25)
+    path = str(tmp_path / "model.safetensors")
+    memboost.save_safetensors(model.state_dict(), path)
+    fresh = LlamaForCausalLM(config).eval()
+    missing, unexpected = memboost.load_quantized_(fresh, memboost.load_safetensors(path))
+    assert missing == [] and unexpected == []
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, model(ids).logits)

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+import memboost
 from memboost.nn import MixedLinear
 
 from conftest import rel_err
@@ -68,7 +69,7 @@ def test_extra_repr_and_to(device):
     layer = MixedLinear.from_linear(_linear("cpu", torch.float32), ratio_4bit=0.1).to(device)
     text = repr(layer)
     assert "avg_bits=" in text and "in_features=256" in text
-    assert f"ratio_4bit={layer.weight.tensor().ratio_4bit:.3f}" in text
+    assert f"ratio_4bit={round(layer.weight.tensor().ratio_4bit, 4)}" in text
     assert layer.weight.device.type == device and layer.weight.shape == (96, 256)
     assert layer(torch.randn(2, 256, device=device)).device.type == device
 
@@ -83,5 +84,58 @@ def test_gradient_flows_to_input(device):
 
 
 def test_from_linear_rejects_non_linear():
-    with pytest.raises(TypeError, match="'linear' must be an nn.Linear"):
+    with pytest.raises(memboost.MemboostTypeError, match="'linear' must be an nn.Linear"):
         MixedLinear.from_linear(nn.Conv1d(3, 3, 1))
+
+
+@pytest.mark.parametrize("cast", ["half", "float", "double", "bfloat16", "to_bf16"])
+def test_model_casts_leave_the_packed_weight_alone(device, cast):
+    # model.half()/.float()/.double()/.to(dtype) cast floating tensors only:
+    # the packed buffers (scales, outlier values included) must keep their bits.
+    model = nn.Sequential(MixedLinear.from_linear(_linear("cpu", torch.float32), ratio_4bit=0.25,
+                                                  outlier_fraction=0.01), nn.ReLU()).to(device)
+    layer = model[0]
+    before = {k: v.clone() for k, v in layer.weight.tensor().tensors.items()}
+    x = torch.randn(3, 256, device=device)
+    y_float = model(x)
+    dtype = {"half": torch.float16, "float": torch.float32, "double": torch.float64, "bfloat16": torch.bfloat16,
+             "to_bf16": torch.bfloat16}[cast]
+    if cast == "to_bf16":
+        model.to(torch.bfloat16)
+    else:
+        getattr(model, cast)()
+    after = layer.weight.tensor().tensors
+    for name, t in before.items():
+        assert after[name].dtype == t.dtype and torch.equal(after[name], t), name
+    assert layer.weight.tensor().dtype == torch.float32  # what dequantize returns is the original dtype
+    y = model(x.to(dtype))
+    assert y.dtype == dtype and layer.bias.dtype == dtype
+    tol = 1e-5 if dtype in (torch.float32, torch.float64) else 3e-2
+    assert rel_err(y, y_float) < tol
+    # the state_dict still holds the format's own dtypes, and loads into a fresh layer
+    sd = layer.state_dict()
+    assert sd["weight.row_scale"].dtype == torch.float32 and sd["weight.outlier_vals"].dtype == torch.float16
+    fresh = MixedLinear(256, 96, dtype=torch.float32, device=device)
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.weight.tensor().tensors["row_scale"], before["row_scale"])
+
+
+def test_compute_dtype_casts_input_and_output_back(device):
+    lin = _linear(device, torch.float32)
+    layer = MixedLinear.from_quantized(memboost.quantize(lin.weight.detach(), ratio_4bit=0.25), lin.bias,
+                                       compute_dtype=torch.bfloat16)
+    x = torch.randn(2, 256, device=device)
+    y = layer(x)
+    want = nn.functional.linear(x.to(torch.bfloat16).float(), layer.weight.dequantize().float(),
+                                lin.bias.to(torch.bfloat16).float())
+    assert y.dtype == torch.float32 and rel_err(y, want) < 1e-2
+    with pytest.raises(TypeError, match="'compute_dtype' must be torch.float16"):
+        MixedLinear.from_quantized(layer.weight.tensor(), compute_dtype=torch.int8)
+
+
+def test_repr_states_each_layer_once_and_briefly():
+    model = nn.Sequential(*[MixedLinear.from_linear(_linear("cpu", torch.float32), ratio_4bit=0.25)
+                            for _ in range(3)])
+    text = repr(model)
+    assert text.count("avg_bits=") == 3 and text.count("ratio_4bit=") == 3
+    assert max(len(line) for line in text.splitlines()) < 200

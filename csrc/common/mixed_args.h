@@ -20,7 +20,7 @@ inline MixedDims check_mixed_args(const at::Tensor& plane2, const at::Tensor& lo
                                   const at::Tensor& mask, const at::Tensor& row_scale,
                                   const at::Tensor& outlier_rowptr, const at::Tensor& outlier_cols,
                                   const at::Tensor& outlier_vals, int64_t group_size) {
-  TORCH_CHECK(group_size >= 16 && group_size % 16 == 0, "memboost: 'group_size' must be a positive multiple of 16, got ",
+  MB_CHECK(group_size >= 16 && group_size % 16 == 0, "'group_size' must be a positive multiple of 16, got ",
               group_size);
   MB_CHECK_DTYPE(plane2, at::kInt, "plane2");
   MB_CHECK_DTYPE(lowbits, at::kInt, "lowbits");
@@ -45,41 +45,40 @@ inline MixedDims check_mixed_args(const at::Tensor& plane2, const at::Tensor& lo
   d.plane_words = plane2.size(1);
   d.cols = d.plane_words * kWeightsPerWord;
   d.group_size = group_size;
-  TORCH_CHECK(d.cols % group_size == 0, "memboost: plane2 holds ", d.cols, " columns, not a multiple of group_size ",
+  MB_CHECK(d.cols % group_size == 0, "plane2 holds ", d.cols, " columns, not a multiple of group_size ",
               group_size);
   d.groups = d.cols / group_size;
   d.mask_words = (d.groups + 31) / 32;
   d.low_words = lowbits.size(1);
-  TORCH_CHECK(d.low_words % (group_size / kWeightsPerWord) == 0 && d.low_words / (group_size / kWeightsPerWord) <= d.groups,
-              "memboost: 'lowbits' has ", d.low_words, " words per row, not a whole number of 4-bit groups of size ",
+  MB_CHECK(d.low_words % (group_size / kWeightsPerWord) == 0 && d.low_words / (group_size / kWeightsPerWord) <= d.groups,
+              "'lowbits' has ", d.low_words, " words per row, not a whole number of 4-bit groups of size ",
               group_size);
-  TORCH_CHECK(lowbits.size(0) == d.rows, "memboost: 'lowbits' must have ", d.rows, " rows, got ", lowbits.size(0));
+  MB_CHECK(lowbits.size(0) == d.rows, "'lowbits' must have ", d.rows, " rows, got ", lowbits.size(0));
   MB_CHECK_SHAPE(meta, (std::vector<int64_t>{d.rows, d.groups}), "meta");
   MB_CHECK_SHAPE(mask, (std::vector<int64_t>{d.rows, d.mask_words}), "mask");
   MB_CHECK_SHAPE(row_scale, (std::vector<int64_t>{d.rows, 2}), "row_scale");
   MB_CHECK_SHAPE(outlier_rowptr, (std::vector<int64_t>{d.rows + 1}), "outlier_rowptr");
-  TORCH_CHECK(outlier_cols.numel() == outlier_vals.numel(), "memboost: 'outlier_cols' and 'outlier_vals' differ in length (",
+  MB_CHECK(outlier_cols.numel() == outlier_vals.numel(), "'outlier_cols' and 'outlier_vals' differ in length (",
               outlier_cols.numel(), " vs ", outlier_vals.numel(), ")");
-  TORCH_CHECK(outlier_vals.numel() == 0 || d.cols <= 65536,
-              "memboost: outlier column indices are 16-bit; in_features ", d.cols, " > 65536 needs outlier_fraction=0");
+  MB_CHECK(outlier_vals.numel() == 0 || d.cols <= 65536,
+              "outlier column indices are 16-bit; in_features ", d.cols, " > 65536 needs outlier_fraction=0");
   for (const at::Tensor* t : {&plane2, &lowbits, &meta, &mask, &row_scale, &outlier_rowptr, &outlier_cols, &outlier_vals}) {
-    TORCH_CHECK(t->is_contiguous(), "memboost: quantized tensors must be contiguous");
+    MB_CHECK(t->is_contiguous(), "quantized tensors must be contiguous");
   }
   return d;
 }
 
 inline void check_activation(const at::Tensor& x, const MixedDims& d, const c10::optional<at::Tensor>& bias,
                              const at::Tensor& plane2) {
-  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
-              "memboost: 'x' must be float16, bfloat16 or float32, got ", x.scalar_type());
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == d.cols, "memboost: 'x' must have last dimension in_features=", d.cols,
+  MB_CHECK_FLOAT_DTYPE(x.scalar_type(), "x");
+  MB_CHECK(x.dim() >= 1 && x.size(-1) == d.cols, "'x' must have last dimension in_features=", d.cols,
               ", got shape ", x.sizes());
   MB_CHECK_SAME_DEVICE(x, plane2, "x", "plane2");
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d.rows, "memboost: 'bias' must have shape [", d.rows, "], got ",
+    MB_CHECK(bias->dim() == 1 && bias->size(0) == d.rows, "'bias' must have shape [", d.rows, "], got ",
                 bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "memboost: 'bias' dtype ", bias->scalar_type(),
-                " must match x dtype ", x.scalar_type());
+    MB_CHECK(bias->scalar_type() == x.scalar_type(), "'bias' dtype ", torch_dtype_name(bias->scalar_type()),
+             " must match x dtype ", torch_dtype_name(x.scalar_type()));
     MB_CHECK_SAME_DEVICE(*bias, x, "bias", "x");
   }
 }

@@ -13,7 +13,7 @@ struct PackShape {
 
 inline PackShape pack_shape(const at::Tensor& values, int values_per_word) {
   MB_CHECK_DTYPE(values, at::kByte, "values");
-  TORCH_CHECK(values.dim() >= 1, "memboost: 'values' must have at least one dimension, got a scalar");
+  MB_CHECK(values.dim() >= 1, "'values' must have at least one dimension, got a scalar");
   PackShape s;
   s.length = values.size(-1);
   s.words = (s.length + values_per_word - 1) / values_per_word;
@@ -29,10 +29,10 @@ inline PackShape pack_shape(const at::Tensor& values, int values_per_word) {
 
 inline PackShape unpack_shape(const at::Tensor& packed, int64_t num_elements, int values_per_word) {
   MB_CHECK_DTYPE(packed, at::kInt, "packed");
-  TORCH_CHECK(packed.dim() >= 1, "memboost: 'packed' must have at least one dimension, got a scalar");
+  MB_CHECK(packed.dim() >= 1, "'packed' must have at least one dimension, got a scalar");
   PackShape s;
   s.words = packed.size(-1);
-  TORCH_CHECK(num_elements >= 0 && num_elements <= s.words * values_per_word, "memboost: 'num_elements' must be in [0, ",
+  MB_CHECK(num_elements >= 0 && num_elements <= s.words * values_per_word, "'num_elements' must be in [0, ",
               s.words * values_per_word, "] for ", s.words, " packed words per row, got ", num_elements);
   s.length = num_elements;
   s.rows = 1;

@@ -242,7 +242,7 @@ at::Tensor mixed_dequantize_cpu(const at::Tensor& plane2, const at::Tensor& lowb
                                 const at::Tensor& cols, const at::Tensor& vals, int64_t group_size,
                                 at::ScalarType dtype) {
   const MixedDims d = check_mixed_args(plane2, lowbits, meta, mask, row_scale, rowptr, cols, vals, group_size);
-  TORCH_CHECK(at::isFloatingType(dtype), "memboost: 'dtype' must be a floating dtype, got ", dtype);
+  MB_CHECK_FLOAT_DTYPE(dtype, "dtype");
   auto out_f = at::empty({d.rows, d.cols}, plane2.options().dtype(at::kFloat));
   const MixedView v = make_view(plane2, lowbits, meta, mask, row_scale, rowptr, cols, vals, d);
   float* out = out_f.data_ptr<float>();

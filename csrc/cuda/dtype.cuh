@@ -1,6 +1,8 @@
 // float <-> storage type conversions and 16-wide activation loads.
 #pragma once
 #include <cuda_bf16.h>
+
+#include "common/checks.h"
 #include <cuda_fp16.h>
 
 namespace memboost {
@@ -68,6 +70,6 @@ __device__ __forceinline__ float warp_sum(float v) {
       case at::kFloat: { using T = float; return __VA_ARGS__(); }                \
       case at::kHalf: { using T = __half; return __VA_ARGS__(); }                \
       case at::kBFloat16: { using T = __nv_bfloat16; return __VA_ARGS__(); }     \
-      default: TORCH_CHECK(false, "memboost: unsupported dtype ", stype);        \
+      default: MB_CHECK(false, "unsupported dtype ", ::memboost::torch_dtype_name(stype));        \
     }                                                                            \
   }()

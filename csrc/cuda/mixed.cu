@@ -264,8 +264,7 @@ at::Tensor mixed_dequantize_cuda(const at::Tensor& plane2, const at::Tensor& low
                                  const at::Tensor& cols, const at::Tensor& vals, int64_t group_size,
                                  at::ScalarType dtype) {
   const MixedDims d = check_mixed_args(plane2, lowbits, meta, mask, row_scale, rowptr, cols, vals, group_size);
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "memboost: 'dtype' must be float32, float16 or bfloat16, got ", dtype);
+  MB_CHECK_FLOAT_DTYPE(dtype, "dtype");
   const c10::cuda::CUDAGuard guard(plane2.device());
   auto out = at::empty({d.rows, d.cols}, plane2.options().dtype(dtype));
   if (out.numel() == 0) return out;
@@ -309,10 +308,14 @@ at::Tensor mixed_linear_cuda(const at::Tensor& x, const at::Tensor& plane2, cons
   const int64_t m_rows = x2.size(0);
   const auto out_shape = linear_output_shape(x, d.rows);
   if (m_rows > kMaxGemvBatch) {
-    // Compute-bound regime: one dequantization, then cuBLAS.
+    // Compute-bound regime: one dequantization, then cuBLAS. The weight stays
+    // float32 (a bf16/fp16 copy would round it again) and the product is
+    // float32 like the reference's; it uses TF32 only if the user enabled
+    // torch.backends.cuda.matmul.allow_tf32.
     const auto w = mixed_dequantize_cuda(plane2, lowbits, meta, mask, row_scale, rowptr, cols, vals, group_size,
-                                         x.scalar_type());
-    return at::linear(x2, w, bias).reshape(out_shape);
+                                         at::kFloat);
+    const auto b = bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt;
+    return at::linear(x2.to(at::kFloat), w, b).to(x.scalar_type()).reshape(out_shape);
   }
   auto y = at::empty({m_rows, d.rows}, x2.options());
   if (y.numel() == 0) return y.reshape(out_shape);

@@ -1,4 +1,4 @@
-"""The offline real model and text of memboost.models, and memboost on them.
+"""The offline real model and text of memboost.testbed, and memboost on them.
 
 Bounds measured on SmolLM2-135M-Instruct (Q4_1 GGUF), the first 512 fortune
 tokens in windows of 256: float32 perplexity 41.0; after quantize_linears_
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import memboost
-from memboost.models import english_text, load_smollm2, perplexity, smollm2_gguf_path
+from memboost.testbed import english_text, load_smollm2, perplexity, smollm2_gguf_path
 
 PPL_TOKENS = 512
 
