@@ -180,8 +180,13 @@ class QuantizedLinear(nn.Module):
         bias = self.bias
         if bias is not None and bias.dtype != dtype:
             bias = bias.to(dtype)
-        y = self.weight.tensor().linear(xc, bias)
+        y = self._linear(self.weight.tensor(), xc, bias)
         return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def _linear(self, qtensor: QuantizedTensor, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The format's fused product; a layer with options of its own (an
+        activation width, a LoRA branch) overrides this, not forward."""
+        return qtensor.linear(x, bias)
 
     def extra_repr(self) -> str:
         q = self.weight.tensor()

@@ -14,6 +14,7 @@
 #endif
 
 #include "common/mixed_args.h"
+#include "cpu/int8/isa.h"
 
 namespace memboost {
 namespace mixed {
@@ -225,17 +226,9 @@ void linear_rows_gemm(const MixedView& v, const at::Tensor& xf, at::Tensor& y) {
   }
 }
 
-// The AVX2 path is used when the CPU has it, unless MEMBOOST_CPU_ISA=generic
-// (read at each call, so tests can exercise both paths in one process).
-bool use_avx2() {
-#if defined(__x86_64__)
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  const char* isa = std::getenv("MEMBOOST_CPU_ISA");
-  return supported && !(isa && std::string(isa) == "generic");
-#else
-  return false;
-#endif
-}
+// The AVX2 path runs when the CPU has it, unless MEMBOOST_CPU_ISA caps the
+// instruction set (cpu/int8/isa.h: read at each call, so tests exercise both).
+bool use_avx2() { return cpu::active_isa() != cpu::Isa::Portable; }
 
 at::Tensor mixed_dequantize_cpu(const at::Tensor& plane2, const at::Tensor& lowbits, const at::Tensor& meta,
                                 const at::Tensor& mask, const at::Tensor& row_scale, const at::Tensor& rowptr,

@@ -1,0 +1,36 @@
+#include "cpu/int8/act_quant.h"
+
+#include <ATen/Parallel.h>
+
+#include "common/checks.h"
+
+namespace memboost {
+namespace cpu {
+
+Int8Activations quantize_activations(const at::Tensor& x, int64_t padded) {
+  MB_CHECK_DTYPE(x, at::kFloat, "x");
+  MB_CHECK_DIM(x, 2, "x");
+  MB_CHECK(x.is_contiguous() && x.device().is_cpu(), "activations must be contiguous CPU tensors");
+  MB_CHECK(padded >= x.size(1) && padded % kActBlock == 0, "activation padding ", padded, " must be a multiple of ",
+           kActBlock, " >= ", x.size(1));
+  Int8Activations a;
+  a.rows = x.size(0);
+  a.cols = x.size(1);
+  a.padded = padded;
+  a.values = at::empty({a.rows, padded}, x.options().dtype(at::kChar));
+  a.scales = at::empty({a.rows}, x.options());
+  a.sums = at::empty({a.rows, padded / kActBlock}, x.options().dtype(at::kInt));
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = a.values.data_ptr<int8_t>();
+  float* sp = a.scales.data_ptr<float>();
+  int32_t* bp = a.sums.data_ptr<int32_t>();
+  const int64_t cols = a.cols, blocks = padded / kActBlock;
+  at::parallel_for(0, a.rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      sp[r] = quantize_row_int8(xp + r * cols, cols, padded, qp + r * padded, bp + r * blocks);
+  });
+  return a;
+}
+
+}  // namespace cpu
+}  // namespace memboost

@@ -1,0 +1,83 @@
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <vector>
+
+#define MEMBOOST_NO_TORCH 1
+#include "cpu/int8/act_quant.h"
+#include "cpu/int8/dot.h"
+
+using namespace memboost::cpu;
+
+TEST(Int8Activations, RowScaleRoundingPaddingAndBlockSums) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal(0.f, 2.f);
+  const int64_t cols = 70, padded = 96;
+  std::vector<float> x(cols);
+  for (auto& v : x) v = normal(rng);
+  x[5] = -9.5f;  // the absmax, negative
+  std::vector<int8_t> q(padded, 99);
+  std::vector<int32_t> sums(padded / kActBlock);
+  const float scale = quantize_row_int8(x.data(), cols, padded, q.data(), sums.data());
+  EXPECT_FLOAT_EQ(scale, 9.5f / 127.f);
+  EXPECT_EQ(q[5], -127);
+  for (int64_t i = 0; i < cols; ++i) {
+    EXPECT_LE(std::fabs(q[i] * scale - x[i]), 0.5f * scale + 1e-6f) << i;
+  }
+  for (int64_t i = cols; i < padded; ++i) EXPECT_EQ(q[i], 0);
+  for (int64_t b = 0; b < padded / kActBlock; ++b) {
+    int32_t s = 0;
+    for (int64_t j = 0; j < kActBlock; ++j) s += q[b * kActBlock + j];
+    EXPECT_EQ(sums[b], s);
+  }
+}
+
+TEST(Int8Activations, ZeroRowHasZeroScale) {
+  std::vector<float> x(32, 0.f);
+  std::vector<int8_t> q(32);
+  std::vector<int32_t> sums(1);
+  EXPECT_EQ(quantize_row_int8(x.data(), 32, 32, q.data(), sums.data()), 0.f);
+  EXPECT_EQ(sums[0], 0);
+}
+
+#if MB_HAVE_X86_KERNELS
+MB_TARGET_AVX2 static int32_t dot32_avx2(const uint8_t* u, const int8_t* s) {
+  const __m256i acc = dpbusd_avx2(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)),
+                                  _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+  return hsum_epi32_avx2(acc);
+}
+
+MB_TARGET_AVX512 static int32_t dot32_vnni(const uint8_t* u, const int8_t* s) {
+  const __m256i acc = dpbusd_vnni256(_mm256_setzero_si256(), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)),
+                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+  return hsum_epi32_avx2(acc);
+}
+
+MB_TARGET_AVX512 static int32_t dot64_vnni(const uint8_t* u, const int8_t* s) {
+  return hsum_epi32_512(dpbusd_vnni512(_mm512_setzero_si512(), _mm512_loadu_si512(u), _mm512_loadu_si512(s)));
+}
+
+// The SIMD building blocks equal the portable dot product (run only where
+// this CPU has the instruction set).
+TEST(Int8Dot, SimdMatchesPortable) {
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int> code(0, 127), act(-128, 127);
+  uint8_t u[64];
+  int8_t s[64];
+  const bool avx2 = __builtin_cpu_supports("avx2");
+  const bool vnni = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+                    __builtin_cpu_supports("avx512bw");
+  for (int trial = 0; trial < 100; ++trial) {
+    for (int i = 0; i < 64; ++i) {
+      u[i] = static_cast<uint8_t>(trial % 2 ? code(rng) : code(rng) % 4);
+      s[i] = static_cast<int8_t>(act(rng));
+    }
+    if (avx2) EXPECT_EQ(dot32_avx2(u, s), dot_u8s8(u, s, 32));
+    if (vnni) {
+      EXPECT_EQ(dot32_vnni(u, s), dot_u8s8(u, s, 32));
+      EXPECT_EQ(dot64_vnni(u, s), dot_u8s8(u, s, 64));
+    }
+  }
+}
+#endif
