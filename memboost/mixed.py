@@ -25,12 +25,13 @@ from typing import Optional
 import torch
 
 from . import ops, reference
+from ._threads import map_chunks, row_chunk_size
 from .errors import MemboostError, MemboostTypeError, check_float_weight
 from .tensor import QuantizedTensor, dtype_name
 
 _LOG2_STEP_MIN = 1e-4  # keeps the per-row code step finite when all ranges agree
 _SCALE_LEVELS = 15  # 4-bit scale codes: 0..15
-_CHUNK_ELEMENTS = 1 << 21  # rows are processed in chunks of about this many weights
+_CHUNK_ELEMENTS = 1 << 19  # rows are processed in chunks of at most this many weights (memboost/_threads.py)
 # Range shrink factors tried per group, in octaves (1, 0.93, ..., 0.66 of the full range).
 _CLIP_OCTAVES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
 _MAX_ROW_SPAN_OCTAVES = 8.0  # groups with smaller ranges than 2^-8 of the row's largest share code 0
@@ -227,9 +228,10 @@ def quantize(w: torch.Tensor, ratio_4bit: float = 0.1, group_size: int = 64, out
                       f"(every row has a whole number of 4-bit groups); a smaller group_size is finer", stacklevel=2)
     k_out = int(outlier_fraction * k + 0.5)
     h = None if calibration is None else calibration.to(device=w.device, dtype=torch.float32)
-    chunk = max(1, _CHUNK_ELEMENTS // k)
-    parts = [_quantize_rows(w[r:r + chunk].to(torch.float32), h, n4, group_size, k_out, exact_zero)
-             for r in range(0, n, chunk)]
+    chunk = row_chunk_size(n, k, _CHUNK_ELEMENTS)
+    parts = map_chunks(lambda r: _quantize_rows(w[r:r + chunk].to(torch.float32), h, n4, group_size, k_out,
+                                                exact_zero),
+                       range(0, n, chunk), w.device)
 
     tensors = {name: torch.cat([p[name] for p in parts]) for name in ("plane2", "lowbits", "meta", "mask", "row_scale")}
     counts = torch.cat([p["outlier_counts"] for p in parts])

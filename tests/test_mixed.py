@@ -371,3 +371,20 @@ def test_cpu_portable_path_matches_reference(monkeypatch, batch):
     monkeypatch.setenv("MEMBOOST_CPU_ISA", "generic")
     portable = q.linear(x)
     assert rel_err(fast, want) < 1e-5 and rel_err(portable, want) < 1e-5
+
+
+def test_quantize_in_worker_threads_equals_one_thread():
+    # Chunks of rows are quantized by worker threads (memboost/_threads.py):
+    # the result must not depend on the thread count.
+    w = llm_like_weight(300, 256, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = memboost.quantize(w, ratio_4bit=0.25, outlier_fraction=0.01).state_dict()
+        torch.set_num_threads(max(2, threads))
+        many = memboost.quantize(w, ratio_4bit=0.25, outlier_fraction=0.01).state_dict()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+    for key in one:
+        assert torch.equal(one[key], many[key]), key
