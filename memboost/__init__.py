@@ -24,6 +24,7 @@ from .mixed import MixedQuantizedTensor, quantize
 from . import nn
 from .model import QuantizationReport, calibrate, load_quantized_, quantize_linears_, quantize_model
 from .serialization import load_safetensors, save_safetensors
+from .checkpoint import load_quantized, save_quantized
 from . import testbed
 
 __version__ = "0.1.0"
@@ -32,7 +33,7 @@ __all__ = [
     "QuantizedTensor", "MixedQuantizedTensor", "quantize", "dequantize", "pack_2bit", "unpack_2bit",
     "pack_4bit", "unpack_4bit", "build_info", "cuda_kernels_usable", "nn", "ops", "reference", "calibrate",
     "quantize_linears_", "quantize_model", "QuantizationReport", "load_quantized_", "save_safetensors",
-    "load_safetensors", "MemboostError", "MemboostTypeError", "testbed",
+    "load_safetensors", "MemboostError", "MemboostTypeError", "testbed", "save_quantized", "load_quantized",
 ]
 
 

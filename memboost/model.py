@@ -208,6 +208,12 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
         replacements.append((parent, child_name, layer))
     for parent, child_name, layer in replacements:
         setattr(parent, child_name, layer)
+    if report.replaced:  # what save_quantized writes into quantization_config
+        plain = {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str))}
+        calls = list(getattr(model, "memboost_quantization", []))
+        calls.append({"method": method, "params": plain, "skip": list(skip), "calibrated": calibration is not None,
+                      "layers": len(report.replaced)})
+        model.memboost_quantization = calls
     if not report.replaced:
         reasons = sorted({why for _, why in report.skipped})
         warnings.warn(f"memboost.quantize_model replaced no layer ({len(report.skipped)} skipped: "
@@ -231,13 +237,16 @@ def quantize_linears_(model: nn.Module, ratio_4bit: float = 0.1, group_size: int
     return model
 
 
-def load_quantized_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+def load_quantized_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
+                    assign: bool = False):
     """Loads a state_dict saved from a model that quantize_model changed
     into a model of the same architecture built as usual (plain nn.Linear
     layers, e.g. from its config): every linear whose weight is quantized in
     `state_dict` becomes its format's layer first, in place. Tied weights
     are tied again afterwards (model.tie_weights() when the model has it).
-    Returns load_state_dict's (missing_keys, unexpected_keys)."""
+    assign=True takes the tensors instead of copying them (a model whose
+    parameters are on the meta device). Returns load_state_dict's
+    (missing_keys, unexpected_keys)."""
     replacements = []  # every layer is checked before any is replaced
     for full, parent, child_name, child in list(_linears(model)):
         prefix = f"{full}.weight."
@@ -255,7 +264,7 @@ def load_quantized_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], st
         replacements.append((parent, child_name, layer))
     for parent, child_name, layer in replacements:
         setattr(parent, child_name, layer)
-    result = model.load_state_dict(state_dict, strict=strict)
+    result = model.load_state_dict(state_dict, strict=strict, assign=assign)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     return result

@@ -1,0 +1,289 @@
+"""A quantized Hugging Face model as a directory: save_quantized / load_quantized.
+
+The directory is what transformers writes for a model, plus the quantized
+tensors: `config.json` (the model's config with a `quantization_config`
+whose `quant_method` is "memboost"), `model.safetensors` or shards
+`model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`, and
+the tokenizer's files when one is given. Tied weights are stored once.
+
+load_quantized builds the model with its parameters on the meta device
+(no memory), turns every linear whose weight the files hold quantized into
+that format's layer, and loads every tensor with assign=True: no
+full-precision copy of a quantized weight ever exists.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from .errors import MemboostError, MemboostTypeError
+from .model import load_quantized_
+from .nn import QuantizedLinear
+from .serialization import ALIASES_KEY, _split_aliases, load_safetensors, save_safetensors
+from .tensor import QuantizedTensor
+
+QUANT_METHOD = "memboost"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _parse_size(size: Union[int, str]) -> int:
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+        return size
+    if isinstance(size, str):
+        text = size.strip().upper()
+        for unit, factor in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
+                             ("KB", 10**3), ("B", 1)):
+            if text.endswith(unit):
+                try:
+                    value = float(text[:-len(unit)])
+                except ValueError:
+                    break
+                if value > 0:
+                    return int(value * factor)
+                break
+    raise MemboostError(f"'max_shard_size' must be a positive number of bytes or a string like '2GB', got {size!r}")
+
+
+def quantization_config(model: nn.Module) -> dict:
+    """The `quantization_config` entry of config.json for a quantized model:
+    quant_method "memboost", each quantized layer's format, the format
+    versions, and the arguments quantize_model was called with."""
+    modules: Dict[str, str] = {}
+    versions: Dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            q = module.weight.tensor()
+            modules[name] = q.format
+            versions[q.format] = type(q).version
+    if not modules:
+        raise MemboostError("'model' has no memboost layer: quantize it first (memboost.quantize_model)")
+    from . import __version__
+
+    calls = getattr(model, "memboost_quantization", [])
+    methods = sorted(set(modules.values()))
+    return {"quant_method": QUANT_METHOD, "method": methods[0] if len(methods) == 1 else methods,
+            "format_versions": versions, "memboost_version": __version__, "modules": modules,
+            "quantize_calls": calls}
+
+
+def check_quantization_config(qconfig: dict, where: str) -> None:
+    """Refuses a quantization_config this memboost cannot read, by name."""
+    if not isinstance(qconfig, dict) or qconfig.get("quant_method") != QUANT_METHOD:
+        method = qconfig.get("quant_method") if isinstance(qconfig, dict) else qconfig
+        raise MemboostError(f"{where}: quantization_config has quant_method {method!r}, not {QUANT_METHOD!r}")
+    versions = qconfig.get("format_versions")
+    if not isinstance(versions, dict):
+        raise MemboostError(f"{where}: quantization_config has no 'format_versions'")
+    known = QuantizedTensor._formats
+    for fmt, version in versions.items():
+        if fmt not in known:
+            raise MemboostError(f"{where}: format {fmt!r} is not known to this memboost (known: {sorted(known)}); "
+                                "upgrade memboost")
+        if version != known[fmt].version:
+            newer = isinstance(version, int) and version > known[fmt].version
+            raise MemboostError(f"{where}: format {fmt!r} version {version!r} is not supported (this memboost reads "
+                                f"version {known[fmt].version}{'; upgrade memboost' if newer else ''})")
+
+
+def _shards(state: Dict[str, torch.Tensor], max_bytes: int):
+    """Lists of names, each list at most max_bytes (a larger single tensor gets a shard of its own)."""
+    shards, current, size = [], [], 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+@contextlib.contextmanager
+def _replace_directory(directory: str):
+    """Yields a fresh folder next to `directory`; on success it replaces
+    `directory` (which keeps its old contents until then), on error it is
+    removed and `directory` is untouched."""
+    directory = os.path.abspath(os.fspath(directory))
+    parent = os.path.dirname(directory)
+    if not os.path.isdir(parent):
+        raise MemboostError(f"cannot write {directory!r}: folder {parent!r} does not exist")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise MemboostError(f"cannot write {directory!r}: it exists and is not a folder")
+    try:
+        staging = tempfile.mkdtemp(prefix="." + os.path.basename(directory) + ".", dir=parent)
+    except OSError as exc:
+        raise MemboostError(f"cannot write {directory!r}: {exc.strerror}") from exc
+    try:
+        yield staging
+        if os.path.isdir(directory):
+            old = tempfile.mkdtemp(prefix="." + os.path.basename(directory) + ".old.", dir=parent)
+            os.rmdir(old)
+            os.replace(directory, old)
+            os.replace(staging, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def save_quantized(model: nn.Module, directory: str, max_shard_size: Union[int, str] = "2GB",
+                   tokenizer=None) -> None:
+    """Saves a model that quantize_model changed to `directory` (created or
+    replaced as a whole: an error leaves the previous one as it was)."""
+    if not isinstance(model, nn.Module):
+        raise MemboostTypeError(f"'model' must be an nn.Module, got {type(model).__name__}")
+    max_bytes = _parse_size(max_shard_size)
+    qconfig = quantization_config(model)
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise MemboostError("'model' has no Hugging Face config (model.config): save its state_dict with "
+                            "memboost.save_safetensors instead")
+    state = {k: v for k, v in model.state_dict().items()}
+    stored, aliases = _split_aliases(state)
+    with _replace_directory(directory) as staging:
+        config_dict = config.to_dict()
+        config_dict["quantization_config"] = qconfig
+        with open(os.path.join(staging, CONFIG_NAME), "w") as f:
+            json.dump(config_dict, f, indent=2, sort_keys=True)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+            generation_config.save_pretrained(staging)
+        shards = _shards(stored, max_bytes)
+        metadata = {"format": "pt"}
+        if len(shards) == 1:  # save_safetensors keeps the aliases in the file's metadata
+            save_safetensors(state, os.path.join(staging, WEIGHTS_NAME), metadata)
+        else:
+            weight_map = {}
+            for i, names in enumerate(shards):
+                filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_safetensors({k: stored[k] for k in names}, os.path.join(staging, filename), metadata)
+                weight_map.update({k: filename for k in names})
+            total = sum(t.numel() * t.element_size() for t in stored.values())
+            index = {"metadata": {"total_size": total, ALIASES_KEY: aliases}, "weight_map": weight_map}
+            with open(os.path.join(staging, INDEX_NAME), "w") as f:
+                json.dump(index, f, indent=2, sort_keys=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+
+
+def load_state(directory: str, device="cpu") -> Dict[str, torch.Tensor]:
+    """Every tensor of a saved directory (one file or shards), tied names restored."""
+    directory = os.fspath(directory)
+    index_path = os.path.join(directory, INDEX_NAME)
+    single = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                index = json.load(f)
+            weight_map = index["weight_map"]
+            aliases = index.get("metadata", {}).get(ALIASES_KEY, {})
+            assert isinstance(weight_map, dict) and isinstance(aliases, dict)
+        except (ValueError, KeyError, AssertionError, AttributeError) as exc:
+            raise MemboostError(f"{index_path!r} is not a valid safetensors index ({exc!r})") from None
+        state: Dict[str, torch.Tensor] = {}
+        for filename in sorted(set(weight_map.values())):
+            if not isinstance(filename, str) or os.path.basename(filename) != filename:
+                raise MemboostError(f"{index_path!r} names a shard outside the folder: {filename!r}")
+            path = os.path.join(directory, filename)
+            if not os.path.isfile(path):
+                raise MemboostError(f"shard {filename!r} listed in {index_path!r} is missing")
+            state.update(load_safetensors(path, device=device))
+        missing = sorted(set(weight_map) - set(state))
+        if missing:
+            raise MemboostError(f"{index_path!r} lists tensors its shards do not hold, e.g. {missing[:3]}")
+        for alias, name in aliases.items():
+            if name not in state:
+                raise MemboostError(f"{index_path!r}: alias {alias!r} names a tensor that is not stored: {name!r}")
+            state.setdefault(alias, state[name])
+        return state
+    if os.path.isfile(single):
+        return load_safetensors(single, device=device)
+    raise MemboostError(f"{directory!r} holds no {WEIGHTS_NAME} or {INDEX_NAME}")
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside create their parameters on the meta device (no
+    memory); buffers (e.g. rotary frequencies, not saved) stay real."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def load_quantized(directory: str, device="cpu", dtype: Optional[torch.dtype] = None):
+    """The model saved by save_quantized, rebuilt from its config with
+    transformers' AutoModelForCausalLM and loaded with assign=True, in eval
+    mode, on `device`. `dtype` casts the unquantized tensors (norms,
+    embeddings) and sets the compute dtype; quantized weights never change."""
+    directory = os.fspath(directory)
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isdir(directory):
+        raise MemboostError(f"'directory' {directory!r} is not a folder")
+    if not os.path.isfile(config_path):
+        raise MemboostError(f"{directory!r} has no {CONFIG_NAME}: not a saved model")
+    try:
+        with open(config_path) as f:
+            config_dict = json.load(f)
+    except ValueError as exc:
+        raise MemboostError(f"{config_path!r} is not valid JSON: {exc}") from None
+    if not isinstance(config_dict, dict) or "quantization_config" not in config_dict:
+        raise MemboostError(f"{config_path!r} has no quantization_config: not a memboost checkpoint")
+    check_quantization_config(config_dict["quantization_config"], config_path)
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise MemboostError(f"{config_path!r}: transformers cannot build this architecture: {exc}") from None
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # ours: transformers must not try to apply it while building
+    state = load_state(directory, device=device)
+    with _parameters_on_meta():
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except (ValueError, KeyError) as exc:
+            raise MemboostError(f"{config_path!r}: unsupported architecture: {exc}") from None
+    try:
+        missing, unexpected = load_quantized_(model, state, strict=False, assign=True)
+    except (RuntimeError, MemboostError) as exc:  # a tensor whose shape disagrees with the config
+        raise MemboostError(f"{directory!r} does not fit its config: {exc}") from None
+    missing = [k for k in missing if not _is_tied_alias(model, k)]  # tied parameters the file holds once
+    if missing or unexpected:
+        raise MemboostError(f"{directory!r} does not fit its config: missing {missing[:5]}, unexpected "
+                            f"{unexpected[:5]}")
+    model.config.quantization_config = config_dict["quantization_config"]
+    model = model.to(device)
+    if dtype is not None:
+        model = model.to(dtype)  # quantized weights are never cast (memboost.nn)
+    return model.eval()
+
+
+def _is_tied_alias(model: nn.Module, key: str) -> bool:
+    module_name, _, attr = key.rpartition(".")
+    try:
+        t = getattr(model.get_submodule(module_name), attr)
+    except AttributeError:
+        return False
+    return isinstance(t, torch.Tensor) and t.device.type != "meta"
