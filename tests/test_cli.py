@@ -1,0 +1,78 @@
+"""The memboost command on a tiny model folder built here (no downloads)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import memboost
+from memboost import cli
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+        "foolishness. ") * 40
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama with a word-level tokenizer, saved as a Hugging Face folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([TEXT], trainers.WordLevelTrainer(special_tokens=["[UNK]", "[EOS]"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=1, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    text = folder.parent / "text.txt"
+    text.write_text(TEXT)
+    return folder
+
+
+def test_quantize_info_eval(model_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    text = str(model_dir.parent / "text.txt")
+    assert cli.main(["quantize", str(model_dir), str(out), "--ratio-4bit", "0.5", "--calibrate", text,
+                     "--calib-tokens", "100", "--quiet", "--verbose"]) == 0
+    printed = capsys.readouterr().out
+    assert "14 layers replaced" in printed and "| model.layers.0.self_attn.q_proj |" in printed
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
+
+    assert cli.main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| model.layers.1.mlp.down_proj | mixed | 64x128 |" in printed and "14 quantized layers" in printed
+
+    assert cli.main(["eval", str(out), "--text", text, "--tokens", "128", "--window", "64", "--new-tokens", "4",
+                     "--baseline", str(model_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert f"| {out} |" in printed and f"| {model_dir} |" in printed and "perplexity on 128 tokens" in printed
+
+
+def test_errors_exit_2_with_one_line(model_dir, tmp_path, capsys):
+    assert cli.main(["quantize", str(tmp_path / "absent"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "memboost quantize: error: model" in err and "not found" in err and not (tmp_path / "out").exists()
+    assert cli.main(["info", str(model_dir)]) == 2
+    assert "holds no memboost-quantized tensor" in capsys.readouterr().err
+    assert cli.main(["quantize", str(model_dir), str(tmp_path / "out"), "--calibrate",
+                     str(tmp_path / "none.txt")]) == 2
+    assert "is not a file" in capsys.readouterr().err
+    short = tmp_path / "short.txt"
+    short.write_text("It was")
+    assert cli.main(["quantize", str(model_dir), str(tmp_path / "out"), "--calibrate", str(short)]) == 2
+    assert "calibration text has 2 tokens" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_shows_defaults():
+    out = subprocess.run([sys.executable, "-m", "memboost", "quantize", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "(default: 0.1)" in out and "--calibrate TEXT" in out
