@@ -139,3 +139,35 @@ def test_repr_states_each_layer_once_and_briefly():
     text = repr(model)
     assert text.count("avg_bits=") == 3 and text.count("ratio_4bit=") == 3
     assert max(len(line) for line in text.splitlines()) < 200
+
+
+def _every_format_layer():
+    from memboost.nn import QuantizedLinear
+
+    torch.manual_seed(0)
+    return [pytest.param(name, id=name) for name in sorted(QuantizedLinear._layers)]
+
+
+@pytest.mark.parametrize("fmt", _every_format_layer())
+def test_no_graph_break_inside_quantized_layers(fmt):
+    # The ops have fake kernels, so dynamo traces a quantized model in one graph.
+    from memboost.nn import QuantizedLinear
+
+    torch.manual_seed(0)
+    cls = QuantizedLinear.for_format(fmt)
+    model = nn.Sequential(cls.from_linear(nn.Linear(256, 128)), nn.ReLU(), cls.from_linear(nn.Linear(128, 64)))
+    explanation = torch._dynamo.explain(model)(torch.randn(3, 256))
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", _every_format_layer())
+def test_torch_compile_fullgraph_equals_eager(fmt):
+    from memboost.nn import QuantizedLinear
+
+    torch.manual_seed(0)
+    cls = QuantizedLinear.for_format(fmt)
+    model = nn.Sequential(cls.from_linear(nn.Linear(256, 128)), nn.ReLU(), cls.from_linear(nn.Linear(128, 64)))
+    x = torch.randn(3, 256)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
