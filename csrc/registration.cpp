@@ -25,7 +25,11 @@ TORCH_LIBRARY(memboost, m) {
       "mixed_dequantize(Tensor plane2, Tensor lowbits, Tensor meta, Tensor mask, Tensor row_scale, "
       "Tensor outlier_rowptr, Tensor outlier_cols, Tensor outlier_vals, int group_size, ScalarType dtype) -> Tensor");
   // y = x @ W.T + bias straight from the mixed format, any leading batch shape.
+  // act_bits 0: exact float products; 8 (CPU, group sizes that are multiples
+  // of 64, batch < 32): int8 activations with one scale per 32 values times
+  // the integer codes. CUDA always computes exactly.
   m.def(
       "mixed_linear(Tensor x, Tensor plane2, Tensor lowbits, Tensor meta, Tensor mask, Tensor row_scale, "
-      "Tensor outlier_rowptr, Tensor outlier_cols, Tensor outlier_vals, Tensor? bias, int group_size) -> Tensor");
+      "Tensor outlier_rowptr, Tensor outlier_cols, Tensor outlier_vals, Tensor? bias, int group_size, "
+      "int act_bits=0) -> Tensor");
 }

@@ -39,6 +39,9 @@ _ZERO_RESOLUTION = {3: 0.25, 15: 1.0}  # zero point steps per width (see csrc/co
 # Outliers cost 2 + 2 bytes each plus kernel time (the paper: 1.5% of them cost
 # over 30% of it); past a few percent a wider format is the better deal.
 MAX_OUTLIER_FRACTION = 0.05
+# An outlier candidate this many times farther from its group's median than
+# the group's other values would cost a 4-bit group over 2 of its 4 bits.
+_EXTREME_OUTLIER = 4.0
 
 
 class MixedQuantizedTensor(QuantizedTensor):
@@ -82,8 +85,11 @@ class MixedQuantizedTensor(QuantizedTensor):
     def dequantize(self) -> torch.Tensor:
         return ops.mixed_dequantize(self.tensors, self.group_size, self.dtype)
 
-    def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return ops.mixed_linear(x, self.tensors, bias, self.group_size)
+    def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, act_bits: Optional[int] = None) -> torch.Tensor:
+        """x @ W.T + bias. act_bits=8 multiplies int8 activations (one scale
+        per 32 values) with the codes on the CPU (faster, within about 1% of
+        the exact product); None computes exactly in float."""
+        return ops.mixed_linear(x, self.tensors, bias, self.group_size, 0 if act_bits is None else act_bits)
 
     def _repr_fields(self) -> dict:
         return {"group_size": self.group_size, "ratio_4bit": round(self.ratio_4bit, 4), "outliers": self.num_outliers}
@@ -348,19 +354,30 @@ def _quantize_rows(w: torch.Tensor, h: Optional[torch.Tensor], n4: int, gs: int,
         return col_weight if keep is None else keep if col_weight is None else keep * col_weight
 
     # 1. Outlier candidates: the k_out largest deviations from the group mean
-    #    per row, weighted by sqrt(calibration) (their share of the output error).
-    #    They are quantized as the group mean and kept exactly as residuals.
-    dev = (wg - group_mean).abs().view(n, k)
-    if h is not None:
-        dev = dev * h.sqrt()
+    #    per row, weighted by sqrt(calibration) (their share of the output
+    #    error). They are quantized as the group's mean and kept exactly as
+    #    residuals. Extreme ones, more than _EXTREME_OUTLIER times the largest
+    #    other deviation of their group, are taken out before anything else is
+    #    decided: they stay outliers whatever width their group gets, and the
+    #    mean, the row's scale grid and the choice of 4-bit groups are computed
+    #    without them (one huge value must not make its group 4-bit, nor
+    #    stretch its row's grid). Without extremes this is the plain scheme.
+    raw_dev = (wg - group_mean).abs()
+    dev = raw_dev.view(n, k) if h is None else raw_dev.view(n, k) * h.sqrt()
     is_out = _pick_outliers(dev, k_out).view(n, groups, gs)
+    others = raw_dev.masked_fill(is_out, 0.0).amax(-1, keepdim=True)
+    extreme = is_out & (raw_dev > _EXTREME_OUTLIER * others)
+    if bool(extreme.any()):
+        kept = (~extreme).to(w.dtype)
+        group_mean = (wg * kept).sum(-1, keepdim=True) / kept.sum(-1, keepdim=True)
     clean = torch.where(is_out, group_mean, wg)
+    without_extremes = torch.where(extreme, group_mean, wg)  # what 4-bit groups quantize
 
     # 2. Two-level scales: a 4-bit log2 code per group on a per-row grid from
     #    a little below the smallest range (so every group can clip) to the
     #    largest. The grid spans at most _MAX_ROW_SPAN_OCTAVES: a constant or
     #    near-constant group must not coarsen it for the whole row.
-    log_clean, log_top = _log2_range(clean), _log2_range(wg).amax(1, keepdim=True)
+    log_clean, log_top = _log2_range(clean), _log2_range(without_extremes).amax(1, keepdim=True)
     log2_base = torch.maximum(log_clean.amin(1, keepdim=True), log_top - _MAX_ROW_SPAN_OCTAVES) - _CLIP_OCTAVES[-1]
     log2_step = ((log_top - log2_base) / _SCALE_LEVELS).clamp_min(_LOG2_STEP_MIN)
 
@@ -369,24 +386,27 @@ def _quantize_rows(w: torch.Tensor, h: Optional[torch.Tensor], n4: int, gs: int,
     #    error) picks almost the same groups at twice the search cost.
     if n4 == groups:
         four = torch.ones(n, groups, dtype=torch.bool, device=w.device)
-        is_out.fill_(False)  # 4-bit groups hold no outliers
-        code, zero, q, deq = _search_codes(wg, col_weight, 15, log2_base, log2_step, True)[1]
+        is_out = extreme  # 4-bit groups keep only the extreme outliers
+        code, zero, q, deq = _search_codes(without_extremes, error_weight(is_out), 15, log2_base, log2_step,
+                                           True)[1]
     else:
         four = torch.zeros(n, groups, dtype=torch.bool, device=w.device)
         err2, result = _search_codes(clean, error_weight(is_out), 3, log2_base, log2_step, exact_zero)
         if n4 > 0:
             four.scatter_(1, err2.topk(n4, dim=1).indices, True)
-            # 4-bit groups quantize their raw values (every row has n4 of them).
-            _requantize(result, four, wg, col_weight, 15, log2_base, log2_step, True)
+            # 4-bit groups quantize their values but the extreme ones (every row has n4 of them).
+            _requantize(result, four, without_extremes, error_weight(extreme), 15, log2_base, log2_step, True)
             if k_out > 0:
-                # Outliers live in 2-bit groups only: the budget of candidates
-                # that fell in 4-bit groups goes to the next largest deviations
-                # of the 2-bit groups, and the groups that gained one are
-                # quantized again.
-                dev = dev.masked_fill(four.repeat_interleave(gs, dim=1), -1.0)
+                # Other outliers live in 2-bit groups only (4-bit is precise
+                # enough for them): the budget of the candidates that fell in
+                # 4-bit groups goes to the next largest deviations of the 2-bit
+                # groups, and the groups that gained one are quantized again.
+                in_four = four.unsqueeze(-1).expand(n, groups, gs).reshape(n, k)
+                dev = dev.masked_fill(in_four, -1.0).masked_fill(extreme.view(n, k), float("inf"))
                 was_out = is_out
-                is_out = _pick_outliers(dev, min(k_out, (groups - n4) * gs)).view(n, groups, gs)
-                changed = (is_out & ~was_out).any(-1)
+                budget = min(k_out, (groups - n4) * gs + int(extreme.view(n, k).sum(1).max()))
+                is_out = _pick_outliers(dev, budget).view(n, groups, gs) & (dev.view(n, groups, gs) >= 0)
+                changed = (is_out & ~was_out).any(-1) & ~four
                 clean = torch.where(is_out, group_mean, wg)
                 _requantize(result, changed, clean, error_weight(is_out), 3, log2_base, log2_step, exact_zero)
         code, zero, q, deq = result

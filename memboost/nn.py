@@ -119,6 +119,9 @@ class QuantizedLinear(nn.Module):
     compute_dtype: None (default) computes in the input's dtype (float32 for
     a float64 input); torch.float16/bfloat16/float32 casts the input to it,
     and the output back to the input's dtype.
+    act_bits: None computes exactly in float; 8 lets the CPU kernels multiply
+    int8 activations with the integer codes (faster, a small stated error;
+    see each format's linear()).
     """
 
     format: str = ""
@@ -148,15 +151,19 @@ class QuantizedLinear(nn.Module):
         return None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **params) -> "QuantizedLinear":
-        """Quantizes `linear`'s weight with the format's quantizer (same keyword arguments)."""
+    def from_linear(cls, linear: nn.Linear, *, act_bits: Optional[int] = None,
+                    compute_dtype: Optional[torch.dtype] = None, **params) -> "QuantizedLinear":
+        """Quantizes `linear`'s weight with the format's quantizer (its keyword
+        arguments); act_bits and compute_dtype are the layer's options."""
         if not isinstance(linear, nn.Linear):
             raise MemboostTypeError(f"'linear' must be an nn.Linear, got {type(linear).__name__}")
-        return cls.from_quantized(cls.quantize_weight(linear.weight.detach(), **params), linear.bias)
+        return cls.from_quantized(cls.quantize_weight(linear.weight.detach(), **params), linear.bias,
+                                  compute_dtype=compute_dtype, act_bits=act_bits)
 
     @classmethod
     def from_quantized(cls, qtensor: QuantizedTensor, bias: Optional[torch.Tensor] = None,
-                       compute_dtype: Optional[torch.dtype] = None) -> "QuantizedLinear":
+                       compute_dtype: Optional[torch.dtype] = None,
+                       act_bits: Optional[int] = None) -> "QuantizedLinear":
         """A layer around an existing quantized weight [out, in] (and a copy of `bias`)."""
         if cls.format and getattr(qtensor, "format", None) != cls.format:
             raise MemboostTypeError(f"'qtensor' must be a {cls.format} QuantizedTensor, got {type(qtensor).__name__}")
@@ -164,15 +171,19 @@ class QuantizedLinear(nn.Module):
         if bias is not None and tuple(bias.shape) != (out_features,):
             raise MemboostError(f"'bias' must have shape ({out_features},), got {tuple(bias.shape)}")
         layer = cls.__new__(cls)
-        QuantizedLinear._init(layer, qtensor, bias, compute_dtype)
+        QuantizedLinear._init(layer, qtensor, bias, compute_dtype, act_bits)
         return layer
 
-    def _init(self, qtensor: QuantizedTensor, bias: Optional[torch.Tensor], compute_dtype) -> None:
+    def _init(self, qtensor: QuantizedTensor, bias: Optional[torch.Tensor], compute_dtype,
+              act_bits: Optional[int] = None) -> None:
         nn.Module.__init__(self)
         self.out_features, self.in_features = qtensor.shape
         self.weight = QuantizedWeight(qtensor)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.compute_dtype = None if compute_dtype is None else check_output_dtype(compute_dtype, "compute_dtype")
+        if act_bits not in (None, 8):
+            raise MemboostError(f"'act_bits' must be None (exact) or 8, got {act_bits!r}")
+        self.act_bits = act_bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype or (x.dtype if x.dtype in _INT_VIEW else torch.float32)
@@ -184,15 +195,18 @@ class QuantizedLinear(nn.Module):
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def _linear(self, qtensor: QuantizedTensor, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """The format's fused product; a layer with options of its own (an
-        activation width, a LoRA branch) overrides this, not forward."""
-        return qtensor.linear(x, bias)
+        """The format's fused product; a layer with options of its own (a LoRA
+        branch) overrides this, not forward."""
+        if self.act_bits is None:
+            return qtensor.linear(x, bias)
+        return qtensor.linear(x, bias, act_bits=self.act_bits)
 
     def extra_repr(self) -> str:
         q = self.weight.tensor()
         fields = ", ".join(f"{k}={v}" for k, v in q._repr_fields().items())
+        act = "" if self.act_bits is None else f", act_bits={self.act_bits}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{fields + ', ' if fields else ''}avg_bits={q.avg_bits:.3f}")
+                f"{fields + ', ' if fields else ''}avg_bits={q.avg_bits:.3f}{act}")
 
 
 class MixedLinear(QuantizedLinear):
@@ -205,7 +219,7 @@ class MixedLinear(QuantizedLinear):
         qtensor = MixedQuantizedTensor.zeros((out_features, in_features), dtype=dtype, group_size=group_size,
                                              ratio_4bit=ratio_4bit, device=device)
         b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
-        self._init(qtensor, b, None)
+        self._init(qtensor, b, None, None)
 
     @classmethod
     def quantize_weight(cls, weight: torch.Tensor, **params) -> MixedQuantizedTensor:
@@ -220,7 +234,9 @@ class MixedLinear(QuantizedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, ratio_4bit: float = 0.1, group_size: int = 64,
                     outlier_fraction: float = 0.002, calibration: Optional[torch.Tensor] = None,
-                    exact_zero: Optional[bool] = None) -> "MixedLinear":
+                    exact_zero: Optional[bool] = None, *, act_bits: Optional[int] = None,
+                    compute_dtype: Optional[torch.dtype] = None) -> "MixedLinear":
         """Quantizes `linear`'s weight with memboost.quantize (same arguments)."""
         return super().from_linear(linear, ratio_4bit=ratio_4bit, group_size=group_size,
-                                   outlier_fraction=outlier_fraction, calibration=calibration, exact_zero=exact_zero)
+                                   outlier_fraction=outlier_fraction, calibration=calibration, exact_zero=exact_zero,
+                                   act_bits=act_bits, compute_dtype=compute_dtype)

@@ -48,7 +48,9 @@ def _(plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outl
 
 
 @torch.library.register_fake("memboost::mixed_linear")
-def _(x, plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals, bias, group_size):
+def _(x, plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals, bias, group_size,
+      act_bits=0):
+    torch._check_value(act_bits in (0, 8), lambda: f"'act_bits' must be 0 (exact float) or 8, got {act_bits}")
     torch._check_value(x.dtype in _FLOAT_DTYPES, lambda: f"'x' must be float16, bfloat16 or float32, got {x.dtype}")
     torch._check_value(x.shape[-1] == plane2.shape[1] * 16, lambda: "'x' last dimension must equal in_features")
     return x.new_empty((*x.shape[:-1], plane2.shape[0]))
@@ -78,27 +80,29 @@ def mixed_dequantize(tensors: dict, group_size: int, dtype: torch.dtype) -> torc
     )
 
 
-def mixed_linear(x: torch.Tensor, tensors: dict, bias: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
+def mixed_linear(x: torch.Tensor, tensors: dict, bias: Optional[torch.Tensor], group_size: int,
+                 act_bits: int = 0) -> torch.Tensor:
     t = tensors
     return _ops.mixed_linear.default(
         x, t["plane2"], t["lowbits"], t["meta"], t["mask"], t["row_scale"],
-        t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], bias, group_size,
+        t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], bias, group_size, act_bits,
     )
 
 
 def _mixed_linear_setup_context(ctx, inputs, output):
-    x, *quantized, bias, group_size = inputs
+    x, *quantized, bias, group_size, act_bits = inputs
     ctx.quantized = quantized
     ctx.group_size = group_size
     ctx.has_bias = bias is not None
 
 
 def _mixed_linear_backward(ctx, grad):
-    # The quantized weight is frozen: gradients flow to x and bias only.
+    # The quantized weight is frozen: gradients flow to x and bias only
+    # (through the exact weight, whatever act_bits the forward used).
     w = _ops.mixed_dequantize.default(*ctx.quantized, ctx.group_size, grad.dtype)
     grad_x = grad @ w
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
-    return (grad_x,) + (None,) * len(ctx.quantized) + (grad_bias, None)
+    return (grad_x,) + (None,) * len(ctx.quantized) + (grad_bias, None, None)
 
 
 torch.library.register_autograd(

@@ -83,10 +83,32 @@ def mixed_dequantize(plane2, lowbits, meta, mask, row_scale, outlier_rowptr, out
     return w.to(dtype)
 
 
+def quantize_activations_int8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [..., k] float32 -> its int8 round trip with one scale (absmax / 127)
+    per block of `block` values: what the CPU int8 kernels multiply with."""
+    xb = x.reshape(*x.shape[:-1], -1, block)
+    scale = xb.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.where(scale > 0, torch.round(xb * (127.0 / xb.abs().amax(-1, keepdim=True))), 0.0)
+    return (q * scale).reshape(x.shape)
+
+
 def mixed_linear(x, plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals,
-                 bias: Optional[torch.Tensor], group_size: int) -> torch.Tensor:
-    """x @ W.T + bias in float32 from the dequantized weight, cast to x's dtype."""
+                 bias: Optional[torch.Tensor], group_size: int, act_bits: int = 0) -> torch.Tensor:
+    """x @ W.T + bias in float32 from the dequantized weight, cast to x's dtype.
+    act_bits=8 (CPU, batch < 32, group sizes that are multiples of 64): the
+    weight's codes meet x quantized to int8 per block of 32; its outliers
+    meet the exact x."""
     w = mixed_dequantize(plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals,
                          group_size, torch.float32)
     b = None if bias is None else bias.to(torch.float32)
-    return torch.nn.functional.linear(x.to(torch.float32), w, b).to(x.dtype)
+    xf = x.to(torch.float32)
+    rows = xf.numel() // max(xf.shape[-1], 1)
+    if act_bits == 8 and group_size % 64 == 0 and rows < 32 and x.device.type == "cpu":
+        empty = outlier_vals[:0]
+        base = mixed_dequantize(plane2, lowbits, meta, mask, row_scale, torch.zeros_like(outlier_rowptr),
+                                outlier_cols[:0], empty, group_size, torch.float32)
+        y = torch.nn.functional.linear(quantize_activations_int8(xf, 32), base, b)
+        y = y + torch.nn.functional.linear(xf, w - base)
+    else:
+        y = torch.nn.functional.linear(xf, w, b)
+    return y.to(x.dtype)

@@ -78,6 +78,7 @@ def test_opcheck(device):
     bias = torch.randn(40, device=device)
     torch.library.opcheck(torch.ops.memboost.mixed_linear.default, (x, *parts, bias, 64))
     torch.library.opcheck(torch.ops.memboost.mixed_linear.default, (x.requires_grad_(), *parts, None, 64))
+    torch.library.opcheck(torch.ops.memboost.mixed_linear.default, (x, *parts, bias, 64, 8))
 
 
 def test_ratio_acts_and_error_falls_as_ratio_rises(device):
@@ -388,3 +389,66 @@ def test_quantize_in_worker_threads_equals_one_thread():
     assert torch.get_num_threads() == threads
     for key in one:
         assert torch.equal(one[key], many[key]), key
+
+
+@pytest.mark.parametrize("ratio_4bit", [0.1, 1.0])
+def test_planted_outliers_stay_outliers_and_spare_their_neighbours(device, ratio_4bit):
+    # 50 values of 8.0 in a layer of weights around 0.02: each must come back
+    # within fp16 rounding, as a 16-bit outlier, and the other weights of its
+    # group must keep the error they have without it (not a 4-bit group spent
+    # on one value, nor a row grid stretched by it).
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1024, 1024, generator=g) * 0.02
+    idx = torch.randperm(w.numel(), generator=g)[:50]
+    planted = w.clone()
+    planted.view(-1)[idx] = 8.0
+    rows, cols = idx // 1024, idx % 1024
+    neighbours = torch.zeros(1024, 16, dtype=torch.bool)
+    neighbours[rows, cols // 64] = True
+    neighbours = neighbours.repeat_interleave(64, 1)
+    neighbours.view(-1)[idx] = False
+
+    def neighbour_error(weight):
+        q = memboost.quantize(weight.to(device), ratio_4bit=ratio_4bit)
+        back = q.dequantize().cpu()
+        return back, float((back - weight)[neighbours].norm() / weight[neighbours].norm())
+
+    back, err_planted = neighbour_error(planted)
+    _, err_plain = neighbour_error(w)
+    torch.testing.assert_close(back.view(-1)[idx], torch.full((50,), 8.0), rtol=2**-10, atol=0)
+    assert err_planted < 1.1 * err_plain, (err_planted, err_plain)
+
+
+def _spiky_activations(batch, k, seed=0):
+    """Activations with a few channels 50x the rest, as LLM activations have."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, k, generator=g)
+    x[:, torch.randperm(k, generator=g)[:4]] *= 50.0
+    return x
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("batch", [1, 3, 6])
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_int8_path_matches_its_reference_on_every_isa(monkeypatch, isa, batch, group_size):
+    q = _quantize("cpu", shape=(72, 512), ratio_4bit=0.3, outlier_fraction=0.01, group_size=group_size)
+    x = _spiky_activations(batch, 512)
+    bias = torch.randn(72)
+    monkeypatch.setenv("MEMBOOST_CPU_ISA", isa)
+    y = q.linear(x, bias, act_bits=8)
+    want = reference.mixed_linear(x, *_parts(q), bias, group_size, act_bits=8)
+    assert rel_err(y, want) < 1e-5
+    # the int8 activations cost a small, stated error against the exact product
+    exact = q.linear(x, bias)
+    assert 0 < rel_err(y, exact) < 1e-2
+
+
+def test_int8_path_falls_back_to_exact_where_it_does_not_apply():
+    q = _quantize("cpu", shape=(40, 256), ratio_4bit=0.25, group_size=32)  # groups of 32: no int8 chunk
+    x = torch.randn(2, 256)
+    assert torch.equal(q.linear(x, act_bits=8), q.linear(x))
+    q = _quantize("cpu", shape=(40, 256), ratio_4bit=0.25)
+    x = torch.randn(40, 256)  # 32 activation rows and more: the float GEMM path
+    assert torch.equal(q.linear(x, act_bits=8), q.linear(x))
+    with pytest.raises(ValueError, match="'act_bits' must be 0 \\(exact float\\) or 8, got 4"):
+        q.linear(x, act_bits=4)

@@ -299,9 +299,11 @@ void launch_gemv(const DeviceView& v, const T* x, int64_t m_rows, const T* bias,
 at::Tensor mixed_linear_cuda(const at::Tensor& x, const at::Tensor& plane2, const at::Tensor& lowbits,
                              const at::Tensor& meta, const at::Tensor& mask, const at::Tensor& row_scale,
                              const at::Tensor& rowptr, const at::Tensor& cols, const at::Tensor& vals,
-                             const c10::optional<at::Tensor>& bias, int64_t group_size) {
+                             const c10::optional<at::Tensor>& bias, int64_t group_size, int64_t act_bits) {
   const MixedDims d = check_mixed_args(plane2, lowbits, meta, mask, row_scale, rowptr, cols, vals, group_size);
   check_activation(x, d, bias, plane2);
+  // The GPU kernels are memory bound in float: act_bits=8 is accepted and computed exactly.
+  MB_CHECK(act_bits == 0 || act_bits == 8, "'act_bits' must be 0 (exact float) or 8, got ", act_bits);
   const c10::cuda::CUDAGuard guard(x.device());
   auto x2 = x.reshape({-1, d.cols}).contiguous();
   x2 = aligned(x2, 16);

@@ -81,3 +81,25 @@ TEST(Int8Dot, SimdMatchesPortable) {
   }
 }
 #endif
+
+TEST(Int8Activations, BlockScalesKeepSmallValuesBesideAHugeChannel) {
+  // One huge channel spoils a row scale but only its own block's scale.
+  std::vector<float> x(128, 0.01f);
+  x[3] = 500.f;
+  std::vector<int8_t> q(128);
+  std::vector<float> scales(2);
+  std::vector<int32_t> sums(4);
+  quantize_row_int8_blocks(x.data(), 128, 128, 64, q.data(), scales.data(), sums.data());
+  EXPECT_FLOAT_EQ(scales[0], 500.f / 127.f);
+  EXPECT_FLOAT_EQ(scales[1], 0.01f / 127.f);
+  EXPECT_EQ(q[70], 127);  // second block: full precision
+  EXPECT_EQ(q[10], 0);    // first block: lost beside the huge channel
+  EXPECT_EQ(sums[2], 32 * 127);
+  // a tail shorter than a block is zero-padded
+  std::vector<float> y(80, 1.f);
+  std::vector<int8_t> qy(128, 5);
+  quantize_row_int8_blocks(y.data(), 80, 128, 64, qy.data(), scales.data(), sums.data());
+  EXPECT_EQ(qy[79], 127);
+  EXPECT_EQ(qy[80], 0);
+  EXPECT_EQ(sums[3], 0);
+}

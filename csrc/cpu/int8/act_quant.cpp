@@ -7,18 +7,22 @@
 namespace memboost {
 namespace cpu {
 
-Int8Activations quantize_activations(const at::Tensor& x, int64_t padded) {
+Int8Activations quantize_activations(const at::Tensor& x, int64_t padded, int64_t block) {
   MB_CHECK_DTYPE(x, at::kFloat, "x");
   MB_CHECK_DIM(x, 2, "x");
   MB_CHECK(x.is_contiguous() && x.device().is_cpu(), "activations must be contiguous CPU tensors");
   MB_CHECK(padded >= x.size(1) && padded % kActBlock == 0, "activation padding ", padded, " must be a multiple of ",
            kActBlock, " >= ", x.size(1));
+  MB_CHECK(block == 0 || (block % kActBlock == 0 && padded % block == 0), "activation block ", block,
+           " must be a multiple of ", kActBlock, " dividing ", padded);
   Int8Activations a;
   a.rows = x.size(0);
   a.cols = x.size(1);
   a.padded = padded;
+  a.block = block;
+  const int64_t scales_per_row = block == 0 ? 1 : padded / block;
   a.values = at::empty({a.rows, padded}, x.options().dtype(at::kChar));
-  a.scales = at::empty({a.rows}, x.options());
+  a.scales = block == 0 ? at::empty({a.rows}, x.options()) : at::empty({a.rows, scales_per_row}, x.options());
   a.sums = at::empty({a.rows, padded / kActBlock}, x.options().dtype(at::kInt));
   const float* xp = x.data_ptr<float>();
   int8_t* qp = a.values.data_ptr<int8_t>();
@@ -26,8 +30,14 @@ Int8Activations quantize_activations(const at::Tensor& x, int64_t padded) {
   int32_t* bp = a.sums.data_ptr<int32_t>();
   const int64_t cols = a.cols, blocks = padded / kActBlock;
   at::parallel_for(0, a.rows, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      sp[r] = quantize_row_int8(xp + r * cols, cols, padded, qp + r * padded, bp + r * blocks);
+    for (int64_t r = begin; r < end; ++r) {
+      if (block == 0) {
+        sp[r] = quantize_row_int8(xp + r * cols, cols, padded, qp + r * padded, bp + r * blocks);
+      } else {
+        quantize_row_int8_blocks(xp + r * cols, cols, padded, block, qp + r * padded, sp + r * scales_per_row,
+                                 bp + r * blocks);
+      }
+    }
   });
   return a;
 }

@@ -33,6 +33,19 @@ inline float quantize_row_int8(const float* x, int64_t cols, int64_t padded, int
   return scale;
 }
 
+// The same with one scale per block of `block` values (block a multiple of
+// kActBlock dividing padded): activations with a few huge channels, as LLMs
+// have, keep their small values' precision outside the huge channels' block
+// (llama.cpp's Q8 activations do the same with blocks of 32). scales gets
+// padded / block entries.
+inline void quantize_row_int8_blocks(const float* x, int64_t cols, int64_t padded, int64_t block, int8_t* q,
+                                     float* scales, int32_t* sums) {
+  for (int64_t b0 = 0; b0 < padded; b0 += block) {
+    const int64_t valid = b0 >= cols ? 0 : (cols - b0 < block ? cols - b0 : block);
+    scales[b0 / block] = quantize_row_int8(x + b0, valid, block, q + b0, sums + b0 / kActBlock);
+  }
+}
+
 }  // namespace cpu
 }  // namespace memboost
 
@@ -45,14 +58,16 @@ namespace cpu {
 
 struct Int8Activations {
   at::Tensor values;  // int8 [rows, padded], zero-padded past cols
-  at::Tensor scales;  // float32 [rows]: x ~= values * scale
+  at::Tensor scales;  // float32 [rows] (or [rows, padded / block]): x ~= values * scale
   at::Tensor sums;    // int32 [rows, padded / kActBlock]
-  int64_t rows = 0, cols = 0, padded = 0;
+  int64_t rows = 0, cols = 0, padded = 0, block = 0;
 };
 
 // x: float32 [rows, cols], contiguous, on the CPU; padded: a multiple of
-// kActBlock >= cols (kernels pad to their weight layout's chunk).
-Int8Activations quantize_activations(const at::Tensor& x, int64_t padded);
+// kActBlock >= cols (kernels pad to their weight layout's chunk). block = 0:
+// one scale per row; else one per block of that many values (a multiple of
+// kActBlock dividing padded).
+Int8Activations quantize_activations(const at::Tensor& x, int64_t padded, int64_t block = 0);
 
 }  // namespace cpu
 }  // namespace memboost
