@@ -140,6 +140,19 @@ def test_dtype_of_a_loaded_checkpoint_leaves_the_quantized_weights(tmp_path):
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
+def test_base_model_loads_a_causal_lm_checkpoint(tmp_path):
+    # layer names saved with the "model." prefix of LlamaForCausalLM, loaded into LlamaModel
+    from transformers import AutoModel
+    model = tiny_model("llama")
+    method, params = METHODS[0]
+    memboost.quantize_model(model, method, progress=False, **params)
+    memboost.save_quantized(model, tmp_path / "m")
+    base = AutoModel.from_pretrained(tmp_path / "m")
+    assert quantized_layers(base) == {k[len("model."):]: v for k, v in quantized_layers(model).items()}
+    with torch.no_grad():
+        assert torch.equal(base(IDS).last_hidden_state, model.model(IDS).last_hidden_state)
+
+
 def test_config_round_trips_and_refuses_bad_input(tmp_path):
     model = tiny_model("gpt2")
     method, params = METHODS[0]
