@@ -76,3 +76,12 @@ def pack_4bit(values: torch.Tensor) -> torch.Tensor:
 def unpack_4bit(packed: torch.Tensor, num_elements: int) -> torch.Tensor:
     """int32 [..., w] -> uint8 [..., num_elements] (num_elements <= 8*w)."""
     return ops.unpack_4bit(packed, num_elements)
+
+
+# --- Hugging Face transformers registration (memboost.integrations) -----------
+# Registers quant_method "memboost" with transformers once transformers loads
+# its quantizer registry; never imports transformers itself (about 2 s).
+from .integrations import watch_transformers as _watch_transformers
+
+_watch_transformers()
+# --- end of transformers registration ---------------------------------------
