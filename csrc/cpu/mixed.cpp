@@ -212,57 +212,58 @@ void linear_rows_avx2(const MixedView& v, int64_t begin, int64_t end, const floa
 // int8 path (act_bits = 8): activations quantized to int8 with one scale per
 // block of 32 (cpu/int8/act_quant.h, llama.cpp's Q8_0 granularity: a huge
 // channel spoils only its own block), weight codes multiplied as unsigned
-// bytes against them (cpu/int8/dot.h), one float FMA per 64-code chunk for
-// the scales and one per group for the zero point:
+// bytes against them (cpu/int8/dot.h), one float FMA per 128 weights for the
+// scales and one per group (vectorized per row) for the zero points:
 //   W[r, g] . x = sum_blocks step_g * ascale_b * (q . x8)_b - zero_step_g * sum_g(x_hat).
-// A 16-byte run of plane2 holds 64 codes, byte k holding elements 4k..4k+3 at
-// bits 0, 2, 4, 6. Expanding it with one shift per element position s gives
-// the codes in "s-major" order (position 16s + k holds element 4k + s), so
-// the activations are permuted into that order once per call and every code
-// expansion is a broadcast, a shift and a mask. In that order the bytes
-// 16s + 0..7 of a chunk belong to its first block of 32 and 16s + 8..15 to
-// its second, so after a 4-byte dot product the int32 lanes alternate in
-// pairs between the two blocks: lane pattern (b0, b0, b1, b1) per 128 bits.
-constexpr int64_t kChunk = 64;  // codes per 16-byte run
+//
+// Layout. A 16-byte run of plane2 holds a chunk of 64 codes, byte k holding
+// elements 4k..4k+3 at bits 0, 2, 4, 6. A 32-byte load takes two chunks (a
+// "pair"); shifting it right by 2s and masking gives, in each 128-bit half h,
+// element 4k + s of chunk h at byte k. The activations are permuted into that
+// order once per call:
+//   xp[128p + 32s + 16h + k] = x[128p + 64h + 4k + s],
+// so four shifts and four 4-byte dot products (vpdpbusd, or maddubs + madd)
+// cover 128 weights. Int32 lane j of half h then sums bytes 4j..4j+3, which
+// belong to block 2h + (j >= 2) of the pair: the scale pattern is
+// (b0, b0, b1, b1 | b2, b2, b3, b3). A 4-bit group adds its low bits the same
+// way, its high bits shifted left by 2 (per half, so a pair may mix widths).
+constexpr int64_t kChunk = 64;   // codes per 16-byte run
+constexpr int64_t kPair = 128;   // activations per pair of chunks
 
 struct Int8Rows {
-  std::vector<int8_t> x;       // [m, cols] int8, s-major within each chunk
-  std::vector<float> scale;    // [m, cols / 32] activation scale per block of 32
-  std::vector<float> pattern;  // [m, chunks, 16] the chunk's two scales in the int32 lane pattern
+  std::vector<int8_t> x;       // [m, padded] int8 in pair order, zero-padded to whole pairs
+  std::vector<float> pattern;  // [m, pairs, 8] the pair's four block scales in the lane pattern
   std::vector<float> gsum;     // [m, groups] sum of the dequantized activations per group
+  int64_t padded = 0, pairs = 0;
 };
 
-Int8Rows quantize_activations_s_major(const at::Tensor& xf, const MixedDims& d) {
-  const int64_t m_rows = xf.size(0), chunks = d.cols / kChunk, blocks = d.cols / cpu::kActBlock;
-  const cpu::Int8Activations a = cpu::quantize_activations(xf, d.cols, cpu::kActBlock);
+Int8Rows quantize_activations_pairs(const at::Tensor& xf, const MixedDims& d) {
+  const int64_t m_rows = xf.size(0), padded = (d.cols + kPair - 1) / kPair * kPair;
+  const cpu::Int8Activations a = cpu::quantize_activations(xf, padded, cpu::kActBlock);
   Int8Rows out;
-  out.x.resize(m_rows * d.cols);
-  out.scale.assign(a.scales.data_ptr<float>(), a.scales.data_ptr<float>() + m_rows * blocks);
+  out.padded = padded;
+  out.pairs = padded / kPair;
+  out.x.resize(m_rows * padded);
+  out.pattern.resize(m_rows * out.pairs * 8);
   out.gsum.assign(m_rows * d.groups, 0.f);
-  out.pattern.resize(m_rows * chunks * 16);
   const int8_t* q = a.values.data_ptr<int8_t>();
+  const float* scales = a.scales.data_ptr<float>();
   const int32_t* sums = a.sums.data_ptr<int32_t>();
-  const int64_t sums_per_row = d.cols / cpu::kActBlock, chunks_per_group = d.group_size / kChunk;
+  const int64_t blocks = padded / cpu::kActBlock;
   for (int64_t i = 0; i < m_rows; ++i) {
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int8_t* src = q + i * d.cols + c * kChunk;
-      int8_t* dst = out.x.data() + i * d.cols + c * kChunk;
+    const int8_t* src = q + i * padded;
+    int8_t* dst = out.x.data() + i * padded;
+    for (int64_t p = 0; p < out.pairs; ++p)
       for (int s = 0; s < 4; ++s)
-        for (int k = 0; k < 16; ++k) dst[16 * s + k] = src[4 * k + s];
-      for (int64_t b = 2 * c; b < 2 * c + 2; ++b)
-        out.gsum[i * d.groups + c / chunks_per_group] +=
-            out.scale[i * blocks + b] * static_cast<float>(sums[i * sums_per_row + b]);
-      float* pat = out.pattern.data() + (i * chunks + c) * 16;
-      for (int l = 0; l < 16; ++l) pat[l] = out.scale[i * blocks + 2 * c + ((l >> 1) & 1)];
-    }
+        for (int h = 0; h < 2; ++h)
+          for (int k = 0; k < 16; ++k) dst[p * kPair + 32 * s + 16 * h + k] = src[p * kPair + 64 * h + 4 * k + s];
+    const float* sc = scales + i * blocks;
+    for (int64_t p = 0; p < out.pairs; ++p)
+      for (int l = 0; l < 8; ++l) out.pattern[(i * out.pairs + p) * 8 + l] = sc[4 * p + 2 * (l >> 2) + ((l >> 1) & 1)];
+    for (int64_t b = 0; b < d.cols / cpu::kActBlock; ++b)
+      out.gsum[i * d.groups + b * cpu::kActBlock / d.group_size] += sc[b] * static_cast<float>(sums[i * blocks + b]);
   }
   return out;
-}
-
-// 64 codes of a 16-byte run in s-major order (portable).
-inline void expand_chunk(const uint8_t* bytes, uint8_t* codes) {
-  for (int s = 0; s < 4; ++s)
-    for (int k = 0; k < 16; ++k) codes[16 * s + k] = (bytes[k] >> (2 * s)) & 3u;
 }
 
 struct RowParams {
@@ -280,181 +281,210 @@ inline RowParams row_params(const MixedView& v, int64_t r) {
                    v.meta + r * d.groups, row_ranges(v.row_scale[2 * r], v.row_scale[2 * r + 1])};
 }
 
+// Every group's step and zero * step of one row (the float operations of group_params_from_range).
+inline void row_group_params(const RowParams& p, int64_t groups, float* step, float* zero_step) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const GroupParams gp = group_params_from_range(p.meta[g], test_bit(p.mask, static_cast<int>(g)),
+                                                   p.ranges.range[p.meta[g] & 0xF]);
+    step[g] = gp.step;
+    zero_step[g] = gp.zero_step;
+  }
+}
+
 inline float outlier_dot(const MixedView& v, int64_t r, const float* x) {
   float out = 0.f;
   for (int32_t e = v.rowptr[r]; e < v.rowptr[r + 1]; ++e) out += static_cast<float>(v.vals[e]) * x[v.cols[e]];
   return out;
 }
 
+// Where each chunk's low bits are (nullptr for 2-bit groups) and its group's step.
+struct ChunkTable {
+  std::vector<const uint8_t*> low;
+  std::vector<float> step;
+  std::vector<float> zero_step;  // per group
+  std::vector<float> group_step;
+};
+
+inline void fill_chunk_table(const MixedView& v, const RowParams& p, ChunkTable& t) {
+  const MixedDims& d = v.d;
+  const int64_t chunks_per_group = d.group_size / kChunk;
+  row_group_params(p, d.groups, t.group_step.data(), t.zero_step.data());
+  int64_t low_group = 0;
+  for (int64_t g = 0; g < d.groups; ++g) {
+    const bool four = test_bit(p.mask, static_cast<int>(g));
+    for (int64_t c = 0; c < chunks_per_group; ++c) {
+      t.low[g * chunks_per_group + c] = four ? p.low + (low_group * chunks_per_group + c) * 16 : nullptr;
+      t.step[g * chunks_per_group + c] = t.group_step[g];
+    }
+    low_group += four;
+  }
+}
+
+inline ChunkTable make_chunk_table(const MixedDims& d) {
+  const int64_t chunks = (d.cols / kPair + 1) * 2;  // whole pairs
+  ChunkTable t;
+  t.low.assign(chunks, nullptr);
+  t.step.assign(chunks, 0.f);
+  t.zero_step.resize(d.groups);
+  t.group_step.resize(d.groups);
+  return t;
+}
+
+inline float zero_point_share(const ChunkTable& t, const float* gsum, int64_t groups) {
+  float corr = 0.f;
+  for (int64_t g = 0; g < groups; ++g) corr += t.zero_step[g] * gsum[g];
+  return corr;
+}
+
 void linear_rows_int8_portable(const MixedView& v, int64_t begin, int64_t end, const Int8Rows& a, const float* xf,
                                int64_t m_rows, float* y) {
   const MixedDims& d = v.d;
-  const int64_t chunks_per_group = d.group_size / kChunk, blocks = d.cols / cpu::kActBlock;
-  uint8_t codes[kChunk], low[kChunk];
+  const int64_t chunks = d.cols / kChunk;
+  ChunkTable t = make_chunk_table(d);
   for (int64_t r = begin; r < end; ++r) {
     const RowParams p = row_params(v, r);
+    fill_chunk_table(v, p, t);
     for (int64_t i = 0; i < m_rows; ++i) {
-      const int8_t* xi = a.x.data() + i * d.cols;
-      float acc = 0.f, corr = 0.f;
-      int64_t low_group = 0;
-      for (int64_t g = 0; g < d.groups; ++g) {
-        const bool four = test_bit(p.mask, static_cast<int>(g));
-        const GroupParams gp = group_params_from_range(p.meta[g], four, p.ranges.range[p.meta[g] & 0xF]);
-        for (int64_t c = 0; c < chunks_per_group; ++c) {
-          const int64_t chunk = g * chunks_per_group + c;
-          expand_chunk(p.plane + chunk * 16, codes);
-          if (four) {
-            expand_chunk(p.low + (low_group * chunks_per_group + c) * 16, low);
-            for (int j = 0; j < kChunk; ++j) codes[j] = static_cast<uint8_t>((codes[j] << 2) | low[j]);
+      const int8_t* xi = a.x.data() + i * a.padded;
+      const float* pat = a.pattern.data() + i * a.pairs * 8;
+      float acc = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t pair = c / 2, h = c % 2;
+        int32_t dot[2] = {0, 0};  // the chunk's two blocks of 32
+        for (int s = 0; s < 4; ++s)
+          for (int k = 0; k < 16; ++k) {
+            uint32_t code = (p.plane[c * 16 + k] >> (2 * s)) & 3u;
+            if (t.low[c]) code = (code << 2) | ((t.low[c][k] >> (2 * s)) & 3u);
+            dot[k >> 3] += static_cast<int32_t>(code) * xi[pair * kPair + 32 * s + 16 * h + k];
           }
-          // s-major bytes 16s + 0..7 are the chunk's first block of 32, 16s + 8..15 its second
-          int32_t dot[2] = {0, 0};
-          for (int j = 0; j < kChunk; ++j)
-            dot[(j >> 3) & 1] += static_cast<int32_t>(codes[j]) * static_cast<int32_t>(xi[chunk * kChunk + j]);
-          acc += gp.step * (static_cast<float>(dot[0]) * a.scale[i * blocks + 2 * chunk] +
-                            static_cast<float>(dot[1]) * a.scale[i * blocks + 2 * chunk + 1]);
-        }
-        corr += gp.zero_step * a.gsum[i * d.groups + g];
-        low_group += four;
+        const float* sc = pat + pair * 8 + 4 * h;
+        acc += t.step[c] * (static_cast<float>(dot[0]) * sc[0] + static_cast<float>(dot[1]) * sc[2]);
       }
-      y[i * d.rows + r] = acc - corr + outlier_dot(v, r, xf + i * d.cols);
+      y[i * d.rows + r] = acc - zero_point_share(t, a.gsum.data() + i * d.groups, d.groups) +
+                          outlier_dot(v, r, xf + i * d.cols);
     }
   }
 }
 
 #if MB_HAVE_X86_KERNELS
-// expand_chunk with AVX2: codes 0..31 and 32..63 of the s-major order.
-MB_TARGET_AVX2 inline void expand_chunk_avx2(const uint8_t* bytes, __m256i& c01, __m256i& c23) {
-  const __m128i three = _mm_set1_epi8(3);
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
-  const __m128i v0 = _mm_and_si128(b, three), v1 = _mm_and_si128(_mm_srli_epi16(b, 2), three);
-  const __m128i v2 = _mm_and_si128(_mm_srli_epi16(b, 4), three), v3 = _mm_and_si128(_mm_srli_epi16(b, 6), three);
-  c01 = _mm256_set_m128i(v1, v0);
-  c23 = _mm256_set_m128i(v3, v2);
+// row_group_params for 8 groups at a time: the 16 ranges of the row are two
+// registers, looked up with two permutes and a blend. Same float operations.
+MB_TARGET_AVX2 inline void row_group_params_avx2(const RowParams& p, int64_t groups, float* step, float* zero_step) {
+  const __m256 ranges_lo = _mm256_loadu_ps(p.ranges.range), ranges_hi = _mm256_loadu_ps(p.ranges.range + 8);
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  int64_t g0 = 0;
+  for (; g0 + 8 <= groups; g0 += 8) {
+    const __m256i meta = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.meta + g0)));
+    const __m256i code = _mm256_and_si256(meta, _mm256_set1_epi32(15));
+    const __m256i index = _mm256_and_si256(code, _mm256_set1_epi32(7));
+    const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(code, _mm256_set1_epi32(7)));
+    const __m256 range = _mm256_blendv_ps(_mm256_permutevar8x32_ps(ranges_lo, index),
+                                          _mm256_permutevar8x32_ps(ranges_hi, index), upper);
+    const int flags = static_cast<int>((p.mask[g0 >> 5] >> (g0 & 31)) & 0xFFu);
+    const __m256 four = _mm256_castsi256_ps(
+        _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(flags), bit), bit));
+    const __m256 st = _mm256_mul_ps(range, _mm256_blendv_ps(_mm256_set1_ps(1.0f / 3.0f), _mm256_set1_ps(1.0f / 15.0f), four));
+    const __m256 zero = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(meta, 4)),
+                                      _mm256_blendv_ps(_mm256_set1_ps(0.25f), _mm256_set1_ps(1.0f), four));
+    _mm256_storeu_ps(step + g0, st);
+    _mm256_storeu_ps(zero_step + g0, _mm256_mul_ps(zero, st));
+  }
+  for (; g0 < groups; ++g0) {
+    const GroupParams gp = group_params_from_range(p.meta[g0], test_bit(p.mask, static_cast<int>(g0)),
+                                                   p.ranges.range[p.meta[g0] & 0xF]);
+    step[g0] = gp.step;
+    zero_step[g0] = gp.zero_step;
+  }
 }
 
-// expand_chunk with AVX-512: the run broadcast to four 128-bit lanes, lane s
-// shifted right by 2s, so element 4k + s lands at byte 16s + k.
-MB_TARGET_AVX512 inline __m512i expand_chunk_avx512(const uint8_t* bytes) {
-  const __m512i shifts = _mm512_set_epi64(0x0006000600060006LL, 0x0006000600060006LL, 0x0004000400040004LL,
-                                          0x0004000400040004LL, 0x0002000200020002LL, 0x0002000200020002LL, 0, 0);
-  const __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
-  return _mm512_and_si512(_mm512_srlv_epi16(b, shifts), _mm512_set1_epi8(3));
+MB_TARGET_AVX2 inline float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float out = hsum(acc);
+  for (; i < n; ++i) out += a[i] * b[i];
+  return out;
 }
+
+// The int8 pair kernel, one body for both instruction sets; Dot is the
+// 4-byte dot product (maddubs + madd on AVX2, vpdpbusd on AVX-512 VNNI).
+struct DotAvx2 {
+  MB_TARGET_AVX2 static __m256i run(__m256i acc, __m256i u, __m256i s) { return cpu::dpbusd_avx2(acc, u, s); }
+};
+struct DotVnni {
+  MB_TARGET_AVX512 static __m256i run(__m256i acc, __m256i u, __m256i s) { return cpu::dpbusd_vnni256(acc, u, s); }
+};
+
+#define MB_INT8_PAIRS_BODY                                                                                         \
+  const MixedDims& d = v.d;                                                                                        \
+  const int64_t chunks = d.cols / kChunk, cpg = d.group_size / kChunk;                                             \
+  const __m256i three = _mm256_set1_epi8(3);                                                                       \
+  std::vector<float> group_step(d.groups + 8), zero_step(d.groups + 8);                                           \
+  for (int64_t r = begin; r < end; ++r) {                                                                          \
+    const RowParams p = row_params(v, r);                                                                          \
+    row_group_params_avx2(p, d.groups, group_step.data(), zero_step.data());                                       \
+    __m256 acc[MT];                                                                                                \
+    for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();                                                     \
+    /* the chunk's group, its index in the group, and the 4-bit groups before it (no divisions) */                \
+    int64_t group = 0, in_group = 0, low_before = 0;                                                               \
+    bool four = test_bit(p.mask, 0);                                                                               \
+    for (int64_t c0 = 0; c0 < chunks; c0 += 2) {                                                                   \
+      const bool full = c0 + 1 < chunks;                                                                           \
+      const uint8_t* low[2] = {nullptr, nullptr};                                                                  \
+      float chunk_step[2] = {0.f, 0.f};                                                                            \
+      for (int h = 0; h < 2 && (h == 0 || full); ++h) {                                                            \
+        if (four) low[h] = p.low + (low_before * cpg + in_group) * 16;                                             \
+        chunk_step[h] = group_step[group];                                                                         \
+        if (++in_group == cpg && group + 1 < d.groups) {                                                           \
+          in_group = 0;                                                                                            \
+          low_before += four;                                                                                      \
+          four = test_bit(p.mask, static_cast<int>(++group));                                                      \
+        }                                                                                                          \
+      }                                                                                                            \
+      const __m256i hi = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.plane + c0 * 16))            \
+                              : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.plane + c0 * 16))); \
+      __m256i codes[4];                                                                                            \
+      for (int s = 0; s < 4; ++s) codes[s] = _mm256_and_si256(_mm256_srli_epi16(hi, 2 * s), three);               \
+      if (low[0] || low[1]) {                                                                                      \
+        const __m128i none = _mm_setzero_si128();                                                                  \
+        const __m256i lo = _mm256_set_m128i(low[1] ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(low[1])) : none, \
+                                            low[0] ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(low[0])) : none); \
+        const __m256i count = _mm256_set_m128i(_mm_set1_epi32(low[1] ? 2 : 0), _mm_set1_epi32(low[0] ? 2 : 0));  \
+        for (int s = 0; s < 4; ++s)                                                                                \
+          codes[s] = _mm256_or_si256(_mm256_sllv_epi32(codes[s], count),                                           \
+                                     _mm256_and_si256(_mm256_srli_epi16(lo, 2 * s), three));                       \
+      }                                                                                                            \
+      const __m256 step = _mm256_set_m128(_mm_set1_ps(chunk_step[1]), _mm_set1_ps(chunk_step[0]));                 \
+      const int64_t pair = c0 / 2;                                                                                 \
+      for (int i = 0; i < MT; ++i) {                                                                               \
+        const int8_t* xp = a.x.data() + (m0 + i) * a.padded + pair * kPair;                                        \
+        __m256i dot = _mm256_setzero_si256();                                                                      \
+        for (int s = 0; s < 4; ++s)                                                                                \
+          dot = Dot::run(dot, codes[s], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32 * s)));       \
+        const __m256 scale =                                                                                       \
+            _mm256_mul_ps(step, _mm256_loadu_ps(a.pattern.data() + ((m0 + i) * a.pairs + pair) * 8));              \
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);                                          \
+      }                                                                                                            \
+    }                                                                                                              \
+    for (int i = 0; i < MT; ++i)                                                                                   \
+      y[(m0 + i) * d.rows + r] = hsum(acc[i]) - dot_avx2(zero_step.data(), a.gsum.data() + (m0 + i) * d.groups, d.groups) + \
+                                 outlier_dot(v, r, xf + (m0 + i) * d.cols);                                        \
+  }
 
 template <int MT>
 MB_TARGET_AVX2 void linear_rows_int8_avx2_tile(const MixedView& v, int64_t begin, int64_t end, const Int8Rows& a,
                                                int64_t m0, const float* xf, float* y) {
-  const MixedDims& d = v.d;
-  const int64_t chunks_per_group = d.group_size / kChunk, chunks = d.cols / kChunk;
-  for (int64_t r = begin; r < end; ++r) {
-    const RowParams p = row_params(v, r);
-    __m256 acc[MT];
-    float corr[MT];
-    for (int i = 0; i < MT; ++i) {
-      acc[i] = _mm256_setzero_ps();
-      corr[i] = 0.f;
-    }
-    int64_t low_group = 0;
-    for (int64_t g = 0; g < d.groups; ++g) {
-      const bool four = test_bit(p.mask, static_cast<int>(g));
-      const GroupParams gp = group_params_from_range(p.meta[g], four, p.ranges.range[p.meta[g] & 0xF]);
-      for (int64_t c = 0; c < chunks_per_group; ++c) {
-        const int64_t chunk = g * chunks_per_group + c;
-        __m256i c01, c23;
-        expand_chunk_avx2(p.plane + chunk * 16, c01, c23);
-        if (four) {
-          __m256i l01, l23;
-          expand_chunk_avx2(p.low + (low_group * chunks_per_group + c) * 16, l01, l23);
-          c01 = _mm256_or_si256(_mm256_slli_epi16(c01, 2), l01);
-          c23 = _mm256_or_si256(_mm256_slli_epi16(c23, 2), l23);
-        }
-        for (int i = 0; i < MT; ++i) {
-          const int8_t* xc = a.x.data() + (m0 + i) * d.cols + chunk * kChunk;
-          __m256i dot = cpu::dpbusd_avx2(_mm256_setzero_si256(), c01,
-                                         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc)));
-          dot = cpu::dpbusd_avx2(dot, c23, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + 32)));
-          const __m256 scale =
-              _mm256_mul_ps(_mm256_set1_ps(gp.step), _mm256_loadu_ps(a.pattern.data() + ((m0 + i) * chunks + chunk) * 16));
-          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);
-        }
-      }
-      for (int i = 0; i < MT; ++i) corr[i] += gp.zero_step * a.gsum[(m0 + i) * d.groups + g];
-      low_group += four;
-    }
-    for (int i = 0; i < MT; ++i)
-      y[(m0 + i) * d.rows + r] = hsum(acc[i]) - corr[i] + outlier_dot(v, r, xf + (m0 + i) * d.cols);
-  }
-}
-
-// Every group's step and zero * step of one row at once: the 16 scale-code
-// ranges of a row fit one register, so a permute looks them up for 16 groups.
-// The same float operations as group_params_from_range, so the same values.
-MB_TARGET_AVX512 inline void row_group_params_avx512(const RowParams& p, int64_t groups, float* step,
-                                                      float* zero_step) {
-  const __m512 ranges = _mm512_loadu_ps(p.ranges.range);
-  for (int64_t g0 = 0; g0 < groups; g0 += 16) {
-    const int64_t n = std::min<int64_t>(16, groups - g0);
-    const __mmask16 lanes = static_cast<__mmask16>(n == 16 ? 0xFFFFu : (1u << n) - 1u);
-    const __m512i meta = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(lanes, p.meta + g0));
-    const __m512 range = _mm512_permutexvar_ps(_mm512_and_si512(meta, _mm512_set1_epi32(15)), ranges);
-    const __mmask16 four = static_cast<__mmask16>((p.mask[g0 >> 5] >> (g0 & 31)) & 0xFFFFu);
-    const __m512 st = _mm512_mul_ps(range, _mm512_mask_blend_ps(four, _mm512_set1_ps(1.0f / 3.0f),
-                                                                 _mm512_set1_ps(1.0f / 15.0f)));
-    const __m512 zero = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(meta, 4)),
-                                      _mm512_mask_blend_ps(four, _mm512_set1_ps(0.25f), _mm512_set1_ps(1.0f)));
-    _mm512_mask_storeu_ps(step + g0, lanes, st);
-    _mm512_mask_storeu_ps(zero_step + g0, lanes, _mm512_mul_ps(zero, st));
-  }
+  using Dot = DotAvx2;
+  MB_INT8_PAIRS_BODY
 }
 
 template <int MT>
 MB_TARGET_AVX512 void linear_rows_int8_avx512_tile(const MixedView& v, int64_t begin, int64_t end,
                                                    const Int8Rows& a, int64_t m0, const float* xf, float* y) {
-  const MixedDims& d = v.d;
-  const int64_t chunks_per_group = d.group_size / kChunk, chunks = d.cols / kChunk;
-  std::vector<float> step(d.groups), zero_step(d.groups);
-  for (int64_t r = begin; r < end; ++r) {
-    const RowParams p = row_params(v, r);
-    row_group_params_avx512(p, d.groups, step.data(), zero_step.data());
-    // two accumulators per activation row, alternating by chunk, so the FMAs do not wait on each other
-    __m512 acc[MT][2];
-    for (int i = 0; i < MT; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    int64_t low_group = 0;
-    for (int64_t g = 0; g < d.groups; ++g) {
-      const bool four = test_bit(p.mask, static_cast<int>(g));
-      const __m512 group_step = _mm512_set1_ps(step[g]);
-      for (int64_t c = 0; c < chunks_per_group; ++c) {
-        const int64_t chunk = g * chunks_per_group + c;
-        __m512i codes = expand_chunk_avx512(p.plane + chunk * 16);
-        if (four) {
-          codes = _mm512_or_si512(_mm512_slli_epi16(codes, 2),
-                                  expand_chunk_avx512(p.low + (low_group * chunks_per_group + c) * 16));
-        }
-        for (int i = 0; i < MT; ++i) {
-          const int8_t* xc = a.x.data() + (m0 + i) * d.cols + chunk * kChunk;
-          const __m512i dot = cpu::dpbusd_vnni512(_mm512_setzero_si512(), codes, _mm512_loadu_si512(xc));
-          const __m512 scale =
-              _mm512_mul_ps(group_step, _mm512_loadu_ps(a.pattern.data() + ((m0 + i) * chunks + chunk) * 16));
-          acc[i][chunk & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[i][chunk & 1]);
-        }
-      }
-      low_group += four;
-    }
-    for (int i = 0; i < MT; ++i) {
-      // the zero points' share: sum over groups of zero_step * (sum of the group's activations)
-      const float* gsum = a.gsum.data() + (m0 + i) * d.groups;
-      __m512 corr = _mm512_setzero_ps();
-      int64_t g = 0;
-      for (; g + 16 <= d.groups; g += 16)
-        corr = _mm512_fmadd_ps(_mm512_loadu_ps(zero_step.data() + g), _mm512_loadu_ps(gsum + g), corr);
-      float tail = 0.f;
-      for (; g < d.groups; ++g) tail += zero_step[g] * gsum[g];
-      y[(m0 + i) * d.rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1])) -
-                                 (_mm512_reduce_add_ps(corr) + tail) + outlier_dot(v, r, xf + (m0 + i) * d.cols);
-    }
-  }
+  using Dot = DotVnni;
+  MB_INT8_PAIRS_BODY
 }
+#undef MB_INT8_PAIRS_BODY
 
 template <template <int> class Tile>
 void int8_tiles(const MixedView& v, int64_t begin, int64_t end, const Int8Rows& a, const float* xf, int64_t m_rows,
@@ -490,7 +520,7 @@ struct Avx512Tile {
 inline int64_t row_grain(const MixedDims& d) { return std::max<int64_t>(16, (int64_t(1) << 19) / d.cols); }
 
 void linear_int8(const MixedView& v, const at::Tensor& xf, float* y) {
-  const Int8Rows a = quantize_activations_s_major(xf, v.d);
+  const Int8Rows a = quantize_activations_pairs(xf, v.d);
   const float* xp = xf.data_ptr<float>();
   const int64_t m_rows = xf.size(0);
   const cpu::Isa isa = cpu::active_isa();
