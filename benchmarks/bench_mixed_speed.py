@@ -1,7 +1,8 @@
 """Speed of the fused mixed 2/4/16-bit linear, as ratios against baselines
 run in the same process.
 
-CPU: fused op vs torch.nn.functional.linear on the dequantized fp32 weight,
+CPU: fused op (exact float path, and the int8-activation path act_bits=8)
+     vs torch.nn.functional.linear on the dequantized fp32 weight,
      with the weight cache-hot and streamed from DRAM (a round robin over
      copies larger than the last-level cache), and quantize time per million
      weights.
@@ -70,15 +71,22 @@ def bench_cpu(args):
             t_fused = time_cpu(lambda: q.linear(x))
             t_dense = time_cpu(lambda: torch.nn.functional.linear(x, w_hat))
             s_fused = time_cpu(lambda: [qq.linear(x) for qq in quant]) / len(quant)
+            s_int8 = time_cpu(lambda: [qq.linear(x, act_bits=8) for qq in quant]) / len(quant)
             s_dense = time_cpu(lambda: [torch.nn.functional.linear(x, ww) for ww in dense]) / len(dense)
+            threads = torch.get_num_threads()
             rows.append({"shape": f"{out_f}x{in_f}", "batch": batch, "avg_bits": q.avg_bits,
                          "hot_fused_ms": t_fused * 1e3, "hot_fp32_ms": t_dense * 1e3, "hot_speedup": t_dense / t_fused,
                          "stream_fused_ms": s_fused * 1e3, "stream_fp32_ms": s_dense * 1e3,
-                         "stream_speedup": s_dense / s_fused,
+                         "stream_speedup": s_dense / s_fused, "stream_int8_ms": s_int8 * 1e3,
+                         "stream_int8_speedup": s_dense / s_int8,
+                         "int8_Gweights_per_s_per_thread": w.numel() * batch / s_int8 / 1e9 / threads,
+                         "int8_vs_exact_rel_err": float((q.linear(x, act_bits=8) - q.linear(x)).norm()
+                                                        / q.linear(x).norm()),
                          "quantize_s_per_Mweight": qtime / (w.numel() / 1e6)})
         del dense, quant
     print_table(rows, ["shape", "batch", "avg_bits", "hot_fused_ms", "hot_fp32_ms", "hot_speedup", "stream_fused_ms",
-                       "stream_fp32_ms", "stream_speedup", "quantize_s_per_Mweight"],
+                       "stream_fp32_ms", "stream_speedup", "stream_int8_ms", "stream_int8_speedup",
+                       "int8_Gweights_per_s_per_thread", "int8_vs_exact_rel_err", "quantize_s_per_Mweight"],
                 f"CPU ({torch.get_num_threads()} threads), ratio_4bit={args.ratio}: fused op vs F.linear on the "
                 f"dequantized fp32 weight; 'stream' cycles through {args.llc_mib * 4} MiB of weight copies")
     return {"cpu": rows}
