@@ -201,7 +201,8 @@ def fitting_group_sizes(in_features: int) -> list:
 
 
 def quantize(w: torch.Tensor, ratio_4bit: float = 0.1, group_size: int = 64, outlier_fraction: float = 0.002,
-             calibration: Optional[torch.Tensor] = None, exact_zero: Optional[bool] = None) -> MixedQuantizedTensor:
+             calibration: Optional[torch.Tensor] = None, exact_zero: Optional[bool] = None,
+             hessian: Optional[torch.Tensor] = None, damp: float = 0.01) -> MixedQuantizedTensor:
     """Quantizes a 2-D weight [out, in] to the mixed 2/4/16-bit format.
 
     ratio_4bit: fraction of each row's groups stored in 4 bits (0: all 2-bit,
@@ -220,7 +221,30 @@ def quantize(w: torch.Tensor, ratio_4bit: float = 0.1, group_size: int = 64, out
         channels with very large activations amplify: without calibration,
         which would weigh those channels, SmolLM2's perplexity is several
         times worse (benchmarks/bench_mixed_quality.py).
+    hessian: optional input second moment H = X^T X / rows [in, in] (from
+        memboost.calibrate(..., hessian=True); a 2-D `calibration` is taken
+        as this): the weights are then quantized GPTQ-style, column by column,
+        each column's rounding error spread over the columns not yet
+        quantized through the Cholesky factor of the damped H^-1, so the
+        layer's output error on inputs like the calibration ones is what is
+        minimised. The 4-bit groups, the outliers and the row grids are
+        decided first from diag(H); each group's scale code and zero point
+        when the sweep reaches it. The stored format is the same.
+    damp: added to H's diagonal, as a fraction of its mean (GPTQ's 0.01).
     """
+    if isinstance(calibration, torch.Tensor) and calibration.dim() == 2 and hessian is None:
+        calibration, hessian = None, calibration
+    if hessian is not None:
+        k = w.shape[1] if isinstance(w, torch.Tensor) and w.dim() == 2 else None
+        if not isinstance(hessian, torch.Tensor) or hessian.dim() != 2 or hessian.shape != (k, k):
+            got = tuple(hessian.shape) if isinstance(hessian, torch.Tensor) else type(hessian).__name__
+            raise MemboostError(f"'hessian' must be a tensor of shape [in_features, in_features]=({k}, {k}), got {got}")
+        if not bool(torch.isfinite(hessian).all()):
+            raise MemboostError("'hessian' contains NaN or Inf values")
+        if not isinstance(damp, (int, float)) or not 0 < damp < 1:
+            raise MemboostError(f"'damp' must be in (0, 1), got {damp!r}")
+        if calibration is None:
+            calibration = hessian.diagonal().clamp_min(0).to(torch.float32)
     _check_args(w, ratio_4bit, group_size, outlier_fraction, calibration)
     if exact_zero is None:
         exact_zero = calibration is None
@@ -234,9 +258,10 @@ def quantize(w: torch.Tensor, ratio_4bit: float = 0.1, group_size: int = 64, out
                       f"(every row has a whole number of 4-bit groups); a smaller group_size is finer", stacklevel=2)
     k_out = int(outlier_fraction * k + 0.5)
     h = None if calibration is None else calibration.to(device=w.device, dtype=torch.float32)
+    u = None if hessian is None else hessian_factor(hessian.to(w.device), damp)
     chunk = row_chunk_size(n, k, _CHUNK_ELEMENTS)
     parts = map_chunks(lambda r: _quantize_rows(w[r:r + chunk].to(torch.float32), h, n4, group_size, k_out,
-                                                exact_zero),
+                                                exact_zero, u),
                        range(0, n, chunk), w.device)
 
     tensors = {name: torch.cat([p[name] for p in parts]) for name in ("plane2", "lowbits", "meta", "mask", "row_scale")}
@@ -341,7 +366,7 @@ def _pick_outliers(dev: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _quantize_rows(w: torch.Tensor, h: Optional[torch.Tensor], n4: int, gs: int, k_out: int,
-                   exact_zero: bool) -> dict:
+                   exact_zero: bool, hessian_factor: Optional[torch.Tensor] = None) -> dict:
     n, k = w.shape
     groups = k // gs
     wg = w.view(n, groups, gs)
@@ -411,6 +436,14 @@ def _quantize_rows(w: torch.Tensor, h: Optional[torch.Tensor], n4: int, gs: int,
                 _requantize(result, changed, clean, error_weight(is_out), 3, log2_base, log2_step, exact_zero)
         code, zero, q, deq = result
 
+    if hessian_factor is not None:
+        # 4'. Error compensation: the decisions above stay (4-bit groups,
+        #     outliers, row grids); codes, scale codes and zero points are
+        #     chosen again column by column while each column's error is spread
+        #     over the columns not yet quantized (_compensated_codes).
+        code, zero, q, deq, wg = _compensated_codes(wg, four, is_out, hessian_factor, col_weight, log2_base,
+                                                    log2_step, exact_zero)
+
     # 4. Outliers keep their exact value as a 16-bit residual on top of their code.
     resid = (wg - deq)[is_out]
     if resid.numel() and resid.abs().max() > torch.finfo(torch.float16).max:
@@ -431,3 +464,73 @@ def _quantize_rows(w: torch.Tensor, h: Optional[torch.Tensor], n4: int, gs: int,
         "outlier_cols": torch.where(cols >= 32768, cols - 65536, cols).to(torch.int16),
         "outlier_vals": resid.to(torch.float16),
     }
+
+
+def hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor U of H^-1 (H damped: + damp * mean(diag H) on
+    the diagonal), as GPTQ uses it: quantizing column j with error e moves the
+    later columns by -e / U[j, j] * U[j, j+1:], which minimises the output
+    error on the calibration inputs given the columns already fixed."""
+    h = hessian.to(torch.float64).clone()
+    diag = h.diagonal()
+    dead = diag <= 0  # an input that never fired: its column is free
+    diag[dead] = 1.0
+    diag += damp * float(diag.mean())
+    try:
+        inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+        return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
+    except RuntimeError:  # torch.linalg.LinAlgError: not positive definite even damped
+        raise MemboostError(f"'hessian' is not positive definite with damp={damp}; raise 'damp'") from None
+
+
+def _compensated_codes(wg: torch.Tensor, four: torch.Tensor, is_out: torch.Tensor, u: torch.Tensor,
+                       col_weight: Optional[torch.Tensor], log2_base, log2_step, exact_zero: bool):
+    """GPTQ's sweep in the mixed format, for rows wg [n, G, gs].
+
+    Columns are quantized in order. At the first column of a group, the
+    group's scale code and zero point are searched (_search_codes) on its
+    values as the sweep has updated them so far, at the width the group was
+    given; each column is then rounded to its group's grid, its outliers kept
+    exact, and its error (err / U[j, j]) spread over the columns after it:
+    within a block of columns at once, to later blocks in one GEMM (GPTQ's
+    lazy batch updates). Returns code, zero, q, deq (like _search_codes) and
+    the updated weights, whose outliers are what is stored exactly."""
+    n, g, gs = wg.shape
+    k = g * gs
+    w = wg.reshape(n, k).clone()
+    codes = torch.empty(n, k, device=w.device)
+    deq = torch.empty(n, k, device=w.device)
+    code = torch.empty(n, g, device=w.device)
+    zero = torch.empty(n, g, device=w.device)
+    out = is_out.reshape(n, k)
+    block = max(gs, (128 // gs) * gs)
+    for b0 in range(0, k, block):
+        b1 = min(k, b0 + block)
+        err = torch.empty(n, b1 - b0, device=w.device)
+        for j in range(b0, b1):
+            grp = j // gs
+            if j % gs == 0:  # this group's scale code and zero point, from its updated values
+                x = w[:, j:j + gs].unsqueeze(1)
+                keep = (~is_out[:, grp:grp + 1]).to(torch.float32)
+                weight = keep if col_weight is None else keep * col_weight[:, grp:grp + 1]
+                base, step_ = log2_base, log2_step
+                c2, z2 = _search_codes(x, weight, 3, base, step_, exact_zero)[1][:2]
+                c4, z4 = _search_codes(x, weight, 15, base, step_, True)[1][:2]
+                f = four[:, grp:grp + 1]
+                code[:, grp:grp + 1] = torch.where(f, c4, c2)
+                zero[:, grp:grp + 1] = torch.where(f, z4, z2)
+                levels = torch.where(f[:, 0], 15.0, 3.0)
+                step = _group_step(code[:, grp], 1, log2_base[:, 0], log2_step[:, 0]) / levels
+                zero_at = zero[:, grp] * torch.where(f[:, 0], 1.0, _ZERO_RESOLUTION[3])
+            col = w[:, j]
+            q = torch.minimum(torch.round(col / step + zero_at).clamp_(min=0), levels)
+            d = (q - zero_at) * step
+            codes[:, j] = q
+            deq[:, j] = d
+            e = torch.where(out[:, j], 0.0, col - d) / u[j, j]  # outliers are stored exactly: no error
+            if j + 1 < b1:
+                w[:, j + 1:b1] -= e.unsqueeze(1) * u[j, j + 1:b1].unsqueeze(0)
+            err[:, j - b0] = e
+        if b1 < k:
+            w[:, b1:] -= err @ u[b0:b1, b1:]
+    return code, zero, codes.view(n, g, gs), deq.view(n, g, gs), w.view(n, g, gs)

@@ -111,12 +111,16 @@ def _check_batches(batches) -> None:
         raise MemboostTypeError(f"'batches' must be an iterable of batches, got {type(batches).__name__}") from None
 
 
-def calibrate(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_head",)) -> Dict[str, torch.Tensor]:
+def calibrate(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_head",),
+              hessian: bool = False) -> Dict[str, torch.Tensor]:
     """Runs `model` on each batch (a tensor: model(batch); a dict: model(**batch))
     without gradients and returns, for every linear layer not named in `skip`,
     the mean of x**2 over all its input rows, per input channel (float32
     [in_features]): the diagonal of the layer's Hessian up to a constant,
-    which is what quantize(..., calibration=) and quantize_model take."""
+    which is what quantize(..., calibration=) and quantize_model take.
+    hessian=True returns the full second moment X^T X / rows instead
+    (float32 [in_features, in_features], accumulated on the layer's device),
+    with which the mixed format quantizes GPTQ-style."""
     _check_batches(batches)
     sums: Dict[str, torch.Tensor] = {}
     rows: Dict[str, int] = {}
@@ -124,7 +128,8 @@ def calibrate(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_he
     def hook(name, in_features):
         def accumulate(module, args):
             x = args[0].detach().reshape(-1, in_features).float()
-            sums[name] = sums[name] + x.square().sum(0) if name in sums else x.square().sum(0)
+            moment = x.T @ x if hessian else x.square().sum(0)
+            sums[name] = sums[name] + moment if name in sums else moment
             rows[name] = rows.get(name, 0) + x.shape[0]
         return accumulate
 

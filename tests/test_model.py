@@ -196,3 +196,18 @@ def test_tied_model_saves_and_reloads_as_written_in_the_readme(tmp_path):
     ids = torch.randint(0, 64, (1, 12))
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, model(ids).logits)
+
+
+def test_calibrate_with_hessian_gives_second_moments_and_quantize_model_uses_them():
+    model = _model("cpu")
+    batches = _inputs("cpu")
+    stats = memboost.calibrate(model, batches, hessian=True)
+    x = torch.cat([b.reshape(-1, 128) for b in batches])
+    torch.testing.assert_close(stats["mlp.0"], x.T @ x / x.shape[0], rtol=1e-4, atol=1e-3)
+    assert stats["mlp.2"].shape == (256, 256)
+    held_out = _inputs("cpu", batches=1, seed=7)[0]
+    ref = model(held_out)
+    report = memboost.quantize_model(model, "mixed", ratio_4bit=0.25, group_size=32, calibration=stats,
+                                     progress=False)
+    assert len(report.replaced) == 2 and report.replaced[0].details["ratio_4bit"] == 0.25
+    assert rel_err(model(held_out), ref) < 0.4
