@@ -273,7 +273,9 @@ def load_quantized(directory: str, device="cpu", dtype: Optional[torch.dtype] = 
     if missing or unexpected:
         raise MemboostError(f"{directory!r} does not fit its config: missing {missing[:5]}, unexpected "
                             f"{unexpected[:5]}")
-    model.config.quantization_config = config_dict["quantization_config"]
+    qconfig = config_dict["quantization_config"]
+    model.config.quantization_config = qconfig
+    _restore_layer_options(model, qconfig)
     model = model.to(device)
     if dtype is not None:
         model = model.to(dtype)  # quantized weights are never cast (memboost.nn)
@@ -287,3 +289,18 @@ def _is_tied_alias(model: nn.Module, key: str) -> bool:
     except AttributeError:
         return False
     return isinstance(t, torch.Tensor) and t.device.type != "meta"
+
+
+def _restore_layer_options(model: nn.Module, qconfig: dict) -> None:
+    """Layer options that are not tensors (act_bits) come back from the
+    quantize_model calls recorded in the config."""
+    for call in qconfig.get("quantize_calls") or []:
+        params = call.get("params") if isinstance(call, dict) else None
+        act_bits = params.get("act_bits") if isinstance(params, dict) else None
+        if act_bits is None:
+            continue
+        for module in model.modules():
+            if isinstance(module, QuantizedLinear) and module.format == call.get("method"):
+                if act_bits not in (8,):
+                    raise MemboostError(f"quantization_config: act_bits {act_bits!r} is not supported (expected 8)")
+                module.act_bits = act_bits

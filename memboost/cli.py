@@ -108,19 +108,36 @@ def generation_speed(model, tokenizer, prompt: str, new_tokens: int):
     return tokenizer.decode(new, skip_special_tokens=True), len(new) / seconds
 
 
+def parse_params(items) -> dict:
+    """--param NAME=VALUE pairs; VALUE is read as JSON (numbers, true/false/null) or else kept as a string."""
+    import json
+
+    params = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise MemboostError(f"--param must look like NAME=VALUE (e.g. group_size=128), got {item!r}")
+        try:
+            params[name] = json.loads(value)
+        except ValueError:
+            params[name] = value
+    return params
+
+
 def cmd_quantize(args) -> int:
     from . import calibrate, quantize_model, save_quantized
 
-    model, tokenizer = load_model(args.model)
     params = {}
     if args.method == "mixed":
         params = dict(ratio_4bit=args.ratio_4bit, group_size=args.group_size,
                       outlier_fraction=args.outlier_fraction)
+    params.update(parse_params(args.param))
+    model, tokenizer = load_model(args.model)
     stats = None
     start = time.perf_counter()
     if args.calibrate:
         windows = token_windows(tokenizer, read_text(args.calibrate), args.calib_tokens, skip=args.calib_skip)
-        stats = calibrate(model, windows)
+        stats = calibrate(model, windows, hessian=args.hessian)
     report = quantize_model(model, args.method, calibration=stats, progress=not args.quiet, **params)
     seconds = time.perf_counter() - start
     print(report.summary())
@@ -201,11 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save it", formatter_class=_Formatter)
     q.add_argument("model", help=f"model folder or {DEFAULT_MODEL!r}")
     q.add_argument("out", help="output folder (replaced as a whole)")
-    q.add_argument("--method", default="mixed", help="format: mixed (others as they are built)")
+    q.add_argument("--method", default="mixed", help="format (memboost.nn.QuantizedLinear.for_format)")
     q.add_argument("--ratio-4bit", type=float, default=0.1, help="mixed: fraction of 4-bit groups per row")
     q.add_argument("--group-size", type=int, default=64, help="mixed: input columns per group")
     q.add_argument("--outlier-fraction", type=float, default=0.002, help="mixed: fraction kept as 16-bit outliers")
+    q.add_argument("--param", action="append", metavar="NAME=VALUE",
+                   help="a quantizer argument of the method (repeatable), e.g. --param act_bits=8")
     q.add_argument("--calibrate", metavar="TEXT", help="calibrate on a text file, or 'fortunes'")
+    q.add_argument("--hessian", action="store_true",
+                   help="mixed: collect full input second moments and quantize with error compensation (GPTQ-style)")
     q.add_argument("--calib-tokens", type=int, default=1024, help="tokens of the calibration text used")
     q.add_argument("--calib-skip", type=int, default=0, help="tokens skipped at the start of the calibration text")
     q.add_argument("--verbose", action="store_true", help="print the per-layer table")

@@ -64,6 +64,18 @@ def test_save_and_reload_give_the_same_logits(arch, tmp_path):
         assert torch.equal(memboost.load_quantized(single)(ids).logits, want)
 
 
+def test_layer_options_come_back(tmp_path):
+    model = tiny_model("llama")
+    memboost.quantize_model(model, "mixed", ratio_4bit=0.5, act_bits=8, progress=False)
+    memboost.save_quantized(model, tmp_path / "m")
+    reloaded = memboost.load_quantized(tmp_path / "m")
+    layers = [m for m in reloaded.modules() if isinstance(m, memboost.nn.QuantizedLinear)]
+    assert layers and all(m.act_bits == 8 for m in layers)
+    ids = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
 def test_tied_embedding_is_stored_once_and_tied_again(tmp_path):
     model = tiny_model("llama")
     memboost.quantize_model(model, "mixed", progress=False)

@@ -72,6 +72,18 @@ def test_errors_exit_2_with_one_line(model_dir, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_params_and_hessian(model_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    text = str(model_dir.parent / "text.txt")
+    assert cli.main(["quantize", str(model_dir), str(out), "--param", "act_bits=8", "--param", "exact_zero=false",
+                     "--calibrate", text, "--calib-tokens", "100", "--hessian", "--quiet"]) == 0
+    import json
+    call = json.load(open(out / "config.json"))["quantization_config"]["quantize_calls"][0]
+    assert call["params"]["act_bits"] == 8 and call["params"]["exact_zero"] is False and call["calibrated"]
+    assert cli.main(["quantize", str(model_dir), str(out), "--param", "oops"]) == 2
+    assert "--param must look like NAME=VALUE" in capsys.readouterr().err
+
+
 def test_help_shows_defaults():
     out = subprocess.run([sys.executable, "-m", "memboost", "quantize", "--help"], capture_output=True, text=True,
                          check=True).stdout
