@@ -10,9 +10,11 @@
 // Four weight rows are processed together so each activation load serves
 // four rows; the integer accumulators stay in registers; the int8 results are
 // exact, so every ISA path returns the same bits up to the float sum over
-// groups. act_bits=0: the exact float path, codes decoded to s * t in an
-// L1-resident row buffer and dotted with float32 x (batch < 32), or blocks of
-// rows decoded for ATen's GEMM (cpu/decoded_gemm.h).
+// groups. act_bits=0: the exact float path, batch < 32: trits converted to
+// float in registers and FMA'd with float32 x, four rows per activation load
+// (AVX2; the portable path decodes a row into an L1 buffer), s applied per
+// group; from batch 32 blocks of rows decoded for ATen's GEMM
+// (cpu/decoded_gemm.h).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -90,14 +92,19 @@ void exact_rows_portable(const WeightView& v, int64_t begin, int64_t end, const 
 }
 
 #if MB_HAVE_X86_KERNELS
-// The 32 codes of one shift of a chunk, as four vectors of 8 floats (codes
-// 0..2, the trit plus one).
-MB_TARGET_AVX2 MB_INLINE void codes_to_float(__m256i codes, __m256 (&f)[4]) {
-  const __m128i lo = _mm256_castsi256_si128(codes), hi = _mm256_extracti128_si256(codes, 1);
-  f[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-  f[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-  f[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-  f[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+// 32 trits (int8 -1, 0, 1) as four vectors of 8 floats.
+MB_TARGET_AVX2 MB_INLINE void trits_to_float(__m256i t, __m256 (&f)[4]) {
+  const __m128i lo = _mm256_castsi256_si128(t), hi = _mm256_extracti128_si256(t, 1);
+  f[0] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo));
+  f[1] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo, 8)));
+  f[2] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi));
+  f[3] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+// The 32 trits at shift 2*sh of a chunk's 32 bytes: code - 1, as int8.
+MB_TARGET_AVX2 MB_INLINE __m256i chunk_trits(__m256i bytes, int sh) {
+  const __m256i codes = _mm256_and_si256(_mm256_srli_epi16(bytes, 2 * sh), _mm256_set1_epi8(3));
+  return _mm256_sub_epi8(codes, _mm256_set1_epi8(1));
 }
 
 MB_TARGET_AVX2 MB_INLINE float hsum_ps(__m256 v) {
@@ -108,13 +115,12 @@ MB_TARGET_AVX2 MB_INLINE float hsum_ps(__m256 v) {
 }
 
 // Exact path, AVX2+FMA, float32 activations padded to whole chunks: per group
-//   sum_k s t_k x_k = s * (sum_k c_k x_k - sum_k x_k),
-// codes converted to float in registers (never stored), four weight rows
-// sharing each activation load; xsum holds the per-group sums of x.
+// s * sum_k t_k x_k, the trits converted to float in registers (never
+// stored; t itself, not the code, so the sum rounds like the dequantized
+// product's), four weight rows sharing each activation load.
 template <int RT>
 MB_TARGET_AVX2 void exact_tile_avx2(const WeightView& v, int64_t r0, const float* x, int64_t xstride,
-                                    const float* xsum, int64_t m_rows, float* y) {
-  const __m256i three = _mm256_set1_epi8(3);
+                                    int64_t m_rows, float* y) {
   const uint8_t* w[RT];
   const float* s[RT];
   for (int i = 0; i < RT; ++i) {
@@ -138,7 +144,7 @@ MB_TARGET_AVX2 void exact_tile_avx2(const WeightView& v, int64_t r0, const float
                        x3 = _mm256_loadu_ps(xc + 24);
           for (int i = 0; i < RT; ++i) {
             __m256 f[4];
-            codes_to_float(_mm256_and_si256(_mm256_srli_epi16(b[i], 2 * sh), three), f);
+            trits_to_float(chunk_trits(b[i], sh), f);
             acc[i] = _mm256_fmadd_ps(f[0], x0, acc[i]);
             acc[i] = _mm256_fmadd_ps(f[1], x1, acc[i]);
             acc[i] = _mm256_fmadd_ps(f[2], x2, acc[i]);
@@ -146,23 +152,21 @@ MB_TARGET_AVX2 void exact_tile_avx2(const WeightView& v, int64_t r0, const float
           }
         }
       }
-      for (int i = 0; i < RT; ++i) out[i] += s[i][g] * (hsum_ps(acc[i]) - xsum[m * v.d.groups + g]);
+      for (int i = 0; i < RT; ++i) out[i] += s[i][g] * hsum_ps(acc[i]);
     }
     for (int i = 0; i < RT; ++i) y[m * v.d.rows + r0 + i] = out[i];
   }
 }
 
 void exact_rows_avx2(const WeightView& v, int64_t begin, int64_t end, const float* x, int64_t xstride,
-                     const float* xsum, int64_t m_rows, float* y) {
+                     int64_t m_rows, float* y) {
   int64_t r = begin;
-  for (; r + kRowTile <= end; r += kRowTile) exact_tile_avx2<kRowTile>(v, r, x, xstride, xsum, m_rows, y);
-  for (; r < end; ++r) exact_tile_avx2<1>(v, r, x, xstride, xsum, m_rows, y);
+  for (; r + kRowTile <= end; r += kRowTile) exact_tile_avx2<kRowTile>(v, r, x, xstride, m_rows, y);
+  for (; r < end; ++r) exact_tile_avx2<1>(v, r, x, xstride, m_rows, y);
 }
 
 // Row r as floats s_g * t over the padded width, AVX2.
 MB_TARGET_AVX2 void decode_row_avx2(const WeightView& v, int64_t r, float* out) {
-  const __m256i three = _mm256_set1_epi8(3);
-  const __m256 one = _mm256_set1_ps(1.f);
   const uint8_t* row = v.row(r);
   const float* s = v.row_scales(r);
   for (int64_t c = 0; c < v.d.chunks; ++c) {
@@ -171,8 +175,8 @@ MB_TARGET_AVX2 void decode_row_avx2(const WeightView& v, int64_t r, float* out) 
     float* o = out + c * trits::kChunkTrits;
     for (int sh = 0; sh < 4; ++sh) {
       __m256 f[4];
-      codes_to_float(_mm256_and_si256(_mm256_srli_epi16(b, 2 * sh), three), f);
-      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + 32 * sh + 8 * j, _mm256_mul_ps(scale, _mm256_sub_ps(f[j], one)));
+      trits_to_float(chunk_trits(b, sh), f);
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(o + 32 * sh + 8 * j, _mm256_mul_ps(scale, f[j]));
     }
   }
 }
@@ -452,19 +456,13 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, con
     } else {
 #if MB_HAVE_X86_KERNELS
       if (isa != cpu::Isa::Portable) {
-        // x padded to whole chunks (zeros: padding codes are 1, their product must vanish)
-        // and its per-group sums for the offset.
+        // x padded to whole chunks with zeros, so whole chunks can be read
         const int64_t padded = trits::padded_cols(d.cols);
         const auto xp_t = padded == d.cols ? xf : at::constant_pad_nd(xf, {0, padded - d.cols}, 0.0);
         const float* xp = xp_t.data_ptr<float>();
-        std::vector<float> xsum(m_rows * d.groups, 0.f);
-        const int64_t cols_per_group = d.chunks_per_group * trits::kChunkTrits;
-        for (int64_t m = 0; m < m_rows; ++m)
-          for (int64_t k = 0; k < d.cols; ++k) xsum[m * d.groups + k / cols_per_group] += xp[m * padded + k];
-        const float* sp = xsum.data();
         at::parallel_for(0, (d.rows + kRowTile - 1) / kRowTile, std::max<int64_t>(1, grain / kRowTile),
                          [&](int64_t b0, int64_t b1) {
-          exact_rows_avx2(v, b0 * kRowTile, std::min(d.rows, b1 * kRowTile), xp, padded, sp, m_rows, yp);
+          exact_rows_avx2(v, b0 * kRowTile, std::min(d.rows, b1 * kRowTile), xp, padded, m_rows, yp);
         });
       } else
 #endif
