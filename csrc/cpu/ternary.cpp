@@ -36,6 +36,12 @@ namespace {
 #define MB_INLINE inline __attribute__((always_inline))
 
 constexpr int kRowTile = 4;          // weight rows sharing each activation load
+// Software prefetch distance in bytes: a tile's rows are contiguous, so while
+// chunk c of row i is read, the byte 16 KiB further on (a later tile) is
+// requested. Measured on the CI machine (4096x4096, one thread, weights from
+// DRAM): without it the int8 kernel streamed 1.6x slower; 4 to 64 KiB
+// performed alike.
+constexpr int64_t kPrefetchBytes = 16384;
 constexpr int64_t kGemmMinRows = 32;  // exact path: decoded blocks + GEMM from this batch on
 
 struct WeightView {
@@ -127,6 +133,8 @@ MB_TARGET_AVX2 void exact_tile_avx2(const WeightView& v, int64_t r0, const float
     w[i] = v.row(r0 + i);
     s[i] = v.row_scales(r0 + i);
   }
+  // Prefetching past the weight's end is harmless (a hint, never a fault).
+  const int64_t prefetch = kPrefetchBytes;
   for (int64_t m = 0; m < m_rows; ++m) {
     const float* xm = x + m * xstride;
     float out[RT];
@@ -137,7 +145,10 @@ MB_TARGET_AVX2 void exact_tile_avx2(const WeightView& v, int64_t r0, const float
       for (int i = 0; i < RT; ++i) acc[i] = _mm256_setzero_ps();
       for (int64_t c = c0; c < c1; ++c) {
         __m256i b[RT];
-        for (int i = 0; i < RT; ++i) b[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + c * trits::kChunkBytes));
+        for (int i = 0; i < RT; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(w[i] + c * trits::kChunkBytes + prefetch), _MM_HINT_T0);
+          b[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + c * trits::kChunkBytes));
+        }
         for (int sh = 0; sh < 4; ++sh) {
           const float* xc = xm + c * trits::kChunkTrits + 32 * sh;
           const __m256 x0 = _mm256_loadu_ps(xc), x1 = _mm256_loadu_ps(xc + 8), x2 = _mm256_loadu_ps(xc + 16),
@@ -261,6 +272,8 @@ MB_TARGET_AVX2 void int8_tile_avx2(const WeightView& v, int64_t r0, const Int8Ac
     w[i] = v.row(r0 + i);
     s[i] = v.row_scales(r0 + i);
   }
+  // Prefetching past the weight's end is harmless (a hint, never a fault).
+  const int64_t prefetch = kPrefetchBytes;
   for (int64_t m = 0; m < a.m_rows; ++m) {
     const int8_t* q = a.q + m * a.padded;
     const int32_t* gsum = a.gsum + m * v.d.groups;
@@ -281,6 +294,7 @@ MB_TARGET_AVX2 void int8_tile_avx2(const WeightView& v, int64_t r0, const Int8Ac
           const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc + 64));
           const __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc + 96));
           for (int i = 0; i < RT; ++i) {
+            _mm_prefetch(reinterpret_cast<const char*>(w[i] + c * trits::kChunkBytes + prefetch), _MM_HINT_T0);
             const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + c * trits::kChunkBytes));
             const __m256i p0 = _mm256_maddubs_epi16(_mm256_and_si256(b, three), x0);
             const __m256i p1 = _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(b, 2), three), x1);
@@ -311,6 +325,8 @@ MB_TARGET_AVX512 void int8_tile_vnni(const WeightView& v, int64_t r0, const Int8
     w[i] = v.row(r0 + i);
     s[i] = v.row_scales(r0 + i);
   }
+  // Prefetching past the weight's end is harmless (a hint, never a fault).
+  const int64_t prefetch = kPrefetchBytes;
   for (int64_t m = 0; m < a.m_rows; ++m) {
     const int8_t* q = a.q + m * a.padded;
     const int32_t* gsum = a.gsum + m * v.d.groups;
@@ -327,6 +343,7 @@ MB_TARGET_AVX512 void int8_tile_vnni(const WeightView& v, int64_t r0, const Int8
         const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc + 64));
         const __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qc + 96));
         for (int i = 0; i < RT; ++i) {
+          _mm_prefetch(reinterpret_cast<const char*>(w[i] + c * trits::kChunkBytes + prefetch), _MM_HINT_T0);
           const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[i] + c * trits::kChunkBytes));
           acc[i] = cpu::dpbusd_vnni256(acc[i], _mm256_and_si256(b, three), x0);
           acc_b[i] = cpu::dpbusd_vnni256(acc_b[i], _mm256_and_si256(_mm256_srli_epi16(b, 2), three), x1);
