@@ -32,4 +32,19 @@ TORCH_LIBRARY(memboost, m) {
       "mixed_linear(Tensor x, Tensor plane2, Tensor lowbits, Tensor meta, Tensor mask, Tensor row_scale, "
       "Tensor outlier_rowptr, Tensor outlier_cols, Tensor outlier_vals, Tensor? bias, int group_size, "
       "int act_bits=0) -> Tensor");
+  // Ternary (BitNet b1.58) weights, layout in csrc/common/trits.h: code t+1,
+  // 4 trits per byte, rows padded to 128-trit chunks of 32 bytes.
+  // int8 trits [..., cols] in {-1, 0, 1} -> uint8 [..., ceil(cols/128)*32].
+  m.def("ternary_pack(Tensor trits) -> Tensor");
+  // uint8 [..., ceil(cols/128)*32] -> int8 trits [..., cols].
+  m.def("ternary_unpack(Tensor packed, int cols) -> Tensor");
+  // packed uint8 [N, ceil(K/128)*32], scales float32 [N or 1, groups] -> W [N, K];
+  // group_size 0: one scale per row (or tensor), else a multiple of 128.
+  m.def("ternary_dequantize(Tensor packed, Tensor scales, int cols, int group_size, ScalarType dtype) -> Tensor");
+  // y = x @ W.T + bias from the packed form, any leading batch shape;
+  // act_bits 0: exact float activations, 8: per-row int8 activations (W1.58A8).
+  m.def(
+      "ternary_linear(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int cols, int group_size, "
+      "int act_bits) -> Tensor");
 }
+

@@ -1,4 +1,4 @@
-"""memboost: weight quantization for PyTorch (mixed 2/4/16-bit so far), with
+"""memboost: weight quantization for PyTorch (mixed 2/4/16-bit, ternary), with
 fused CPU and CUDA kernels.
 
     import memboost
@@ -21,11 +21,13 @@ from ._native import build_info, cuda_kernels_usable
 from . import ops, reference
 from .tensor import QuantizedTensor
 from .mixed import MixedQuantizedTensor, quantize
+from . import ternary
+from .ternary import TernaryQuantizedTensor
 from . import nn
 from .model import QuantizationReport, calibrate, load_quantized_, quantize_linears_, quantize_model
 from .serialization import load_safetensors, save_safetensors
 from .checkpoint import load_quantized, save_quantized
-from . import testbed
+from . import testbed, tritter
 
 __version__ = "0.1.0"
 
@@ -34,6 +36,7 @@ __all__ = [
     "pack_4bit", "unpack_4bit", "build_info", "cuda_kernels_usable", "nn", "ops", "reference", "calibrate",
     "quantize_linears_", "quantize_model", "QuantizationReport", "load_quantized_", "save_safetensors",
     "load_safetensors", "MemboostError", "MemboostTypeError", "testbed", "save_quantized", "load_quantized",
+    "ternary", "TernaryQuantizedTensor", "tritter",
 ]
 
 

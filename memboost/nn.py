@@ -21,6 +21,8 @@ from torch import nn
 
 from .errors import MemboostError, MemboostTypeError
 from .mixed import MixedQuantizedTensor, quantize
+from .ternary import EPS as TERNARY_EPS, TernaryQuantizedTensor, check_act_bits
+from .ternary import quantize as ternary_quantize
 from .tensor import FORMAT_INFO_KEY, QuantizedTensor, check_output_dtype, decode_json
 
 # Same-width integer views of the floating dtypes a quantized state holds.
@@ -240,3 +242,33 @@ class MixedLinear(QuantizedLinear):
         return super().from_linear(linear, ratio_4bit=ratio_4bit, group_size=group_size,
                                    outlier_fraction=outlier_fraction, calibration=calibration, exact_zero=exact_zero,
                                    act_bits=act_bits, compute_dtype=compute_dtype)
+
+
+class TernaryLinear(QuantizedLinear):
+    """nn.Linear with a ternary (BitNet b1.58) weight s * {-1, 0, +1}: the
+    seed's TernaryLayer. act_bits=None runs the exact fused kernel (outputs
+    equal x @ W_hat.T); act_bits=8 quantizes each activation row to int8 first
+    (BitNet's W1.58A8) and uses the integer CPU kernels."""
+
+    format = "ternary"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: Optional[int] = None,
+                 per_row: bool = True, act_bits: Optional[int] = None, dtype: torch.dtype = torch.float16,
+                 device=None):
+        qtensor = TernaryQuantizedTensor.zeros((out_features, in_features), dtype=dtype, group_size=group_size,
+                                               per_row=per_row, device=device)
+        b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
+        self._init(qtensor, b, None, check_act_bits(act_bits))
+
+    @classmethod
+    def quantize_weight(cls, weight: torch.Tensor, **params) -> TernaryQuantizedTensor:
+        return ternary_quantize(weight, **params)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, method: str = "absmean", group_size: Optional[int] = None,
+                    per_row: bool = True, eps: float = TERNARY_EPS, *, act_bits: Optional[int] = None,
+                    compute_dtype: Optional[torch.dtype] = None) -> "TernaryLinear":
+        """Quantizes `linear`'s weight with memboost.ternary.quantize (same arguments);
+        any shape fits (rows are padded to whole chunks, the last group may be short)."""
+        return super().from_linear(linear, method=method, group_size=group_size, per_row=per_row, eps=eps,
+                                   act_bits=check_act_bits(act_bits), compute_dtype=compute_dtype)

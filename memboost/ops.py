@@ -108,3 +108,84 @@ def _mixed_linear_backward(ctx, grad):
 torch.library.register_autograd(
     "memboost::mixed_linear", _mixed_linear_backward, setup_context=_mixed_linear_setup_context
 )
+
+
+# -- ternary (layout: csrc/common/trits.h) -----------------------------------
+def _ternary_row_bytes(cols: int) -> int:
+    return (cols + 127) // 128 * 32
+
+
+@torch.library.register_fake("memboost::ternary_pack")
+def _(trits):
+    torch._check_value(trits.dtype == torch.int8, lambda: f"'trits' must be torch.int8, got {trits.dtype}")
+    return trits.new_empty((*trits.shape[:-1], _ternary_row_bytes(trits.shape[-1])), dtype=torch.uint8)
+
+
+@torch.library.register_fake("memboost::ternary_unpack")
+def _(packed, cols):
+    torch._check_value(packed.dtype == torch.uint8, lambda: f"'packed' must be torch.uint8, got {packed.dtype}")
+    torch._check_value(packed.shape[-1] == _ternary_row_bytes(cols),
+                       lambda: f"'packed' must have last dimension {_ternary_row_bytes(cols)} for cols={cols}")
+    return packed.new_empty((*packed.shape[:-1], cols), dtype=torch.int8)
+
+
+def _check_ternary_fake(packed, scales, cols):
+    torch._check_value(packed.dtype == torch.uint8, lambda: f"'packed' must be torch.uint8, got {packed.dtype}")
+    torch._check_value(scales.dtype == torch.float32, lambda: f"'scales' must be torch.float32, got {scales.dtype}")
+    torch._check_value(packed.shape[-1] == _ternary_row_bytes(cols),
+                       lambda: f"'packed' must have {_ternary_row_bytes(cols)} bytes per row for cols={cols}")
+
+
+@torch.library.register_fake("memboost::ternary_dequantize")
+def _(packed, scales, cols, group_size, dtype):
+    _check_ternary_fake(packed, scales, cols)
+    torch._check_value(dtype in _FLOAT_DTYPES, lambda: f"'dtype' must be float16, bfloat16 or float32, got {dtype}")
+    return packed.new_empty((packed.shape[0], cols), dtype=dtype)
+
+
+@torch.library.register_fake("memboost::ternary_linear")
+def _(x, packed, scales, bias, cols, group_size, act_bits):
+    _check_ternary_fake(packed, scales, cols)
+    torch._check_value(x.dtype in _FLOAT_DTYPES, lambda: f"'x' must be float16, bfloat16 or float32, got {x.dtype}")
+    torch._check_value(x.shape[-1] == cols, lambda: "'x' last dimension must equal in_features")
+    torch._check_value(act_bits in (0, 8), lambda: f"'act_bits' must be 0 or 8, got {act_bits}")
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def ternary_pack(trits: torch.Tensor) -> torch.Tensor:
+    return _ops.ternary_pack.default(trits)
+
+
+def ternary_unpack(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    return _ops.ternary_unpack.default(packed, cols)
+
+
+def ternary_dequantize(packed: torch.Tensor, scales: torch.Tensor, cols: int, group_size: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+    return _ops.ternary_dequantize.default(packed, scales, cols, group_size, dtype)
+
+
+def ternary_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
+                   cols: int, group_size: int, act_bits: int = 0) -> torch.Tensor:
+    return _ops.ternary_linear.default(x, packed, scales, bias, cols, group_size, act_bits)
+
+
+def _ternary_linear_setup_context(ctx, inputs, output):
+    x, packed, scales, bias, cols, group_size, act_bits = inputs
+    ctx.weight = (packed, scales, cols, group_size)
+    ctx.has_bias = bias is not None
+
+
+def _ternary_linear_backward(ctx, grad):
+    # The ternary weight is frozen: gradients flow to x and bias only. The
+    # int8 activation rounding (act_bits=8) is passed straight through, as
+    # BitNet trains it.
+    w = _ops.ternary_dequantize.default(*ctx.weight, grad.dtype)
+    grad_x = grad @ w
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, grad_bias, None, None, None
+
+
+torch.library.register_autograd(
+    "memboost::ternary_linear", _ternary_linear_backward, setup_context=_ternary_linear_setup_context
+)

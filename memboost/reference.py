@@ -83,13 +83,23 @@ def mixed_dequantize(plane2, lowbits, meta, mask, row_scale, outlier_rowptr, out
     return w.to(dtype)
 
 
-def quantize_activations_int8(x: torch.Tensor, block: int) -> torch.Tensor:
-    """x [..., k] float32 -> its int8 round trip with one scale (absmax / 127)
-    per block of `block` values: what the CPU int8 kernels multiply with."""
-    xb = x.reshape(*x.shape[:-1], -1, block)
-    scale = xb.abs().amax(-1, keepdim=True) / 127.0
-    q = torch.where(scale > 0, torch.round(xb * (127.0 / xb.abs().amax(-1, keepdim=True))), 0.0)
-    return (q * scale).reshape(x.shape)
+def quantize_activations_int8(x: torch.Tensor, block: Optional[int] = None):
+    """int8 activations as the CPU kernels compute them (cpu/int8/act_quant.h),
+    one scale per row (block None) or per block of `block` values:
+    scale = amax / 127, q = round-half-even(x * (127 / amax)), all in float32.
+    Returns (q [..., k] holding integers, scale [..., 1] per row or
+    [..., k / block, 1] per block)."""
+    xf = x.to(torch.float32)
+    xb = xf if block is None else xf.reshape(*xf.shape[:-1], -1, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    return torch.round(xb * inv).reshape(xf.shape), amax / 127.0
+
+
+def dequantize_activations_int8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """The round trip x -> int8 per block of `block` -> float32."""
+    q, scale = quantize_activations_int8(x, block)
+    return (q.reshape(*q.shape[:-1], -1, block) * scale).reshape(q.shape)
 
 
 def mixed_linear(x, plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals,
@@ -107,8 +117,84 @@ def mixed_linear(x, plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outl
         empty = outlier_vals[:0]
         base = mixed_dequantize(plane2, lowbits, meta, mask, row_scale, torch.zeros_like(outlier_rowptr),
                                 outlier_cols[:0], empty, group_size, torch.float32)
-        y = torch.nn.functional.linear(quantize_activations_int8(xf, 32), base, b)
+        y = torch.nn.functional.linear(dequantize_activations_int8(xf, 32), base, b)
         y = y + torch.nn.functional.linear(xf, w - base)
     else:
         y = torch.nn.functional.linear(xf, w, b)
     return y.to(x.dtype)
+
+
+# -- ternary (BitNet b1.58), layout in csrc/common/trits.h -------------------
+TERNARY_CHUNK = 128  # trits per chunk: 32 bytes, trit 32*s + m in byte m at bits 2s..2s+1
+_TRIT_SHIFTS = (0, 2, 4, 6)
+
+
+def ternary_row_bytes(cols: int) -> int:
+    """Packed bytes per row: cols padded to a multiple of 128 trits, 4 per byte."""
+    return (cols + TERNARY_CHUNK - 1) // TERNARY_CHUNK * (TERNARY_CHUNK // 4)
+
+
+def ternary_pack(trits: torch.Tensor) -> torch.Tensor:
+    """int8 trits [..., K] in {-1, 0, 1} -> uint8 [..., ternary_row_bytes(K)]: code t + 1
+    (0, 1, 2), rows padded with code 1 to 128-trit chunks; in a chunk, trit 32*s + m
+    is byte m, bits 2s..2s+1 (GGUF TQ2_0's qs order)."""
+    k = trits.shape[-1]
+    chunks = ternary_row_bytes(k) // 32
+    codes = torch.nn.functional.pad(trits.to(torch.int64) + 1, (0, chunks * TERNARY_CHUNK - k), value=1)
+    codes = codes.reshape(*trits.shape[:-1], chunks, 4, 32)
+    shifts = torch.tensor(_TRIT_SHIFTS, device=trits.device, dtype=torch.int64).reshape(4, 1)
+    return (codes << shifts).sum(-2).reshape(*trits.shape[:-1], chunks * 32).to(torch.uint8)
+
+
+def ternary_codes(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., C*32] -> the 2-bit codes (int64) [..., C*128], padding included."""
+    shifts = torch.tensor(_TRIT_SHIFTS, device=packed.device, dtype=torch.int64).reshape(4, 1)
+    p = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, 1, 32)
+    return ((p >> shifts) & 3).reshape(*packed.shape[:-1], -1)
+
+
+def ternary_unpack(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """uint8 [..., ternary_row_bytes(cols)] -> int8 trits [..., cols] (code - 1)."""
+    return (ternary_codes(packed)[..., :cols] - 1).to(torch.int8)
+
+
+def _ternary_column_scales(scales: torch.Tensor, cols: int, group_size: int) -> torch.Tensor:
+    """float32 [N or 1, groups] -> the scale of every column [N or 1, cols]."""
+    if group_size == 0:
+        return scales[:, :1].expand(scales.shape[0], cols)
+    return scales.repeat_interleave(group_size, dim=1)[:, :cols]
+
+
+def ternary_dequantize(packed, scales, cols: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """W [N, cols] = scale * trit, scales per tensor / row ([1 or N, 1], group_size 0) or per
+    group of group_size consecutive columns ([N, ceil(cols / group_size)])."""
+    t = ternary_unpack(packed, cols).to(torch.float32)
+    return (t * _ternary_column_scales(scales, cols, group_size)).to(dtype)
+
+
+def ternary_linear(x, packed, scales, bias: Optional[torch.Tensor], cols: int, group_size: int,
+                   act_bits: int) -> torch.Tensor:
+    """x @ W.T + bias. act_bits 0: in float32 from the dequantized weight. act_bits 8
+    (W1.58A8): each row of x quantized to int8 with one scale; per group the exact
+    integer dot of trits and int8 values, times the group's scale; summed over
+    groups in float32 and times the activation scale."""
+    n = packed.shape[0]
+    b = None if bias is None else bias.to(torch.float32)
+    if act_bits == 0:
+        w = ternary_dequantize(packed, scales, cols, group_size, torch.float32)
+        return torch.nn.functional.linear(x.to(torch.float32), w, b).to(x.dtype)
+    if act_bits != 8:
+        raise ValueError(f"'act_bits' must be 0 or 8, got {act_bits}")
+    xr = x.reshape(-1, cols)
+    q, xscale = quantize_activations_int8(xr)
+    gs = group_size if group_size > 0 else cols
+    groups = (cols + gs - 1) // gs
+    pad = groups * gs - cols
+    t = torch.nn.functional.pad(ternary_unpack(packed, cols).to(torch.float64), (0, pad)).reshape(n, groups, gs)
+    qg = torch.nn.functional.pad(q.to(torch.float64), (0, pad)).reshape(-1, groups, gs)
+    idot = torch.einsum("ngk,mgk->mng", t, qg).to(torch.float32)  # exact integers (float64 below 2**53)
+    s = scales.to(torch.float32).expand(n, groups) if scales.shape[0] == 1 else scales.to(torch.float32)
+    y = (idot * s).sum(-1) * xscale
+    if b is not None:
+        y = y + b
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

@@ -104,6 +104,11 @@ def check_safetensors_header(path: str) -> int:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(9)
+    if len(head) == 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if header_len <= size - 8 and head[8:9] == b"{":
+            return size
+    # Not a safetensors start: say what it is, when that is recognisable.
     if head[:4] == b"PK\x03\x04":
         raise MemboostError(f"{path!r} is not a safetensors file: it is a zip archive, as torch.save writes "
                             "(load it with torch.load(path, weights_only=True))")
@@ -111,11 +116,8 @@ def check_safetensors_header(path: str) -> int:
         raise MemboostError(f"{path!r} is not a safetensors file: it looks like a pickle")
     if len(head) < 9:
         raise MemboostError(f"{path!r} is not a safetensors file: only {size} bytes long")
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if header_len > size - 8 or head[8:9] != b"{":
-        raise MemboostError(f"{path!r} is not a safetensors file (or is truncated): its first 8 bytes give a header "
-                            f"of {header_len} bytes in a file of {size} bytes")
-    return size
+    raise MemboostError(f"{path!r} is not a safetensors file (or is truncated): its first 8 bytes give a header "
+                        f"of {header_len} bytes in a file of {size} bytes")
 
 
 def load_safetensors(path: str, device: str = "cpu") -> Dict[str, torch.Tensor]:

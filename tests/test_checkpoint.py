@@ -31,11 +31,17 @@ def tiny_model(arch: str, seed: int = 0):
     return GPT2LMHeadModel(config).eval()
 
 
+# Every format: (method, quantizer parameters). A new format joins here.
+FORMATS = [("mixed", {"ratio_4bit": 0.25}), ("ternary", {"group_size": 128})]
+
+
+@pytest.mark.parametrize("method,params", FORMATS, ids=[m for m, _ in FORMATS])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
-def test_save_and_reload_give_the_same_logits(arch, tmp_path):
+def test_save_and_reload_give_the_same_logits(arch, method, params, tmp_path):
     model = tiny_model(arch)
-    report = memboost.quantize_model(model, "mixed", ratio_4bit=0.25, progress=False)
-    assert report.replaced and all(isinstance(m, MixedLinear) for m in
+    report = memboost.quantize_model(model, method, progress=False, **params)
+    layer_cls = memboost.nn.QuantizedLinear.for_format(method)
+    assert report.replaced and all(isinstance(m, layer_cls) for m in
                                    (dict(model.named_modules())[r.name] for r in report.replaced))
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -47,8 +53,8 @@ def test_save_and_reload_give_the_same_logits(arch, tmp_path):
     assert "config.json" in files and "model.safetensors.index.json" in files
     assert sum(f.endswith(".safetensors") for f in files) > 1
     qconfig = json.load(open(directory / "config.json"))["quantization_config"]
-    assert qconfig["quant_method"] == "memboost" and qconfig["method"] == "mixed"
-    assert qconfig["format_versions"] == {"mixed": 2} and qconfig["quantize_calls"][0]["params"]["ratio_4bit"] == 0.25
+    assert qconfig["quant_method"] == "memboost" and qconfig["method"] == method
+    assert set(qconfig["format_versions"]) == {method} and qconfig["quantize_calls"][0]["params"] == params
     reloaded = memboost.load_quantized(directory)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, want)

@@ -24,6 +24,7 @@ from memboost.integrations.transformers import MemboostConfig, MemboostHfQuantiz
 # A new format joins by adding a line here.
 METHODS = [
     ("mixed", {"ratio_4bit": 0.5, "group_size": 32}),
+    ("ternary", {"per_row": True}),
 ]
 ARCHS = ["llama", "qwen2", "gpt2"]
 VOCAB = 96

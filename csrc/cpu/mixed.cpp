@@ -14,6 +14,7 @@
 #endif
 
 #include "common/mixed_args.h"
+#include "cpu/decoded_gemm.h"
 #include "cpu/int8/act_quant.h"
 #include "cpu/int8/dot.h"
 #include "cpu/int8/isa.h"
@@ -538,19 +539,12 @@ void linear_int8(const MixedView& v, const at::Tensor& xf, float* y) {
 // the fused kernel, which decodes every weight once per 4 activation rows.
 constexpr int64_t kGemmMinRows = 32;
 
-// y[:, block] = x @ W[block].T for blocks of weight rows decoded into a
-// ~2 MiB buffer: the full float weight is never built, and the buffer stays
-// in cache between its decoding and its GEMM.
+// Blocks of weight rows decoded into a cache-sized buffer + ATen GEMM
+// (cpu/decoded_gemm.h, shared with the ternary format).
 void linear_rows_gemm(const MixedView& v, const at::Tensor& xf, at::Tensor& y) {
-  const int64_t block = std::min(v.d.rows, std::max<int64_t>(16, (int64_t(1) << 19) / v.d.cols));
-  auto buffer = at::empty({block, v.d.cols}, xf.options());
-  for (int64_t r0 = 0; r0 < v.d.rows; r0 += block) {
-    const int64_t rows = std::min(block, v.d.rows - r0);
-    float* out = buffer.data_ptr<float>();
-    at::parallel_for(r0, r0 + rows, 16, [&](int64_t begin, int64_t end) { decode_rows(v, begin, end, out, r0); });
-    auto y_block = y.narrow(1, r0, rows);
-    at::mm_out(y_block, xf, buffer.narrow(0, 0, rows).t());
-  }
+  cpu::linear_decoded_blocks(v.d.rows, v.d.cols, xf, y, [&](int64_t begin, int64_t end, float* out, int64_t r0) {
+    decode_rows(v, begin, end, out, r0);
+  });
 }
 
 // The AVX2 path runs when the CPU has it, unless MEMBOOST_CPU_ISA caps the
