@@ -1,0 +1,32 @@
+"""memboost's one exception family.
+
+Every error memboost raises for bad arguments, bad quantized state or a bad
+file is a MemboostError, which is a ValueError: `except ValueError` catches
+them all, `except memboost.MemboostError` catches only ours. A wrong type is
+a MemboostTypeError, which is also a TypeError. The native ops check their
+arguments in C++ and raise plain ValueError with the same kind of message
+(argument name, what was expected, torch's dtype names).
+"""
+
+import torch
+
+
+class MemboostError(ValueError):
+    """Bad input to memboost: an argument, a quantized state or a file. The
+    message names the argument, key or file and says what was expected."""
+
+
+class MemboostTypeError(MemboostError, TypeError):
+    """An argument of the wrong type (also a TypeError)."""
+
+
+def check_float_weight(w, name: str = "w") -> None:
+    """The checks every quantizer makes on the weight it is given."""
+    if not isinstance(w, torch.Tensor):
+        raise MemboostTypeError(f"'{name}' must be a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise MemboostTypeError(f"'{name}' must be torch.float16, torch.bfloat16 or torch.float32, got {w.dtype}")
+    if w.numel() == 0:
+        raise MemboostError(f"'{name}' is empty (shape {tuple(w.shape)})")
+    if not bool(torch.isfinite(w).all()):
+        raise MemboostError(f"'{name}' contains NaN or Inf values")
