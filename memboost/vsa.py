@@ -350,6 +350,13 @@ class GradientCompressor:
     next step. The step's seed is derive_seed(seed, step): it changes every
     step (a fixed hash would make the same coordinates collide forever) and
     is the same on every process that starts from the same seed.
+
+    What to expect: a k-value sketch carries about k/n of the gradient's
+    energy per step; the rest reaches the model later through the residual,
+    which settles near n/k times the gradient. That delay limits the step
+    size: on a quadratic, SGD with it is stable for lr * curvature up to
+    about `ratio` (uncompressed: 2), so use a smaller learning rate (and
+    momentum) than without compression.
     """
 
     def __init__(self, ratio: float = 0.1, seed: int = 0):
