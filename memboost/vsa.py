@@ -385,6 +385,8 @@ class GradientCompressor:
     def decompress(self, sketch: torch.Tensor) -> torch.Tensor:
         if self._pending is None:
             raise MemboostError("decompress() needs a compress() first: there is no pending gradient")
+        if not isinstance(sketch, torch.Tensor):
+            raise MemboostTypeError(f"'sketch' must be a torch.Tensor, got {type(sketch).__name__}")
         x = self._pending
         n = x.numel()
         update = count_unsketch(sketch.to(x.device), n, self.ratio, self.step_seed())
