@@ -271,8 +271,9 @@ def count_sketch(g: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
 
     Linear in g (sketches of several ranks can be summed, i.e. all-reduced,
     before decompression). O(n) time, O(k + chunk) memory. float32 result
-    (float64 for float64 input) on g's device. The bucket sums run in one
-    order on the CPU; on CUDA atomics make them equal up to float rounding.
+    (float64 for float64 input) on g's device. Buckets are summed in float64
+    and rounded once, so the CPU and CUDA (whose atomics add in any order)
+    give the same float32 sketch, barring sums within ~1e-16 of a tie.
     """
     g = _check_gradient(g, "g")
     seed = _check_seed(seed)
@@ -280,13 +281,14 @@ def count_sketch(g: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
     k = sketch_size(n, ratio)
     if k >= 1 << 31:
         raise MemboostError(f"sketch of {k} values is too large (at most 2**31 - 1); lower 'ratio' or split 'g'")
-    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
     flat = g.reshape(-1)
-    out = torch.zeros(k, dtype=acc, device=g.device)
+    # float64 buckets: the float32 result is then the rounded exact sum (unless
+    # it falls within ~1e-16 of a rounding tie), whatever order the device adds in
+    out = torch.zeros(k, dtype=torch.float64, device=g.device)
     for start, h in _hash_chunks(n, seed, _DOMAIN_SKETCH, g.device):
-        vals = flat[start:start + h.numel()].to(acc)
+        vals = flat[start:start + h.numel()].to(torch.float64)
         out.index_add_(0, _buckets(h, k), torch.where(h < 0, -vals, vals))
-    return out
+    return out if g.dtype == torch.float64 else out.to(torch.float32)
 
 
 def count_unsketch(sketch: torch.Tensor, n: int, ratio: float, seed: int) -> torch.Tensor:

@@ -175,7 +175,7 @@ def test_sketch_is_linear():
     a32, b32 = a.float(), b.float()
     lhs32 = count_sketch(a32, 0.1, 11) + count_sketch(b32, 0.1, 11)
     assert lhs32.dtype == torch.float32
-    assert torch.allclose(lhs32, count_sketch(a32 + b32, 0.1, 11), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(lhs32, count_sketch(a32 + b32, 0.1, 11), rtol=1e-6, atol=1e-6)
     assert torch.allclose(count_sketch(3 * a, 0.1, 11), 3 * count_sketch(a, 0.1, 11), rtol=1e-12, atol=1e-12)
     # the sketch of a matrix is the sketch of its flattening
     assert torch.equal(count_sketch(a.view(50, 100), 0.1, 11), count_sketch(a, 0.1, 11))
@@ -204,7 +204,8 @@ def test_sketch_on_every_device_matches_cpu(device):
     c_cpu = count_sketch(g, 0.05, 8)
     c_dev = count_sketch(g.to(device), 0.05, 8)
     assert c_dev.device.type == device
-    assert torch.allclose(c_dev.cpu(), c_cpu, rtol=1e-5, atol=1e-5)  # CUDA sums buckets in another order
+    # CUDA adds in another order, but in float64, rounded once to float32
+    assert torch.equal(c_dev.cpu(), c_cpu)
     assert torch.equal(count_unsketch(c_cpu.to(device), g.numel(), 0.05, 8).cpu(),
                        count_unsketch(c_cpu, g.numel(), 0.05, 8))
 
