@@ -34,11 +34,12 @@ class VSAHookState:
         change every step (fresh collisions) and agree on all ranks.
     min_compress_numel: buckets with fewer values are all-reduced as they are:
         the sketch would save a few kilobytes at most and its hashing has a
-        fixed cost per call.
+        fixed cost per call. So are buckets whose sketch would not be smaller
+        (ratio 1, or tiny buckets), with no error feedback needed.
 
     step counts finished iterations (advanced when DDP hands over its last
     bucket, as every rank does in lockstep); residuals holds each bucket's
-    error-feedback residual (float32, this rank's).
+    error-feedback residual (this rank's; float32, float64 for float64 buckets).
     """
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, ratio: float = 0.1, seed: int = 0,
@@ -123,7 +124,7 @@ def vsa_hook(state: VSAHookState, bucket: dist.GradBucket) -> torch.futures.Futu
         return dist.all_reduce(buffer, group=group, async_op=True).get_future().then(lambda fut: fut.value()[0])
 
     seed = derive_seed(state.seed, step, index)
-    x = buffer.to(torch.float32, copy=True)
+    x = buffer.to(torch.float64 if buffer.dtype == torch.float64 else torch.float32, copy=True)
     if residual is not None:
         x += residual
     sketch = count_sketch(x, state.ratio, seed)
