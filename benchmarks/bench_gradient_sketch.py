@@ -13,7 +13,8 @@ bias vectors and the 1x256 output layer go uncompressed). "final loss" is
 the MSE on 2048 held-out inputs (the target's variance is 0.40).
 
 Throughput: count_sketch / count_unsketch of --sketch-numel float32 values
-in this process (all cores).
+in this process (all cores), median of 3, next to one elementwise pass
+(g + 1) over the same values as a yardstick.
 
     python benchmarks/bench_gradient_sketch.py [--steps 1000] [--lr 0.1] [--json out.json]
 """
@@ -171,10 +172,20 @@ def training_table(steps, lr):
     return n_params, rows
 
 
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def throughput_table(numel):
     from memboost.vsa import count_sketch, count_unsketch
     torch.set_num_threads(os.cpu_count() or 1)
     g = torch.randn(numel, generator=torch.Generator().manual_seed(0))
+    # one elementwise pass over the same values: a yardstick that moves with the machine's load
+    scratch = torch.empty_like(g)
+    elementwise = statistics.median(_timed(lambda: torch.add(g, 1.0, out=scratch)) for _ in range(3))
+    del scratch
     rows = []
     for ratio in (0.1, 0.01):
         count_sketch(g[:1 << 20], ratio, 0)  # warm up the allocator
@@ -188,8 +199,9 @@ def throughput_table(numel):
             times_c.append(t1 - t0)
             times_d.append(t2 - t1)
         rows.append({"numel": numel, "ratio": ratio, "sketch_values": c.numel(),
-                     "compress_s": statistics.median(times_c), "decompress_s": statistics.median(times_d)})
-    print_table(rows, ["numel", "ratio", "sketch_values", "compress_s", "decompress_s"],
+                     "compress_s": statistics.median(times_c), "decompress_s": statistics.median(times_d),
+                     "elementwise_pass_s": elementwise})
+    print_table(rows, ["numel", "ratio", "sketch_values", "compress_s", "decompress_s", "elementwise_pass_s"],
                 title=f"count sketch of float32 values, {torch.get_num_threads()} threads")
     return rows
 
