@@ -289,8 +289,8 @@ def count_sketch(g: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
     if k >= 1 << 31:
         raise MemboostError(f"sketch of {k} values is too large (at most 2**31 - 1); lower 'ratio' or split 'g'")
     flat = g.reshape(-1)
-    # float64 buckets: the float32 result is then the rounded exact sum (unless
-    # it falls within ~1e-16 of a rounding tie), whatever order the device adds in
+    # float64 buckets: another adding order moves a sum by ~1e-16 relative, far
+    # below float32's resolution, so every device rounds to the same float32
     out = torch.zeros(k, dtype=torch.float64, device=g.device)
     for start, h in _hash_chunks(n, seed, _DOMAIN_SKETCH, g.device):
         vals = flat[start:start + h.numel()].to(torch.float64)
