@@ -288,7 +288,7 @@ def count_sketch(g: torch.Tensor, ratio: float, seed: int) -> torch.Tensor:
     k = sketch_size(n, ratio)
     if k >= 1 << 31:
         raise MemboostError(f"sketch of {k} values is too large (at most 2**31 - 1); lower 'ratio' or split 'g'")
-    flat = g.reshape(-1)
+    flat = g.detach().reshape(-1)  # a sketch is data sent over the wire, not part of a graph
     # float64 buckets: another adding order moves a sum by ~1e-16 relative, far
     # below float32's resolution, so every device rounds to the same float32
     out = torch.zeros(k, dtype=torch.float64, device=g.device)
@@ -323,7 +323,7 @@ def count_unsketch(sketch: torch.Tensor, n: int, ratio: float, seed: int) -> tor
     if sketch.numel() != k:
         raise MemboostError(f"'n' = {n} does not match the sketch: at ratio {ratio} it needs {k} values, "
                             f"'sketch' has {sketch.numel()} (pass the element count that was compressed)")
-    sk = sketch.to(torch.float64)
+    sk = sketch.detach().to(torch.float64)
     out = torch.empty(n, dtype=torch.float64 if sketch.dtype == torch.float64 else torch.float32,
                       device=sketch.device)
     for start, h in _hash_chunks(n, seed, _DOMAIN_SKETCH, sketch.device):
