@@ -27,7 +27,7 @@ from . import nn
 from .model import QuantizationReport, calibrate, load_quantized_, quantize_linears_, quantize_model
 from .serialization import load_safetensors, save_safetensors
 from .checkpoint import load_quantized, save_quantized
-from . import testbed, tritter
+from . import testbed, vsa, distributed, tritter
 
 __version__ = "0.1.0"
 
@@ -36,7 +36,7 @@ __all__ = [
     "pack_4bit", "unpack_4bit", "build_info", "cuda_kernels_usable", "nn", "ops", "reference", "calibrate",
     "quantize_linears_", "quantize_model", "QuantizationReport", "load_quantized_", "save_safetensors",
     "load_safetensors", "MemboostError", "MemboostTypeError", "testbed", "save_quantized", "load_quantized",
-    "ternary", "TernaryQuantizedTensor", "tritter",
+    "ternary", "TernaryQuantizedTensor", "tritter", "vsa", "distributed",
 ]
 
 

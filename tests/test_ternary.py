@@ -343,7 +343,7 @@ def test_ternary_linear_drop_in(device, tmp_path):
     x = torch.randn(2, 3, 300, device=device)
     q = layer.weight.tensor()
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, q.dequantize(), linear.bias))
-    assert "act_bits=None" in repr(layer) and "scales=group128" in repr(layer) and "avg_bits=" in repr(layer)
+    assert "act_bits" not in repr(layer) and "scales=group128" in repr(layer) and "avg_bits=" in repr(layer)
     torch.save(layer.state_dict(), tmp_path / "t.pt")
     fresh = TernaryLinear(300, 50, group_size=128, dtype=torch.float32, device=device)
     fresh.load_state_dict(torch.load(tmp_path / "t.pt", weights_only=True))
