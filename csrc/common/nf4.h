@@ -68,7 +68,6 @@ MB_HD float inverse_absmax(float absmax) { return 1.0f / (absmax > 1e-38f ? absm
 MB_HD uint8_t nearest_code(float scaled) {
   const float x = scaled < -1.0f ? -1.0f : (scaled > 1.0f ? 1.0f : scaled);
   int q = 0;
-#pragma unroll
   for (int i = 0; i < kNumCodes - 1; ++i) q += x > midpoint(i) ? 1 : 0;
   return static_cast<uint8_t>(q);
 }
