@@ -29,7 +29,7 @@ TORCH_LIBRARY(memboost, m) {
       "mixed_linear(Tensor x, Tensor plane2, Tensor lowbits, Tensor meta, Tensor mask, Tensor row_scale, "
       "Tensor outlier_rowptr, Tensor outlier_cols, Tensor outlier_vals, Tensor? bias, int group_size) -> Tensor");
   // NF4 (layout and rounding: csrc/common/nf4.h). w (any shape, flattened)
-  // -> codes uint8 [ceil(n/2)], absmax float32 [ceil(n/block_size)].
+  // -> codes uint8 [ceil(n/2)], absmax float32 [ceil(n/block_size)]; block_size even.
   m.def("nf4_quantize(Tensor w, int block_size) -> (Tensor, Tensor)");
   // Double quantization of absmax: (absmax - offset) in blocks of block_size
   // to the nearest entry of nested_map -> codes uint8 [len], nested_absmax

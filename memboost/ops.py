@@ -110,7 +110,7 @@ torch.library.register_autograd(
 @torch.library.register_fake("memboost::nf4_quantize")
 def _(w, block_size):
     torch._check_value(w.dtype in _FLOAT_DTYPES, lambda: f"'w' must be float16, bfloat16 or float32, got {w.dtype}")
-    torch._check_value(block_size > 0, lambda: "'block_size' must be positive")
+    torch._check_value(block_size > 0 and block_size % 2 == 0, lambda: "'block_size' must be positive and even")
     n = w.numel()
     return w.new_empty(((n + 1) // 2,), dtype=torch.uint8), w.new_empty(((n + block_size - 1) // block_size,),
                                                                         dtype=torch.float32)

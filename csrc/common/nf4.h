@@ -41,24 +41,43 @@ constexpr int kNestedMapSize = 256;    // entries of the 8-bit dynamic map
 constexpr int kNestedBlockSize = 256;  // bitsandbytes' fixed nested block size
 
 // The NF4 codebook (float32), index 0..15, sorted ascending.
+inline constexpr float kCodebook[kNumCodes] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+// The codebook times 127, rounded to int8: the integer CPU path's weights
+// (llama.cpp's IQ4_NL recipe). The rounding moves a weight by at most
+// 0.5 / 127 of its block's absmax (0.39%); measured by the tests.
+inline constexpr int8_t kCodebookInt8[kNumCodes] = {-127, -88, -67, -50, -36, -23, -12, 0,
+                                                    10, 20, 31, 43, 56, 71, 92, 127};
+
+// Host code reads the namespace-scope tables (a local array would be rebuilt
+// on the stack at every call); device code cannot index host variables, so
+// it keeps a local copy, which nvcc places in registers or constant memory.
 MB_HD float codebook(int i) {
-  constexpr float kCodebook[kNumCodes] = {
+#if defined(__CUDA_ARCH__)
+  constexpr float kLocal[kNumCodes] = {
       -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
       -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
       0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
       0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+  return kLocal[i];
+#else
   return kCodebook[i];
+#endif
 }
 
 // Midpoint i (between codes i and i+1), as float32 arithmetic computes it.
 MB_HD float midpoint(int i) { return (codebook(i) + codebook(i + 1)) / 2.0f; }
 
-// The codebook times 127, rounded to int8: the integer CPU path's weights
-// (llama.cpp's IQ4_NL recipe). The rounding moves a weight by at most
-// 0.5 / 127 of its block's absmax (0.39%); measured by the tests.
 MB_HD int8_t codebook_int8(int i) {
-  constexpr int8_t kInt8[kNumCodes] = {-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127};
-  return kInt8[i];
+#if defined(__CUDA_ARCH__)
+  constexpr int8_t kLocal[kNumCodes] = {-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127};
+  return kLocal[i];
+#else
+  return kCodebookInt8[i];
+#endif
 }
 
 // 1 / max(absmax, 1e-38): the factor a block's values are scaled by.
@@ -68,7 +87,21 @@ MB_HD float inverse_absmax(float absmax) { return 1.0f / (absmax > 1e-38f ? absm
 MB_HD uint8_t nearest_code(float scaled) {
   const float x = scaled < -1.0f ? -1.0f : (scaled > 1.0f ? 1.0f : scaled);
   int q = 0;
+#if defined(__CUDA_ARCH__)
   for (int i = 0; i < kNumCodes - 1; ++i) q += x > midpoint(i) ? 1 : 0;
+#else
+  // The midpoints as compile-time constants (the same float32 arithmetic).
+  constexpr float m[kNumCodes - 1] = {
+      (kCodebook[0] + kCodebook[1]) / 2.0f, (kCodebook[1] + kCodebook[2]) / 2.0f,
+      (kCodebook[2] + kCodebook[3]) / 2.0f, (kCodebook[3] + kCodebook[4]) / 2.0f,
+      (kCodebook[4] + kCodebook[5]) / 2.0f, (kCodebook[5] + kCodebook[6]) / 2.0f,
+      (kCodebook[6] + kCodebook[7]) / 2.0f, (kCodebook[7] + kCodebook[8]) / 2.0f,
+      (kCodebook[8] + kCodebook[9]) / 2.0f, (kCodebook[9] + kCodebook[10]) / 2.0f,
+      (kCodebook[10] + kCodebook[11]) / 2.0f, (kCodebook[11] + kCodebook[12]) / 2.0f,
+      (kCodebook[12] + kCodebook[13]) / 2.0f, (kCodebook[13] + kCodebook[14]) / 2.0f,
+      (kCodebook[14] + kCodebook[15]) / 2.0f};
+  for (int i = 0; i < kNumCodes - 1; ++i) q += x > m[i] ? 1 : 0;
+#endif
   return static_cast<uint8_t>(q);
 }
 

@@ -92,7 +92,7 @@ __global__ void codes_kernel(const T* __restrict__ w, int64_t n, int64_t block_s
 
 std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& w, int64_t block_size) {
   MB_CHECK_FLOAT_DTYPE(w.scalar_type(), "w");
-  MB_CHECK(block_size > 0, "'block_size' must be positive, got ", block_size);
+  MB_CHECK(block_size > 0 && block_size % 2 == 0, "'block_size' must be positive and even, got ", block_size);
   const c10::cuda::CUDAGuard guard(w.device());
   const auto wc = w.reshape({-1}).contiguous();
   const int64_t n = wc.numel(), blocks = num_blocks(n, block_size);
