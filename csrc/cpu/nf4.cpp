@@ -406,7 +406,9 @@ void for_row_tiles(int64_t m_rows, Kernel&& kernel) {
 }
 
 void linear_gemm(const View& v, int64_t k, int64_t n_rows, const at::Tensor& xf, at::Tensor& y) {
-  const int64_t block = std::min(n_rows, std::max<int64_t>(16, (int64_t(1) << 19) / std::max<int64_t>(1, k)));
+  // ~8 MiB buffers: few parallel regions (each costs a thread hand-off), and
+  // the decoded block is still mostly in the last-level cache for its GEMM.
+  const int64_t block = std::min(n_rows, std::max<int64_t>(16, (int64_t(1) << 21) / std::max<int64_t>(1, k)));
   auto buffer = at::empty({block, k}, xf.options());
   for (int64_t r0 = 0; r0 < n_rows; r0 += block) {
     const int64_t rows = std::min(block, n_rows - r0);
