@@ -48,11 +48,12 @@ def main(argv=None):
     parser.add_argument("--json", default="")
     parser.add_argument("--llc-mib", type=int, default=32, help="last-level cache size (this machine: 32 MiB)")
     parser.add_argument("--quick", action="store_true", help="4096x4096 only, batch 1 and 8")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbF
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     stream = args.llc_mib * 4 << 20
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (11008, 4096)]
     batches = (1, 8) if args.quick else (1, 8, 64)
