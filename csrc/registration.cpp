@@ -46,5 +46,24 @@ TORCH_LIBRARY(memboost, m) {
   m.def(
       "ternary_linear(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int cols, int group_size, "
       "int act_bits) -> Tensor");
+  // NF4 (layout and rounding: csrc/common/nf4.h). w (any shape, flattened)
+  // -> codes uint8 [ceil(n/2)], absmax float32 [ceil(n/block_size)]; block_size even.
+  m.def("nf4_quantize(Tensor w, int block_size) -> (Tensor, Tensor)");
+  // Double quantization of absmax: (absmax - offset) in blocks of block_size
+  // to the nearest entry of nested_map -> codes uint8 [len], nested_absmax
+  // float32 [ceil(len/block_size)].
+  m.def("nf4_quantize_absmax(Tensor absmax, Tensor offset, Tensor nested_map, int block_size) -> (Tensor, Tensor)");
+  // -> the flattened weight [numel]; absmax float32 (plain) or uint8 codes
+  // with nested_absmax / nested_map / nested_offset (double quantization;
+  // empty tensors otherwise).
+  m.def(
+      "nf4_dequantize(Tensor codes, Tensor absmax, Tensor nested_absmax, Tensor nested_map, Tensor nested_offset, "
+      "int numel, int block_size, int nested_block_size, ScalarType dtype) -> Tensor");
+  // y = x @ W.T + bias, W = the NF4 weight [out_features, x.size(-1)], any
+  // leading batch shape; act_bits 0: exact float, 8: int8 activations (CPU).
+  m.def(
+      "nf4_linear(Tensor x, Tensor codes, Tensor absmax, Tensor nested_absmax, Tensor nested_map, "
+      "Tensor nested_offset, int out_features, int block_size, int nested_block_size, Tensor? bias, "
+      "int act_bits) -> Tensor");
 }
 

@@ -189,3 +189,82 @@ def _ternary_linear_backward(ctx, grad):
 torch.library.register_autograd(
     "memboost::ternary_linear", _ternary_linear_backward, setup_context=_ternary_linear_setup_context
 )
+
+
+# ---------------------------------------------------------------------- NF4
+@torch.library.register_fake("memboost::nf4_quantize")
+def _(w, block_size):
+    torch._check_value(w.dtype in _FLOAT_DTYPES, lambda: f"'w' must be float16, bfloat16 or float32, got {w.dtype}")
+    torch._check_value(block_size > 0 and block_size % 2 == 0, lambda: "'block_size' must be positive and even")
+    n = w.numel()
+    return w.new_empty(((n + 1) // 2,), dtype=torch.uint8), w.new_empty(((n + block_size - 1) // block_size,),
+                                                                        dtype=torch.float32)
+
+
+@torch.library.register_fake("memboost::nf4_quantize_absmax")
+def _(absmax, offset, nested_map, block_size):
+    torch._check_value(absmax.dtype == torch.float32, lambda: "'absmax' must be float32")
+    torch._check_value(block_size > 0, lambda: "'block_size' must be positive")
+    n = absmax.numel()
+    return absmax.new_empty((n,), dtype=torch.uint8), absmax.new_empty(((n + block_size - 1) // block_size,))
+
+
+@torch.library.register_fake("memboost::nf4_dequantize")
+def _(codes, absmax, nested_absmax, nested_map, nested_offset, numel, block_size, nested_block_size, dtype):
+    torch._check_value(dtype in _FLOAT_DTYPES, lambda: f"'dtype' must be float16, bfloat16 or float32, got {dtype}")
+    torch._check_value(codes.dtype == torch.uint8, lambda: "'codes' must be uint8")
+    torch._check_value(absmax.dtype in (torch.float32, torch.uint8), lambda: "'absmax' must be float32 or uint8")
+    return codes.new_empty((numel,), dtype=dtype)
+
+
+@torch.library.register_fake("memboost::nf4_linear")
+def _(x, codes, absmax, nested_absmax, nested_map, nested_offset, out_features, block_size, nested_block_size, bias,
+      act_bits):
+    torch._check_value(x.dtype in _FLOAT_DTYPES, lambda: f"'x' must be float16, bfloat16 or float32, got {x.dtype}")
+    torch._check_value(codes.dtype == torch.uint8, lambda: "'codes' must be uint8")
+    torch._check_value(act_bits in (0, 8), lambda: "'act_bits' must be 0 or 8")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+_NF4_STATE = ("codes", "absmax", "nested_absmax", "nested_map", "nested_offset")
+
+
+def nf4_quantize(w: torch.Tensor, block_size: int):
+    return _ops.nf4_quantize.default(w, block_size)
+
+
+def nf4_quantize_absmax(absmax: torch.Tensor, offset: torch.Tensor, nested_map: torch.Tensor, block_size: int):
+    return _ops.nf4_quantize_absmax.default(absmax, offset, nested_map, block_size)
+
+
+def nf4_dequantize(tensors: dict, numel: int, block_size: int, nested_block_size: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    return _ops.nf4_dequantize.default(*(tensors[k] for k in _NF4_STATE), numel, block_size, nested_block_size, dtype)
+
+
+def nf4_linear(x: torch.Tensor, tensors: dict, out_features: int, block_size: int, nested_block_size: int,
+               bias: Optional[torch.Tensor] = None, act_bits: int = 0) -> torch.Tensor:
+    return _ops.nf4_linear.default(x, *(tensors[k] for k in _NF4_STATE), out_features, block_size,
+                                   nested_block_size, bias, act_bits)
+
+
+def _nf4_linear_setup_context(ctx, inputs, output):
+    x, codes, absmax, nested_absmax, nested_map, nested_offset, out_features, block_size, nested_block_size, bias, \
+        _act_bits = inputs
+    # Only the packed state is kept for backward (no dequantized weight).
+    ctx.state = (codes, absmax, nested_absmax, nested_map, nested_offset)
+    ctx.dims = (out_features, x.shape[-1], block_size, nested_block_size)
+    ctx.has_bias = bias is not None
+
+
+def _nf4_linear_backward(ctx, grad):
+    # The NF4 weight is frozen: gradients flow to x and bias. The weight is
+    # dequantized here and freed when backward returns.
+    out_features, k, block_size, nested_block_size = ctx.dims
+    w = _ops.nf4_dequantize.default(*ctx.state, out_features * k, block_size, nested_block_size, grad.dtype)
+    grad_x = grad @ w.view(out_features, k)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return (grad_x,) + (None,) * 8 + (grad_bias, None)
+
+
+torch.library.register_autograd("memboost::nf4_linear", _nf4_linear_backward, setup_context=_nf4_linear_setup_context)

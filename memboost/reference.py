@@ -198,3 +198,119 @@ def ternary_linear(x, packed, scales, bias: Optional[torch.Tensor], cols: int, g
     if b is not None:
         y = y + b
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+# ---------------------------------------------------------------------- NF4
+# Layout and rounding: csrc/common/nf4.h. These follow bitsandbytes' pure
+# PyTorch backend, which the tests check byte for byte.
+
+NF4_CODEBOOK = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+NF4_ZERO_CODE = 7
+NF4_NESTED_BLOCK_SIZE = 256
+
+
+def nf4_codebook(device=None) -> torch.Tensor:
+    return torch.tensor(NF4_CODEBOOK, dtype=torch.float32, device=device)
+
+
+def nf4_codebook_int8(device=None) -> torch.Tensor:
+    """The codebook x 127 rounded (the integer CPU path's weight values)."""
+    return torch.round(nf4_codebook(device) * 127).to(torch.int8)
+
+
+def dynamic_map(device=None) -> torch.Tensor:
+    """bitsandbytes' signed 8-bit "dynamic" map (float32 [256], sorted), the
+    code of the double quantization: for exponents e = 0..6 the 2^e midpoints
+    of 2^e + 1 evenly spaced points in [0.1, 1] (float32), times 10^(e - 6),
+    with both signs; then 0 and 1. Built with the same float32 operations as
+    bitsandbytes, so the values agree bit for bit."""
+    values = []
+    for e in range(7):
+        edges = torch.linspace(0.1, 1, 2 ** e + 1, dtype=torch.float32)
+        mids = (edges[:-1] + edges[1:]) / 2.0
+        values += ((10 ** (e - 6)) * mids).tolist()
+        values += (-(10 ** (e - 6)) * mids).tolist()
+    values += [0.0, 1.0]
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
+
+
+def _blockwise_absmax(flat: torch.Tensor, block_size: int) -> torch.Tensor:
+    pad = (-flat.numel()) % block_size
+    return torch.nn.functional.pad(flat.abs(), (0, pad)).view(-1, block_size).amax(1)
+
+
+def _per_element(stat: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
+    return stat.repeat_interleave(block_size)[:n]
+
+
+def nf4_quantize(w: torch.Tensor, block_size: int):
+    """-> (codes uint8 [ceil(n/2)], absmax float32 [ceil(n/block_size)])."""
+    flat = w.reshape(-1).float()
+    n = flat.numel()
+    absmax = _blockwise_absmax(flat, block_size)
+    inv = 1.0 / absmax.clamp(min=1e-38)
+    scaled = torch.clamp(flat * _per_element(inv, n, block_size), -1, 1)
+    book = nf4_codebook(w.device)
+    codes = torch.bucketize(scaled, (book[:-1] + book[1:]) / 2).to(torch.uint8)  # ties go to the lower code
+    if n % 2:
+        codes = torch.cat([codes, codes.new_full((1,), NF4_ZERO_CODE)])
+    return (codes[0::2] << 4) | codes[1::2], absmax
+
+
+def nf4_quantize_absmax(absmax: torch.Tensor, offset: torch.Tensor, nested_map: torch.Tensor, block_size: int):
+    """Double quantization: (absmax - offset) blockwise to the nearest entry of
+    nested_map -> (codes uint8 [len], nested_absmax float32)."""
+    centred = absmax.float() - offset.float().reshape(())
+    n = centred.numel()
+    nested = _blockwise_absmax(centred, block_size)
+    scaled = torch.clamp(centred * _per_element(1.0 / nested.clamp(min=1e-38), n, block_size), -1, 1)
+    codes = torch.bucketize(scaled, (nested_map[:-1] + nested_map[1:]) / 2).to(torch.uint8)
+    return codes, nested
+
+
+def nf4_block_scales(absmax, nested_absmax, nested_map, nested_offset, nested_block_size: int) -> torch.Tensor:
+    """float32 scale per block: absmax itself, or map[code] * nested + offset
+    (rounded after the product and after the sum)."""
+    if absmax.dtype == torch.float32:
+        return absmax
+    n = absmax.numel()
+    scales = nested_map[absmax.long()] * _per_element(nested_absmax, n, nested_block_size)
+    return scales + nested_offset.reshape(())
+
+
+def nf4_unpack_codes(codes: torch.Tensor, numel: int) -> torch.Tensor:
+    """uint8 [ceil(n/2)] -> int64 [n]: element 2i is the high nibble of byte i."""
+    return torch.stack([codes >> 4, codes & 0xF], dim=1).reshape(-1)[:numel].long()
+
+
+def nf4_dequantize(codes, absmax, nested_absmax, nested_map, nested_offset, numel: int, block_size: int,
+                   nested_block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    scales = nf4_block_scales(absmax, nested_absmax, nested_map, nested_offset, nested_block_size)
+    values = nf4_codebook(codes.device)[nf4_unpack_codes(codes, numel)]
+    return (values * _per_element(scales, numel, block_size)).to(dtype)
+
+
+def nf4_linear(x, codes, absmax, nested_absmax, nested_map, nested_offset, out_features: int, block_size: int,
+               nested_block_size: int, bias: Optional[torch.Tensor], act_bits: int) -> torch.Tensor:
+    """act_bits 0: x @ W.T in float32. act_bits 8: what the integer path
+    computes: W with the int8 codebook (/127), x rounded per row to int8."""
+    k = x.shape[-1]
+    n = out_features * k
+    xf = x.reshape(-1, k).float()
+    if act_bits == 8:
+        scales = nf4_block_scales(absmax, nested_absmax, nested_map, nested_offset, nested_block_size)
+        values = nf4_codebook_int8(codes.device).float()[nf4_unpack_codes(codes, n)] / 127
+        w = (values * _per_element(scales, n, block_size)).view(out_features, k)
+        q, step = quantize_activations_int8(xf)  # one scale per row
+        xf = q * step
+    else:
+        w = nf4_dequantize(codes, absmax, nested_absmax, nested_map, nested_offset, n, block_size,
+                           nested_block_size, torch.float32).view(out_features, k)
+    y = xf @ w.T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], out_features)

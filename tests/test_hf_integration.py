@@ -25,6 +25,7 @@ from memboost.integrations.transformers import MemboostConfig, MemboostHfQuantiz
 METHODS = [
     ("mixed", {"ratio_4bit": 0.5, "group_size": 32}),
     ("ternary", {"per_row": True}),
+    ("nf4", {"block_size": 64}),
 ]
 ARCHS = ["llama", "qwen2", "gpt2"]
 VOCAB = 96

@@ -1,0 +1,507 @@
+// CPU kernels of NF4 (layout and rounding: csrc/common/nf4.h).
+//
+// nf4_linear, fewer than kGemmMinRows activation rows:
+//  - act_bits = 0, exact float path: codes are looked up in the float
+//    codebook held in registers (AVX-512: one vpermps over 16 entries; AVX2:
+//    two 8-entry vpermps and a blend), multiplied with x by FMA and scaled
+//    once per block. x is first reordered per 32-chunk into its even and odd
+//    elements, so the high and low nibbles of a byte meet their activations
+//    without any shuffle.
+//  - act_bits = 8, integer path (llama.cpp's IQ4_NL recipe): x is quantized
+//    per row to int8 (cpu/int8/act_quant.h), the codebook scaled to int8 sits
+//    in a register and pshufb looks 32 (AVX2) or 64 (AVX-512) nibbles up at
+//    once; AVX2 multiplies signed by signed with the sign trick + maddubs,
+//    AVX-512 VNNI offsets the codebook by 128 to unsigned for vpdpbusd and
+//    removes 128 * sum(x) per block with the activation block sums.
+// From kGemmMinRows rows on, blocks of weight rows are decoded into a
+// cache-sized float buffer and multiplied with ATen's GEMM.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/nf4_args.h"
+#include "cpu/int8/act_quant.h"
+#include "cpu/int8/dot.h"
+#include "cpu/int8/isa.h"
+
+namespace memboost {
+namespace nf4 {
+namespace {
+
+struct View {
+  const uint8_t* codes;
+  const float* absmax_f;   // plain
+  const uint8_t* absmax_q;  // double quantization
+  const float* nested;
+  const float* map;
+  float offset;
+  Nf4Dims d;
+  int nested_shift;  // log2(nested_block_size) when a power of two (always, in practice), else -1
+
+  // A 64-bit division per block would cost more than decoding the block.
+  float scale(int64_t block) const {
+    if (!d.double_quant) return absmax_f[block];
+    const int64_t outer = nested_shift >= 0 ? block >> nested_shift : block / d.nested_block_size;
+    return nested_scale(map, absmax_q[block], nested[outer], offset);
+  }
+};
+
+View make_view(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& nested_absmax,
+               const at::Tensor& nested_map, const at::Tensor& nested_offset, const Nf4Dims& d) {
+  View v{codes.data_ptr<uint8_t>(), nullptr, nullptr, nullptr, nullptr, 0.f, d, -1};
+  if ((d.nested_block_size & (d.nested_block_size - 1)) == 0) {
+    v.nested_shift = 0;
+    while ((int64_t(1) << v.nested_shift) < d.nested_block_size) ++v.nested_shift;
+  }
+  if (d.double_quant) {
+    v.absmax_q = absmax.data_ptr<uint8_t>();
+    v.nested = nested_absmax.data_ptr<float>();
+    v.map = nested_map.data_ptr<float>();
+    v.offset = nested_offset.data_ptr<float>()[0];
+  } else {
+    v.absmax_f = absmax.data_ptr<float>();
+  }
+  return v;
+}
+
+// Elements [begin, end) of the flattened weight as float32.
+void decode_range(const View& v, int64_t begin, int64_t end, float* out) {
+  int64_t e = begin;
+  while (e < end) {
+    const int64_t block = e / v.d.block_size;
+    const int64_t stop = std::min(end, (block + 1) * v.d.block_size);
+    const float s = v.scale(block);
+    for (; e < stop; ++e) *out++ = codebook(code_at(v.codes, e)) * s;
+  }
+}
+
+template <typename T>
+void dequantize_into(const View& v, T* out) {
+  const int64_t bs = v.d.block_size;
+  at::parallel_for(0, v.d.blocks, std::max<int64_t>(1, 16384 / bs), [&](int64_t b0, int64_t b1) {
+    float buf[256];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = b * bs, end = std::min(v.d.numel, begin + bs);
+      for (int64_t e0 = begin; e0 < end; e0 += 256) {
+        const int64_t e1 = std::min(end, e0 + 256);
+        decode_range(v, e0, e1, buf);
+        for (int64_t e = e0; e < e1; ++e) out[e] = static_cast<T>(buf[e - e0]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- quantize
+std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& w, int64_t block_size) {
+  MB_CHECK_FLOAT_DTYPE(w.scalar_type(), "w");
+  MB_CHECK(block_size > 0 && block_size % 2 == 0, "'block_size' must be positive and even, got ", block_size);
+  const auto wf = w.reshape({-1}).to(at::kFloat).contiguous();
+  const int64_t n = wf.numel(), blocks = num_blocks(n, block_size);
+  auto absmax = at::empty({blocks}, wf.options());
+  auto codes = at::empty({packed_bytes(n)}, wf.options().dtype(at::kByte));
+  const float* x = wf.data_ptr<float>();
+  float* am = absmax.data_ptr<float>();
+  uint8_t* out = codes.data_ptr<uint8_t>();
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / block_size), [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float m = 0.f;
+      for (int64_t e = b * block_size, end = std::min(n, e + block_size); e < end; ++e) m = std::max(m, std::fabs(x[e]));
+      am[b] = m;
+    }
+  });
+  // Even blocks hold whole bytes: one reciprocal per block, then a loop
+  // over its elements that the compiler vectorizes (15 compares each).
+  at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / block_size), [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> q(block_size + 1);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = b * block_size, len = std::min(block_size, n - begin);
+      const float inv = inverse_absmax(am[b]);
+      const float* xb = x + begin;
+      uint8_t* qb = q.data();
+      for (int64_t j = 0; j < len; ++j) qb[j] = nearest_code(xb[j] * inv);
+      qb[len] = kZeroCode;  // the pad nibble of an odd total length
+      uint8_t* ob = out + begin / 2;
+      for (int64_t i = 0; i < (len + 1) / 2; ++i) ob[i] = pack_pair(qb[2 * i], qb[2 * i + 1]);
+    }
+  });
+  return {codes, absmax};
+}
+
+std::tuple<at::Tensor, at::Tensor> nf4_quantize_absmax_cpu(const at::Tensor& absmax, const at::Tensor& offset,
+                                                           const at::Tensor& nested_map, int64_t block_size) {
+  MB_CHECK_DTYPE(absmax, at::kFloat, "absmax");
+  MB_CHECK_DTYPE(offset, at::kFloat, "offset");
+  MB_CHECK_DTYPE(nested_map, at::kFloat, "nested_map");
+  MB_CHECK_DIM(absmax, 1, "absmax");
+  MB_CHECK(offset.numel() == 1, "'offset' must hold one value, got shape ", offset.sizes());
+  MB_CHECK(nested_map.dim() == 1 && nested_map.numel() == kNestedMapSize, "'nested_map' must have ", kNestedMapSize,
+           " entries, got shape ", nested_map.sizes());
+  MB_CHECK(block_size > 0, "'block_size' must be positive, got ", block_size);
+  const auto a = absmax.contiguous();
+  const auto map_t = nested_map.contiguous();
+  const int64_t n = a.numel(), blocks = num_blocks(n, block_size);
+  auto nested = at::empty({blocks}, a.options());
+  auto codes = at::empty({n}, a.options().dtype(at::kByte));
+  const float* ap = a.data_ptr<float>();
+  const float* map = map_t.data_ptr<float>();
+  const float off = offset.contiguous().data_ptr<float>()[0];
+  float* np = nested.data_ptr<float>();
+  uint8_t* cp = codes.data_ptr<uint8_t>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = b * block_size, end = std::min(n, begin + block_size);
+      float m = 0.f;
+      for (int64_t e = begin; e < end; ++e) m = std::max(m, std::fabs(ap[e] - off));
+      np[b] = m;
+      const float inv = inverse_absmax(m);
+      for (int64_t e = begin; e < end; ++e) {
+        float s = (ap[e] - off) * inv;
+        s = s < -1.f ? -1.f : (s > 1.f ? 1.f : s);
+        cp[e] = nearest_map_code(map, s);
+      }
+    }
+  });
+  return {codes, nested};
+}
+
+at::Tensor nf4_dequantize_cpu(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& nested_absmax,
+                              const at::Tensor& nested_map, const at::Tensor& nested_offset, int64_t numel,
+                              int64_t block_size, int64_t nested_block_size, at::ScalarType dtype) {
+  const Nf4Dims d =
+      check_nf4_state(codes, absmax, nested_absmax, nested_map, nested_offset, numel, block_size, nested_block_size);
+  MB_CHECK_FLOAT_DTYPE(dtype, "dtype");
+  const auto c = codes.contiguous(), a = absmax.contiguous(), na = nested_absmax.contiguous(),
+             nm = nested_map.contiguous();
+  const View v = make_view(c, a, na, nm, nested_offset, d);
+  auto out = at::empty({numel}, codes.options().dtype(dtype));
+  if (dtype == at::kFloat) dequantize_into(v, out.data_ptr<float>());
+  else if (dtype == at::kHalf) dequantize_into(v, out.data_ptr<at::Half>());
+  else dequantize_into(v, out.data_ptr<at::BFloat16>());
+  return out;
+}
+
+// ------------------------------------------------------------------ linear
+constexpr int64_t kGemmMinRows = 32;
+constexpr float kInv127 = 1.0f / 127.0f;  // the int8 codebook is the NF4 codebook x 127
+
+float dot_float(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Any shape (blocks may straddle rows, odd rows start mid-byte): each weight
+// row is decoded once into a buffer and reused for every activation row.
+void linear_rows_generic(const View& v, int64_t k, int64_t begin, int64_t end, const float* x, int64_t m_rows,
+                         int64_t n_rows, float* y) {
+  std::vector<float> row(k);
+  for (int64_t r = begin; r < end; ++r) {
+    decode_range(v, r * k, (r + 1) * k, row.data());
+    for (int64_t m = 0; m < m_rows; ++m) y[m * n_rows + r] = dot_float(row.data(), x + m * k, k);
+  }
+}
+
+// x [m, k] reordered per chunk of `chunk` elements: its even elements, then
+// its odd ones (the order of the high and low nibbles of its codes).
+at::Tensor even_odd_order(const at::Tensor& xf, int64_t chunk) {
+  const int64_t m = xf.size(0), k = xf.size(1);
+  return xf.view({m, k / chunk, chunk / 2, 2}).transpose(2, 3).contiguous().view({m, k});
+}
+
+#if MB_HAVE_X86_KERNELS
+MB_TARGET_AVX2 inline float hsum_ps256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// Exact float path, AVX-512: 32 weights (16 bytes) per step.
+template <int MT>
+MB_TARGET_AVX512 void linear_float_avx512(const View& v, int64_t k, int64_t begin, int64_t end, const float* xd,
+                                          int64_t n_rows, float* y) {
+  alignas(64) float table[16];
+  for (int i = 0; i < 16; ++i) table[i] = codebook(i);
+  const __m512 cb = _mm512_load_ps(table);
+  const __m512i low4 = _mm512_set1_epi32(0xF);
+  const int64_t bs = v.d.block_size, blocks_per_row = k / bs;
+  for (int64_t r = begin; r < end; ++r) {
+    const uint8_t* row = v.codes + r * k / 2;
+    __m512 acc[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks_per_row; ++b) {
+      __m512 part[MT];
+      for (int i = 0; i < MT; ++i) part[i] = _mm512_setzero_ps();
+      for (int64_t c = b * bs; c < (b + 1) * bs; c += 32) {
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));
+        const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), cb);
+        const __m512 w_odd = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), cb);
+        for (int i = 0; i < MT; ++i) {
+          const float* xc = xd + i * k + c;
+          part[i] = _mm512_fmadd_ps(w_even, _mm512_loadu_ps(xc), part[i]);
+          part[i] = _mm512_fmadd_ps(w_odd, _mm512_loadu_ps(xc + 16), part[i]);
+        }
+      }
+      const __m512 s = _mm512_set1_ps(v.scale(r * blocks_per_row + b));
+      for (int i = 0; i < MT; ++i) acc[i] = _mm512_fmadd_ps(part[i], s, acc[i]);
+    }
+    for (int i = 0; i < MT; ++i) y[i * n_rows + r] = _mm512_reduce_add_ps(acc[i]);
+  }
+}
+
+// 16-entry float lookup on AVX2: two 8-entry permutes, blended on bit 3.
+MB_TARGET_AVX2 inline __m256 lookup16_avx2(__m256i idx, __m256 lo_tab, __m256 hi_tab) {
+  const __m256 lo = _mm256_permutevar8x32_ps(lo_tab, idx);
+  const __m256 hi = _mm256_permutevar8x32_ps(hi_tab, idx);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+template <int MT>
+MB_TARGET_AVX2 void linear_float_avx2(const View& v, int64_t k, int64_t begin, int64_t end, const float* xd,
+                                      int64_t n_rows, float* y) {
+  alignas(32) float table[16];
+  for (int i = 0; i < 16; ++i) table[i] = codebook(i);
+  const __m256 lo_tab = _mm256_load_ps(table), hi_tab = _mm256_load_ps(table + 8);
+  const __m256i low4 = _mm256_set1_epi32(0xF);
+  const int64_t bs = v.d.block_size, blocks_per_row = k / bs;
+  for (int64_t r = begin; r < end; ++r) {
+    const uint8_t* row = v.codes + r * k / 2;
+    __m256 acc[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks_per_row; ++b) {
+      __m256 part[MT];
+      for (int i = 0; i < MT; ++i) part[i] = _mm256_setzero_ps();
+      for (int64_t c = b * bs; c < (b + 1) * bs; c += 32) {
+        for (int h = 0; h < 2; ++h) {  // bytes 8h..8h+7 of the chunk: x even/odd elements 8h..8h+7
+          const __m256i bytes =
+              _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c / 2 + 8 * h)));
+          const __m256 w_even = lookup16_avx2(_mm256_srli_epi32(bytes, 4), lo_tab, hi_tab);
+          const __m256 w_odd = lookup16_avx2(_mm256_and_si256(bytes, low4), lo_tab, hi_tab);
+          for (int i = 0; i < MT; ++i) {
+            const float* xc = xd + i * k + c + 8 * h;
+            part[i] = _mm256_fmadd_ps(w_even, _mm256_loadu_ps(xc), part[i]);
+            part[i] = _mm256_fmadd_ps(w_odd, _mm256_loadu_ps(xc + 16), part[i]);
+          }
+        }
+      }
+      const __m256 s = _mm256_set1_ps(v.scale(r * blocks_per_row + b));
+      for (int i = 0; i < MT; ++i) acc[i] = _mm256_fmadd_ps(part[i], s, acc[i]);
+    }
+    for (int i = 0; i < MT; ++i) y[i * n_rows + r] = hsum_ps256(acc[i]);
+  }
+}
+
+// Integer path, AVX-512 VNNI: 64 weights (32 bytes) per step; xq is x's int8
+// codes in even/odd order per 64-chunk, sums its int32 sums per 32.
+template <int MT>
+MB_TARGET_AVX512 void linear_int8_avx512(const View& v, int64_t k, int64_t begin, int64_t end, const int8_t* xq,
+                                         const int32_t* sums, const float* xscale, int64_t n_rows, float* y) {
+  alignas(16) uint8_t table[16];
+  for (int i = 0; i < 16; ++i) table[i] = static_cast<uint8_t>(codebook_int8(i) + 128);
+  const __m512i tab = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(table)));
+  const __m256i low4 = _mm256_set1_epi8(0xF);
+  const int64_t bs = v.d.block_size, blocks_per_row = k / bs, sum_blocks = k / cpu::kActBlock;
+  for (int64_t r = begin; r < end; ++r) {
+    const uint8_t* row = v.codes + r * k / 2;
+    __m512 acc[MT];
+    float corr[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps(), corr[i] = 0.f;
+    for (int64_t b = 0; b < blocks_per_row; ++b) {
+      const float s = v.scale(r * blocks_per_row + b);
+      const __m512 sv = _mm512_set1_ps(s);
+      for (int64_t c = b * bs; c < (b + 1) * bs; c += 64) {
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c / 2));
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
+        const __m256i lo = _mm256_and_si256(bytes, low4);
+        const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(hi), lo, 1);
+        const __m512i w = _mm512_shuffle_epi8(tab, idx);  // codebook_int8 + 128, unsigned
+        for (int i = 0; i < MT; ++i) {
+          const __m512i xv = _mm512_loadu_si512(xq + i * k + c);
+          const __m512i dot = cpu::dpbusd_vnni512(_mm512_setzero_si512(), w, xv);
+          acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv, acc[i]);
+          const int32_t* sb = sums + i * sum_blocks + c / cpu::kActBlock;
+          corr[i] += s * static_cast<float>(128 * (sb[0] + sb[1]));
+        }
+      }
+    }
+    for (int i = 0; i < MT; ++i) y[i * n_rows + r] = (_mm512_reduce_add_ps(acc[i]) - corr[i]) * (xscale[i] * kInv127);
+  }
+}
+
+// Integer path, AVX2: signed x signed through the sign trick (|w| and
+// sign(w) * x), which keeps maddubs exact (|w| <= 127).
+template <int MT>
+MB_TARGET_AVX2 void linear_int8_avx2(const View& v, int64_t k, int64_t begin, int64_t end, const int8_t* xq,
+                                     const float* xscale, int64_t n_rows, float* y) {
+  alignas(16) int8_t table[16];
+  for (int i = 0; i < 16; ++i) table[i] = codebook_int8(i);
+  const __m256i tab = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(table)));
+  const __m256i low4 = _mm256_set1_epi8(0xF);
+  const int64_t bs = v.d.block_size, blocks_per_row = k / bs;
+  for (int64_t r = begin; r < end; ++r) {
+    const uint8_t* row = v.codes + r * k / 2;
+    __m256 acc[MT];
+    for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks_per_row; ++b) {
+      const __m256 sv = _mm256_set1_ps(v.scale(r * blocks_per_row + b));
+      for (int64_t c = b * bs; c < (b + 1) * bs; c += 64) {
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c / 2));
+        const __m256i w_even = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4));
+        const __m256i w_odd = _mm256_shuffle_epi8(tab, _mm256_and_si256(bytes, low4));
+        const __m256i abs_even = _mm256_sign_epi8(w_even, w_even), abs_odd = _mm256_sign_epi8(w_odd, w_odd);
+        for (int i = 0; i < MT; ++i) {
+          const int8_t* xc = xq + i * k + c;
+          __m256i dot = cpu::dpbusd_avx2(_mm256_setzero_si256(), abs_even,
+                                         _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc)), w_even));
+          dot = cpu::dpbusd_avx2(dot, abs_odd,
+                                 _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + 32)), w_odd));
+          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sv, acc[i]);
+        }
+      }
+    }
+    for (int i = 0; i < MT; ++i) y[i * n_rows + r] = hsum_ps256(acc[i]) * (xscale[i] * kInv127);
+  }
+}
+#endif
+
+// Integer path, portable.
+void linear_int8_portable(const View& v, int64_t k, int64_t begin, int64_t end, const int8_t* xq,
+                          const float* xscale, int64_t m_rows, int64_t n_rows, float* y) {
+  const int64_t bs = v.d.block_size, blocks_per_row = k / bs;
+  std::vector<int8_t> w(bs);
+  for (int64_t r = begin; r < end; ++r) {
+    std::vector<float> acc(m_rows, 0.f);
+    for (int64_t b = 0; b < blocks_per_row; ++b) {
+      const int64_t e0 = r * k + b * bs;
+      for (int64_t j = 0; j < bs; ++j) w[j] = codebook_int8(code_at(v.codes, e0 + j));
+      const float s = v.scale(r * blocks_per_row + b);
+      for (int64_t m = 0; m < m_rows; ++m) {
+        const int8_t* xb = xq + m * k + b * bs;
+        int32_t dot = 0;
+        for (int64_t j = 0; j < bs; ++j) dot += static_cast<int32_t>(w[j]) * static_cast<int32_t>(xb[j]);
+        acc[m] += s * static_cast<float>(dot);
+      }
+    }
+    for (int64_t m = 0; m < m_rows; ++m) y[m * n_rows + r] = acc[m] * (xscale[m] * kInv127);
+  }
+}
+
+template <typename Kernel>
+void for_row_tiles(int64_t m_rows, Kernel&& kernel) {
+  for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
+    switch (std::min<int64_t>(4, m_rows - m0)) {
+      case 1: kernel(std::integral_constant<int, 1>{}, m0); break;
+      case 2: kernel(std::integral_constant<int, 2>{}, m0); break;
+      case 3: kernel(std::integral_constant<int, 3>{}, m0); break;
+      default: kernel(std::integral_constant<int, 4>{}, m0); break;
+    }
+  }
+}
+
+void linear_gemm(const View& v, int64_t k, int64_t n_rows, const at::Tensor& xf, at::Tensor& y) {
+  // ~8 MiB buffers: few parallel regions (each costs a thread hand-off), and
+  // the decoded block is still mostly in the last-level cache for its GEMM.
+  const int64_t block = std::min(n_rows, std::max<int64_t>(16, (int64_t(1) << 21) / std::max<int64_t>(1, k)));
+  auto buffer = at::empty({block, k}, xf.options());
+  for (int64_t r0 = 0; r0 < n_rows; r0 += block) {
+    const int64_t rows = std::min(block, n_rows - r0);
+    float* out = buffer.data_ptr<float>();
+    at::parallel_for(r0, r0 + rows, 4, [&](int64_t b, int64_t e) {
+      decode_range(v, b * k, e * k, out + (b - r0) * k);
+    });
+    auto y_block = y.narrow(1, r0, rows);
+    at::mm_out(y_block, xf, buffer.narrow(0, 0, rows).t());
+  }
+}
+
+at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
+                          const at::Tensor& nested_absmax, const at::Tensor& nested_map,
+                          const at::Tensor& nested_offset, int64_t out_features, int64_t block_size,
+                          int64_t nested_block_size, const c10::optional<at::Tensor>& bias, int64_t act_bits) {
+  MB_CHECK(act_bits == 0 || act_bits == 8, "'act_bits' must be 0 (exact float) or 8 (int8 activations), got ",
+           act_bits);
+  const int64_t k = x.dim() >= 1 ? x.size(-1) : 0;
+  const Nf4Dims d = check_nf4_state(codes, absmax, nested_absmax, nested_map, nested_offset, out_features * k,
+                                    block_size, nested_block_size);
+  check_nf4_activation(x, out_features, d, bias, codes);
+  const auto xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  const int64_t m_rows = xf.size(0), n_rows = out_features;
+  auto y = at::empty({m_rows, n_rows}, xf.options());
+  const auto c = codes.contiguous(), a = absmax.contiguous(), na = nested_absmax.contiguous(),
+             nm = nested_map.contiguous();
+  const View v = make_view(c, a, na, nm, nested_offset, d);
+  const cpu::Isa isa = cpu::active_isa();
+  float* yp = y.data_ptr<float>();
+  if (m_rows == 0 || n_rows == 0) {
+    // nothing to compute
+  } else if (m_rows >= kGemmMinRows && act_bits == 0) {
+    linear_gemm(v, k, n_rows, xf, y);
+  } else if (act_bits == 8 && k % 64 == 0 && block_size % 64 == 0 && k % block_size == 0) {
+    if (isa == cpu::Isa::Portable) {
+      const cpu::Int8Activations act = cpu::quantize_activations(xf, k);
+      const int8_t* xq = act.values.data_ptr<int8_t>();
+      const float* xs = act.scales.data_ptr<float>();
+      at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+        linear_int8_portable(v, k, begin, end, xq, xs, m_rows, n_rows, yp);
+      });
+    } else {
+#if MB_HAVE_X86_KERNELS
+      const auto xd = even_odd_order(xf, 64);
+      const cpu::Int8Activations act = cpu::quantize_activations(xd, k);
+      const int8_t* xq = act.values.data_ptr<int8_t>();
+      const int32_t* sums = act.sums.data_ptr<int32_t>();
+      const float* xs = act.scales.data_ptr<float>();
+      const int64_t sum_blocks = k / cpu::kActBlock;
+      at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+        for_row_tiles(m_rows, [&](auto mt, int64_t m0) {
+          constexpr int MT = decltype(mt)::value;
+          if (isa == cpu::Isa::Avx512Vnni)
+            linear_int8_avx512<MT>(v, k, begin, end, xq + m0 * k, sums + m0 * sum_blocks, xs + m0, n_rows,
+                                   yp + m0 * n_rows);
+          else
+            linear_int8_avx2<MT>(v, k, begin, end, xq + m0 * k, xs + m0, n_rows, yp + m0 * n_rows);
+        });
+      });
+#endif
+    }
+  } else if (isa != cpu::Isa::Portable && k % block_size == 0 && block_size % 32 == 0) {
+#if MB_HAVE_X86_KERNELS
+    const auto xd = even_odd_order(xf, 32);
+    const float* xp = xd.data_ptr<float>();
+    at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+      for_row_tiles(m_rows, [&](auto mt, int64_t m0) {
+        if (isa == cpu::Isa::Avx512Vnni)
+          linear_float_avx512<decltype(mt)::value>(v, k, begin, end, xp + m0 * k, n_rows, yp + m0 * n_rows);
+        else
+          linear_float_avx2<decltype(mt)::value>(v, k, begin, end, xp + m0 * k, n_rows, yp + m0 * n_rows);
+      });
+    });
+#endif
+  } else {
+    const float* xp = xf.data_ptr<float>();
+    at::parallel_for(0, n_rows, 8, [&](int64_t begin, int64_t end) {
+      linear_rows_generic(v, k, begin, end, xp, m_rows, n_rows, yp);
+    });
+  }
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  return y.to(x.scalar_type()).reshape(linear_output_shape(x, n_rows));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(memboost, CPU, m) {
+  m.impl("nf4_quantize", &nf4_quantize_cpu);
+  m.impl("nf4_quantize_absmax", &nf4_quantize_absmax_cpu);
+  m.impl("nf4_dequantize", &nf4_dequantize_cpu);
+  m.impl("nf4_linear", &nf4_linear_cpu);
+}
+
+}  // namespace nf4
+}  // namespace memboost
