@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup system-deps build demo test pytest cpptest bench clean
+.PHONY: setup system-deps build demo test pytest cpptest test-slow bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,13 @@ demo: setup
 
 test: setup pytest cpptest
 
+# CI's suite: everything but the tests marked slow (real-model and whole-README
+# runs, torch.compile), which `make test-slow` runs.
 pytest:
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow tests
 
 cpptest:
 	cmake -S . -B build/cpptests -G Ninja -DMEMBOOST_BUILD_EXTENSION=OFF -DMEMBOOST_BUILD_TESTS=ON
