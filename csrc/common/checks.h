@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <vector>
 
 namespace memboost {
 
@@ -45,3 +46,37 @@ inline std::string torch_dtype_name(at::ScalarType t) {
 
 #define MB_CHECK_SHAPE(t, expected, name) \
   MB_CHECK((t).sizes() == at::IntArrayRef(expected), "'", name, "' must have shape ", at::IntArrayRef(expected), ", got ", (t).sizes())
+
+namespace memboost {
+
+// The activation and bias of every *_linear op: x [..., in_features] of a
+// float dtype on the weight's device, bias [out_features] on x's device (of
+// x's dtype when the kernel reads it as x's type).
+inline void check_linear_input(const at::Tensor& x, int64_t in_features, int64_t out_features,
+                               const c10::optional<at::Tensor>& bias, const at::Tensor& weight,
+                               const char* weight_name, bool bias_same_dtype = true) {
+  MB_CHECK_FLOAT_DTYPE(x.scalar_type(), "x");
+  MB_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "'x' must have last dimension in_features=", in_features,
+           ", got shape ", x.sizes());
+  MB_CHECK_SAME_DEVICE(x, weight, "x", weight_name);
+  if (bias.has_value()) {
+    MB_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "'bias' must have shape [", out_features, "], got ",
+             bias->sizes());
+    if (bias_same_dtype) {
+      MB_CHECK(bias->scalar_type() == x.scalar_type(), "'bias' dtype ", torch_dtype_name(bias->scalar_type()),
+               " must match x dtype ", torch_dtype_name(x.scalar_type()));
+    } else {
+      MB_CHECK_FLOAT_DTYPE(bias->scalar_type(), "bias");
+    }
+    MB_CHECK_SAME_DEVICE(*bias, x, "bias", "x");
+  }
+}
+
+// x's shape with its last dimension replaced by out_features.
+inline std::vector<int64_t> linear_output_shape(const at::Tensor& x, int64_t out_features) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out_features;
+  return shape;
+}
+
+}  // namespace memboost

@@ -70,23 +70,7 @@ inline MixedDims check_mixed_args(const at::Tensor& plane2, const at::Tensor& lo
 
 inline void check_activation(const at::Tensor& x, const MixedDims& d, const c10::optional<at::Tensor>& bias,
                              const at::Tensor& plane2) {
-  MB_CHECK_FLOAT_DTYPE(x.scalar_type(), "x");
-  MB_CHECK(x.dim() >= 1 && x.size(-1) == d.cols, "'x' must have last dimension in_features=", d.cols,
-              ", got shape ", x.sizes());
-  MB_CHECK_SAME_DEVICE(x, plane2, "x", "plane2");
-  if (bias.has_value()) {
-    MB_CHECK(bias->dim() == 1 && bias->size(0) == d.rows, "'bias' must have shape [", d.rows, "], got ",
-                bias->sizes());
-    MB_CHECK(bias->scalar_type() == x.scalar_type(), "'bias' dtype ", torch_dtype_name(bias->scalar_type()),
-             " must match x dtype ", torch_dtype_name(x.scalar_type()));
-    MB_CHECK_SAME_DEVICE(*bias, x, "bias", "x");
-  }
-}
-
-inline std::vector<int64_t> linear_output_shape(const at::Tensor& x, int64_t out_features) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out_features;
-  return shape;
+  check_linear_input(x, d.cols, d.rows, bias, plane2, "plane2");
 }
 
 }  // namespace mixed

@@ -65,25 +65,12 @@ inline Nf4Dims check_nf4_state(const at::Tensor& codes, const at::Tensor& absmax
 
 inline void check_nf4_activation(const at::Tensor& x, int64_t out_features, const Nf4Dims& d,
                                  const c10::optional<at::Tensor>& bias, const at::Tensor& codes) {
-  MB_CHECK_FLOAT_DTYPE(x.scalar_type(), "x");
   MB_CHECK(x.dim() >= 1, "'x' must have at least one dimension");
-  MB_CHECK_SAME_DEVICE(x, codes, "x", "codes");
   MB_CHECK(out_features >= 0, "'out_features' must be >= 0, got ", out_features);
   const int64_t k = x.size(-1);
   MB_CHECK(out_features * k == d.numel, "'x' has ", k, " features but the NF4 weight holds ", d.numel,
            " elements, not out_features ", out_features, " x ", k);
-  if (bias.has_value()) {
-    MB_CHECK_FLOAT_DTYPE(bias->scalar_type(), "bias");
-    MB_CHECK_SAME_DEVICE(*bias, x, "bias", "x");
-    MB_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "'bias' must have shape [", out_features,
-             "], got ", bias->sizes());
-  }
-}
-
-inline std::vector<int64_t> linear_output_shape(const at::Tensor& x, int64_t out_features) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out_features;
-  return shape;
+  check_linear_input(x, k, out_features, bias, codes, "codes", /*bias_same_dtype=*/false);
 }
 
 }  // namespace nf4

@@ -51,17 +51,7 @@ inline TernaryDims check_ternary_args(const at::Tensor& packed, const at::Tensor
 
 inline void check_activation(const at::Tensor& x, const TernaryDims& d, const c10::optional<at::Tensor>& bias,
                              const at::Tensor& packed) {
-  MB_CHECK_FLOAT_DTYPE(x.scalar_type(), "x");
-  MB_CHECK(x.dim() >= 1 && x.size(-1) == d.cols, "'x' must have last dimension in_features=", d.cols,
-           ", got shape ", x.sizes());
-  MB_CHECK_SAME_DEVICE(x, packed, "x", "packed");
-  if (bias.has_value()) {
-    MB_CHECK(bias->dim() == 1 && bias->size(0) == d.rows, "'bias' must have shape [", d.rows, "], got ",
-             bias->sizes());
-    MB_CHECK(bias->scalar_type() == x.scalar_type(), "'bias' dtype ", torch_dtype_name(bias->scalar_type()),
-             " must match x dtype ", torch_dtype_name(x.scalar_type()));
-    MB_CHECK_SAME_DEVICE(*bias, x, "bias", "x");
-  }
+  check_linear_input(x, d.cols, d.rows, bias, packed, "packed");
 }
 
 inline void check_act_bits(int64_t act_bits) {
@@ -69,11 +59,6 @@ inline void check_act_bits(int64_t act_bits) {
            "'act_bits' must be 0 (exact float activations) or 8 (int8 activations, W1.58A8), got ", act_bits);
 }
 
-inline std::vector<int64_t> linear_output_shape(const at::Tensor& x, int64_t out_features) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out_features;
-  return shape;
-}
 
 // ternary_pack: int8 trits [..., cols] -> uint8 [..., row_bytes(cols)].
 inline std::vector<int64_t> packed_sizes(const at::Tensor& trits_in) {
