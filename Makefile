@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup system-deps build demo test pytest cpptest test-slow bench clean
+.PHONY: setup system-deps build demo test pytest cpptest test-slow ptxas bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,15 @@ cpptest:
 	cmake -S . -B build/cpptests -G Ninja -DMEMBOOST_BUILD_EXTENSION=OFF -DMEMBOOST_BUILD_TESTS=ON
 	cmake --build build/cpptests
 	ctest --test-dir build/cpptests --output-on-failure
+
+# Registers, spills and shared memory of every CUDA kernel (ptxas -v), as a
+# table in build/ptxas/report.md; fails when a kernel spills.
+ptxas: build
+	cmake -S . -B build/ptxas -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) -DMEMBOOST_CUDA=ON \
+		-DCMAKE_CUDA_FLAGS="-Xptxas=-v"
+	cmake --build build/ptxas --clean-first > build/ptxas/build.log 2>&1 || (tail -20 build/ptxas/build.log; false)
+	$(PY) tools/ptxas_report.py build/ptxas/build.log > build/ptxas/report.md; status=$$?; \
+		cat build/ptxas/report.md; exit $$status
 
 bench:
 	$(PY) benchmarks/bench_mixed_speed.py
