@@ -37,12 +37,6 @@ struct DeviceView {
   int words_per_group;
 };
 
-// Vector loads need aligned bases; a tensor that is a view into a larger
-// buffer may not be, so such inputs are copied once.
-at::Tensor aligned(const at::Tensor& t, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0 ? t : t.clone();
-}
-
 DeviceView make_view(const at::Tensor& plane2, const at::Tensor& lowbits, const at::Tensor& meta,
                      const at::Tensor& mask, const at::Tensor& row_scale, const at::Tensor& rowptr,
                      const at::Tensor& cols, const at::Tensor& vals, const MixedDims& d) {

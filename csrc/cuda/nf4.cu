@@ -269,9 +269,7 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const a
                                     block_size, nested_block_size);
   check_nf4_activation(x, out_features, d, bias, codes);
   const c10::cuda::CUDAGuard guard(x.device());
-  // 16-byte loads need aligned bases: a view into a larger buffer is copied once.
-  auto c = codes.contiguous();
-  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16) c = c.clone();
+  const auto c = aligned(codes.contiguous(), 16);  // 16-byte loads
   const auto a = absmax.contiguous(), na = nested_absmax.contiguous(), nm = nested_map.contiguous(),
              no = nested_offset.contiguous();
   const DeviceView v = make_view(c, a, na, nm, no, d);

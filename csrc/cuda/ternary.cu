@@ -43,10 +43,6 @@ DeviceView make_view(const at::Tensor& packed, const at::Tensor& scales, const T
                     d.row_bytes,                 d.groups,                 d.chunks_per_group, d.scale_rows};
 }
 
-at::Tensor aligned(const at::Tensor& t, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0 ? t : t.clone();
-}
-
 __device__ __forceinline__ float row_scale(const DeviceView& v, int64_t row, int64_t group) {
   return __ldg(v.scales + trits::scale_offset(row, v.scale_rows, v.groups) + group);
 }
