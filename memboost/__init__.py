@@ -1,5 +1,5 @@
 """memboost: weight quantization for PyTorch (mixed 2/4/16-bit, ternary,
-NF4), with fused CPU and CUDA kernels.
+NF4, LoRT), with fused CPU and CUDA kernels.
 
     import memboost
     q = memboost.quantize(w, ratio_4bit=0.1)     # w: [out, in] fp16/bf16/fp32
@@ -21,9 +21,10 @@ from ._native import build_info, cuda_kernels_usable
 from . import ops, reference
 from .tensor import QuantizedTensor
 from .mixed import MixedQuantizedTensor, quantize
-from . import ternary, nf4
+from . import ternary, nf4, lort
 from .ternary import TernaryQuantizedTensor
 from .nf4 import NF4QuantizedTensor
+from .lort import LoRTQuantizedTensor
 from . import nn
 from . import qlora
 from .model import QuantizationReport, calibrate, load_quantized_, quantize_linears_, quantize_model
@@ -39,6 +40,7 @@ __all__ = [
     "quantize_linears_", "quantize_model", "QuantizationReport", "load_quantized_", "save_safetensors",
     "load_safetensors", "MemboostError", "MemboostTypeError", "testbed", "save_quantized", "load_quantized",
     "ternary", "TernaryQuantizedTensor", "tritter", "vsa", "distributed", "nf4", "NF4QuantizedTensor", "qlora",
+    "lort", "LoRTQuantizedTensor",
 ]
 
 

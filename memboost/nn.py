@@ -25,6 +25,7 @@ from .nf4 import NF4QuantizedTensor
 from .nf4 import quantize as _nf4_quantize
 from .ternary import EPS as TERNARY_EPS, TernaryQuantizedTensor, check_act_bits
 from .ternary import quantize as ternary_quantize
+from .lort import LoRTQuantizedTensor, decompose as lort_decompose, resolve_rank as resolve_lort_rank
 from .tensor import FORMAT_INFO_KEY, QuantizedTensor, check_output_dtype, decode_json
 
 # Same-width integer views of the floating dtypes a quantized state holds.
@@ -311,6 +312,47 @@ class NF4Linear(QuantizedLinear):
         """Quantizes `linear`'s weight with memboost.nf4.quantize (same arguments)."""
         return super().from_linear(linear, block_size=block_size, double_quant=double_quant, act_bits=act_bits,
                                    compute_dtype=compute_dtype)
+
+
+# ---------------------------------------------------------------------- LoRT
+
+
+class LoRTLinear(QuantizedLinear):
+    """nn.Linear with a LoRT weight alpha*T + A@B.T (memboost.lort): forward
+    is the project's ternary_linear kernel for alpha*T (exact, or int8
+    activations with act_bits=8) plus the low-rank path x@B then @A.T, added
+    into the same output buffer."""
+
+    format = "lort"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int = 64,
+                 per_row_alpha: bool = False, act_bits: Optional[int] = None, dtype: torch.dtype = torch.float16,
+                 device=None):
+        qtensor = LoRTQuantizedTensor.zeros((out_features, in_features), resolve_lort_rank(
+            (out_features, in_features), rank), per_row_alpha=per_row_alpha, dtype=dtype, device=device)
+        b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
+        self._init(qtensor, b, None, check_act_bits(act_bits))
+
+    @classmethod
+    def quantize_weight(cls, weight: torch.Tensor, **params) -> LoRTQuantizedTensor:
+        return lort_decompose(weight, **params)[0]
+
+    @classmethod
+    def skip_reason(cls, in_features: int, out_features: int, rank=64, max_bits=None, per_row_alpha=False,
+                    **params) -> Optional[str]:
+        try:
+            resolve_lort_rank((out_features, in_features), rank, max_bits, per_row_alpha)
+        except MemboostError as exc:
+            return str(exc)
+        return None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank=64, iters: int = 10, per_row_alpha: bool = False,
+                    max_bits: Optional[float] = None, *, act_bits: Optional[int] = None,
+                    compute_dtype: Optional[torch.dtype] = None) -> "LoRTLinear":
+        """Decomposes `linear`'s weight with memboost.lort.decompose (same arguments)."""
+        return super().from_linear(linear, rank=rank, iters=iters, per_row_alpha=per_row_alpha, max_bits=max_bits,
+                                   act_bits=check_act_bits(act_bits), compute_dtype=compute_dtype)
 
 
 class QLoRALinear(nn.Module):

@@ -1,0 +1,280 @@
+"""LoRT weights: W ~ alpha * T + A @ B.T, a ternary matrix T in {-1, 0, +1}
+with a scale alpha (one, or one per row) plus a rank-r correction A @ B.T.
+
+    q, errors = memboost.lort.decompose(w, rank=64, iters=10)   # also lort.decompose
+    q.avg_bits                  # T, alpha, A and B as stored, metadata included
+    y = q.linear(x)             # ternary_linear kernel + (x @ B) @ A.T, one output buffer
+
+The solver alternates two exact minimisations of ||W - alpha*T - A@B.T||_F,
+so no step can raise the error:
+- ternary step: the best ternary fit of R = W - A@B.T. For a fixed support
+  S (the non-zero positions of T) the best T is sign(R) on S and the best
+  alpha the mean of |R| over S, leaving ||R||^2 - (sum_S |R|)^2 / |S|; so the
+  best support of size j holds the j largest |R|, and sorting |R| (per row
+  for per-row alphas) finds the best j.
+- low-rank step: the best rank-r fit of W - alpha*T, the truncated SVD
+  (randomized for large matrices; a candidate that does not lower the error,
+  including the fp16 rounding of the stored factors, is not taken).
+The error reported after each iteration is that of the weight as stored
+(A and B rounded to fp16), so `errors` never rises.
+
+Storage: T in the project's one ternary packing (csrc/common/trits.h, the
+`ternary_*` ops and kernels), alpha float32 [1 or out, 1] (the ternary
+format's per-tensor / per-row scale), A float16 [out, r] and B float16
+[in, r], each factor carrying sqrt of the singular values. Rank 64 on a
+576x576 layer costs 2*64*(576+576)*16 / 576^2 = 3.6 bits per weight on top
+of T's 2: `resolve_rank` turns a fraction of min(out, in) or a bits budget
+into the rank a layer can afford.
+"""
+
+import json
+import math
+from typing import List, Optional, Tuple, Union
+
+import torch
+
+from . import ops, reference
+from .errors import MemboostError, MemboostTypeError, check_float_weight
+from .tensor import QuantizedTensor, dtype_name, encode_json
+from .ternary import _check_codes, check_act_bits
+
+_ACT_BITS = {None: 0, 8: 8}
+_FP16_MAX = 65504.0
+# Above this many elements in min(out, in) the low-rank step uses a
+# randomized SVD (a few power iterations) instead of the full one.
+_EXACT_SVD_MAX_DIM = 1024
+
+
+class LoRTQuantizedTensor(QuantizedTensor):
+    format = "lort"
+    version = 1
+    tensor_names = ("packed", "alpha", "A", "B")
+
+    @property
+    def rank(self) -> int:
+        return int(self.tensors["A"].shape[1])
+
+    @property
+    def per_row_alpha(self) -> bool:
+        return self.tensors["alpha"].shape[0] != 1 or self.shape[0] == 1
+
+    @classmethod
+    def zeros(cls, shape, rank: int, per_row_alpha: bool = False, dtype=torch.float16, device=None
+              ) -> "LoRTQuantizedTensor":
+        """A valid all-zero weight (what a layer holds before load_state_dict)."""
+        n, k = shape
+        packed = torch.full((n, reference.ternary_row_bytes(k)), 0x55, dtype=torch.uint8, device=device)
+        alpha = torch.zeros(n if per_row_alpha else 1, 1, dtype=torch.float32, device=device)
+        a = torch.zeros(n, rank, dtype=torch.float16, device=device)
+        b = torch.zeros(k, rank, dtype=torch.float16, device=device)
+        return cls({"packed": packed, "alpha": alpha, "A": a, "B": b}, {"shape": [n, k], "dtype": dtype_name(dtype)})
+
+    def trits(self) -> torch.Tensor:
+        """The int8 ternary matrix T [out, in] in {-1, 0, 1}."""
+        return ops.ternary_unpack(self.tensors["packed"], self.shape[1])
+
+    def low_rank(self) -> torch.Tensor:
+        """A @ B.T in float32."""
+        return self.tensors["A"].float() @ self.tensors["B"].float().T
+
+    def dequantize(self) -> torch.Tensor:
+        t = self.tensors
+        w = ops.ternary_dequantize(t["packed"], t["alpha"], self.shape[1], 0, torch.float32)
+        return w.addmm_(t["A"].float(), t["B"].float().T).to(self.dtype)
+
+    def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, act_bits: Optional[int] = None
+               ) -> torch.Tensor:
+        """x @ (alpha*T + A@B.T).T + bias: the ternary_linear kernel (exact, or
+        int8 activations with act_bits=8) writes the output, then the low-rank
+        path (x @ B, then @ A.T; two small GEMMs in x's dtype) is added into it."""
+        t = self.tensors
+        n, k = self.shape
+        y = ops.ternary_linear(x, t["packed"], t["alpha"], bias, k, 0, _ACT_BITS[check_act_bits(act_bits)])
+        if self.rank:
+            xb = x.reshape(-1, k) @ t["B"].to(x.dtype)
+            y.view(-1, n).addmm_(xb, t["A"].to(x.dtype).T)
+        return y
+
+    def _repr_fields(self) -> dict:
+        return {"rank": self.rank, "alpha": "row" if self.per_row_alpha else "tensor"}
+
+    def _validate(self) -> None:
+        meta, t = self.meta, self.tensors
+        for key in ("shape", "dtype"):
+            if key not in meta:
+                raise MemboostError(f"lort format metadata is missing '{key}'")
+        shape = meta["shape"]
+        if not (isinstance(shape, list) and len(shape) == 2 and all(type(s) is int for s in shape)
+                and shape[0] >= 1 and shape[1] >= 1):
+            raise MemboostError(f"metadata 'shape' must be [out_features >= 1, in_features >= 1], got {shape!r}")
+        self.dtype  # validates the dtype name
+        n, k = shape
+        want = {"packed": torch.uint8, "alpha": torch.float32, "A": torch.float16, "B": torch.float16}
+        for name, dt in want.items():
+            value = t.get(name)
+            if not isinstance(value, torch.Tensor):
+                raise MemboostError(f"'{name}' must be a tensor, got {type(value).__name__}")
+            if value.dtype != dt:
+                raise MemboostError(f"'{name}' must have dtype {dt}, got {value.dtype}")
+            if value.device != t["packed"].device:
+                raise MemboostError(f"all tensors of a quantized weight must be on one device, got "
+                                    f"{t['packed'].device} and {value.device}")
+        row_bytes = reference.ternary_row_bytes(k)
+        if tuple(t["packed"].shape) != (n, row_bytes):
+            raise MemboostError(f"'packed' must have shape ({n}, {row_bytes}) for a [{n}, {k}] weight (rows padded "
+                                f"to 128 trits, 4 per byte), got {tuple(t['packed'].shape)}")
+        if t["alpha"].dim() != 2 or t["alpha"].shape[1] != 1 or t["alpha"].shape[0] not in (1, n):
+            raise MemboostError(f"'alpha' must have shape (1, 1) or ({n}, 1), got {tuple(t['alpha'].shape)}")
+        a, b = t["A"], t["B"]
+        if a.dim() != 2 or a.shape[0] != n:
+            raise MemboostError(f"'A' must have shape ({n}, rank), got {tuple(a.shape)}")
+        r = a.shape[1]
+        if r > min(n, k):
+            raise MemboostError(f"rank {r} (A's columns) exceeds min(out, in) = {min(n, k)}")
+        if tuple(b.shape) != (k, r):
+            raise MemboostError(f"'B' must have shape ({k}, {r}) (in_features, A's rank), got {tuple(b.shape)}")
+        for name in ("alpha", "A", "B"):
+            if not bool(torch.isfinite(t[name]).all()):
+                raise MemboostError(f"'{name}' contains NaN or Inf values")
+        _check_codes(t["packed"], k)
+
+
+# -- rank and bits -----------------------------------------------------------
+def stored_bits(shape, rank: int, per_row_alpha: bool) -> float:
+    """Bits per weight of a LoRT weight as stored (state_dict bytes, metadata included)."""
+    n, k = shape
+    meta = {"shape": [n, k], "dtype": "bfloat16", "format": "lort", "version": LoRTQuantizedTensor.version}
+    nbytes = (n * reference.ternary_row_bytes(k) + 4 * (n if per_row_alpha else 1) + 2 * rank * (n + k)
+              + len(json.dumps(meta, sort_keys=True).encode()))
+    return 8.0 * nbytes / (n * k)
+
+
+def resolve_rank(shape, rank: Union[int, float] = 64, max_bits: Optional[float] = None,
+                 per_row_alpha: bool = False) -> int:
+    """The rank a [out, in] layer gets: `rank` as an int, or a float in (0, 1]
+    as a fraction of min(out, in); with `max_bits`, the largest rank up to
+    that (and up to min(out, in)) whose stored bits per weight stay within
+    the budget."""
+    n, k = (int(s) for s in shape)
+    limit = min(n, k)
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)):
+        raise MemboostTypeError(f"'rank' must be an int or a fraction in (0, 1], got {type(rank).__name__}")
+    if isinstance(rank, float):
+        if not 0.0 < rank <= 1.0:
+            raise MemboostError(f"'rank' as a fraction of min(out, in) must lie in (0, 1], got {rank!r}")
+        r = max(1, int(round(rank * limit)))
+    else:
+        if rank < 0:
+            raise MemboostError(f"'rank' must be >= 0, got {rank}")
+        if rank > limit and max_bits is None:
+            raise MemboostError(f"'rank' {rank} is larger than a [{n}, {k}] matrix allows (at most {limit})")
+        r = min(rank, limit)
+    if max_bits is not None:
+        if isinstance(max_bits, bool) or not isinstance(max_bits, (int, float)) or not math.isfinite(max_bits):
+            raise MemboostError(f"'max_bits' must be a number of bits per weight, got {max_bits!r}")
+        floor = stored_bits((n, k), 0, per_row_alpha)
+        if max_bits < floor:
+            raise MemboostError(f"'max_bits' {max_bits} is below what the ternary part alone costs on a [{n}, {k}] "
+                                f"layer ({floor:.3f} bits per weight)")
+        per_rank = 16.0 * (n + k) / (n * k)
+        r = min(r, int((max_bits - floor) / per_rank))
+        while r > 0 and stored_bits((n, k), r, per_row_alpha) > max_bits:
+            r -= 1
+    return r
+
+
+# -- the solver --------------------------------------------------------------
+def best_ternary_fit(r: torch.Tensor, per_row: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(T int8 [n, k], alpha float32 [n or 1, 1]) minimising ||r - alpha*T||:
+    per row (or over the whole matrix), the support is the j largest |r| for
+    the j maximising (sum of those |r|)^2 / j, and alpha their mean."""
+    n, k = r.shape
+    a = r.abs()
+    rows = a if per_row else a.reshape(1, -1)
+    sorted_abs, order = torch.sort(rows, dim=1, descending=True)
+    csum = sorted_abs.to(torch.float64).cumsum_(1)
+    counts = torch.arange(1, rows.shape[1] + 1, device=r.device, dtype=torch.float64)
+    best = (csum * csum / counts).argmax(dim=1, keepdim=True)  # support size - 1
+    alpha = (csum.gather(1, best) / (best + 1).to(torch.float64)).to(torch.float32)
+    del csum, sorted_abs
+    keep = torch.arange(rows.shape[1], device=r.device).unsqueeze(0) <= best
+    support = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, order, keep).reshape(n, k)
+    t = (torch.sign(r) * support).to(torch.int8)
+    return t, alpha
+
+
+def _low_rank_factors(m: torch.Tensor, rank: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) float16 with A @ B.T the (near-)best rank-`rank` fit of m; each
+    factor carries sqrt of the singular values (balanced for fp16)."""
+    n, k = m.shape
+    if min(n, k) <= _EXACT_SVD_MAX_DIM or rank * 4 >= min(n, k):
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        u, s, v = u[:, :rank], s[:rank], vh[:rank].T
+    else:
+        torch.manual_seed(seed)  # svd_lowrank draws its test matrix from the global RNG
+        u, s, v = torch.svd_lowrank(m, q=min(rank + 16, min(n, k)), niter=4)
+        u, s, v = u[:, :rank], s[:rank], v[:, :rank]
+    root = s.clamp_min(0).sqrt()
+    a = (u * root).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+    b = (v * root).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+    return a, b
+
+
+def _error(w: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    resid = w - alpha * t.to(torch.float32)
+    if a.shape[1]:
+        resid.addmm_(a.float(), b.float().T, alpha=-1.0)
+    return float(torch.linalg.vector_norm(resid))
+
+
+def _check_decompose_args(w, iters, per_row_alpha):
+    check_float_weight(w, "W")
+    if w.dim() != 2:
+        raise MemboostError(f"'W' must be a 2-D [out_features, in_features] weight, got shape {tuple(w.shape)}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise MemboostError(f"'iters' must be an int >= 1, got {iters!r}")
+    if not isinstance(per_row_alpha, bool):
+        raise MemboostTypeError(f"'per_row_alpha' must be a bool, got {type(per_row_alpha).__name__}")
+
+
+def decompose(W: torch.Tensor, rank: Union[int, float] = 64, iters: int = 10, per_row_alpha: bool = False,
+              device=None, max_bits: Optional[float] = None, seed: int = 0
+              ) -> Tuple[LoRTQuantizedTensor, List[float]]:
+    """W [out, in] (fp16/bf16/fp32) ~ alpha*T + A@B.T by alternating minimisation.
+
+    rank: an int, or a float in (0, 1] (a fraction of min(out, in)); max_bits:
+    the largest rank whose stored bits per weight fit (see resolve_rank).
+    per_row_alpha: one alpha per output row instead of one for the matrix.
+    device: where to solve (default W's device; float32 throughout); the
+    result lives on W's device. Returns (q, errors): errors[i] is
+    ||W - W_hat|| / ||W|| of the stored weight after iteration i (never
+    rising). The start is the best ternary fit of W with A = B = 0.
+    """
+    _check_decompose_args(W, iters, per_row_alpha)
+    r = resolve_rank(W.shape, rank, max_bits, per_row_alpha)
+    home = W.device
+    work = torch.device(device) if device is not None else home
+    w = W.detach().to(device=work, dtype=torch.float32)
+    norm = float(torch.linalg.vector_norm(w)) or 1.0
+    n, k = w.shape
+    a = torch.zeros(n, r, dtype=torch.float16, device=work)
+    b = torch.zeros(k, r, dtype=torch.float16, device=work)
+    t, alpha = best_ternary_fit(w, per_row_alpha)
+    err = _error(w, t, alpha, a, b)
+    errors: List[float] = []
+    for it in range(iters):
+        if r:
+            cand_a, cand_b = _low_rank_factors(w - alpha * t.to(torch.float32), r, seed=seed + it)
+            cand_err = _error(w, t, alpha, cand_a, cand_b)
+            if cand_err <= err:
+                a, b, err = cand_a, cand_b, cand_err
+        resid = w - a.float() @ b.float().T if r else w
+        cand_t, cand_alpha = best_ternary_fit(resid, per_row_alpha)
+        cand_err = _error(w, cand_t, cand_alpha, a, b)
+        if cand_err <= err:
+            t, alpha, err = cand_t, cand_alpha, cand_err
+        errors.append(err / norm)
+    packed = ops.ternary_pack(t)
+    q = LoRTQuantizedTensor._wrap({"packed": packed, "alpha": alpha.contiguous(), "A": a, "B": b},
+                                  {"shape": [n, k], "dtype": dtype_name(W.dtype)})
+    return (q.to(home) if work != home else q), errors
