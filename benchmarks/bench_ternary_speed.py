@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import memboost  # noqa: E402
 import memboost.ternary as ternary  # noqa: E402
-from common import print_table, time_cpu, time_cuda_graph, write_json  # noqa: E402
+from common import clone_quantized, copies_exceeding, print_table, stream_time, time_cpu, time_cuda_graph, write_json  # noqa: E402,E501
 
 PAPER_SHAPES = [(4096, 4096), (11008, 4096)]  # (out, in)
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
@@ -32,19 +32,6 @@ ISAS = ("portable", "avx2", "avx512")
 def weight(out_f, in_f, device, dtype):
     g = torch.Generator(device="cpu").manual_seed(out_f * 7 + in_f)
     return (torch.randn(out_f, in_f, generator=g) * 0.02).to(device=device, dtype=dtype)
-
-
-def copies_exceeding(nbytes_each, total, make, minimum=1):
-    return [make() for _ in range(max(minimum, -(-total // nbytes_each)))]
-
-
-def clone_quantized(q):
-    return type(q)({k: v.clone() for k, v in q.tensors.items()}, q.meta)
-
-
-def stream_time(fn, objs):
-    """Seconds per call of fn(obj) over a round robin of objs (median of 5 passes)."""
-    return time_cpu(lambda: [fn(o) for o in objs], min_time=0.0, warmup=1) / len(objs)
 
 
 def bench_cpu(args):

@@ -48,6 +48,21 @@ def time_cuda_graph(fns: List[Callable[[], object]], replays: int = 20) -> float
     return statistics.median(times)
 
 
+def copies_exceeding(nbytes_each: int, total: int, make: Callable[[], object], minimum: int = 1) -> list:
+    """Enough copies (make()) of an object of nbytes_each to total `total` bytes:
+    a round robin over them streams the weights from DRAM, as a model's forward does."""
+    return [make() for _ in range(max(minimum, -(-total // nbytes_each)))]
+
+
+def clone_quantized(q):
+    return type(q)({k: v.clone() for k, v in q.tensors.items()}, q.meta)
+
+
+def stream_time(fn: Callable[[object], object], objs: list) -> float:
+    """Seconds per call of fn(obj) over a round robin of objs (median of 5 passes)."""
+    return time_cpu(lambda: [fn(o) for o in objs], min_time=0.0, warmup=1) / len(objs)
+
+
 def copy_bandwidth_cuda(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written)."""
     src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()

@@ -19,6 +19,7 @@ import argparse
 import os
 import resource
 import sys
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -121,6 +122,40 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+class RssSampler:
+    """The process's resident memory sampled every 20 ms in a thread while
+    the block runs (Linux /proc): `start` and `peak` in MiB. The process-wide
+    maximum (getrusage) also counts importing torch and transformers; the
+    sampled growth during the work is what the work itself holds."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.start, self.peak = interval, 0.0, 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def current_mib() -> float:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, self.current_mib())
+
+    def __enter__(self) -> "RssSampler":
+        self.start = self.peak = self.current_mib()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.current_mib())
+
+
 def compress(spec: Optional[str], output: str, rank=64, max_bits: Optional[float] = None, iters: int = 10,
              min_dim: int = 128, skip=DEFAULT_SKIP, per_row_alpha: bool = True, device: str = "auto",
              raw_dtype: Optional[torch.dtype] = torch.float16, progress: bool = True) -> dict:
@@ -128,7 +163,6 @@ def compress(spec: Optional[str], output: str, rank=64, max_bits: Optional[float
     raw_dtype: the dtype the uncompressed floating tensors are stored in (None: as they are)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    rss_before = peak_rss_mib()
     source, config, tok_files, description = open_model(spec)
     try:
         plan, raw = [], []
@@ -157,7 +191,7 @@ def compress(spec: Optional[str], output: str, rank=64, max_bits: Optional[float
             from tqdm.auto import tqdm
 
             iterator = tqdm(plan, desc="lort-compress", unit="layer")
-        with LortWriter(output, len(plan), len(raw), meta) as writer:
+        with RssSampler() as rss, LortWriter(output, len(plan), len(raw), meta) as writer:
             for name, shape, r in iterator:
                 w = source.get(name)
                 q, errors = decompose(w, rank=r, iters=iters, per_row_alpha=per_row_alpha, device=device)
@@ -181,9 +215,11 @@ def compress(spec: Optional[str], output: str, rank=64, max_bits: Optional[float
         "mean_error": sum(row["error"] for row in rows) / len(rows),
         "bits_per_weight": 8.0 * sum(row["bytes"] for row in rows) / weights,
         "layer_bytes": sum(row["bytes"] for row in rows), "layer_fp16_bytes": sum(row["fp16_bytes"] for row in rows),
-        "file_bytes": os.path.getsize(output), "fp16_model_bytes": sum(row["fp16_bytes"] for row in rows) + raw_fp16_bytes,
+        "file_bytes": os.path.getsize(output),
+        "fp16_model_bytes": sum(row["fp16_bytes"] for row in rows) + raw_fp16_bytes,
         "seconds": seconds, "device": device, "threads": torch.get_num_threads(),
-        "peak_rss_mib": peak_rss_mib(), "peak_rss_before_mib": rss_before, "per_layer": rows,
+        "peak_rss_mib": peak_rss_mib(), "rss_at_start_mib": rss.start, "rss_peak_during_mib": rss.peak,
+        "largest_layer_mib": max(row["fp16_bytes"] for row in rows) / 2**20, "per_layer": rows,
     }
     return summary
 
@@ -195,8 +231,11 @@ def print_summary(s: dict) -> None:
           f"{s['layer_bytes'] / s['layer_fp16_bytes']:.3f}x | {s['file_bytes'] / 2**20:.1f} MiB | "
           f"{s['file_bytes'] / s['fp16_model_bytes']:.3f}x |")
     print(f"{s['raw_tensors']} tensors stored as they are (embeddings, norms, biases, small linears); "
-          f"{s['seconds']:.1f} s on {s['device']} ({s['threads']} threads); peak RSS {s['peak_rss_mib']:.0f} MiB; "
-          f"wrote {s['output']}")
+          f"{s['seconds']:.1f} s on {s['device']} ({s['threads']} threads); wrote {s['output']}")
+    growth = s["rss_peak_during_mib"] - s["rss_at_start_mib"]
+    print(f"memory: resident {s['rss_at_start_mib']:.0f} MiB when compression started (interpreter, libraries, "
+          f"input opened), peak {s['rss_peak_during_mib']:.0f} MiB during it (+{growth:.0f} MiB; largest layer "
+          f"{s['largest_layer_mib']:.1f} MiB in fp16); process peak RSS {s['peak_rss_mib']:.0f} MiB")
 
 
 def _rank_arg(text: str):

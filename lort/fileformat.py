@@ -347,7 +347,8 @@ def load(path: str) -> LortFile:
         for s in shape:
             count *= s
         if nbytes != count * itemsize:
-            raise cur.fail(f"byte count {nbytes} disagrees with shape {list(shape)} of {dtype_name(DTYPES[dtype_code])}")
+            raise cur.fail(f"byte count {nbytes} disagrees with shape {list(shape)} of "
+                           f"{dtype_name(DTYPES[dtype_code])}")
         out.tensors[name] = cur.tensor(DTYPES[dtype_code], tuple(shape), "data")
     cur.record = "end of file"
     if cur.pos != size:

@@ -32,7 +32,8 @@ def tiny_model(arch: str, seed: int = 0):
 
 
 # Every format: (method, quantizer parameters). A new format joins here.
-FORMATS = [("mixed", {"ratio_4bit": 0.25}), ("ternary", {"group_size": 128}), ("nf4", {"block_size": 64})]
+FORMATS = [("mixed", {"ratio_4bit": 0.25}), ("ternary", {"group_size": 128}), ("nf4", {"block_size": 64}),
+           ("lort", {"rank": 0.25, "iters": 2})]
 
 
 @pytest.mark.parametrize("method,params", FORMATS, ids=[m for m, _ in FORMATS])

@@ -26,6 +26,7 @@ METHODS = [
     ("mixed", {"ratio_4bit": 0.5, "group_size": 32}),
     ("ternary", {"per_row": True}),
     ("nf4", {"block_size": 64}),
+    ("lort", {"rank": 8, "iters": 2, "per_row_alpha": True}),
 ]
 ARCHS = ["llama", "qwen2", "gpt2"]
 VOCAB = 96
