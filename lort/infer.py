@@ -28,17 +28,6 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
-def generate(model, tokenizer, prompt: str, new_tokens: int):
-    """(completion, generated tokens per second), greedy, raw prompt (no chat template)."""
-    inputs = tokenizer(prompt, return_tensors="pt")
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    seconds = time.perf_counter() - start
-    new = out[0, inputs["input_ids"].shape[1]:]
-    return tokenizer.decode(new, skip_special_tokens=True), len(new) / seconds
-
-
 def _time(fn, x, repeats: int) -> float:
     with torch.inference_mode():
         fn(x)
@@ -114,7 +103,9 @@ def main(argv: Optional[list] = None) -> int:
                       f"{r['lort_ms']:.3f} | {r['linear_ms']:.3f} | {r['speedup']:.2f}x |")
         if args.prompt is not None or not (args.text or args.bench):
             prompt = args.prompt if args.prompt is not None else "The capital of France is"
-            completion, speed = generate(model, tokenizer, prompt, args.new_tokens)
+            from memboost.cli import generation_speed
+
+            completion, speed = generation_speed(model, tokenizer, prompt, args.new_tokens)
             print(f"{prompt!r} -> {completion!r}\n{args.new_tokens} tokens at {speed:.1f} tokens/s")
     except MemboostError as exc:
         print(f"lort-infer: error: {exc}", file=sys.stderr)

@@ -39,3 +39,23 @@ def llm_like_weight(out_features: int, in_features: int, seed: int = 0, dtype=to
     w *= torch.exp(0.3 * torch.randn(out_features, 1, generator=g))
     w *= torch.exp(0.3 * torch.randn(1, in_features, generator=g))
     return w.to(dtype)
+
+
+TINY_TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+             "foolishness. ") * 40
+
+
+def tiny_llama_with_tokenizer(tie_word_embeddings: bool = True):
+    """(model, tokenizer): a tiny random Llama (seeded) and a word-level tokenizer of TINY_TEXT."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([TINY_TEXT], trainers.WordLevelTrainer(special_tokens=["[UNK]", "[EOS]"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=1,
+                         tie_word_embeddings=tie_word_embeddings)
+    return LlamaForCausalLM(config).eval(), tokenizer

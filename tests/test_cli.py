@@ -10,27 +10,16 @@ import torch
 import memboost
 from memboost import cli
 
+from conftest import TINY_TEXT as TEXT, tiny_llama_with_tokenizer
+
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
-
-TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
-        "foolishness. ") * 40
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny Llama with a word-level tokenizer, saved as a Hugging Face folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([TEXT], trainers.WordLevelTrainer(special_tokens=["[UNK]", "[EOS]"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=1, tie_word_embeddings=True)
+    model, tokenizer = tiny_llama_with_tokenizer()
     folder = tmp_path_factory.mktemp("tiny") / "model"
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     text = folder.parent / "text.txt"
     text.write_text(TEXT)

@@ -16,28 +16,17 @@ from lort.fileformat import load
 from lort.model import load_model
 from memboost.nn import LoRTLinear
 
-transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+from conftest import TINY_TEXT as TEXT, tiny_llama_with_tokenizer
 
-TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
-        "foolishness. ") * 40
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    """A tiny Llama (untied head, a bias-free config) with a word-level tokenizer, saved as one
-    safetensors file, and the same model saved in three shards."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([TEXT], trainers.WordLevelTrainer(special_tokens=["[UNK]", "[EOS]"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=1, tie_word_embeddings=False)
+    """A tiny Llama (untied head) with a word-level tokenizer, saved as one safetensors file,
+    and the same model saved in several shards."""
+    model, tokenizer = tiny_llama_with_tokenizer(tie_word_embeddings=False)
     root = tmp_path_factory.mktemp("lort")
-    model = LlamaForCausalLM(config).eval()
     for name, shard in (("single", "1GB"), ("sharded", "40KB")):
         model.save_pretrained(root / name, max_shard_size=shard)
         tokenizer.save_pretrained(root / name)
