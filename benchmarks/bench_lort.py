@@ -24,7 +24,7 @@ what it imports, and the size of the largest layer.
 
     python benchmarks/bench_lort.py [--quick] [--json benchmarks/results/lort_cpu.json]
 
-About 25 minutes on a quiet 2-core CPU (--quick: 2 budgets, 512 tokens, 5 min).
+About 25 minutes on a quiet 2-core CPU (--quick: 2 budgets, 2 calibrated mixed rows, 1024 tokens).
 """
 
 import argparse
@@ -81,12 +81,12 @@ def bench_quality(args):
     calib = [torch.tensor(calib_ids[i:i + CONTEXT]).unsqueeze(0) for i in range(0, len(calib_ids), CONTEXT)]
     configs = [("ternary absmean (memboost.ternary)", "ternary", {}, False),
                ("ternary best fit (LoRT rank 0)", "lort", {"rank": 0, "iters": 1, "per_row_alpha": True}, False)]
-    budgets = (2.5, 3.0) if args.quick else (2.5, 3.0, 3.5, 4.5)
-    for b in budgets:
+    for b in args.budgets:
         configs.append((f"LoRT max_bits {b}", "lort", {"max_bits": b, "rank": 576, "iters": args.iters,
                                                        "per_row_alpha": True}, False))
-    for ratio in ((0.25,) if args.quick else (0.1, 0.25, 0.5, 1.0)):
-        configs.append((f"mixed ratio_4bit {ratio}", "mixed", {"ratio_4bit": ratio}, False))
+    for ratio in args.ratios:
+        if not args.quick:
+            configs.append((f"mixed ratio_4bit {ratio}", "mixed", {"ratio_4bit": ratio}, False))
         configs.append((f"mixed ratio_4bit {ratio}, calibrated", "mixed", {"ratio_4bit": ratio}, True))
     for label, method, params, calibrated in configs:
         model = copy.deepcopy(base)
@@ -156,11 +156,14 @@ def main():
     ap.add_argument("--tokens", type=int, default=2048, help="tokens of each text evaluated")
     ap.add_argument("--iters", type=int, default=6, help="LoRT iterations per layer")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.5], help="LoRT max_bits")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0], help="mixed ratio_4bit")
     ap.add_argument("--only", choices=["quality", "speed", "memory"], default=None)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    if args.quick:
-        args.tokens = min(args.tokens, 512)
+    if args.quick:  # the mixed rows calibrated only, two budgets, two ratios
+        args.tokens = min(args.tokens, 1024)
+        args.budgets, args.ratios = args.budgets[1::2], args.ratios[1::2]
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     result = {"threads": args.threads, "tokens": args.tokens, "iters": args.iters}

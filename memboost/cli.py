@@ -3,6 +3,7 @@
     memboost quantize MODEL OUT [--method mixed] [--ratio-4bit 0.1] [--calibrate TEXT]
     memboost eval MODEL [--text TEXT] [--prompt P] [--compile]
     memboost info DIR
+    memboost compare [--quick] [--plot compare.png]
 
 MODEL is a local Hugging Face model folder (plain or saved by memboost), or
 `smollm2` for the embedded default (SmolLM2-135M-Instruct from the
@@ -211,6 +212,26 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    import json
+
+    from . import compare
+    from .serialization import atomic_write
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    result = compare.run(quick=args.quick, tokens=args.tokens, progress=not args.quiet)
+    print(f"\n{result['model']}; perplexity on {result['tokens']} tokens of each text, windows of "
+          f"{result['window']}, {result['threads']} CPU threads\n")
+    print(compare.table(result))
+    if args.json:
+        with atomic_write(args.json) as tmp, open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.plot:
+        compare.plot(result, args.plot)
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="memboost", description=__doc__, formatter_class=_Formatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -245,6 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compile", action="store_true", help="also time generation under torch.compile")
     e.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("compare", help="memboost's formats against bitsandbytes and HQQ on SmolLM2, two texts",
+                       formatter_class=_Formatter)
+    c.add_argument("--quick", action="store_true", help="fewer settings (about a third of the time)")
+    c.add_argument("--tokens", type=int, default=2048, help="tokens of each text evaluated")
+    c.add_argument("--json", default="", help="write the table as JSON here")
+    c.add_argument("--plot", default="compare.png", help="bits against perplexity, a PNG ('' for none)")
+    c.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    c.add_argument("--quiet", action="store_true", help="no line per method while it runs")
+    c.set_defaults(fn=cmd_compare)
 
     i = sub.add_parser("info", help="formats and bits per layer of a saved model", formatter_class=_Formatter)
     i.add_argument("directory")
