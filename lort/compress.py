@@ -16,15 +16,19 @@ and exit with status 2; no partial output file is ever left behind.
 """
 
 import argparse
+import contextlib
+import itertools
 import os
 import resource
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
 import torch
 
+from memboost._threads import _single_threaded_ops
 from memboost.errors import MemboostError
 from memboost.lort import decompose, resolve_rank
 
@@ -186,19 +190,43 @@ def compress(spec: Optional[str], output: str, rank=64, max_bits: Optional[float
                          "per_row_alpha": per_row_alpha, "rank": rank, "max_bits": max_bits}}
         rows = []
         start = time.perf_counter()
-        iterator = plan
-        if progress:
-            from tqdm.auto import tqdm
+        read_lock = threading.Lock()
 
-            iterator = tqdm(plan, desc="lort-compress", unit="layer")
-        with RssSampler() as rss, LortWriter(output, len(plan), len(raw), meta) as writer:
-            for name, shape, r in iterator:
+        def decompose_layer(item):
+            name, shape, r = item
+            with read_lock:  # one reader of the memory-mapped input at a time
                 w = source.get(name)
-                q, errors = decompose(w, rank=r, iters=iters, per_row_alpha=per_row_alpha, device=device)
-                writer.add_layer(name, q.cpu())
-                rows.append({"name": name, "shape": list(shape), "rank": r, "error": errors[-1],
-                             "bits": q.avg_bits, "fp16_bytes": 2 * w.numel(), "bytes": q.nbytes})
-                del w, q
+            q, errors = decompose(w, rank=r, iters=iters, per_row_alpha=per_row_alpha, device=device)
+            return name, shape, r, q.cpu(), errors[-1], w.numel()
+
+        # On the CPU, whole layers go to worker threads whose ops are single-threaded:
+        # no barrier after every small op, so a busy machine does not stall them
+        # (memboost/_threads.py); at most `workers` layers are in memory at once.
+        workers = 1 if device != "cpu" else max(1, min(torch.get_num_threads(), len(plan)))
+        with RssSampler() as rss, LortWriter(output, len(plan), len(raw), meta) as writer, \
+                _single_threaded_ops() if workers > 1 else contextlib.nullcontext(), \
+                ThreadPoolExecutor(workers) as pool:
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=len(plan), desc="lort-compress", unit="layer")
+            pending = {}
+            items = iter(plan)
+            for item in itertools.islice(items, 2 * workers):
+                pending[item[0]] = pool.submit(decompose_layer, item)
+            for name, _, _ in plan:  # written in file order, decomposed ahead by the pool
+                name, shape, r, q, error, numel = pending.pop(name).result()
+                nxt = next(items, None)
+                if nxt is not None:
+                    pending[nxt[0]] = pool.submit(decompose_layer, nxt)
+                writer.add_layer(name, q)
+                rows.append({"name": name, "shape": list(shape), "rank": r, "error": error,
+                             "bits": q.avg_bits, "fp16_bytes": 2 * numel, "bytes": q.nbytes})
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
             raw_fp16_bytes = 0
             for name in raw:
                 t = source.get(name)
@@ -217,7 +245,7 @@ def compress(spec: Optional[str], output: str, rank=64, max_bits: Optional[float
         "layer_bytes": sum(row["bytes"] for row in rows), "layer_fp16_bytes": sum(row["fp16_bytes"] for row in rows),
         "file_bytes": os.path.getsize(output),
         "fp16_model_bytes": sum(row["fp16_bytes"] for row in rows) + raw_fp16_bytes,
-        "seconds": seconds, "device": device, "threads": torch.get_num_threads(),
+        "seconds": seconds, "device": device, "threads": torch.get_num_threads(), "workers": workers,
         "peak_rss_mib": peak_rss_mib(), "rss_at_start_mib": rss.start, "rss_peak_during_mib": rss.peak,
         "largest_layer_mib": max(row["fp16_bytes"] for row in rows) / 2**20, "per_layer": rows,
     }
@@ -231,7 +259,7 @@ def print_summary(s: dict) -> None:
           f"{s['layer_bytes'] / s['layer_fp16_bytes']:.3f}x | {s['file_bytes'] / 2**20:.1f} MiB | "
           f"{s['file_bytes'] / s['fp16_model_bytes']:.3f}x |")
     print(f"{s['raw_tensors']} tensors stored as they are (embeddings, norms, biases, small linears); "
-          f"{s['seconds']:.1f} s on {s['device']} ({s['threads']} threads); wrote {s['output']}")
+          f"{s['seconds']:.1f} s on {s['device']} ({s['workers']} worker threads); wrote {s['output']}")
     growth = s["rss_peak_during_mib"] - s["rss_at_start_mib"]
     print(f"memory: resident {s['rss_at_start_mib']:.0f} MiB when compression started (interpreter, libraries, "
           f"input opened), peak {s['rss_peak_during_mib']:.0f} MiB during it (+{growth:.0f} MiB; largest layer "
