@@ -370,7 +370,9 @@ void linear_rows_int8_portable(const MixedView& v, int64_t begin, int64_t end, c
 #if MB_HAVE_X86_KERNELS
 // row_group_params for 8 groups at a time: the 16 ranges of the row are two
 // registers, looked up with two permutes and a blend. Same float operations.
-MB_TARGET_AVX2 inline void row_group_params_avx2(const RowParams& p, int64_t groups, float* step, float* zero_step) {
+// plane_step (if given): step, times 4 in 4-bit groups (their plane holds the code's high bits).
+MB_TARGET_AVX2 inline void row_group_params_avx2(const RowParams& p, int64_t groups, float* step, float* zero_step,
+                                                 float* plane_step = nullptr) {
   const __m256 ranges_lo = _mm256_loadu_ps(p.ranges.range), ranges_hi = _mm256_loadu_ps(p.ranges.range + 8);
   const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   int64_t g0 = 0;
@@ -389,12 +391,14 @@ MB_TARGET_AVX2 inline void row_group_params_avx2(const RowParams& p, int64_t gro
                                       _mm256_blendv_ps(_mm256_set1_ps(0.25f), _mm256_set1_ps(1.0f), four));
     _mm256_storeu_ps(step + g0, st);
     _mm256_storeu_ps(zero_step + g0, _mm256_mul_ps(zero, st));
+    if (plane_step) _mm256_storeu_ps(plane_step + g0, _mm256_mul_ps(st, _mm256_blendv_ps(_mm256_set1_ps(1.0f), _mm256_set1_ps(4.0f), four)));
   }
   for (; g0 < groups; ++g0) {
     const GroupParams gp = group_params_from_range(p.meta[g0], test_bit(p.mask, static_cast<int>(g0)),
                                                    p.ranges.range[p.meta[g0] & 0xF]);
     step[g0] = gp.step;
     zero_step[g0] = gp.zero_step;
+    if (plane_step) plane_step[g0] = gp.four_bit ? 4.0f * gp.step : gp.step;
   }
 }
 
@@ -407,112 +411,186 @@ MB_TARGET_AVX2 inline float dot_avx2(const float* a, const float* b, int64_t n) 
   return out;
 }
 
-// The int8 pair kernel, one body for both instruction sets; Dot is the
-// 4-byte dot product (maddubs + madd on AVX2, vpdpbusd on AVX-512 VNNI).
+// The int8 GEMV kernel, one body for both instruction sets. A tile of
+// kInt8RowTile weight rows shares every activation load (as the ternary
+// kernel does), and the walk over the 2-bit plane has no branch: a 4-bit
+// group's code is 4 * hi + lo, so in those groups the plane's dot product is
+// scaled by 4 * step, and the low bits are added by a second, short walk over
+// the row's 4-bit groups only (found by scanning the mask's set bits). Per
+// pair of chunks (128 weights) and row: one 32-byte load, four dot products
+// of 2-bit codes against the permuted activations, one float FMA with the
+// pair's (chunk step * block scale) lane pattern.
+constexpr int kInt8RowTile = 4;
+// Software prefetch distance in bytes along each row's plane, as in the
+// ternary kernel (ternary.cpp measured it: the DRAM stream is 1.6x slower without).
+constexpr int64_t kInt8PrefetchBytes = 16384;
+
+// Codes 0..3 against int8 activations, four 4-byte dot products summed per
+// int32 lane. AVX2: the four maddubs int16 sums stay within 4 * 2 * 3 * 127,
+// so they are added before one madd widens them.
 struct DotAvx2 {
-  MB_TARGET_AVX2 static __m256i run(__m256i acc, __m256i u, __m256i s) { return cpu::dpbusd_avx2(acc, u, s); }
+  MB_TARGET_AVX2 static __m256i dot4(__m256i c0, __m256i c1, __m256i c2, __m256i c3, __m256i x0, __m256i x1,
+                                     __m256i x2, __m256i x3) {
+    const __m256i s = _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(c0, x0), _mm256_maddubs_epi16(c1, x1)),
+                                       _mm256_add_epi16(_mm256_maddubs_epi16(c2, x2), _mm256_maddubs_epi16(c3, x3)));
+    return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+  }
+  MB_TARGET_AVX2 static __m128i dot4(__m128i c0, __m128i c1, __m128i c2, __m128i c3, __m128i x0, __m128i x1,
+                                     __m128i x2, __m128i x3) {
+    const __m128i s = _mm_add_epi16(_mm_add_epi16(_mm_maddubs_epi16(c0, x0), _mm_maddubs_epi16(c1, x1)),
+                                    _mm_add_epi16(_mm_maddubs_epi16(c2, x2), _mm_maddubs_epi16(c3, x3)));
+    return _mm_madd_epi16(s, _mm_set1_epi16(1));
+  }
 };
+// AVX-512 VNNI: two chains of two vpdpbusd each.
 struct DotVnni {
-  MB_TARGET_AVX512 static __m256i run(__m256i acc, __m256i u, __m256i s) { return cpu::dpbusd_vnni256(acc, u, s); }
+  MB_TARGET_AVX512 static __m256i dot4(__m256i c0, __m256i c1, __m256i c2, __m256i c3, __m256i x0, __m256i x1,
+                                       __m256i x2, __m256i x3) {
+    const __m256i a = cpu::dpbusd_vnni256(cpu::dpbusd_vnni256(_mm256_setzero_si256(), c0, x0), c2, x2);
+    const __m256i b = cpu::dpbusd_vnni256(cpu::dpbusd_vnni256(_mm256_setzero_si256(), c1, x1), c3, x3);
+    return _mm256_add_epi32(a, b);
+  }
+  MB_TARGET_AVX512 static __m128i dot4(__m128i c0, __m128i c1, __m128i c2, __m128i c3, __m128i x0, __m128i x1,
+                                       __m128i x2, __m128i x3) {
+    const __m128i a = cpu::dpbusd_vnni128(cpu::dpbusd_vnni128(_mm_setzero_si128(), c0, x0), c2, x2);
+    const __m128i b = cpu::dpbusd_vnni128(cpu::dpbusd_vnni128(_mm_setzero_si128(), c1, x1), c3, x3);
+    return _mm_add_epi32(a, b);
+  }
 };
 
-#define MB_INT8_PAIRS_BODY                                                                                         \
+// Per-row float tables of one tile, allocated once per parallel task.
+struct Int8TileScratch {
+  int64_t group_stride, chunk_stride;
+  std::vector<float> step, zero_step, plane_step, chunk_step;
+  explicit Int8TileScratch(const MixedDims& d)
+      : group_stride(d.groups + 8), chunk_stride(d.cols / kChunk + 8),
+        step(kInt8RowTile * group_stride, 0.f), zero_step(kInt8RowTile * group_stride, 0.f),
+        plane_step(kInt8RowTile * group_stride, 0.f), chunk_step(kInt8RowTile * chunk_stride, 0.f) {}
+};
+
+// Row r's tables into slot i of the scratch; returns its chunk steps (the
+// plane's multiplier per chunk of 64 codes: step, or 4 * step in 4-bit groups).
+MB_TARGET_AVX2 inline const float* int8_row_tables(const MixedView& v, int64_t r, int i, Int8TileScratch& s) {
+  const MixedDims& d = v.d;
+  float* step = s.step.data() + i * s.group_stride;
+  float* plane_step = s.plane_step.data() + i * s.group_stride;
+  row_group_params_avx2(row_params(v, r), d.groups, step, s.zero_step.data() + i * s.group_stride, plane_step);
+  const int64_t cpg = d.group_size / kChunk;
+  if (cpg == 1) return plane_step;
+  float* cs = s.chunk_step.data() + i * s.chunk_stride;
+  for (int64_t g = 0; g < d.groups; ++g)
+    for (int64_t c = 0; c < cpg; ++c) cs[g * cpg + c] = plane_step[g];
+  return cs;
+}
+
+MB_TARGET_AVX2 inline float hsum128(__m128 s) {
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+#define MB_INT8_TILE_BODY                                                                                          \
   const MixedDims& d = v.d;                                                                                        \
-  const int64_t chunks = d.cols / kChunk, cpg = d.group_size / kChunk;                                             \
+  const int64_t chunks = d.cols / kChunk, full_pairs = chunks / 2, cpg = d.group_size / kChunk;                    \
   const __m256i three = _mm256_set1_epi8(3);                                                                       \
-  std::vector<float> group_step(d.groups + 8), zero_step(d.groups + 8);                                           \
-  for (int64_t r = begin; r < end; ++r) {                                                                          \
-    const RowParams p = row_params(v, r);                                                                          \
-    row_group_params_avx2(p, d.groups, group_step.data(), zero_step.data());                                       \
-    __m256 acc[MT];                                                                                                \
-    for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();                                                     \
-    /* the chunk's group, its index in the group, and the 4-bit groups before it (no divisions) */                \
-    int64_t group = 0, in_group = 0, low_before = 0;                                                               \
-    bool four = test_bit(p.mask, 0);                                                                               \
-    for (int64_t c0 = 0; c0 < chunks; c0 += 2) {                                                                   \
-      const bool full = c0 + 1 < chunks;                                                                           \
-      const uint8_t* low[2] = {nullptr, nullptr};                                                                  \
-      float chunk_step[2] = {0.f, 0.f};                                                                            \
-      for (int h = 0; h < 2 && (h == 0 || full); ++h) {                                                            \
-        if (four) low[h] = p.low + (low_before * cpg + in_group) * 16;                                             \
-        chunk_step[h] = group_step[group];                                                                         \
-        if (++in_group == cpg && group + 1 < d.groups) {                                                           \
-          in_group = 0;                                                                                            \
-          low_before += four;                                                                                      \
-          four = test_bit(p.mask, static_cast<int>(++group));                                                      \
-        }                                                                                                          \
-      }                                                                                                            \
-      const __m256i hi = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.plane + c0 * 16))            \
-                              : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.plane + c0 * 16))); \
-      __m256i codes[4];                                                                                            \
-      for (int s = 0; s < 4; ++s) codes[s] = _mm256_and_si256(_mm256_srli_epi16(hi, 2 * s), three);               \
-      if (low[0] || low[1]) {                                                                                      \
-        const __m128i none = _mm_setzero_si128();                                                                  \
-        const __m256i lo = _mm256_set_m128i(low[1] ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(low[1])) : none, \
-                                            low[0] ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(low[0])) : none); \
-        const __m256i count = _mm256_set_m128i(_mm_set1_epi32(low[1] ? 2 : 0), _mm_set1_epi32(low[0] ? 2 : 0));  \
-        for (int s = 0; s < 4; ++s)                                                                                \
-          codes[s] = _mm256_or_si256(_mm256_sllv_epi32(codes[s], count),                                           \
-                                     _mm256_and_si256(_mm256_srli_epi16(lo, 2 * s), three));                       \
-      }                                                                                                            \
-      const __m256 step = _mm256_set_m128(_mm_set1_ps(chunk_step[1]), _mm_set1_ps(chunk_step[0]));                 \
-      const int64_t pair = c0 / 2;                                                                                 \
-      for (int i = 0; i < MT; ++i) {                                                                               \
-        const int8_t* xp = a.x.data() + (m0 + i) * a.padded + pair * kPair;                                        \
-        __m256i dot = _mm256_setzero_si256();                                                                      \
-        for (int s = 0; s < 4; ++s)                                                                                \
-          dot = Dot::run(dot, codes[s], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32 * s)));       \
-        const __m256 scale =                                                                                       \
-            _mm256_mul_ps(step, _mm256_loadu_ps(a.pattern.data() + ((m0 + i) * a.pairs + pair) * 8));              \
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);                                          \
+  const __m128i three128 = _mm_set1_epi8(3);                                                                       \
+  const __m256i half_lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);                                            \
+  const uint8_t* plane[RT];                                                                                        \
+  const float* cs[RT];                                                                                             \
+  for (int i = 0; i < RT; ++i) {                                                                                   \
+    plane[i] = reinterpret_cast<const uint8_t*>(v.plane2 + (r0 + i) * d.plane_words);                              \
+    cs[i] = int8_row_tables(v, r0 + i, i, scratch);                                                                \
+  }                                                                                                                \
+  for (int64_t m = 0; m < m_rows; ++m) {                                                                           \
+    const int8_t* xq = a.x.data() + m * a.padded;                                                                  \
+    const float* pat = a.pattern.data() + m * a.pairs * 8;                                                         \
+    __m256 acc[RT];                                                                                                \
+    for (int i = 0; i < RT; ++i) acc[i] = _mm256_setzero_ps();                                                     \
+    for (int64_t p = 0; p < a.pairs; ++p) {                                                                        \
+      const int8_t* xp = xq + p * kPair;                                                                           \
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));                                 \
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));                            \
+      const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 64));                            \
+      const __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 96));                            \
+      const __m256 pair_pat = _mm256_loadu_ps(pat + p * 8);                                                        \
+      const bool full = p < full_pairs;                                                                            \
+      for (int i = 0; i < RT; ++i) {                                                                               \
+        const uint8_t* w = plane[i] + p * 32;                                                                      \
+        _mm_prefetch(reinterpret_cast<const char*>(w + kInt8PrefetchBytes), _MM_HINT_T0);                          \
+        /* an odd last chunk: its upper half reads as codes 0 against zero padding */                              \
+        const __m256i hi = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))                          \
+                                : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));    \
+        const __m256i dot = Dot::dot4(_mm256_and_si256(hi, three), _mm256_and_si256(_mm256_srli_epi16(hi, 2), three), \
+                                      _mm256_and_si256(_mm256_srli_epi16(hi, 4), three),                           \
+                                      _mm256_and_si256(_mm256_srli_epi16(hi, 6), three), x0, x1, x2, x3);          \
+        const __m256 steps = _mm256_permutevar8x32_ps(                                                             \
+            _mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cs[i] + 2 * p)))), \
+            half_lanes);                                                                                           \
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(steps, pair_pat), acc[i]);                 \
       }                                                                                                            \
     }                                                                                                              \
-    for (int i = 0; i < MT; ++i)                                                                                   \
-      y[(m0 + i) * d.rows + r] = hsum(acc[i]) - dot_avx2(zero_step.data(), a.gsum.data() + (m0 + i) * d.groups, d.groups) + \
-                                 outlier_dot(v, r, xf + (m0 + i) * d.cols);                                        \
+    for (int i = 0; i < RT; ++i) {                                                                                 \
+      const int64_t r = r0 + i;                                                                                    \
+      const float* step = scratch.step.data() + i * scratch.group_stride;                                          \
+      const uint8_t* low = reinterpret_cast<const uint8_t*>(v.lowbits + r * d.low_words);                          \
+      const uint32_t* mask = v.mask + r * d.mask_words;                                                            \
+      __m128 low_acc = _mm_setzero_ps();                                                                           \
+      int64_t j = 0; /* the 4-bit groups before this one */                                                        \
+      for (int64_t word = 0; word < d.mask_words; ++word) {                                                        \
+        for (uint32_t bits = mask[word]; bits != 0; bits &= bits - 1, ++j) {                                       \
+          const int64_t g = word * 32 + __builtin_ctz(bits);                                                       \
+          const __m128 group_step = _mm_set1_ps(step[g]);                                                          \
+          for (int64_t cc = 0; cc < cpg; ++cc) {                                                                   \
+            const int64_t c = g * cpg + cc, p = c >> 1, h = c & 1;                                                 \
+            const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(low + (j * cpg + cc) * 16));       \
+            const int8_t* xp = xq + p * kPair + 16 * h;                                                            \
+            const __m128i dot = Dot::dot4(                                                                         \
+                _mm_and_si128(lo, three128), _mm_and_si128(_mm_srli_epi16(lo, 2), three128),                       \
+                _mm_and_si128(_mm_srli_epi16(lo, 4), three128), _mm_and_si128(_mm_srli_epi16(lo, 6), three128),    \
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp)),                                             \
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp + 32)),                                        \
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp + 64)),                                        \
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp + 96)));                                       \
+            low_acc = _mm_fmadd_ps(_mm_cvtepi32_ps(dot), _mm_mul_ps(group_step, _mm_loadu_ps(pat + p * 8 + 4 * h)), \
+                                   low_acc);                                                                       \
+          }                                                                                                        \
+        }                                                                                                          \
+      }                                                                                                            \
+      y[m * d.rows + r] = hsum(acc[i]) + hsum128(low_acc) -                                                        \
+                          dot_avx2(scratch.zero_step.data() + i * scratch.group_stride,                            \
+                                   a.gsum.data() + m * d.groups, d.groups) +                                       \
+                          outlier_dot(v, r, xf + m * d.cols);                                                      \
+    }                                                                                                              \
   }
 
-template <int MT>
-MB_TARGET_AVX2 void linear_rows_int8_avx2_tile(const MixedView& v, int64_t begin, int64_t end, const Int8Rows& a,
-                                               int64_t m0, const float* xf, float* y) {
+template <int RT>
+MB_TARGET_AVX2 void int8_tile_avx2(const MixedView& v, int64_t r0, const Int8Rows& a, const float* xf,
+                                   int64_t m_rows, Int8TileScratch& scratch, float* y) {
   using Dot = DotAvx2;
-  MB_INT8_PAIRS_BODY
+  MB_INT8_TILE_BODY
 }
 
-template <int MT>
-MB_TARGET_AVX512 void linear_rows_int8_avx512_tile(const MixedView& v, int64_t begin, int64_t end,
-                                                   const Int8Rows& a, int64_t m0, const float* xf, float* y) {
+template <int RT>
+MB_TARGET_AVX512 void int8_tile_vnni(const MixedView& v, int64_t r0, const Int8Rows& a, const float* xf,
+                                     int64_t m_rows, Int8TileScratch& scratch, float* y) {
   using Dot = DotVnni;
-  MB_INT8_PAIRS_BODY
+  MB_INT8_TILE_BODY
 }
-#undef MB_INT8_PAIRS_BODY
+#undef MB_INT8_TILE_BODY
 
-template <template <int> class Tile>
-void int8_tiles(const MixedView& v, int64_t begin, int64_t end, const Int8Rows& a, const float* xf, int64_t m_rows,
-                float* y) {
-  for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
-    switch (std::min<int64_t>(4, m_rows - m0)) {
-      case 1: Tile<1>::run(v, begin, end, a, m0, xf, y); break;
-      case 2: Tile<2>::run(v, begin, end, a, m0, xf, y); break;
-      case 3: Tile<3>::run(v, begin, end, a, m0, xf, y); break;
-      default: Tile<4>::run(v, begin, end, a, m0, xf, y); break;
-    }
+void int8_rows_x86(bool vnni, const MixedView& v, int64_t begin, int64_t end, const Int8Rows& a, const float* xf,
+                   int64_t m_rows, float* y) {
+  Int8TileScratch scratch(v.d);
+  int64_t r = begin;
+  for (; r + kInt8RowTile <= end; r += kInt8RowTile) {
+    if (vnni) int8_tile_vnni<kInt8RowTile>(v, r, a, xf, m_rows, scratch, y);
+    else int8_tile_avx2<kInt8RowTile>(v, r, a, xf, m_rows, scratch, y);
+  }
+  for (; r < end; ++r) {
+    if (vnni) int8_tile_vnni<1>(v, r, a, xf, m_rows, scratch, y);
+    else int8_tile_avx2<1>(v, r, a, xf, m_rows, scratch, y);
   }
 }
-
-template <int MT>
-struct Avx2Tile {
-  static void run(const MixedView& v, int64_t b, int64_t e, const Int8Rows& a, int64_t m0, const float* xf, float* y) {
-    linear_rows_int8_avx2_tile<MT>(v, b, e, a, m0, xf, y);
-  }
-};
-
-template <int MT>
-struct Avx512Tile {
-  static void run(const MixedView& v, int64_t b, int64_t e, const Int8Rows& a, int64_t m0, const float* xf, float* y) {
-    linear_rows_int8_avx512_tile<MT>(v, b, e, a, m0, xf, y);
-  }
-};
 #endif
 
 // Rows per parallel task: at least ~half a million weights each, so a small
@@ -527,8 +605,7 @@ void linear_int8(const MixedView& v, const at::Tensor& xf, float* y) {
   const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, v.d.rows, row_grain(v.d), [&](int64_t begin, int64_t end) {
 #if MB_HAVE_X86_KERNELS
-    if (isa == cpu::Isa::Avx512Vnni) return int8_tiles<Avx512Tile>(v, begin, end, a, xp, m_rows, y);
-    if (isa == cpu::Isa::Avx2) return int8_tiles<Avx2Tile>(v, begin, end, a, xp, m_rows, y);
+    if (isa != cpu::Isa::Portable) return int8_rows_x86(isa == cpu::Isa::Avx512Vnni, v, begin, end, a, xp, m_rows, y);
 #endif
     linear_rows_int8_portable(v, begin, end, a, xp, m_rows, y);
   });
