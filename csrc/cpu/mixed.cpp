@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -611,6 +612,228 @@ void linear_int8(const MixedView& v, const at::Tensor& xf, float* y) {
   });
 }
 
+// ---------------------------------------------------------------------------
+// int8 GEMM (act_bits = 8, from kInt8GemmMinRows activation rows on): a panel
+// of kPanelRows weight rows is decoded once into u8 codes laid out for
+// vpdpbusd and reused by every activation row. Lane j of a vector is weight
+// row j; its four bytes are the codes of elements 16w + 4i + s (i = 0..3) of
+// word w, which is where (word >> 2s) & 0x03030303 puts them, so the panel is
+// the plane's words, shifted, masked and (in 4-bit groups) joined with the
+// low bits. The activations are permuted within each 16-element word to
+// match: xw[16w + 4s + i] = x[16w + 4i + s]. Per block of 32 activations
+// (two words, 8 dot products) the int32 sums meet the float scale
+// step(row, group) * scale(activation row, block) in one FMA; the zero points
+// (one small float GEMM over the groups) and the outliers are added after.
+constexpr int64_t kPanelRows = 16;
+constexpr int64_t kInt8GemmMinRows = 16;
+
+struct Int8GemmActs {
+  std::vector<int8_t> x;  // [m, cols] in word order
+  at::Tensor scale;       // float [m, cols / 32]
+  at::Tensor gsum;        // float [m, groups]: sum of the dequantized activations per group
+};
+
+Int8GemmActs quantize_activations_words(const at::Tensor& xf, const MixedDims& d) {
+  const int64_t m_rows = xf.size(0), blocks = d.cols / cpu::kActBlock;
+  const cpu::Int8Activations a = cpu::quantize_activations(xf, d.cols, cpu::kActBlock);
+  Int8GemmActs out;
+  out.x.resize(m_rows * d.cols);
+  out.scale = a.scales;
+  out.gsum = at::zeros({m_rows, d.groups}, xf.options());
+  const int8_t* q = a.values.data_ptr<int8_t>();
+  const float* sc = a.scales.data_ptr<float>();
+  const int32_t* sums = a.sums.data_ptr<int32_t>();
+  float* gsum = out.gsum.data_ptr<float>();
+  at::parallel_for(0, m_rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int8_t* src = q + i * d.cols;
+      int8_t* dst = out.x.data() + i * d.cols;
+      for (int64_t w = 0; w < d.cols / kWeightsPerWord; ++w)
+        for (int s = 0; s < 4; ++s)
+          for (int k = 0; k < 4; ++k) dst[16 * w + 4 * s + k] = src[16 * w + 4 * k + s];
+      for (int64_t b = 0; b < blocks; ++b)
+        gsum[i * d.groups + b * cpu::kActBlock / d.group_size] += sc[i * blocks + b] * static_cast<float>(sums[i * blocks + b]);
+    }
+  });
+  return out;
+}
+
+// Rows [r0, r0 + n) (n <= kPanelRows; the others read as zero) into the panel:
+// panel[(4w + s) * kPanelRows + j] holds row r0 + j's four codes for step
+// (w, s); steps[b * kPanelRows + j] the step of its group holding block b;
+// zero_step[(r0 + j) * groups + g] its zero * step per group.
+void pack_panel(const MixedView& v, int64_t r0, int64_t n, uint32_t* panel, float* steps, float* zero_step) {
+  const MixedDims& d = v.d;
+  const int64_t wpg = d.group_size / kWeightsPerWord, blocks_per_group = d.group_size / cpu::kActBlock;
+  std::vector<float> step(d.groups);
+  for (int64_t j = 0; j < kPanelRows; ++j) {
+    if (j >= n) {
+      for (int64_t t = 0; t < 4 * d.plane_words; ++t) panel[t * kPanelRows + j] = 0;
+      for (int64_t b = 0; b < d.cols / cpu::kActBlock; ++b) steps[b * kPanelRows + j] = 0.f;
+      continue;
+    }
+    const int64_t r = r0 + j;
+    const RowParams p = row_params(v, r);
+    row_group_params(p, d.groups, step.data(), zero_step + r * d.groups);
+    const uint32_t* plane = v.plane2 + r * d.plane_words;
+    const uint32_t* low = v.lowbits + r * d.low_words;
+    int64_t low_group = 0;
+    for (int64_t g = 0; g < d.groups; ++g) {
+      const bool four = test_bit(p.mask, static_cast<int>(g));
+      for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) steps[b * kPanelRows + j] = step[g];
+      for (int64_t k = 0; k < wpg; ++k) {
+        const int64_t w = g * wpg + k;
+        const uint32_t hi = plane[w], lo = four ? low[low_group * wpg + k] : 0u;
+        for (int s = 0; s < 4; ++s) {
+          uint32_t c = (hi >> (2 * s)) & 0x03030303u;
+          if (four) c = (c << 2) | ((lo >> (2 * s)) & 0x03030303u);
+          panel[(4 * w + s) * kPanelRows + j] = c;
+        }
+      }
+      low_group += four;
+    }
+  }
+}
+
+#if MB_HAVE_X86_KERNELS
+// Block accumulators: AVX2 adds the eight maddubs int16 results of a block of
+// 32 (each at most 2 * 15 * 127, the sum at most 30480 < 32767) and widens
+// once; VNNI accumulates in int32 directly.
+struct GemmDotAvx2 {
+  MB_TARGET_AVX2 static __m256i step(__m256i acc, __m256i codes, __m256i x) {
+    return _mm256_add_epi16(acc, _mm256_maddubs_epi16(codes, x));
+  }
+  MB_TARGET_AVX2 static __m256i finish(__m256i acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
+};
+struct GemmDotVnni {
+  MB_TARGET_AVX512 static __m256i step(__m256i acc, __m256i codes, __m256i x) {
+    return cpu::dpbusd_vnni256(acc, codes, x);
+  }
+  MB_TARGET_AVX512 static __m256i finish(__m256i acc) { return acc; }
+};
+
+// y[m0 + i, r0 + 8 * rv0 + 8 * v + l] for i < MR, v < RV, l < 8 (columns below n_valid).
+#define MB_INT8_GEMM_TILE_BODY                                                                                     \
+  __m256 f[MR][RV];                                                                                                \
+  for (int i = 0; i < MR; ++i)                                                                                     \
+    for (int u = 0; u < RV; ++u) f[i][u] = _mm256_setzero_ps();                                                    \
+  const uint32_t* pn = panel + 8 * rv0;                                                                            \
+  const float* st = steps + 8 * rv0;                                                                               \
+  for (int64_t b = 0; b < blocks; ++b) {                                                                           \
+    __m256i acc[MR][RV];                                                                                           \
+    for (int i = 0; i < MR; ++i)                                                                                   \
+      for (int u = 0; u < RV; ++u) acc[i][u] = _mm256_setzero_si256();                                             \
+    for (int t = 0; t < 8; ++t) {                                                                                  \
+      const int64_t ts = 8 * b + t;                                                                                \
+      __m256i codes[RV];                                                                                           \
+      for (int u = 0; u < RV; ++u)                                                                                 \
+        codes[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pn + ts * kPanelRows + 8 * u));             \
+      for (int i = 0; i < MR; ++i) {                                                                               \
+        int32_t four_x;                                                                                            \
+        std::memcpy(&four_x, x + i * cols + 4 * ts, 4);                                                            \
+        const __m256i xb = _mm256_set1_epi32(four_x);                                                              \
+        for (int u = 0; u < RV; ++u) acc[i][u] = Dot::step(acc[i][u], codes[u], xb);                               \
+      }                                                                                                            \
+    }                                                                                                              \
+    __m256 bs[RV];                                                                                                 \
+    for (int u = 0; u < RV; ++u) bs[u] = _mm256_loadu_ps(st + b * kPanelRows + 8 * u);                             \
+    for (int i = 0; i < MR; ++i) {                                                                                 \
+      const __m256 as = _mm256_set1_ps(ascale[i * blocks + b]);                                                    \
+      for (int u = 0; u < RV; ++u)                                                                                 \
+        f[i][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Dot::finish(acc[i][u])), _mm256_mul_ps(bs[u], as), f[i][u]);  \
+    }                                                                                                              \
+  }                                                                                                                \
+  for (int i = 0; i < MR; ++i)                                                                                     \
+    for (int u = 0; u < RV; ++u) {                                                                                 \
+      const int64_t c0 = 8 * (rv0 + u);                                                                            \
+      if (c0 + 8 <= n_valid) {                                                                                     \
+        _mm256_storeu_ps(y + i * ystride + c0, f[i][u]);                                                           \
+      } else {                                                                                                     \
+        alignas(32) float tmp[8];                                                                                  \
+        _mm256_store_ps(tmp, f[i][u]);                                                                             \
+        for (int64_t l = 0; c0 + l < n_valid; ++l) y[i * ystride + c0 + l] = tmp[l];                               \
+      }                                                                                                            \
+    }
+
+template <int MR, int RV>
+MB_TARGET_AVX2 void int8_gemm_tile_avx2(const uint32_t* panel, const float* steps, int rv0, int64_t blocks,
+                                        const int8_t* x, int64_t cols, const float* ascale, float* y,
+                                        int64_t ystride, int64_t n_valid) {
+  using Dot = GemmDotAvx2;
+  MB_INT8_GEMM_TILE_BODY
+}
+
+template <int MR, int RV>
+MB_TARGET_AVX512 void int8_gemm_tile_vnni(const uint32_t* panel, const float* steps, int rv0, int64_t blocks,
+                                          const int8_t* x, int64_t cols, const float* ascale, float* y,
+                                          int64_t ystride, int64_t n_valid) {
+  using Dot = GemmDotVnni;
+  MB_INT8_GEMM_TILE_BODY
+}
+#undef MB_INT8_GEMM_TILE_BODY
+
+// Activation rows [m0, m0 + MR) against one packed panel: VNNI takes the
+// panel's 16 rows at once (32 vector registers), AVX2 8 at a time.
+template <int MR>
+void int8_gemm_rows(bool vnni, const uint32_t* panel, const float* steps, int64_t blocks, const int8_t* x,
+                    int64_t cols, const float* ascale, float* y, int64_t ystride, int64_t n_valid) {
+  if (vnni) return int8_gemm_tile_vnni<MR, 2>(panel, steps, 0, blocks, x, cols, ascale, y, ystride, n_valid);
+  int8_gemm_tile_avx2<MR, 1>(panel, steps, 0, blocks, x, cols, ascale, y, ystride, n_valid);
+  if (n_valid > 8) int8_gemm_tile_avx2<MR, 1>(panel, steps, 1, blocks, x, cols, ascale, y, ystride, n_valid);
+}
+
+constexpr int kGemmActTile = 4;  // activation rows per register tile
+
+void linear_int8_gemm(const MixedView& v, const at::Tensor& xf, at::Tensor& y, bool vnni) {
+  const MixedDims& d = v.d;
+  const Int8GemmActs a = quantize_activations_words(xf, d);
+  const int64_t m_rows = xf.size(0), blocks = d.cols / cpu::kActBlock;
+  auto zero_step = at::empty({d.rows, d.groups}, xf.options());
+  float* yp = y.data_ptr<float>();
+  float* zp = zero_step.data_ptr<float>();
+  const float* ascale = a.scale.data_ptr<float>();
+  const int64_t panels = (d.rows + kPanelRows - 1) / kPanelRows;
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> panel(4 * d.plane_words * kPanelRows);
+    std::vector<float> steps(blocks * kPanelRows);
+    for (int64_t pi = begin; pi < end; ++pi) {
+      const int64_t r0 = pi * kPanelRows, n = std::min(kPanelRows, d.rows - r0);
+      pack_panel(v, r0, n, panel.data(), steps.data(), zp);
+      for (int64_t m0 = 0; m0 < m_rows; m0 += kGemmActTile) {
+        const int8_t* x = a.x.data() + m0 * d.cols;
+        const float* as = ascale + m0 * blocks;
+        float* yt = yp + m0 * d.rows + r0;
+        switch (std::min<int64_t>(kGemmActTile, m_rows - m0)) {
+          case 1: int8_gemm_rows<1>(vnni, panel.data(), steps.data(), blocks, x, d.cols, as, yt, d.rows, n); break;
+          case 2: int8_gemm_rows<2>(vnni, panel.data(), steps.data(), blocks, x, d.cols, as, yt, d.rows, n); break;
+          case 3: int8_gemm_rows<3>(vnni, panel.data(), steps.data(), blocks, x, d.cols, as, yt, d.rows, n); break;
+          default: int8_gemm_rows<4>(vnni, panel.data(), steps.data(), blocks, x, d.cols, as, yt, d.rows, n); break;
+        }
+      }
+    }
+  });
+  // zero points: y -= gsum @ zero_step.T (a float GEMM over the groups)
+  y.addmm_(a.gsum, zero_step.t(), 1.0, -1.0);
+  // outliers against the exact activations: for each, a row of x.T scaled into a row of y.T
+  if (v.rowptr[d.rows] > 0) {
+    const auto xt = xf.t().contiguous();
+    auto extra = at::zeros({d.rows, m_rows}, xf.options());
+    const float* xtp = xt.data_ptr<float>();
+    float* ep = extra.data_ptr<float>();
+    at::parallel_for(0, d.rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int32_t e = v.rowptr[r]; e < v.rowptr[r + 1]; ++e) {
+          const float val = static_cast<float>(v.vals[e]);
+          const float* xc = xtp + static_cast<int64_t>(v.cols[e]) * m_rows;
+          float* er = ep + r * m_rows;
+          for (int64_t i = 0; i < m_rows; ++i) er[i] += val * xc[i];
+        }
+    });
+    y.add_(extra.t());
+  }
+}
+#endif
+
 // From this many activation rows on, decoding a block of weight rows once
 // into a cache-sized float buffer and multiplying it with ATen's GEMM beats
 // the fused kernel, which decodes every weight once per 4 activation rows.
@@ -655,10 +878,16 @@ at::Tensor mixed_linear_cpu(const at::Tensor& x, const at::Tensor& plane2, const
     const MixedView v = make_view(plane2, lowbits, meta, mask, row_scale, rowptr, cols, vals, d);
     const float* xp = xf.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    if (m_rows >= kGemmMinRows) {
-      linear_rows_gemm(v, xf, y);
-    } else if (act_bits == 8 && d.group_size % kChunk == 0) {
+    const bool int8 = act_bits == 8 && d.group_size % kChunk == 0;
+    const cpu::Isa isa = cpu::active_isa();
+    if (int8 && m_rows >= kInt8GemmMinRows && isa != cpu::Isa::Portable) {
+#if MB_HAVE_X86_KERNELS
+      linear_int8_gemm(v, xf, y, isa == cpu::Isa::Avx512Vnni);
+#endif
+    } else if (int8) {
       linear_int8(v, xf, yp);
+    } else if (m_rows >= kGemmMinRows) {
+      linear_rows_gemm(v, xf, y);
     } else if (use_avx2()) {
 #if defined(__x86_64__)
       // Group sums of x, by hand: at::sum's dispatch costs more than the sums
