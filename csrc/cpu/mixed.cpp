@@ -658,44 +658,77 @@ Int8GemmActs quantize_activations_words(const at::Tensor& xf, const MixedDims& d
   return out;
 }
 
+
+#if MB_HAVE_X86_KERNELS
 // Rows [r0, r0 + n) (n <= kPanelRows; the others read as zero) into the panel:
 // panel[(4w + s) * kPanelRows + j] holds row r0 + j's four codes for step
 // (w, s); steps[b * kPanelRows + j] the step of its group holding block b;
 // zero_step[(r0 + j) * groups + g] its zero * step per group.
-void pack_panel(const MixedView& v, int64_t r0, int64_t n, uint32_t* panel, float* steps, float* zero_step) {
+// Eight rows' plane words transposed 8x8 so that each
+// (w, s) of eight rows is one shift, one mask and one 32-byte store; the
+// 4-bit groups' low bits are then joined row by row (a tenth of the words at
+// the usual ratio_4bit).
+MB_TARGET_AVX2 void pack_panel_avx2(const MixedView& v, int64_t r0, int64_t n, const uint32_t* zero_row,
+                                    uint32_t* panel, float* steps, float* zero_step) {
   const MixedDims& d = v.d;
   const int64_t wpg = d.group_size / kWeightsPerWord, blocks_per_group = d.group_size / cpu::kActBlock;
-  std::vector<float> step(d.groups);
+  const int64_t blocks = d.cols / cpu::kActBlock;
+  const __m256i m03 = _mm256_set1_epi32(0x03030303);
+  for (int64_t h = 0; h < kPanelRows / 8; ++h) {
+    const uint32_t* src[8];
+    for (int j = 0; j < 8; ++j) src[j] = 8 * h + j < n ? v.plane2 + (r0 + 8 * h + j) * d.plane_words : zero_row;
+    int64_t w0 = 0;
+    for (; w0 + 8 <= d.plane_words; w0 += 8) {
+      __m256i r[8], t[8], u[8];
+      for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[j] + w0));
+      for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
+        t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
+      }
+      for (int j = 0; j < 8; j += 4) {
+        u[j] = _mm256_unpacklo_epi64(t[j], t[j + 2]);
+        u[j + 1] = _mm256_unpackhi_epi64(t[j], t[j + 2]);
+        u[j + 2] = _mm256_unpacklo_epi64(t[j + 1], t[j + 3]);
+        u[j + 3] = _mm256_unpackhi_epi64(t[j + 1], t[j + 3]);
+      }
+      for (int i = 0; i < 8; ++i) {
+        const __m256i col = i < 4 ? _mm256_permute2x128_si256(u[i], u[i + 4], 0x20)
+                                  : _mm256_permute2x128_si256(u[i - 4], u[i], 0x31);
+        uint32_t* dst = panel + 4 * (w0 + i) * kPanelRows + 8 * h;
+        for (int s = 0; s < 4; ++s)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + s * kPanelRows),
+                              _mm256_and_si256(_mm256_srli_epi32(col, 2 * s), m03));
+      }
+    }
+    for (; w0 < d.plane_words; ++w0)
+      for (int j = 0; j < 8; ++j)
+        for (int s = 0; s < 4; ++s) panel[(4 * w0 + s) * kPanelRows + 8 * h + j] = (src[j][w0] >> (2 * s)) & 0x03030303u;
+  }
+  std::vector<float> step(d.groups + 8);
   for (int64_t j = 0; j < kPanelRows; ++j) {
     if (j >= n) {
-      for (int64_t t = 0; t < 4 * d.plane_words; ++t) panel[t * kPanelRows + j] = 0;
-      for (int64_t b = 0; b < d.cols / cpu::kActBlock; ++b) steps[b * kPanelRows + j] = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) steps[b * kPanelRows + j] = 0.f;
       continue;
     }
     const int64_t r = r0 + j;
     const RowParams p = row_params(v, r);
-    row_group_params(p, d.groups, step.data(), zero_step + r * d.groups);
-    const uint32_t* plane = v.plane2 + r * d.plane_words;
-    const uint32_t* low = v.lowbits + r * d.low_words;
-    int64_t low_group = 0;
-    for (int64_t g = 0; g < d.groups; ++g) {
-      const bool four = test_bit(p.mask, static_cast<int>(g));
+    row_group_params_avx2(p, d.groups, step.data(), zero_step + r * d.groups);
+    for (int64_t g = 0; g < d.groups; ++g)
       for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) steps[b * kPanelRows + j] = step[g];
-      for (int64_t k = 0; k < wpg; ++k) {
-        const int64_t w = g * wpg + k;
-        const uint32_t hi = plane[w], lo = four ? low[low_group * wpg + k] : 0u;
-        for (int s = 0; s < 4; ++s) {
-          uint32_t c = (hi >> (2 * s)) & 0x03030303u;
-          if (four) c = (c << 2) | ((lo >> (2 * s)) & 0x03030303u);
-          panel[(4 * w + s) * kPanelRows + j] = c;
+    const uint32_t* low = v.lowbits + r * d.low_words;
+    int64_t jj = 0;  // the 4-bit groups before this one
+    for (int64_t word = 0; word < d.mask_words; ++word)
+      for (uint32_t bits = p.mask[word]; bits != 0; bits &= bits - 1, ++jj) {
+        const int64_t g = word * 32 + __builtin_ctz(bits);
+        for (int64_t k = 0; k < wpg; ++k) {
+          const uint32_t lo = low[jj * wpg + k];
+          uint32_t* c = panel + 4 * (g * wpg + k) * kPanelRows + j;
+          for (int s = 0; s < 4; ++s) c[s * kPanelRows] = (c[s * kPanelRows] << 2) | ((lo >> (2 * s)) & 0x03030303u);
         }
       }
-      low_group += four;
-    }
   }
 }
 
-#if MB_HAVE_X86_KERNELS
 // Block accumulators: AVX2 adds the eight maddubs int16 results of a block of
 // 32 (each at most 2 * 15 * 127, the sum at most 30480 < 32767) and widens
 // once; VNNI accumulates in int32 directly.
@@ -796,9 +829,10 @@ void linear_int8_gemm(const MixedView& v, const at::Tensor& xf, at::Tensor& y, b
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> panel(4 * d.plane_words * kPanelRows);
     std::vector<float> steps(blocks * kPanelRows);
+    const std::vector<uint32_t> zero_row(d.plane_words, 0u);
     for (int64_t pi = begin; pi < end; ++pi) {
       const int64_t r0 = pi * kPanelRows, n = std::min(kPanelRows, d.rows - r0);
-      pack_panel(v, r0, n, panel.data(), steps.data(), zp);
+      pack_panel_avx2(v, r0, n, zero_row.data(), panel.data(), steps.data(), zp);
       for (int64_t m0 = 0; m0 < m_rows; m0 += kGemmActTile) {
         const int8_t* x = a.x.data() + m0 * d.cols;
         const float* as = ascale + m0 * blocks;
