@@ -516,7 +516,9 @@ MB_TARGET_AVX2 inline float hsum128(__m128 s) {
     const float* pat = a.pattern.data() + m * a.pairs * 8;                                                         \
     __m256 acc[RT];                                                                                                \
     for (int i = 0; i < RT; ++i) acc[i] = _mm256_setzero_ps();                                                     \
-    for (int64_t p = 0; p < a.pairs; ++p) {                                                                        \
+    int64_t p_start = 0;                                                                                           \
+    MB_INT8_WIDE_PAIRS                                                                                             \
+    for (int64_t p = p_start; p < a.pairs; ++p) {                                                                  \
       const int8_t* xp = xq + p * kPair;                                                                           \
       const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));                                 \
       const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));                            \
@@ -573,12 +575,50 @@ MB_TARGET_AVX2 inline float hsum128(__m128 s) {
     }                                                                                                              \
   }
 
+// AVX2 walks one pair per step; VNNI first takes two pairs per 512-bit step
+// (half the instructions per weight) and leaves the last pair or half to the 256-bit loop.
+#define MB_INT8_WIDE_PAIRS
+
 template <int RT>
 MB_TARGET_AVX2 void int8_tile_avx2(const MixedView& v, int64_t r0, const Int8Rows& a, const float* xf,
                                    int64_t m_rows, Int8TileScratch& scratch, float* y) {
   using Dot = DotAvx2;
   MB_INT8_TILE_BODY
 }
+
+#undef MB_INT8_WIDE_PAIRS
+#define MB_INT8_WIDE_PAIRS                                                                                         \
+  {                                                                                                                \
+    const __m512i three512 = _mm512_set1_epi8(3);                                                                  \
+    const __m512i quad_lanes = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);                  \
+    __m512 wide[RT];                                                                                               \
+    for (int i = 0; i < RT; ++i) wide[i] = _mm512_setzero_ps();                                                    \
+    for (; p_start + 2 <= full_pairs; p_start += 2) {                                                              \
+      const int8_t* xp = xq + p_start * kPair;                                                                     \
+      __m512i xs[4];                                                                                               \
+      for (int s = 0; s < 4; ++s)                                                                                  \
+        xs[s] = _mm512_inserti64x4(                                                                                \
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32 * s))),             \
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + kPair + 32 * s)), 1);                         \
+      const __m512 quad_pat = _mm512_loadu_ps(pat + p_start * 8);                                                  \
+      for (int i = 0; i < RT; ++i) {                                                                               \
+        const uint8_t* w = plane[i] + p_start * 32;                                                                \
+        _mm_prefetch(reinterpret_cast<const char*>(w + kInt8PrefetchBytes), _MM_HINT_T0);                          \
+        const __m512i hi = _mm512_loadu_si512(w);                                                                  \
+        const __m512i d0 = cpu::dpbusd_vnni512(cpu::dpbusd_vnni512(_mm512_setzero_si512(),                         \
+                                               _mm512_and_si512(hi, three512), xs[0]),                             \
+                                               _mm512_and_si512(_mm512_srli_epi16(hi, 4), three512), xs[2]);       \
+        const __m512i d1 = cpu::dpbusd_vnni512(cpu::dpbusd_vnni512(_mm512_setzero_si512(),                         \
+                                               _mm512_and_si512(_mm512_srli_epi16(hi, 2), three512), xs[1]),       \
+                                               _mm512_and_si512(_mm512_srli_epi16(hi, 6), three512), xs[3]);       \
+        const __m512 steps = _mm512_permutexvar_ps(quad_lanes, _mm512_castps128_ps512(_mm_loadu_ps(cs[i] + 2 * p_start))); \
+        wide[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), _mm512_mul_ps(steps, quad_pat), wide[i]); \
+      }                                                                                                            \
+    }                                                                                                              \
+    for (int i = 0; i < RT; ++i)                                                                                   \
+      acc[i] = _mm256_add_ps(acc[i], _mm256_add_ps(_mm512_castps512_ps256(wide[i]),                                \
+                                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(wide[i]), 1)))); \
+  }
 
 template <int RT>
 MB_TARGET_AVX512 void int8_tile_vnni(const MixedView& v, int64_t r0, const Int8Rows& a, const float* xf,
@@ -587,6 +627,7 @@ MB_TARGET_AVX512 void int8_tile_vnni(const MixedView& v, int64_t r0, const Int8R
   MB_INT8_TILE_BODY
 }
 #undef MB_INT8_TILE_BODY
+#undef MB_INT8_WIDE_PAIRS
 
 void int8_rows_x86(bool vnni, const MixedView& v, int64_t begin, int64_t end, const Int8Rows& a, const float* xf,
                    int64_t m_rows, float* y) {
