@@ -876,7 +876,9 @@ void linear_int8_gemm(const MixedView& v, const at::Tensor& xf, at::Tensor& y, b
   float* zp = zero_step.data_ptr<float>();
   const float* ascale = a.scale.data_ptr<float>();
   const int64_t panels = (d.rows + kPanelRows - 1) / kPanelRows;
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+  // at least ~2 M multiply-adds per task, so small layers do not pay a fork/join for little work
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 21) / (kPanelRows * d.cols * m_rows));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
     std::vector<uint32_t> panel(4 * d.plane_words * kPanelRows);
     std::vector<float> steps(blocks * kPanelRows);
     const std::vector<uint32_t> zero_row(d.plane_words, 0u);
