@@ -57,16 +57,19 @@ def bench_cpu(args):
     together exceed the last-level cache 4 times, as in a model's forward
     where every layer's weight comes from DRAM."""
     rows = []
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     stream_bytes = args.llc_mib * 4 << 20
-    for out_f, in_f in PAPER_SHAPES[:2] + SMOLLM2_SHAPES:
+    shapes = PAPER_SHAPES[:2] + SMOLLM2_SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    for out_f, in_f in shapes:
         w = weight(out_f, in_f, "cpu", torch.float32)
         q = memboost.quantize(w, ratio_4bit=args.ratio)
         qtime = time_cpu(lambda: memboost.quantize(w, ratio_4bit=args.ratio), min_time=0.0, warmup=0)
         w_hat = memboost.dequantize(q)
         dense = copies_exceeding(w_hat.nbytes, stream_bytes, w_hat.clone)
         quant = copies_exceeding(q.nbytes, stream_bytes, lambda: clone_quantized(q))
-        for batch in (1, 8, 256):  # 256: a prompt (prefill) or a perplexity window
+        for batch in args.batches:  # 256: a prompt (prefill) or a perplexity window
             x = torch.randn(batch, in_f)
             t_fused = time_cpu(lambda: q.linear(x))
             t_dense = time_cpu(lambda: torch.nn.functional.linear(x, w_hat))
@@ -151,6 +154,10 @@ def main():
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--ratio", type=float, default=0.1, help="ratio_4bit of the quantized weights")
     ap.add_argument("--llc-mib", type=int, default=32, help="CPU last-level cache size; 'stream' uses 4x this")
+    ap.add_argument("--shapes", default="", help="CPU: comma-separated OUTxIN shapes instead of the default set")
+    ap.add_argument("--batches", type=lambda v: [int(b) for b in v.split(",")], default=[1, 8, 256],
+                    help="CPU: comma-separated activation rows (default 1,8,256)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args()
     result = {"ratio_4bit": args.ratio, "torch": torch.__version__, "build": memboost.build_info()}

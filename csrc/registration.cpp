@@ -26,7 +26,7 @@ TORCH_LIBRARY(memboost, m) {
       "Tensor outlier_rowptr, Tensor outlier_cols, Tensor outlier_vals, int group_size, ScalarType dtype) -> Tensor");
   // y = x @ W.T + bias straight from the mixed format, any leading batch shape.
   // act_bits 0: exact float products; 8 (CPU, group sizes that are multiples
-  // of 64, batch < 32): int8 activations with one scale per 32 values times
+  // of 64, any batch; an int8 GEMM from 12 rows): int8 activations with one scale per 32 values times
   // the integer codes. CUDA always computes exactly.
   m.def(
       "mixed_linear(Tensor x, Tensor plane2, Tensor lowbits, Tensor meta, Tensor mask, Tensor row_scale, "

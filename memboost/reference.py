@@ -105,7 +105,7 @@ def dequantize_activations_int8(x: torch.Tensor, block: int) -> torch.Tensor:
 def mixed_linear(x, plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals,
                  bias: Optional[torch.Tensor], group_size: int, act_bits: int = 0) -> torch.Tensor:
     """x @ W.T + bias in float32 from the dequantized weight, cast to x's dtype.
-    act_bits=8 (CPU, batch < 32, group sizes that are multiples of 64): the
+    act_bits=8 (CPU, any batch, group sizes that are multiples of 64): the
     weight's codes meet x quantized to int8 per block of 32; its outliers
     meet the exact x."""
     w = mixed_dequantize(plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals,
@@ -113,7 +113,7 @@ def mixed_linear(x, plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outl
     b = None if bias is None else bias.to(torch.float32)
     xf = x.to(torch.float32)
     rows = xf.numel() // max(xf.shape[-1], 1)
-    if act_bits == 8 and group_size % 64 == 0 and rows < 32 and x.device.type == "cpu":
+    if act_bits == 8 and group_size % 64 == 0 and x.device.type == "cpu":
         empty = outlier_vals[:0]
         base = mixed_dequantize(plane2, lowbits, meta, mask, row_scale, torch.zeros_like(outlier_rowptr),
                                 outlier_cols[:0], empty, group_size, torch.float32)

@@ -443,13 +443,32 @@ def test_int8_path_matches_its_reference_on_every_isa(monkeypatch, isa, batch, g
     assert 0 < rel_err(y, exact) < 1e-2
 
 
+# The int8 path switches from the GEMV kernel to the packed-panel int8 GEMM at
+# 12 activation rows (kInt8GemmMinRows in csrc/cpu/mixed.cpp; portable keeps the GEMV).
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("batch", [11, 12, 41])
+@pytest.mark.parametrize("shape,group_size", [((37, 576), 64), ((72, 1152), 128), ((16, 128), 64)])
+def test_int8_gemm_matches_its_reference_on_both_sides_of_the_switch(monkeypatch, isa, batch, shape, group_size):
+    # rows not a multiple of the 16-row panel, 9 chunks of 64 (odd), groups of 128, outliers, spiky activations
+    q = _quantize("cpu", shape=shape, ratio_4bit=0.3, outlier_fraction=0.01, group_size=group_size)
+    assert q.num_outliers > 0
+    x = _spiky_activations(batch, shape[1], seed=batch)
+    bias = torch.randn(shape[0])
+    monkeypatch.setenv("MEMBOOST_CPU_ISA", isa)
+    y = q.linear(x, bias, act_bits=8)
+    want = reference.mixed_linear(x, *_parts(q), bias, group_size, act_bits=8)
+    assert rel_err(y, want) < 1e-5
+    assert 0 < rel_err(y, q.linear(x, bias)) < 2e-2
+    # each activation row gets the same result alone (GEMV) as in the batch (GEMM)
+    torch.testing.assert_close(q.linear(x[-1:], bias, act_bits=8), y[-1:], rtol=1e-5, atol=1e-5)
+
+
 def test_int8_path_falls_back_to_exact_where_it_does_not_apply():
     q = _quantize("cpu", shape=(40, 256), ratio_4bit=0.25, group_size=32)  # groups of 32: no int8 chunk
     x = torch.randn(2, 256)
     assert torch.equal(q.linear(x, act_bits=8), q.linear(x))
     q = _quantize("cpu", shape=(40, 256), ratio_4bit=0.25)
-    x = torch.randn(40, 256)  # 32 activation rows and more: the float GEMM path
-    assert torch.equal(q.linear(x, act_bits=8), q.linear(x))
+    x = torch.randn(40, 256)
     with pytest.raises(ValueError, match="'act_bits' must be 0 \\(exact float\\) or 8, got 4"):
         q.linear(x, act_bits=4)
 

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -370,7 +371,9 @@ void linear_rows_int8_portable(const MixedView& v, int64_t begin, int64_t end, c
 #if MB_HAVE_X86_KERNELS
 // row_group_params for 8 groups at a time: the 16 ranges of the row are two
 // registers, looked up with two permutes and a blend. Same float operations.
-MB_TARGET_AVX2 inline void row_group_params_avx2(const RowParams& p, int64_t groups, float* step, float* zero_step) {
+// plane_step (if given): step, times 4 in 4-bit groups (their plane holds the code's high bits).
+MB_TARGET_AVX2 inline void row_group_params_avx2(const RowParams& p, int64_t groups, float* step, float* zero_step,
+                                                 float* plane_step = nullptr) {
   const __m256 ranges_lo = _mm256_loadu_ps(p.ranges.range), ranges_hi = _mm256_loadu_ps(p.ranges.range + 8);
   const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   int64_t g0 = 0;
@@ -389,12 +392,14 @@ MB_TARGET_AVX2 inline void row_group_params_avx2(const RowParams& p, int64_t gro
                                       _mm256_blendv_ps(_mm256_set1_ps(0.25f), _mm256_set1_ps(1.0f), four));
     _mm256_storeu_ps(step + g0, st);
     _mm256_storeu_ps(zero_step + g0, _mm256_mul_ps(zero, st));
+    if (plane_step) _mm256_storeu_ps(plane_step + g0, _mm256_mul_ps(st, _mm256_blendv_ps(_mm256_set1_ps(1.0f), _mm256_set1_ps(4.0f), four)));
   }
   for (; g0 < groups; ++g0) {
     const GroupParams gp = group_params_from_range(p.meta[g0], test_bit(p.mask, static_cast<int>(g0)),
                                                    p.ranges.range[p.meta[g0] & 0xF]);
     step[g0] = gp.step;
     zero_step[g0] = gp.zero_step;
+    if (plane_step) plane_step[g0] = gp.four_bit ? 4.0f * gp.step : gp.step;
   }
 }
 
@@ -407,112 +412,236 @@ MB_TARGET_AVX2 inline float dot_avx2(const float* a, const float* b, int64_t n) 
   return out;
 }
 
-// The int8 pair kernel, one body for both instruction sets; Dot is the
-// 4-byte dot product (maddubs + madd on AVX2, vpdpbusd on AVX-512 VNNI).
+// The int8 GEMV kernel, one body for both instruction sets. A tile of
+// kInt8RowTile weight rows shares every activation load (as the ternary
+// kernel does), and the walk over the 2-bit plane has no branch: a 4-bit
+// group's code is 4 * hi + lo, so in those groups the plane's dot product is
+// scaled by 4 * step, and the low bits are added by a second, short walk over
+// the row's 4-bit groups only (found by scanning the mask's set bits). Per
+// pair of chunks (128 weights) and row: one 32-byte load, four dot products
+// of 2-bit codes against the permuted activations, one float FMA with the
+// pair's (chunk step * block scale) lane pattern.
+constexpr int kInt8RowTile = 4;
+// Software prefetch distance in bytes along each row's plane, as in the
+// ternary kernel (ternary.cpp measured it: the DRAM stream is 1.6x slower without).
+constexpr int64_t kInt8PrefetchBytes = 16384;
+
+// Codes 0..3 against int8 activations, four 4-byte dot products summed per
+// int32 lane. AVX2: the four maddubs int16 sums stay within 4 * 2 * 3 * 127,
+// so they are added before one madd widens them.
 struct DotAvx2 {
-  MB_TARGET_AVX2 static __m256i run(__m256i acc, __m256i u, __m256i s) { return cpu::dpbusd_avx2(acc, u, s); }
+  MB_TARGET_AVX2 static __m256i dot4(__m256i c0, __m256i c1, __m256i c2, __m256i c3, __m256i x0, __m256i x1,
+                                     __m256i x2, __m256i x3) {
+    const __m256i s = _mm256_add_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(c0, x0), _mm256_maddubs_epi16(c1, x1)),
+                                       _mm256_add_epi16(_mm256_maddubs_epi16(c2, x2), _mm256_maddubs_epi16(c3, x3)));
+    return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+  }
+  MB_TARGET_AVX2 static __m128i dot4(__m128i c0, __m128i c1, __m128i c2, __m128i c3, __m128i x0, __m128i x1,
+                                     __m128i x2, __m128i x3) {
+    const __m128i s = _mm_add_epi16(_mm_add_epi16(_mm_maddubs_epi16(c0, x0), _mm_maddubs_epi16(c1, x1)),
+                                    _mm_add_epi16(_mm_maddubs_epi16(c2, x2), _mm_maddubs_epi16(c3, x3)));
+    return _mm_madd_epi16(s, _mm_set1_epi16(1));
+  }
 };
+// AVX-512 VNNI: two chains of two vpdpbusd each.
 struct DotVnni {
-  MB_TARGET_AVX512 static __m256i run(__m256i acc, __m256i u, __m256i s) { return cpu::dpbusd_vnni256(acc, u, s); }
+  MB_TARGET_AVX512 static __m256i dot4(__m256i c0, __m256i c1, __m256i c2, __m256i c3, __m256i x0, __m256i x1,
+                                       __m256i x2, __m256i x3) {
+    const __m256i a = cpu::dpbusd_vnni256(cpu::dpbusd_vnni256(_mm256_setzero_si256(), c0, x0), c2, x2);
+    const __m256i b = cpu::dpbusd_vnni256(cpu::dpbusd_vnni256(_mm256_setzero_si256(), c1, x1), c3, x3);
+    return _mm256_add_epi32(a, b);
+  }
+  MB_TARGET_AVX512 static __m128i dot4(__m128i c0, __m128i c1, __m128i c2, __m128i c3, __m128i x0, __m128i x1,
+                                       __m128i x2, __m128i x3) {
+    const __m128i a = cpu::dpbusd_vnni128(cpu::dpbusd_vnni128(_mm_setzero_si128(), c0, x0), c2, x2);
+    const __m128i b = cpu::dpbusd_vnni128(cpu::dpbusd_vnni128(_mm_setzero_si128(), c1, x1), c3, x3);
+    return _mm_add_epi32(a, b);
+  }
 };
 
-#define MB_INT8_PAIRS_BODY                                                                                         \
+// Per-row float tables of one tile, allocated once per parallel task.
+struct Int8TileScratch {
+  int64_t group_stride, chunk_stride;
+  std::vector<float> step, zero_step, plane_step, chunk_step;
+  explicit Int8TileScratch(const MixedDims& d)
+      : group_stride(d.groups + 8), chunk_stride(d.cols / kChunk + 8),
+        step(kInt8RowTile * group_stride, 0.f), zero_step(kInt8RowTile * group_stride, 0.f),
+        plane_step(kInt8RowTile * group_stride, 0.f), chunk_step(kInt8RowTile * chunk_stride, 0.f) {}
+};
+
+// Row r's tables into slot i of the scratch; returns its chunk steps (the
+// plane's multiplier per chunk of 64 codes: step, or 4 * step in 4-bit groups).
+MB_TARGET_AVX2 inline const float* int8_row_tables(const MixedView& v, int64_t r, int i, Int8TileScratch& s) {
+  const MixedDims& d = v.d;
+  float* step = s.step.data() + i * s.group_stride;
+  float* plane_step = s.plane_step.data() + i * s.group_stride;
+  row_group_params_avx2(row_params(v, r), d.groups, step, s.zero_step.data() + i * s.group_stride, plane_step);
+  const int64_t cpg = d.group_size / kChunk;
+  if (cpg == 1) return plane_step;
+  float* cs = s.chunk_step.data() + i * s.chunk_stride;
+  for (int64_t g = 0; g < d.groups; ++g)
+    for (int64_t c = 0; c < cpg; ++c) cs[g * cpg + c] = plane_step[g];
+  return cs;
+}
+
+// outlier_dot with F16C conversions (every AVX2 CPU has F16C), cheaper than
+// at::Half's portable bit manipulation; the same float operations.
+__attribute__((target("avx2,fma,f16c"))) float outlier_dot_f16c(const MixedView& v, int64_t r, const float* x) {
+  const uint16_t* vals = reinterpret_cast<const uint16_t*>(v.vals);
+  float out = 0.f;
+  for (int32_t e = v.rowptr[r]; e < v.rowptr[r + 1]; ++e) out += _cvtsh_ss(vals[e]) * x[v.cols[e]];
+  return out;
+}
+
+MB_TARGET_AVX2 inline float hsum128(__m128 s) {
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+#define MB_INT8_TILE_BODY                                                                                          \
   const MixedDims& d = v.d;                                                                                        \
-  const int64_t chunks = d.cols / kChunk, cpg = d.group_size / kChunk;                                             \
+  const int64_t chunks = d.cols / kChunk, full_pairs = chunks / 2, cpg = d.group_size / kChunk;                    \
   const __m256i three = _mm256_set1_epi8(3);                                                                       \
-  std::vector<float> group_step(d.groups + 8), zero_step(d.groups + 8);                                           \
-  for (int64_t r = begin; r < end; ++r) {                                                                          \
-    const RowParams p = row_params(v, r);                                                                          \
-    row_group_params_avx2(p, d.groups, group_step.data(), zero_step.data());                                       \
-    __m256 acc[MT];                                                                                                \
-    for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();                                                     \
-    /* the chunk's group, its index in the group, and the 4-bit groups before it (no divisions) */                \
-    int64_t group = 0, in_group = 0, low_before = 0;                                                               \
-    bool four = test_bit(p.mask, 0);                                                                               \
-    for (int64_t c0 = 0; c0 < chunks; c0 += 2) {                                                                   \
-      const bool full = c0 + 1 < chunks;                                                                           \
-      const uint8_t* low[2] = {nullptr, nullptr};                                                                  \
-      float chunk_step[2] = {0.f, 0.f};                                                                            \
-      for (int h = 0; h < 2 && (h == 0 || full); ++h) {                                                            \
-        if (four) low[h] = p.low + (low_before * cpg + in_group) * 16;                                             \
-        chunk_step[h] = group_step[group];                                                                         \
-        if (++in_group == cpg && group + 1 < d.groups) {                                                           \
-          in_group = 0;                                                                                            \
-          low_before += four;                                                                                      \
-          four = test_bit(p.mask, static_cast<int>(++group));                                                      \
-        }                                                                                                          \
-      }                                                                                                            \
-      const __m256i hi = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.plane + c0 * 16))            \
-                              : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p.plane + c0 * 16))); \
-      __m256i codes[4];                                                                                            \
-      for (int s = 0; s < 4; ++s) codes[s] = _mm256_and_si256(_mm256_srli_epi16(hi, 2 * s), three);               \
-      if (low[0] || low[1]) {                                                                                      \
-        const __m128i none = _mm_setzero_si128();                                                                  \
-        const __m256i lo = _mm256_set_m128i(low[1] ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(low[1])) : none, \
-                                            low[0] ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(low[0])) : none); \
-        const __m256i count = _mm256_set_m128i(_mm_set1_epi32(low[1] ? 2 : 0), _mm_set1_epi32(low[0] ? 2 : 0));  \
-        for (int s = 0; s < 4; ++s)                                                                                \
-          codes[s] = _mm256_or_si256(_mm256_sllv_epi32(codes[s], count),                                           \
-                                     _mm256_and_si256(_mm256_srli_epi16(lo, 2 * s), three));                       \
-      }                                                                                                            \
-      const __m256 step = _mm256_set_m128(_mm_set1_ps(chunk_step[1]), _mm_set1_ps(chunk_step[0]));                 \
-      const int64_t pair = c0 / 2;                                                                                 \
-      for (int i = 0; i < MT; ++i) {                                                                               \
-        const int8_t* xp = a.x.data() + (m0 + i) * a.padded + pair * kPair;                                        \
-        __m256i dot = _mm256_setzero_si256();                                                                      \
-        for (int s = 0; s < 4; ++s)                                                                                \
-          dot = Dot::run(dot, codes[s], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32 * s)));       \
-        const __m256 scale =                                                                                       \
-            _mm256_mul_ps(step, _mm256_loadu_ps(a.pattern.data() + ((m0 + i) * a.pairs + pair) * 8));              \
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[i]);                                          \
+  const __m128i three128 = _mm_set1_epi8(3);                                                                       \
+  const __m256i half_lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);                                            \
+  const uint8_t* plane[RT];                                                                                        \
+  const float* cs[RT];                                                                                             \
+  for (int i = 0; i < RT; ++i) {                                                                                   \
+    plane[i] = reinterpret_cast<const uint8_t*>(v.plane2 + (r0 + i) * d.plane_words);                              \
+    cs[i] = int8_row_tables(v, r0 + i, i, scratch);                                                                \
+  }                                                                                                                \
+  for (int64_t m = 0; m < m_rows; ++m) {                                                                           \
+    const int8_t* xq = a.x.data() + m * a.padded;                                                                  \
+    const float* pat = a.pattern.data() + m * a.pairs * 8;                                                         \
+    __m256 acc[RT];                                                                                                \
+    for (int i = 0; i < RT; ++i) acc[i] = _mm256_setzero_ps();                                                     \
+    int64_t p_start = 0;                                                                                           \
+    MB_INT8_WIDE_PAIRS                                                                                             \
+    for (int64_t p = p_start; p < a.pairs; ++p) {                                                                  \
+      const int8_t* xp = xq + p * kPair;                                                                           \
+      const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));                                 \
+      const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));                            \
+      const __m256i x2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 64));                            \
+      const __m256i x3 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 96));                            \
+      const __m256 pair_pat = _mm256_loadu_ps(pat + p * 8);                                                        \
+      const bool full = p < full_pairs;                                                                            \
+      for (int i = 0; i < RT; ++i) {                                                                               \
+        const uint8_t* w = plane[i] + p * 32;                                                                      \
+        _mm_prefetch(reinterpret_cast<const char*>(w + kInt8PrefetchBytes), _MM_HINT_T0);                          \
+        /* an odd last chunk: its upper half reads as codes 0 against zero padding */                              \
+        const __m256i hi = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))                          \
+                                : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));    \
+        const __m256i dot = Dot::dot4(_mm256_and_si256(hi, three), _mm256_and_si256(_mm256_srli_epi16(hi, 2), three), \
+                                      _mm256_and_si256(_mm256_srli_epi16(hi, 4), three),                           \
+                                      _mm256_and_si256(_mm256_srli_epi16(hi, 6), three), x0, x1, x2, x3);          \
+        const __m256 steps = _mm256_permutevar8x32_ps(                                                             \
+            _mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cs[i] + 2 * p)))), \
+            half_lanes);                                                                                           \
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(steps, pair_pat), acc[i]);                 \
       }                                                                                                            \
     }                                                                                                              \
-    for (int i = 0; i < MT; ++i)                                                                                   \
-      y[(m0 + i) * d.rows + r] = hsum(acc[i]) - dot_avx2(zero_step.data(), a.gsum.data() + (m0 + i) * d.groups, d.groups) + \
-                                 outlier_dot(v, r, xf + (m0 + i) * d.cols);                                        \
+    for (int i = 0; i < RT; ++i) {                                                                                 \
+      const int64_t r = r0 + i;                                                                                    \
+      const float* step = scratch.step.data() + i * scratch.group_stride;                                          \
+      const uint8_t* low = reinterpret_cast<const uint8_t*>(v.lowbits + r * d.low_words);                          \
+      const uint32_t* mask = v.mask + r * d.mask_words;                                                            \
+      __m128 low_acc = _mm_setzero_ps();                                                                           \
+      int64_t j = 0; /* the 4-bit groups before this one */                                                        \
+      for (int64_t word = 0; word < d.mask_words; ++word) {                                                        \
+        for (uint32_t bits = mask[word]; bits != 0; bits &= bits - 1, ++j) {                                       \
+          const int64_t g = word * 32 + __builtin_ctz(bits);                                                       \
+          const __m128 group_step = _mm_set1_ps(step[g]);                                                          \
+          for (int64_t cc = 0; cc < cpg; ++cc) {                                                                   \
+            const int64_t c = g * cpg + cc, p = c >> 1, h = c & 1;                                                 \
+            const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(low + (j * cpg + cc) * 16));       \
+            const int8_t* xp = xq + p * kPair + 16 * h;                                                            \
+            const __m128i dot = Dot::dot4(                                                                         \
+                _mm_and_si128(lo, three128), _mm_and_si128(_mm_srli_epi16(lo, 2), three128),                       \
+                _mm_and_si128(_mm_srli_epi16(lo, 4), three128), _mm_and_si128(_mm_srli_epi16(lo, 6), three128),    \
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp)),                                             \
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp + 32)),                                        \
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp + 64)),                                        \
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp + 96)));                                       \
+            low_acc = _mm_fmadd_ps(_mm_cvtepi32_ps(dot), _mm_mul_ps(group_step, _mm_loadu_ps(pat + p * 8 + 4 * h)), \
+                                   low_acc);                                                                       \
+          }                                                                                                        \
+        }                                                                                                          \
+      }                                                                                                            \
+      y[m * d.rows + r] = hsum(acc[i]) + hsum128(low_acc) -                                                        \
+                          dot_avx2(scratch.zero_step.data() + i * scratch.group_stride,                            \
+                                   a.gsum.data() + m * d.groups, d.groups) +                                       \
+                          outlier_dot_f16c(v, r, xf + m * d.cols);                                                 \
+    }                                                                                                              \
   }
 
-template <int MT>
-MB_TARGET_AVX2 void linear_rows_int8_avx2_tile(const MixedView& v, int64_t begin, int64_t end, const Int8Rows& a,
-                                               int64_t m0, const float* xf, float* y) {
+// AVX2 walks one pair per step; VNNI first takes two pairs per 512-bit step
+// (half the instructions per weight) and leaves the last pair or half to the 256-bit loop.
+#define MB_INT8_WIDE_PAIRS
+
+template <int RT>
+MB_TARGET_AVX2 void int8_tile_avx2(const MixedView& v, int64_t r0, const Int8Rows& a, const float* xf,
+                                   int64_t m_rows, Int8TileScratch& scratch, float* y) {
   using Dot = DotAvx2;
-  MB_INT8_PAIRS_BODY
+  MB_INT8_TILE_BODY
 }
 
-template <int MT>
-MB_TARGET_AVX512 void linear_rows_int8_avx512_tile(const MixedView& v, int64_t begin, int64_t end,
-                                                   const Int8Rows& a, int64_t m0, const float* xf, float* y) {
+#undef MB_INT8_WIDE_PAIRS
+#define MB_INT8_WIDE_PAIRS                                                                                         \
+  {                                                                                                                \
+    const __m512i three512 = _mm512_set1_epi8(3);                                                                  \
+    const __m512i quad_lanes = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);                  \
+    __m512 wide[RT];                                                                                               \
+    for (int i = 0; i < RT; ++i) wide[i] = _mm512_setzero_ps();                                                    \
+    for (; p_start + 2 <= full_pairs; p_start += 2) {                                                              \
+      const int8_t* xp = xq + p_start * kPair;                                                                     \
+      __m512i xs[4];                                                                                               \
+      for (int s = 0; s < 4; ++s)                                                                                  \
+        xs[s] = _mm512_inserti64x4(                                                                                \
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32 * s))),             \
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + kPair + 32 * s)), 1);                         \
+      const __m512 quad_pat = _mm512_loadu_ps(pat + p_start * 8);                                                  \
+      for (int i = 0; i < RT; ++i) {                                                                               \
+        const uint8_t* w = plane[i] + p_start * 32;                                                                \
+        _mm_prefetch(reinterpret_cast<const char*>(w + kInt8PrefetchBytes), _MM_HINT_T0);                          \
+        const __m512i hi = _mm512_loadu_si512(w);                                                                  \
+        const __m512i d0 = cpu::dpbusd_vnni512(cpu::dpbusd_vnni512(_mm512_setzero_si512(),                         \
+                                               _mm512_and_si512(hi, three512), xs[0]),                             \
+                                               _mm512_and_si512(_mm512_srli_epi16(hi, 4), three512), xs[2]);       \
+        const __m512i d1 = cpu::dpbusd_vnni512(cpu::dpbusd_vnni512(_mm512_setzero_si512(),                         \
+                                               _mm512_and_si512(_mm512_srli_epi16(hi, 2), three512), xs[1]),       \
+                                               _mm512_and_si512(_mm512_srli_epi16(hi, 6), three512), xs[3]);       \
+        const __m512 steps = _mm512_permutexvar_ps(quad_lanes, _mm512_castps128_ps512(_mm_loadu_ps(cs[i] + 2 * p_start))); \
+        wide[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)), _mm512_mul_ps(steps, quad_pat), wide[i]); \
+      }                                                                                                            \
+    }                                                                                                              \
+    for (int i = 0; i < RT; ++i)                                                                                   \
+      acc[i] = _mm256_add_ps(acc[i], _mm256_add_ps(_mm512_castps512_ps256(wide[i]),                                \
+                                                   _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(wide[i]), 1)))); \
+  }
+
+template <int RT>
+MB_TARGET_AVX512 void int8_tile_vnni(const MixedView& v, int64_t r0, const Int8Rows& a, const float* xf,
+                                     int64_t m_rows, Int8TileScratch& scratch, float* y) {
   using Dot = DotVnni;
-  MB_INT8_PAIRS_BODY
+  MB_INT8_TILE_BODY
 }
-#undef MB_INT8_PAIRS_BODY
+#undef MB_INT8_TILE_BODY
+#undef MB_INT8_WIDE_PAIRS
 
-template <template <int> class Tile>
-void int8_tiles(const MixedView& v, int64_t begin, int64_t end, const Int8Rows& a, const float* xf, int64_t m_rows,
-                float* y) {
-  for (int64_t m0 = 0; m0 < m_rows; m0 += 4) {
-    switch (std::min<int64_t>(4, m_rows - m0)) {
-      case 1: Tile<1>::run(v, begin, end, a, m0, xf, y); break;
-      case 2: Tile<2>::run(v, begin, end, a, m0, xf, y); break;
-      case 3: Tile<3>::run(v, begin, end, a, m0, xf, y); break;
-      default: Tile<4>::run(v, begin, end, a, m0, xf, y); break;
-    }
+void int8_rows_x86(bool vnni, const MixedView& v, int64_t begin, int64_t end, const Int8Rows& a, const float* xf,
+                   int64_t m_rows, float* y) {
+  Int8TileScratch scratch(v.d);
+  int64_t r = begin;
+  for (; r + kInt8RowTile <= end; r += kInt8RowTile) {
+    if (vnni) int8_tile_vnni<kInt8RowTile>(v, r, a, xf, m_rows, scratch, y);
+    else int8_tile_avx2<kInt8RowTile>(v, r, a, xf, m_rows, scratch, y);
+  }
+  for (; r < end; ++r) {
+    if (vnni) int8_tile_vnni<1>(v, r, a, xf, m_rows, scratch, y);
+    else int8_tile_avx2<1>(v, r, a, xf, m_rows, scratch, y);
   }
 }
-
-template <int MT>
-struct Avx2Tile {
-  static void run(const MixedView& v, int64_t b, int64_t e, const Int8Rows& a, int64_t m0, const float* xf, float* y) {
-    linear_rows_int8_avx2_tile<MT>(v, b, e, a, m0, xf, y);
-  }
-};
-
-template <int MT>
-struct Avx512Tile {
-  static void run(const MixedView& v, int64_t b, int64_t e, const Int8Rows& a, int64_t m0, const float* xf, float* y) {
-    linear_rows_int8_avx512_tile<MT>(v, b, e, a, m0, xf, y);
-  }
-};
 #endif
 
 // Rows per parallel task: at least ~half a million weights each, so a small
@@ -527,12 +656,269 @@ void linear_int8(const MixedView& v, const at::Tensor& xf, float* y) {
   const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, v.d.rows, row_grain(v.d), [&](int64_t begin, int64_t end) {
 #if MB_HAVE_X86_KERNELS
-    if (isa == cpu::Isa::Avx512Vnni) return int8_tiles<Avx512Tile>(v, begin, end, a, xp, m_rows, y);
-    if (isa == cpu::Isa::Avx2) return int8_tiles<Avx2Tile>(v, begin, end, a, xp, m_rows, y);
+    if (isa != cpu::Isa::Portable) return int8_rows_x86(isa == cpu::Isa::Avx512Vnni, v, begin, end, a, xp, m_rows, y);
 #endif
     linear_rows_int8_portable(v, begin, end, a, xp, m_rows, y);
   });
 }
+
+// ---------------------------------------------------------------------------
+// int8 GEMM (act_bits = 8, from kInt8GemmMinRows activation rows on): a panel
+// of kPanelRows weight rows is decoded once into u8 codes laid out for
+// vpdpbusd and reused by every activation row. Lane j of a vector is weight
+// row j; its four bytes are the codes of elements 16w + 4i + s (i = 0..3) of
+// word w, which is where (word >> 2s) & 0x03030303 puts them, so the panel is
+// the plane's words, shifted, masked and (in 4-bit groups) joined with the
+// low bits. The activations are permuted within each 16-element word to
+// match: xw[16w + 4s + i] = x[16w + 4i + s]. Per block of 32 activations
+// (two words, 8 dot products) the int32 sums meet the float scale
+// step(row, group) * scale(activation row, block) in one FMA; the zero points
+// (one small float GEMM over the groups) and the outliers are added after.
+constexpr int64_t kPanelRows = 16;
+constexpr int64_t kInt8GemmMinRows = 12;
+
+struct Int8GemmActs {
+  std::vector<int8_t> x;  // [m, cols] in word order
+  at::Tensor scale;       // float [m, cols / 32]
+  at::Tensor gsum;        // float [m, groups]: sum of the dequantized activations per group
+};
+
+Int8GemmActs quantize_activations_words(const at::Tensor& xf, const MixedDims& d) {
+  const int64_t m_rows = xf.size(0), blocks = d.cols / cpu::kActBlock;
+  const cpu::Int8Activations a = cpu::quantize_activations(xf, d.cols, cpu::kActBlock);
+  Int8GemmActs out;
+  out.x.resize(m_rows * d.cols);
+  out.scale = a.scales;
+  out.gsum = at::zeros({m_rows, d.groups}, xf.options());
+  const int8_t* q = a.values.data_ptr<int8_t>();
+  const float* sc = a.scales.data_ptr<float>();
+  const int32_t* sums = a.sums.data_ptr<int32_t>();
+  float* gsum = out.gsum.data_ptr<float>();
+  at::parallel_for(0, m_rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int8_t* src = q + i * d.cols;
+      int8_t* dst = out.x.data() + i * d.cols;
+      for (int64_t w = 0; w < d.cols / kWeightsPerWord; ++w)
+        for (int s = 0; s < 4; ++s)
+          for (int k = 0; k < 4; ++k) dst[16 * w + 4 * s + k] = src[16 * w + 4 * k + s];
+      for (int64_t b = 0; b < blocks; ++b)
+        gsum[i * d.groups + b * cpu::kActBlock / d.group_size] += sc[i * blocks + b] * static_cast<float>(sums[i * blocks + b]);
+    }
+  });
+  return out;
+}
+
+
+#if MB_HAVE_X86_KERNELS
+// Rows [r0, r0 + n) (n <= kPanelRows; the others read as zero) into the panel:
+// panel[(4w + s) * kPanelRows + j] holds row r0 + j's four codes for step
+// (w, s); steps[b * kPanelRows + j] the step of its group holding block b;
+// zero_step[(r0 + j) * groups + g] its zero * step per group.
+// Eight rows' plane words transposed 8x8 so that each
+// (w, s) of eight rows is one shift, one mask and one 32-byte store; the
+// 4-bit groups' low bits are then joined row by row (a tenth of the words at
+// the usual ratio_4bit).
+MB_TARGET_AVX2 void pack_panel_avx2(const MixedView& v, int64_t r0, int64_t n, const uint32_t* zero_row,
+                                    uint32_t* panel, float* steps, float* zero_step) {
+  const MixedDims& d = v.d;
+  const int64_t wpg = d.group_size / kWeightsPerWord, blocks_per_group = d.group_size / cpu::kActBlock;
+  const int64_t blocks = d.cols / cpu::kActBlock;
+  const __m256i m03 = _mm256_set1_epi32(0x03030303);
+  for (int64_t h = 0; h < kPanelRows / 8; ++h) {
+    const uint32_t* src[8];
+    for (int j = 0; j < 8; ++j) src[j] = 8 * h + j < n ? v.plane2 + (r0 + 8 * h + j) * d.plane_words : zero_row;
+    int64_t w0 = 0;
+    for (; w0 + 8 <= d.plane_words; w0 += 8) {
+      __m256i r[8], t[8], u[8];
+      for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src[j] + w0));
+      for (int j = 0; j < 8; j += 2) {
+        t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
+        t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
+      }
+      for (int j = 0; j < 8; j += 4) {
+        u[j] = _mm256_unpacklo_epi64(t[j], t[j + 2]);
+        u[j + 1] = _mm256_unpackhi_epi64(t[j], t[j + 2]);
+        u[j + 2] = _mm256_unpacklo_epi64(t[j + 1], t[j + 3]);
+        u[j + 3] = _mm256_unpackhi_epi64(t[j + 1], t[j + 3]);
+      }
+      for (int i = 0; i < 8; ++i) {
+        const __m256i col = i < 4 ? _mm256_permute2x128_si256(u[i], u[i + 4], 0x20)
+                                  : _mm256_permute2x128_si256(u[i - 4], u[i], 0x31);
+        uint32_t* dst = panel + 4 * (w0 + i) * kPanelRows + 8 * h;
+        for (int s = 0; s < 4; ++s)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + s * kPanelRows),
+                              _mm256_and_si256(_mm256_srli_epi32(col, 2 * s), m03));
+      }
+    }
+    for (; w0 < d.plane_words; ++w0)
+      for (int j = 0; j < 8; ++j)
+        for (int s = 0; s < 4; ++s) panel[(4 * w0 + s) * kPanelRows + 8 * h + j] = (src[j][w0] >> (2 * s)) & 0x03030303u;
+  }
+  std::vector<float> step(d.groups + 8);
+  for (int64_t j = 0; j < kPanelRows; ++j) {
+    if (j >= n) {
+      for (int64_t b = 0; b < blocks; ++b) steps[b * kPanelRows + j] = 0.f;
+      continue;
+    }
+    const int64_t r = r0 + j;
+    const RowParams p = row_params(v, r);
+    row_group_params_avx2(p, d.groups, step.data(), zero_step + r * d.groups);
+    for (int64_t g = 0; g < d.groups; ++g)
+      for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) steps[b * kPanelRows + j] = step[g];
+    const uint32_t* low = v.lowbits + r * d.low_words;
+    int64_t jj = 0;  // the 4-bit groups before this one
+    for (int64_t word = 0; word < d.mask_words; ++word)
+      for (uint32_t bits = p.mask[word]; bits != 0; bits &= bits - 1, ++jj) {
+        const int64_t g = word * 32 + __builtin_ctz(bits);
+        for (int64_t k = 0; k < wpg; ++k) {
+          const uint32_t lo = low[jj * wpg + k];
+          uint32_t* c = panel + 4 * (g * wpg + k) * kPanelRows + j;
+          for (int s = 0; s < 4; ++s) c[s * kPanelRows] = (c[s * kPanelRows] << 2) | ((lo >> (2 * s)) & 0x03030303u);
+        }
+      }
+  }
+}
+
+// Block accumulators: AVX2 adds the eight maddubs int16 results of a block of
+// 32 (each at most 2 * 15 * 127, the sum at most 30480 < 32767) and widens
+// once; VNNI accumulates in int32 directly.
+struct GemmDotAvx2 {
+  MB_TARGET_AVX2 static __m256i step(__m256i acc, __m256i codes, __m256i x) {
+    return _mm256_add_epi16(acc, _mm256_maddubs_epi16(codes, x));
+  }
+  MB_TARGET_AVX2 static __m256i finish(__m256i acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
+};
+struct GemmDotVnni {
+  MB_TARGET_AVX512 static __m256i step(__m256i acc, __m256i codes, __m256i x) {
+    return cpu::dpbusd_vnni256(acc, codes, x);
+  }
+  MB_TARGET_AVX512 static __m256i finish(__m256i acc) { return acc; }
+};
+
+// y[m0 + i, r0 + 8 * rv0 + 8 * v + l] for i < MR, v < RV, l < 8 (columns below n_valid).
+#define MB_INT8_GEMM_TILE_BODY                                                                                     \
+  __m256 f[MR][RV];                                                                                                \
+  for (int i = 0; i < MR; ++i)                                                                                     \
+    for (int u = 0; u < RV; ++u) f[i][u] = _mm256_setzero_ps();                                                    \
+  const uint32_t* pn = panel + 8 * rv0;                                                                            \
+  const float* st = steps + 8 * rv0;                                                                               \
+  for (int64_t b = 0; b < blocks; ++b) {                                                                           \
+    __m256i acc[MR][RV];                                                                                           \
+    for (int i = 0; i < MR; ++i)                                                                                   \
+      for (int u = 0; u < RV; ++u) acc[i][u] = _mm256_setzero_si256();                                             \
+    for (int t = 0; t < 8; ++t) {                                                                                  \
+      const int64_t ts = 8 * b + t;                                                                                \
+      __m256i codes[RV];                                                                                           \
+      for (int u = 0; u < RV; ++u)                                                                                 \
+        codes[u] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pn + ts * kPanelRows + 8 * u));             \
+      for (int i = 0; i < MR; ++i) {                                                                               \
+        int32_t four_x;                                                                                            \
+        std::memcpy(&four_x, x + i * cols + 4 * ts, 4);                                                            \
+        const __m256i xb = _mm256_set1_epi32(four_x);                                                              \
+        for (int u = 0; u < RV; ++u) acc[i][u] = Dot::step(acc[i][u], codes[u], xb);                               \
+      }                                                                                                            \
+    }                                                                                                              \
+    __m256 bs[RV];                                                                                                 \
+    for (int u = 0; u < RV; ++u) bs[u] = _mm256_loadu_ps(st + b * kPanelRows + 8 * u);                             \
+    for (int i = 0; i < MR; ++i) {                                                                                 \
+      const __m256 as = _mm256_set1_ps(ascale[i * blocks + b]);                                                    \
+      for (int u = 0; u < RV; ++u)                                                                                 \
+        f[i][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(Dot::finish(acc[i][u])), _mm256_mul_ps(bs[u], as), f[i][u]);  \
+    }                                                                                                              \
+  }                                                                                                                \
+  for (int i = 0; i < MR; ++i)                                                                                     \
+    for (int u = 0; u < RV; ++u) {                                                                                 \
+      const int64_t c0 = 8 * (rv0 + u);                                                                            \
+      if (c0 + 8 <= n_valid) {                                                                                     \
+        _mm256_storeu_ps(y + i * ystride + c0, f[i][u]);                                                           \
+      } else {                                                                                                     \
+        alignas(32) float tmp[8];                                                                                  \
+        _mm256_store_ps(tmp, f[i][u]);                                                                             \
+        for (int64_t l = 0; c0 + l < n_valid; ++l) y[i * ystride + c0 + l] = tmp[l];                               \
+      }                                                                                                            \
+    }
+
+template <int MR, int RV>
+MB_TARGET_AVX2 void int8_gemm_tile_avx2(const uint32_t* panel, const float* steps, int rv0, int64_t blocks,
+                                        const int8_t* x, int64_t cols, const float* ascale, float* y,
+                                        int64_t ystride, int64_t n_valid) {
+  using Dot = GemmDotAvx2;
+  MB_INT8_GEMM_TILE_BODY
+}
+
+template <int MR, int RV>
+MB_TARGET_AVX512 void int8_gemm_tile_vnni(const uint32_t* panel, const float* steps, int rv0, int64_t blocks,
+                                          const int8_t* x, int64_t cols, const float* ascale, float* y,
+                                          int64_t ystride, int64_t n_valid) {
+  using Dot = GemmDotVnni;
+  MB_INT8_GEMM_TILE_BODY
+}
+#undef MB_INT8_GEMM_TILE_BODY
+
+// Activation rows [m0, m0 + MR) against one packed panel: VNNI takes the
+// panel's 16 rows at once (32 vector registers), AVX2 8 at a time.
+template <int MR>
+void int8_gemm_rows(bool vnni, const uint32_t* panel, const float* steps, int64_t blocks, const int8_t* x,
+                    int64_t cols, const float* ascale, float* y, int64_t ystride, int64_t n_valid) {
+  if (vnni) return int8_gemm_tile_vnni<MR, 2>(panel, steps, 0, blocks, x, cols, ascale, y, ystride, n_valid);
+  int8_gemm_tile_avx2<MR, 1>(panel, steps, 0, blocks, x, cols, ascale, y, ystride, n_valid);
+  if (n_valid > 8) int8_gemm_tile_avx2<MR, 1>(panel, steps, 1, blocks, x, cols, ascale, y, ystride, n_valid);
+}
+
+constexpr int kGemmActTile = 4;  // activation rows per register tile
+
+void linear_int8_gemm(const MixedView& v, const at::Tensor& xf, at::Tensor& y, bool vnni) {
+  const MixedDims& d = v.d;
+  const Int8GemmActs a = quantize_activations_words(xf, d);
+  const int64_t m_rows = xf.size(0), blocks = d.cols / cpu::kActBlock;
+  auto zero_step = at::empty({d.rows, d.groups}, xf.options());
+  float* yp = y.data_ptr<float>();
+  float* zp = zero_step.data_ptr<float>();
+  const float* ascale = a.scale.data_ptr<float>();
+  const int64_t panels = (d.rows + kPanelRows - 1) / kPanelRows;
+  // at least ~2 M multiply-adds per task, so small layers do not pay a fork/join for little work
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 21) / (kPanelRows * d.cols * m_rows));
+  at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> panel(4 * d.plane_words * kPanelRows);
+    std::vector<float> steps(blocks * kPanelRows);
+    const std::vector<uint32_t> zero_row(d.plane_words, 0u);
+    for (int64_t pi = begin; pi < end; ++pi) {
+      const int64_t r0 = pi * kPanelRows, n = std::min(kPanelRows, d.rows - r0);
+      pack_panel_avx2(v, r0, n, zero_row.data(), panel.data(), steps.data(), zp);
+      for (int64_t m0 = 0; m0 < m_rows; m0 += kGemmActTile) {
+        const int8_t* x = a.x.data() + m0 * d.cols;
+        const float* as = ascale + m0 * blocks;
+        float* yt = yp + m0 * d.rows + r0;
+        switch (std::min<int64_t>(kGemmActTile, m_rows - m0)) {
+          case 1: int8_gemm_rows<1>(vnni, panel.data(), steps.data(), blocks, x, d.cols, as, yt, d.rows, n); break;
+          case 2: int8_gemm_rows<2>(vnni, panel.data(), steps.data(), blocks, x, d.cols, as, yt, d.rows, n); break;
+          case 3: int8_gemm_rows<3>(vnni, panel.data(), steps.data(), blocks, x, d.cols, as, yt, d.rows, n); break;
+          default: int8_gemm_rows<4>(vnni, panel.data(), steps.data(), blocks, x, d.cols, as, yt, d.rows, n); break;
+        }
+      }
+    }
+  });
+  // zero points: y -= gsum @ zero_step.T (a float GEMM over the groups)
+  y.addmm_(a.gsum, zero_step.t(), 1.0, -1.0);
+  // outliers against the exact activations: for each, a row of x.T scaled into a row of y.T
+  if (v.rowptr[d.rows] > 0) {
+    const auto xt = xf.t().contiguous();
+    auto extra = at::zeros({d.rows, m_rows}, xf.options());
+    const float* xtp = xt.data_ptr<float>();
+    float* ep = extra.data_ptr<float>();
+    at::parallel_for(0, d.rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        for (int32_t e = v.rowptr[r]; e < v.rowptr[r + 1]; ++e) {
+          const float val = static_cast<float>(v.vals[e]);
+          const float* xc = xtp + static_cast<int64_t>(v.cols[e]) * m_rows;
+          float* er = ep + r * m_rows;
+          for (int64_t i = 0; i < m_rows; ++i) er[i] += val * xc[i];
+        }
+    });
+    y.add_(extra.t());
+  }
+}
+#endif
 
 // From this many activation rows on, decoding a block of weight rows once
 // into a cache-sized float buffer and multiplying it with ATen's GEMM beats
@@ -578,10 +964,16 @@ at::Tensor mixed_linear_cpu(const at::Tensor& x, const at::Tensor& plane2, const
     const MixedView v = make_view(plane2, lowbits, meta, mask, row_scale, rowptr, cols, vals, d);
     const float* xp = xf.data_ptr<float>();
     float* yp = y.data_ptr<float>();
-    if (m_rows >= kGemmMinRows) {
-      linear_rows_gemm(v, xf, y);
-    } else if (act_bits == 8 && d.group_size % kChunk == 0) {
+    const bool int8 = act_bits == 8 && d.group_size % kChunk == 0;
+    const cpu::Isa isa = cpu::active_isa();
+    if (int8 && m_rows >= kInt8GemmMinRows && isa != cpu::Isa::Portable) {
+#if MB_HAVE_X86_KERNELS
+      linear_int8_gemm(v, xf, y, isa == cpu::Isa::Avx512Vnni);
+#endif
+    } else if (int8) {
       linear_int8(v, xf, yp);
+    } else if (m_rows >= kGemmMinRows) {
+      linear_rows_gemm(v, xf, y);
     } else if (use_avx2()) {
 #if defined(__x86_64__)
       // Group sums of x, by hand: at::sum's dispatch costs more than the sums

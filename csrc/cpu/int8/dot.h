@@ -30,6 +30,10 @@ MB_TARGET_AVX512 inline __m256i dpbusd_vnni256(__m256i acc, __m256i u, __m256i s
   return _mm256_dpbusd_epi32(acc, u, s);
 }
 
+MB_TARGET_AVX512 inline __m128i dpbusd_vnni128(__m128i acc, __m128i u, __m128i s) {
+  return _mm_dpbusd_epi32(acc, u, s);
+}
+
 MB_TARGET_AVX512 inline __m512i dpbusd_vnni512(__m512i acc, __m512i u, __m512i s) {
   return _mm512_dpbusd_epi32(acc, u, s);
 }
