@@ -111,6 +111,20 @@ def gguf_type_for(source: str, requested: str, cols: int, exact_ternary: bool = 
     return requested, "quantize", note
 
 
+def requested_type(role: str, weight_type: str, output_type: str) -> str:
+    """The type asked of gguf_type_for for a matrix in `role`: "output" (lm_head,
+    or the token embedding when tied) gets output_type; an untied token
+    embedding gets Q4_K under the ternary types (a ternary embedding loses
+    the model; llama.cpp's quantizer does the same; rows that are not a
+    multiple of 256 then fall back to IQ4_NL); every other matrix gets
+    weight_type."""
+    if role == "output":
+        return output_type
+    if role == "embedding" and weight_type in TERNARY_TYPES:
+        return "Q4_K"
+    return weight_type
+
+
 # -- reading the model ----------------------------------------------------------
 @dataclasses.dataclass
 class _HParams:
@@ -477,7 +491,8 @@ def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, o
             raise MemboostError(f"tensor {hf_name!r} has no GGUF name for architecture {hp.arch!r}")
         is_matrix = len(value.shape) == 2
         is_output = gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and tied)
-        wanted = output_type if is_output else weight_type
+        role = "output" if is_output else "embedding" if gguf_name == "token_embd.weight" else "matrix"
+        wanted = requested_type(role, weight_type, output_type)
         try:
             data, qtype, source, note, w_src, w_out = _convert(value, wanted, is_matrix)
         except MemboostError as exc:
