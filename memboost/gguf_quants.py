@@ -75,7 +75,7 @@ def _nearest(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(x, mids)
 
 
-def _symmetric_blocks(x: torch.Tensor, levels: torch.Tensor, n_try: int = 4, lo: float = 0.8, hi: float = 1.0
+def _symmetric_blocks(x: torch.Tensor, levels: torch.Tensor, n_try: int = 2, lo: float = 0.85, hi: float = 1.0
                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Blocks x [n, B] on the grid d * levels (sorted, a zero-crossing set):
     (d float32 [n], already fp16-rounded; codes int64 [n, B]) with the least
@@ -86,16 +86,17 @@ def _symmetric_blocks(x: torch.Tensor, levels: torch.Tensor, n_try: int = 4, lo:
     only lower the error further."""
     n = x.shape[0]
     m = x.gather(1, x.abs().argmax(dim=1, keepdim=True)).squeeze(1)   # signed value of largest magnitude
-    xx = (x * x).sum(1)
+    xx = torch.linalg.vecdot(x, x)
     best_err = torch.full((n,), float("inf"), dtype=torch.float32, device=x.device)
     best_d = torch.zeros(n, dtype=torch.float32, device=x.device)
     uniform = bool((levels[1:] - levels[:-1] == 1).all())
+    # More candidates than two per end lower the error by under 0.1% on
+    # Gaussian and real weights: the least-squares refit does the work.
     factors = torch.linspace(lo, hi, n_try).tolist() if n_try > 1 else [hi]
     for end in (float(levels[0]), float(levels[-1])):
         for f in factors:
-            codes = _nearest_codes(x, _safe_inv(m / (end * f)), levels, uniform)
-            q = levels[codes]
-            qq, xq = (q * q).sum(1), (x * q).sum(1)
+            q = _nearest_values(x, _safe_inv(m / (end * f)), levels, uniform)
+            qq, xq = torch.linalg.vecdot(q, q), torch.linalg.vecdot(x, q)
             d = _f16(torch.where(qq > 0, xq / qq.clamp_min(1e-30), torch.zeros_like(xq)))
             err = xx - 2 * d * xq + d * d * qq          # error of these codes at the stored scale
             better = err < best_err
@@ -106,6 +107,14 @@ def _symmetric_blocks(x: torch.Tensor, levels: torch.Tensor, n_try: int = 4, lo:
 
 def _safe_inv(d: torch.Tensor) -> torch.Tensor:
     return torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
+
+
+def _nearest_values(x: torch.Tensor, inv: torch.Tensor, levels: torch.Tensor, uniform: bool) -> torch.Tensor:
+    """The level nearest to x * inv (per block), as a float."""
+    y = x * inv[:, None]
+    if uniform:
+        return torch.round(y).clamp_(float(levels[0]), float(levels[-1]))
+    return levels[_nearest(y, levels)]
 
 
 def _nearest_codes(x: torch.Tensor, inv: torch.Tensor, levels: torch.Tensor, uniform: bool) -> torch.Tensor:
@@ -130,7 +139,7 @@ def _blocks_q4_0(x: torch.Tensor) -> torch.Tensor:
 
 def _blocks_iq4_nl(x: torch.Tensor) -> torch.Tensor:
     levels = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=x.device)
-    d, codes = _symmetric_blocks(x, levels, n_try=5, lo=0.75, hi=1.0)
+    d, codes = _symmetric_blocks(x, levels)
     return torch.cat([_fp16_bytes(d), _pack_nibbles_split(codes)], 1)
 
 
