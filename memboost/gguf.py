@@ -328,6 +328,40 @@ def _bpe_pre(pre: Optional[dict]) -> Optional[str]:
     return None
 
 
+def _prepends_space(normalizer: Optional[dict]) -> bool:
+    """Whether a SentencePiece-style tokenizer.json normalizer prepends "▁" (llama.cpp's add_space_prefix)."""
+    if not normalizer:
+        return False
+    steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+    return any(s.get("type") == "Prepend" and s.get("prepend") == "▁" for s in steps)
+
+
+def _token_table(tokenizer, n_vocab: int, sentencepiece: bool):
+    """(tokens, scores, token types) by id, padded to the model's n_vocab with unused tokens."""
+    gguf = _gguf()
+    vocab = tokenizer.get_vocab()
+    if len(vocab) > n_vocab or max(vocab.values()) >= n_vocab:
+        raise MemboostError(f"the tokenizer has {len(vocab)} tokens (largest id {max(vocab.values())}) but "
+                            f"the model's vocab_size is {n_vocab}")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [int(gguf.TokenType.UNUSED)] * n_vocab
+    scores = [-1000.0] * n_vocab
+    for text, idx in vocab.items():
+        tokens[idx], types[idx], scores[idx] = text, int(gguf.TokenType.NORMAL), -float(idx)
+        if sentencepiece and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            types[idx], scores[idx] = int(gguf.TokenType.BYTE), 0.0
+    for idx, added in tokenizer.added_tokens_decoder.items():
+        tokens[idx] = added.content
+        if types[idx] == int(gguf.TokenType.BYTE):
+            continue
+        if added.special:
+            types[idx] = int(gguf.TokenType.UNKNOWN if added.content == tokenizer.unk_token else gguf.TokenType.CONTROL)
+        else:
+            types[idx] = int(gguf.TokenType.USER_DEFINED)
+        scores[idx] = 0.0
+    return tokens, scores, types
+
+
 def _add_tokenizer(writer, tokenizer, n_vocab: int) -> List[str]:
     """Writes the tokenizer's vocabulary, merges or scores, token types,
     special ids and chat template; returns notes for the report."""
@@ -345,50 +379,30 @@ def _add_tokenizer(writer, tokenizer, n_vocab: int) -> List[str]:
     with tempfile.TemporaryDirectory(prefix="memboost-gguf-tok-") as folder:
         tokenizer.save_pretrained(folder)
         byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
-        if model_spec.get("type") == "BPE" and not model_spec.get("byte_fallback") and byte_level:
-            vocab = tokenizer.get_vocab()
-            if len(vocab) > n_vocab or max(vocab.values()) >= n_vocab:
-                raise MemboostError(f"the tokenizer has {len(vocab)} tokens (largest id {max(vocab.values())}) but "
-                                    f"the model's vocab_size is {n_vocab}")
-            tokens = [f"[PAD{i}]" for i in range(n_vocab)]
-            types = [int(gguf.TokenType.UNUSED)] * n_vocab
-            for text, idx in vocab.items():
-                tokens[idx], types[idx] = text, int(gguf.TokenType.NORMAL)
-            for idx, added in tokenizer.added_tokens_decoder.items():
-                types[idx] = int(gguf.TokenType.CONTROL if added.special else gguf.TokenType.USER_DEFINED)
-                tokens[idx] = added.content
-            pre = _bpe_pre(spec.get("pre_tokenizer"))
-            writer.add_tokenizer_model("gpt2")
-            if pre is None:
-                notes.append("pre-tokenizer not one llama.cpp names: its default (GPT-2's) is used")
-                pre = "default"
-            writer.add_tokenizer_pre(pre)
-            writer.add_token_list(tokens)
-            writer.add_token_types(types)
-            load_merges = True
-        elif model_spec.get("type") == "BPE" and model_spec.get("byte_fallback"):
-            # SentencePiece-style BPE (Llama 2, Mistral): gguf's own reader of tokenizer.json
-            vocab_reader = gguf.vocab.LlamaHfVocab(__import__("pathlib").Path(folder))
-            tokens, scores, types = [], [], []
-            for text, score, ttype in vocab_reader.all_tokens():
-                tokens.append(text)
-                scores.append(score)
-                types.append(int(ttype))
-            if len(tokens) > n_vocab:
-                raise MemboostError(f"the tokenizer has {len(tokens)} tokens but the model's vocab_size is {n_vocab}")
-            for i in range(len(tokens), n_vocab):
-                tokens.append(f"[PAD{i}]".encode())
-                scores.append(-1000.0)
-                types.append(int(gguf.TokenType.UNUSED))
+        if model_spec.get("type") != "BPE" or not (byte_level or model_spec.get("byte_fallback")):
+            raise MemboostError(f"GGUF export supports byte-level BPE and SentencePiece-style BPE tokenizers; "
+                                f"this one is {model_spec.get('type')!r}")
+        sentencepiece = not byte_level
+        tokens, scores, types = _token_table(tokenizer, n_vocab, sentencepiece)
+        if sentencepiece:
+            # Llama 2 / Mistral style: llama.cpp's SentencePiece tokenizer merges by
+            # score, and the vocabulary is in merge order, so the score is -id.
             writer.add_tokenizer_model("llama")
             writer.add_tokenizer_pre("default")
+            writer.add_add_space_prefix(_prepends_space(spec.get("normalizer")))
             writer.add_token_list(tokens)
             writer.add_token_scores(scores)
             writer.add_token_types(types)
-            load_merges = False
         else:
-            raise MemboostError(f"GGUF export supports byte-level BPE and SentencePiece-style BPE tokenizers; "
-                                f"this one is {model_spec.get('type')!r}")
+            pre = _bpe_pre(spec.get("pre_tokenizer"))
+            if pre is None:
+                notes.append("pre-tokenizer not one llama.cpp names: its default (GPT-2's) is used")
+                pre = "default"
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre(pre)
+            writer.add_token_list(tokens)
+            writer.add_token_types(types)
+        load_merges = not sentencepiece
         special = gguf.SpecialVocab(folder, load_merges=load_merges, n_vocab=n_vocab)
         special.add_to_gguf(writer, quiet=True)
     return notes

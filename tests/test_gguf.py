@@ -67,6 +67,22 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer():
+    """A Llama-2-style tokenizer (BPE with byte fallback, "▁" for spaces, byte tokens <0x00>..<0xFF>)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator([memboost.testbed.english_text(100_000)],
+                            trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def _randomize(model, std=0.08):
     torch.manual_seed(1)
     with torch.no_grad():
@@ -292,6 +308,39 @@ def test_llama_cpp_runs_qwen2(qwen2, tokenizer, tmp_path, qtype):
     report, err, distance = _check_llama_cpp(qwen2, tokenizer, tmp_path / "q.gguf", qtype)
     names = {r.name for r in report.rows}
     assert "blk.0.attn_q.bias" in names and "output.weight" not in names     # q/k/v biases; tied output
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q4_0"])
+def test_llama_cpp_runs_mistral(tokenizer, tmp_path, qtype):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=400, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=128,
+                           sliding_window=None, tie_word_embeddings=False)
+    report, err, distance = _check_llama_cpp(_randomize(MistralForCausalLM(config)), tokenizer,
+                                             tmp_path / "m.gguf", qtype)
+    assert report.architecture == "llama"                # llama.cpp runs Mistral as "llama"
+
+
+def test_llama_cpp_sentencepiece_tokenizer(sentencepiece_tokenizer, tmp_path):
+    """A SentencePiece-style vocabulary: scores, byte tokens, the space prefix; llama.cpp tokenizes as HF does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=640, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=64)
+    path = tmp_path / "spm.gguf"
+    _check_llama_cpp(_randomize(LlamaForCausalLM(config)), sentencepiece_tokenizer, path, "F32")
+    f = {k: v.contents() for k, v in gguf.GGUFReader(str(path)).fields.items()}
+    assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.add_space_prefix"] is True
+    assert f["tokenizer.ggml.token_type"][3] == gguf.TokenType.BYTE and f["tokenizer.ggml.tokens"][3] == "<0x00>"
+    assert f["tokenizer.ggml.token_type"][0] == gguf.TokenType.UNKNOWN
+    assert f["tokenizer.ggml.scores"][400] == -400.0
+    text = memboost.testbed.english_text(3000) + " café → 42"
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, verbose=False)
+    try:
+        assert llm.tokenize(text.encode(), add_bos=False) == sentencepiece_tokenizer(text)["input_ids"]
+    finally:
+        llm.close()
 
 
 @pytest.mark.parametrize("method,params,qtype,expect", [
