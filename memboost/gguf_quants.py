@@ -18,7 +18,7 @@ Types: Q4_0, Q8_0, IQ4_NL (blocks of 32); TQ1_0, TQ2_0, Q2_K, Q3_K, Q4_K
 (super-blocks of 256). F32/F16/BF16 are plain casts (`to_float_type`).
 """
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -75,8 +75,8 @@ def _nearest(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(x, mids)
 
 
-def _symmetric_blocks(x: torch.Tensor, levels: torch.Tensor, n_try: int = 2, lo: float = 0.85, hi: float = 1.0
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _symmetric_blocks(x: torch.Tensor, levels: torch.Tensor, n_try: int = 2, lo: float = 0.85, hi: float = 1.0,
+                      weights: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Blocks x [n, B] on the grid d * levels (sorted, a zero-crossing set):
     (d float32 [n], already fp16-rounded; codes int64 [n, B]) with the least
     squared error among the candidate scales. Candidates put the block's
@@ -86,7 +86,9 @@ def _symmetric_blocks(x: torch.Tensor, levels: torch.Tensor, n_try: int = 2, lo:
     only lower the error further."""
     n = x.shape[0]
     m = x.gather(1, x.abs().argmax(dim=1, keepdim=True)).squeeze(1)   # signed value of largest magnitude
-    xx = torch.linalg.vecdot(x, x)
+    w = torch.ones_like(x) if weights is None else weights
+    wx = w * x
+    xx = torch.linalg.vecdot(wx, x)
     best_err = torch.full((n,), float("inf"), dtype=torch.float32, device=x.device)
     best_d = torch.zeros(n, dtype=torch.float32, device=x.device)
     uniform = bool((levels[1:] - levels[:-1] == 1).all())
@@ -96,7 +98,7 @@ def _symmetric_blocks(x: torch.Tensor, levels: torch.Tensor, n_try: int = 2, lo:
     for end in (float(levels[0]), float(levels[-1])):
         for f in factors:
             q = _nearest_values(x, _safe_inv(m / (end * f)), levels, uniform)
-            qq, xq = torch.linalg.vecdot(q, q), torch.linalg.vecdot(x, q)
+            qq, xq = torch.linalg.vecdot(w * q, q), torch.linalg.vecdot(wx, q)
             d = _f16(torch.where(qq > 0, xq / qq.clamp_min(1e-30), torch.zeros_like(xq)))
             err = xx - 2 * d * xq + d * d * qq          # error of these codes at the stored scale
             better = err < best_err
@@ -125,6 +127,13 @@ def _nearest_codes(x: torch.Tensor, inv: torch.Tensor, levels: torch.Tensor, uni
     return _nearest(y, levels)
 
 
+def _importance(x: torch.Tensor) -> torch.Tensor:
+    """Per-weight error weights sigma^2 + x^2 (sigma^2: the block's mean square):
+    large weights, which dominate the outputs, are fitted more closely."""
+    x2 = x * x
+    return x2 + 0.25 * x2.mean(1, keepdim=True)
+
+
 def _pack_nibbles_split(codes: torch.Tensor) -> torch.Tensor:
     """codes [n, 32] in 0..15 -> [n, 16]: element j in the low nibble of byte j, j+16 in the high."""
     c = codes.to(torch.uint8)
@@ -139,7 +148,7 @@ def _blocks_q4_0(x: torch.Tensor) -> torch.Tensor:
 
 def _blocks_iq4_nl(x: torch.Tensor) -> torch.Tensor:
     levels = torch.tensor(IQ4_NL_VALUES, dtype=torch.float32, device=x.device)
-    d, codes = _symmetric_blocks(x, levels)
+    d, codes = _symmetric_blocks(x, levels, n_try=4, lo=0.8, weights=_importance(x))
     return torch.cat([_fp16_bytes(d), _pack_nibbles_split(codes)], 1)
 
 
