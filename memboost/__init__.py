@@ -31,6 +31,7 @@ from .model import QuantizationReport, calibrate, load_quantized_, quantize_line
 from .serialization import load_safetensors, save_safetensors
 from .checkpoint import load_quantized, save_quantized
 from . import testbed, vsa, distributed, tritter
+from .gguf import export_gguf
 
 __version__ = "0.1.0"
 
@@ -40,7 +41,7 @@ __all__ = [
     "quantize_linears_", "quantize_model", "QuantizationReport", "load_quantized_", "save_safetensors",
     "load_safetensors", "MemboostError", "MemboostTypeError", "testbed", "save_quantized", "load_quantized",
     "ternary", "TernaryQuantizedTensor", "tritter", "vsa", "distributed", "nf4", "NF4QuantizedTensor", "qlora",
-    "lort", "LoRTQuantizedTensor",
+    "lort", "LoRTQuantizedTensor", "export_gguf",
 ]
 
 

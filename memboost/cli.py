@@ -4,6 +4,7 @@
     memboost eval MODEL [--text TEXT] [--prompt P] [--compile]
     memboost info DIR
     memboost compare [--quick] [--plot compare.png]
+    memboost gguf MODEL OUT.gguf [--type Q4_0]
 
 MODEL is a local Hugging Face model folder (plain or saved by memboost), or
 `smollm2` for the embedded default (SmolLM2-135M-Instruct from the
@@ -232,6 +233,18 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_gguf(args) -> int:
+    from .gguf import export_gguf
+
+    model, tokenizer = load_model(args.model)
+    report = export_gguf(model, args.out, weight_type=args.type, tokenizer=tokenizer, output_type=args.output_type,
+                         progress=False if args.quiet else None, verbose=False)
+    if args.verbose:
+        print(report.table())
+    print(report.summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="memboost", description=__doc__, formatter_class=_Formatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -280,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="formats and bits per layer of a saved model", formatter_class=_Formatter)
     i.add_argument("directory")
     i.set_defaults(fn=cmd_info)
+
+    g = sub.add_parser("gguf", help="export to one GGUF file for llama.cpp", formatter_class=_Formatter)
+    g.add_argument("model", help=f"model folder (plain or saved by memboost) or {DEFAULT_MODEL!r}")
+    g.add_argument("out", help="the .gguf file to write")
+    g.add_argument("--type", default="F16", help="GGUF type of the weight matrices: F32 F16 BF16 Q4_0 Q8_0 IQ4_NL "
+                   "TQ1_0 TQ2_0 Q2_K Q3_K Q4_K (rule: memboost.gguf.gguf_type_for)")
+    g.add_argument("--output-type", help="type of the output matrix (default: Q8_0 below 8 bits, else --type)")
+    g.add_argument("--verbose", action="store_true", help="print the per-tensor table")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.set_defaults(fn=cmd_gguf)
     return ap
 
 

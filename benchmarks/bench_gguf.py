@@ -1,0 +1,154 @@
+"""GGUF export of SmolLM2-135M-Instruct, judged by llama.cpp.
+
+For each GGUF type: memboost.export_gguf of the model (float weights, and an
+NF4-quantized copy to IQ4_NL), then llama.cpp's own quantizer
+(llama_cpp.llama_model_quantize, default parameters, no importance matrix)
+applied to our F16 export at the same types, as reference rows. Every file
+is scored twice on the same token windows:
+- ppl llama.cpp: perplexity computed by llama.cpp (llama-cpp-python) running
+  the file;
+- ppl memboost: the PyTorch model with the file's weights dequantized
+  (memboost.gguf.gguf_state_dict), which must agree with llama.cpp up to
+  its activation rounding;
+with the file size and bits per weight (file bits over all weights, the
+token embedding included). Text: Debian's GPL-3 (English prose that is not
+fortunes), the first --tokens tokens in windows of 256, the first token of
+each window context only (memboost.testbed.perplexity's convention).
+
+    python benchmarks/bench_gguf.py [--tokens 2048] [--json benchmarks/results/gguf_cpu.json]
+"""
+
+import argparse
+import copy
+import ctypes
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import memboost  # noqa: E402
+from memboost.gguf import export_gguf, gguf_state_dict  # noqa: E402
+from common import print_table, write_json  # noqa: E402
+
+TEXT = "/usr/share/common-licenses/GPL-3"
+OURS = ["F16", "Q8_0", "Q4_0", "IQ4_NL", "Q4_K", "Q3_K", "Q2_K"]
+LLAMA_CPP = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+             "IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL", "Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
+             "Q3_K": "LLAMA_FTYPE_MOSTLY_Q3_K_S", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}
+
+
+def windows(tokenizer, tokens: int, window: int = 256):
+    with open(TEXT, encoding="utf-8") as f:
+        text = f.read()
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:tokens]
+    return [ids[i:i + window] for i in range(0, len(ids), window) if len(ids[i:i + window]) >= 2]
+
+
+def nll(logits: torch.Tensor, ids) -> float:
+    return float(torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:]), reduction="sum"))
+
+
+def ppl_llama_cpp(path: str, wins) -> float:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=path, logits_all=True, n_ctx=256, n_batch=256, n_threads=os.cpu_count(),
+                          verbose=False)
+    total = count = 0
+    try:
+        for w in wins:
+            llm.reset()
+            llm.eval(w)
+            total += nll(torch.from_numpy(np.array(llm.scores[:len(w)])), w)
+            count += len(w) - 1
+    finally:
+        llm.close()
+    return math.exp(total / count)
+
+
+def ppl_torch(model, wins) -> float:
+    total = count = 0
+    with torch.inference_mode():
+        for w in wins:
+            total += nll(model(torch.tensor([w])).logits[0], w)
+            count += len(w) - 1
+    return math.exp(total / count)
+
+
+def score(path, source, producer, qtype, model, float_model, wins, seconds, numel):
+    float_model.load_state_dict(gguf_state_dict(path, model), strict=False)
+    float_model.tie_weights()
+    size = os.path.getsize(path)
+    row = {"source": source, "by": producer, "type": qtype, "MiB": size / 2**20, "bits/weight": 8 * size / numel,
+           "ppl llama.cpp": ppl_llama_cpp(path, wins), "ppl memboost": ppl_torch(float_model, wins),
+           "export s": seconds}
+    print(row, flush=True)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--types", default=",".join(OURS))
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    import llama_cpp
+
+    model, tokenizer = memboost.testbed.load_smollm2()
+    wins = windows(tokenizer, args.tokens)
+    numel = sum(p.numel() for p in model.parameters())     # tied embedding counted once
+    float_model = copy.deepcopy(model)
+    rows = [{"source": "float32", "by": "PyTorch", "type": "F32", "MiB": 4 * numel / 2**20, "bits/weight": 32.0,
+             "ppl llama.cpp": None, "ppl memboost": ppl_torch(model, wins), "export s": None}]
+    types = args.types.split(",")
+    with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
+        f16 = os.path.join(tmp, "F16.gguf")
+        for qtype in types:
+            path = os.path.join(tmp, f"{qtype}.gguf")
+            start = time.perf_counter()
+            export_gguf(model, path, qtype, tokenizer, verbose=False, progress=False)
+            rows.append(score(path, "float", "memboost", qtype, model, float_model, wins,
+                              time.perf_counter() - start, numel))
+            if qtype != "F16":
+                os.unlink(path)
+        if "F16" not in types:
+            export_gguf(model, f16, "F16", tokenizer, verbose=False, progress=False)
+        for qtype in types:
+            if qtype not in LLAMA_CPP:
+                continue
+            path = os.path.join(tmp, f"llama-{qtype}.gguf")
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, LLAMA_CPP[qtype])
+            params.nthread = os.cpu_count()
+            start = time.perf_counter()
+            if llama_cpp.llama_model_quantize(f16.encode(), path.encode(), ctypes.byref(params)) != 0:
+                raise RuntimeError(f"llama_model_quantize failed for {qtype}")
+            rows.append(score(path, "F16 export", "llama.cpp", LLAMA_CPP[qtype][len("LLAMA_FTYPE_MOSTLY_"):], model,
+                              float_model, wins, time.perf_counter() - start, numel))
+            os.unlink(path)
+        # a memboost-quantized model: NF4 (bitsandbytes' format) to IQ4_NL, and to F16 for its own quality
+        nf4 = copy.deepcopy(model)
+        memboost.quantize_model(nf4, "nf4", progress=False)
+        rows.append({"source": "nf4", "by": "PyTorch", "type": "NF4 (decoder linears)", "MiB": None,
+                     "bits/weight": None, "ppl llama.cpp": None, "ppl memboost": ppl_torch(nf4, wins),
+                     "export s": None})
+        if "IQ4_NL" in types:
+            path = os.path.join(tmp, "nf4-IQ4_NL.gguf")
+            start = time.perf_counter()
+            export_gguf(nf4, path, "IQ4_NL", tokenizer, verbose=False, progress=False)
+            rows.append(score(path, "nf4", "memboost", "IQ4_NL", nf4, float_model, wins,
+                              time.perf_counter() - start, numel))
+    columns = ["source", "by", "type", "MiB", "bits/weight", "ppl llama.cpp", "ppl memboost", "export s"]
+    print_table(rows, columns, title=f"SmolLM2-135M GGUF: perplexity on {sum(len(w) for w in wins)} tokens of "
+                                     f"GPL-3 (windows of 256), {torch.get_num_threads()} threads")
+    write_json(args.json, {"model": "SmolLM2-135M-Instruct", "text": TEXT, "tokens": args.tokens, "window": 256,
+                           "torch_threads": torch.get_num_threads(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

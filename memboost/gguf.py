@@ -1,0 +1,575 @@
+"""GGUF export: a Hugging Face Llama-family causal LM, plain or quantized with
+memboost, to one GGUF file that llama.cpp loads and runs.
+
+    import memboost
+    report = memboost.export_gguf(model, "model.gguf", weight_type="IQ4_NL", tokenizer=tokenizer)
+    print(report.table())
+
+The file is written with the `gguf` package (llama.cpp's own Python writer):
+architecture, hyper-parameters, tokenizer and tensors through its helpers,
+never hand-made bytes. What every tensor becomes is decided by one rule,
+`gguf_type_for` (see its docstring); the quantizers that `gguf` lacks are
+in memboost.gguf_quants. `gguf_state_dict(path, model)` reads an exported
+file back into the model's float tensors (what llama.cpp computes with).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from . import gguf_quants
+from .errors import MemboostError, MemboostTypeError
+from .serialization import atomic_write
+
+# Hugging Face model type -> (llama.cpp architecture, rope rows interleaved
+# in llama.cpp's order: Llama-style checkpoints store each head's q/k rows as
+# two halves, llama.cpp's "llama" rope wants the pairs adjacent; "qwen2" uses
+# the NeoX rope on the halves as they are).
+ARCHITECTURES = {
+    "llama": ("llama", True),
+    "mistral": ("llama", True),
+    "qwen2": ("qwen2", False),
+}
+
+WEIGHT_TYPES = gguf_quants.FLOAT_TYPES + gguf_quants.QUANT_TYPES
+TERNARY_TYPES = ("TQ1_0", "TQ2_0")
+K_TYPES = ("Q2_K", "Q3_K", "Q4_K")
+
+_FILE_TYPES = {  # general.file_type (llama.cpp's LLAMA_FTYPE) of a file "mostly" of this type
+    "F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_0": "MOSTLY_Q4_0", "Q8_0": "MOSTLY_Q8_0",
+    "IQ4_NL": "MOSTLY_IQ4_NL", "TQ1_0": "MOSTLY_TQ1_0", "TQ2_0": "MOSTLY_TQ2_0", "Q2_K": "MOSTLY_Q2_K",
+    "Q3_K": "MOSTLY_Q3_K_S", "Q4_K": "MOSTLY_Q4_K_S",
+}
+
+# Pre-tokenizers of byte-level BPE tokenizers (tokenizer.json) that llama.cpp
+# implements, by the regular expression their Split step uses.
+_LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+"
+                 "[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+_QWEN2_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+_SPLIT_PRE = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:  # pragma: no cover - gguf is in the hf extra
+        raise MemboostError("GGUF export needs the `gguf` package: pip install gguf") from None
+    return gguf
+
+
+# -- the rule -----------------------------------------------------------------
+def gguf_type_for(source: str, requested: str, cols: int, exact_ternary: bool = False) -> Tuple[str, str, str]:
+    """What one 2-D weight becomes: (GGUF type, how, note).
+
+    source: "float" or the memboost format of the weight ("ternary", "nf4",
+    "mixed", "lort", ...); requested: the GGUF type asked for; cols: the
+    row length (input features); exact_ternary: a ternary weight whose
+    scale groups cover whole 256-blocks (per tensor, per row, or groups that
+    are multiples of 256).
+    how: "copy" (the stored codes as they are: ternary trits into TQ1_0 /
+    TQ2_0, scales rounded to fp16), "cast" (to a float type) or "quantize"
+    (the float weight, dequantized from its format if need be, quantized by
+    memboost.gguf_quants choosing each block's scale to minimise the error;
+    for NF4 -> IQ4_NL this maps the NF4 values onto the closest IQ4_NL grid).
+
+    - F32 / F16 / BF16: every format dequantized and cast.
+    - TQ1_0 / TQ2_0 (blocks of 256): ternary weights are copied when their
+      scales allow, else re-quantized (said in the note); rows that are not
+      a multiple of 256 fall back to Q4_0, which holds three levels exactly.
+    - Q2_K / Q3_K / Q4_K (blocks of 256): rows that are not a multiple of
+      256 fall back to IQ4_NL (as llama.cpp does), said in the note.
+    - Q4_0 / Q8_0 / IQ4_NL (blocks of 32): rows that are not a multiple of 32
+      are refused (MemboostError): no 4- or 8-bit type fits them.
+    """
+    if requested not in WEIGHT_TYPES:
+        raise MemboostError(f"'weight_type' must be one of {list(WEIGHT_TYPES)}, got {requested!r}")
+    dequant = "" if source == "float" else f"{source} dequantized"
+    if requested in gguf_quants.FLOAT_TYPES:
+        return requested, "cast", dequant
+    block = gguf_quants.BLOCK[requested][0]
+    if cols % block:
+        fallback = "Q4_0" if requested in TERNARY_TYPES else "IQ4_NL"
+        if requested in TERNARY_TYPES + K_TYPES and cols % gguf_quants.QK == 0:
+            why = f"rows of {cols} are not a multiple of {block}"
+            return fallback, "quantize", f"{requested} -> {fallback}: {why}" + (f"; {dequant}" if dequant else "")
+        raise MemboostError(f"GGUF type {requested} needs rows that are a multiple of {block} elements"
+                            f"{'' if block == gguf_quants.QK else ' (or of 32 to fall back to ' + fallback + ')'}; "
+                            f"this weight has rows of {cols}")
+    if requested in TERNARY_TYPES and source == "ternary":
+        if exact_ternary:
+            return requested, "copy", "same trits, scales in fp16"
+        return requested, "quantize", "ternary scale groups do not cover whole 256-blocks: re-quantized"
+    note = dequant
+    if source == "nf4" and requested == "IQ4_NL":
+        note = "NF4 values mapped onto IQ4_NL, scales fitted per block"
+    return requested, "quantize", note
+
+
+def requested_type(role: str, weight_type: str, output_type: str) -> str:
+    """The type asked of gguf_type_for for a matrix in `role`: "output" (lm_head,
+    or the token embedding when tied) gets output_type; an untied token
+    embedding gets Q4_K under the ternary types (a ternary embedding loses
+    the model; llama.cpp's quantizer does the same; rows that are not a
+    multiple of 256 then fall back to IQ4_NL); every other matrix gets
+    weight_type."""
+    if role == "output":
+        return output_type
+    if role == "embedding" and weight_type in TERNARY_TYPES:
+        return "Q4_K"
+    return weight_type
+
+
+# -- reading the model ----------------------------------------------------------
+@dataclasses.dataclass
+class _HParams:
+    arch: str
+    permute: bool
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ctx: int
+    n_vocab: int
+    rms_eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict]
+    tied: bool
+
+
+def _hparams(model) -> _HParams:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise MemboostError(f"GGUF export supports the Hugging Face model types {sorted(ARCHITECTURES)} "
+                            f"(Llama family); got {model_type!r} ({type(model).__name__})")
+    arch, permute = ARCHITECTURES[model_type]
+
+    def need(name):
+        value = getattr(config, name, None)
+        if value is None:
+            raise MemboostError(f"the model's config lacks {name!r}, which llama.cpp needs for {arch!r}")
+        return value
+
+    n_head = need("num_attention_heads")
+    n_embd = need("hidden_size")
+    head_dim = getattr(config, "head_dim", None) or n_embd // n_head
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if rope_theta is None:
+        raise MemboostError(f"the model's config lacks 'rope_theta' (rope_parameters), which llama.cpp needs for "
+                            f"{arch!r}")
+    scaling = dict(params) if params else dict(getattr(config, "rope_scaling", None) or {})
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", "linear", "yarn"):
+        raise MemboostError(f"rope scaling {rope_type!r} is not supported by the GGUF export "
+                            "(supported: none, 'linear', 'yarn')")
+    return _HParams(
+        arch=arch, permute=permute, n_layer=need("num_hidden_layers"), n_embd=n_embd,
+        n_ff=need("intermediate_size"), n_head=n_head, n_head_kv=getattr(config, "num_key_value_heads", None) or n_head,
+        head_dim=head_dim, n_ctx=need("max_position_embeddings"), n_vocab=need("vocab_size"),
+        rms_eps=float(need("rms_norm_eps")), rope_theta=float(rope_theta),
+        rope_scaling=None if rope_type == "default" else dict(scaling, rope_type=rope_type),
+        tied=bool(getattr(config, "tie_word_embeddings", False)))
+
+
+def _weights(model) -> Iterator[Tuple[str, object]]:
+    """(Hugging Face name, float tensor or QuantizedTensor) of every parameter and quantized weight."""
+    from .nn import QLoRALinear, QuantizedLinear
+
+    for name, module in model.named_modules():
+        prefix = name + "." if name else ""
+        if isinstance(module, QLoRALinear):
+            raise MemboostError(f"layer {name!r} carries LoRA adapters: merge them first "
+                                "(memboost.qlora.merge_adapters) or export the base model")
+        if isinstance(module, QuantizedLinear):
+            yield prefix + "weight", module.weight.tensor()
+            if module.bias is not None:
+                yield prefix + "bias", module.bias.detach()
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            yield prefix + pname, param.detach()
+
+
+def _rope_rows(rows: torch.Tensor, n_head: int, inverse: bool = False) -> torch.Tensor:
+    """Reorders the rows (output features) of a q/k weight or bias between
+    Hugging Face's rotate-half layout (each head: the first halves of all
+    pairs, then the second halves) and llama.cpp's interleaved pairs."""
+    head = rows.shape[0] // n_head
+    rest = rows.shape[1:]
+    if inverse:
+        return rows.reshape(n_head, head // 2, 2, *rest).transpose(1, 2).reshape(rows.shape)
+    return rows.reshape(n_head, 2, head // 2, *rest).transpose(1, 2).reshape(rows.shape)
+
+
+# -- one tensor ------------------------------------------------------------------
+@dataclasses.dataclass
+class TensorRow:
+    name: str            # GGUF tensor name
+    source: str          # float or the memboost format
+    gguf_type: str
+    bits_per_weight: float
+    rel_error: float     # ||W_gguf - W_source|| / ||W_source||
+    note: str = ""
+    numel: int = 0
+    nbytes: int = 0
+
+
+@dataclasses.dataclass
+class GGUFExportReport:
+    path: str
+    architecture: str
+    weight_type: str
+    rows: List[TensorRow]
+    file_bytes: int = 0
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight over every tensor of the file (file size over all weights)."""
+        return 8.0 * self.file_bytes / max(1, sum(r.numel for r in self.rows))
+
+    def table(self) -> str:
+        lines = ["| tensor | source | GGUF type | bits/weight | rel. error | note |", "|---|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append(f"| {r.name} | {r.source} | {r.gguf_type} | {r.bits_per_weight:.4g} | {r.rel_error:.2e} | "
+                         f"{r.note} |")
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        fallbacks = sum(1 for r in self.rows if "->" in r.note)
+        return (f"{self.path}: {self.architecture}, {len(self.rows)} tensors, {self.file_bytes / 2**20:.1f} MiB, "
+                f"{self.bits_per_weight:.3f} bits per weight (mostly {self.weight_type}"
+                f"{f'; {fallbacks} tensors fell back, see the table' if fallbacks else ''})")
+
+
+def _ternary_exact(q) -> bool:
+    gs = q.group_size
+    return gs == 0 or gs % gguf_quants.QK_K == 0
+
+
+def _ternary_copy(q, qtype: str) -> torch.Tensor:
+    """The GGUF blocks of a ternary weight's own trits and scales: TQ2_0's
+    qs bytes are memboost's packed bytes (same 128-trit chunk layout), so
+    that is a byte copy; TQ1_0 repacks the same trits in base 3."""
+    rows, cols = q.shape
+    nblk = cols // gguf_quants.QK_K
+    scales = q.tensors["scales"].float().cpu()
+    if q.group_size == 0:
+        d = scales[:, :1].expand(rows, nblk) if scales.shape[0] == rows else scales.reshape(1, 1).expand(rows, nblk)
+    else:
+        d = scales.repeat_interleave(q.group_size // gguf_quants.QK_K, 1)[:, :nblk]
+    d = d.reshape(-1)
+    if qtype == "TQ2_0":
+        qs = q.tensors["packed"].cpu()[:, :cols // 4].reshape(rows * nblk, 64)
+        out = torch.cat([qs, gguf_quants._fp16_bytes(d)], 1)
+    else:
+        codes = (q.trits().cpu().to(torch.int16) + 1).reshape(rows * nblk, gguf_quants.QK_K)
+        out = gguf_quants.pack_tq1_0(codes, d)
+    return out.reshape(rows, -1)
+
+
+def _dequantize_bytes(data: torch.Tensor, qtype: str, cols: int) -> torch.Tensor:
+    """The float weight llama.cpp sees: gguf's reference decoder on our bytes."""
+    gguf = _gguf()
+    if qtype == "F32":
+        return data.float()
+    if qtype == "F16":
+        return data.float()
+    if qtype == "BF16":
+        return data.view(torch.bfloat16).float()
+    arr = gguf.quants.dequantize(data.numpy(), gguf.GGMLQuantizationType[qtype])
+    return torch.from_numpy(arr).reshape(data.shape[0], cols)
+
+
+def _convert(value, qtype_requested: str, is_matrix: bool):
+    """(stored tensor, GGUF type, source name, note, float source, stored float) for one weight."""
+    from .tensor import QuantizedTensor
+
+    if isinstance(value, QuantizedTensor):
+        source = value.format
+        exact = source == "ternary" and _ternary_exact(value)
+    else:
+        source, exact = "float", False
+    if not is_matrix:
+        w = value.dequantize().float() if isinstance(value, QuantizedTensor) else value.float()
+        return w.cpu().contiguous(), "F32", source, "", w, w
+    cols = value.shape[1]
+    qtype, how, note = gguf_type_for(source, qtype_requested, cols, exact)
+    w = (value.dequantize() if isinstance(value, QuantizedTensor) else value).detach().float().cpu()
+    if how == "copy":
+        data = _ternary_copy(value, qtype)
+    elif how == "cast":
+        data = gguf_quants.to_float_type(w, qtype).contiguous()
+    else:
+        data = gguf_quants.quantize(w, qtype)
+    return data, qtype, source, note, w, _dequantize_bytes(data, qtype, cols)
+
+
+# -- tokenizer -------------------------------------------------------------------
+def _bpe_pre(pre: Optional[dict]) -> Optional[str]:
+    """llama.cpp's name for a byte-level BPE pre-tokenizer (tokenizer.json), None if unknown."""
+    if not pre:
+        return None
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        return _SPLIT_PRE.get((steps[0].get("pattern") or {}).get("Regex"))
+    return None
+
+
+def _prepends_space(normalizer: Optional[dict]) -> bool:
+    """Whether a SentencePiece-style tokenizer.json normalizer prepends "▁" (llama.cpp's add_space_prefix)."""
+    if not normalizer:
+        return False
+    steps = normalizer.get("normalizers", [normalizer]) if normalizer.get("type") == "Sequence" else [normalizer]
+    return any(s.get("type") == "Prepend" and s.get("prepend") == "▁" for s in steps)
+
+
+def _token_table(tokenizer, n_vocab: int, sentencepiece: bool):
+    """(tokens, scores, token types) by id, padded to the model's n_vocab with unused tokens."""
+    gguf = _gguf()
+    vocab = tokenizer.get_vocab()
+    if len(vocab) > n_vocab or max(vocab.values()) >= n_vocab:
+        raise MemboostError(f"the tokenizer has {len(vocab)} tokens (largest id {max(vocab.values())}) but "
+                            f"the model's vocab_size is {n_vocab}")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [int(gguf.TokenType.UNUSED)] * n_vocab
+    scores = [-1000.0] * n_vocab
+    for text, idx in vocab.items():
+        tokens[idx], types[idx], scores[idx] = text, int(gguf.TokenType.NORMAL), -float(idx)
+        if sentencepiece and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            types[idx], scores[idx] = int(gguf.TokenType.BYTE), 0.0
+    for idx, added in tokenizer.added_tokens_decoder.items():
+        tokens[idx] = added.content
+        if types[idx] == int(gguf.TokenType.BYTE):
+            continue
+        if added.special:
+            types[idx] = int(gguf.TokenType.UNKNOWN if added.content == tokenizer.unk_token else gguf.TokenType.CONTROL)
+        else:
+            types[idx] = int(gguf.TokenType.USER_DEFINED)
+        scores[idx] = 0.0
+    return tokens, scores, types
+
+
+def _add_tokenizer(writer, tokenizer, n_vocab: int) -> List[str]:
+    """Writes the tokenizer's vocabulary, merges or scores, token types,
+    special ids and chat template; returns notes for the report."""
+    gguf = _gguf()
+    if tokenizer is None:
+        # llama.cpp then loads the weights without a vocabulary (no text in or out).
+        writer.add_tokenizer_model("none")
+        return ["no tokenizer given: the file has no vocabulary"]
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise MemboostError(f"GGUF export needs a fast (tokenizers-backed) tokenizer, got {type(tokenizer).__name__}")
+    spec = json.loads(backend.to_str())
+    model_spec = spec.get("model", {})
+    notes = []
+    with tempfile.TemporaryDirectory(prefix="memboost-gguf-tok-") as folder:
+        tokenizer.save_pretrained(folder)
+        byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+        if model_spec.get("type") != "BPE" or not (byte_level or model_spec.get("byte_fallback")):
+            raise MemboostError(f"GGUF export supports byte-level BPE and SentencePiece-style BPE tokenizers; "
+                                f"this one is {model_spec.get('type')!r}")
+        sentencepiece = not byte_level
+        tokens, scores, types = _token_table(tokenizer, n_vocab, sentencepiece)
+        if sentencepiece:
+            # Llama 2 / Mistral style: llama.cpp's SentencePiece tokenizer merges by
+            # score, and the vocabulary is in merge order, so the score is -id.
+            writer.add_tokenizer_model("llama")
+            writer.add_tokenizer_pre("default")
+            writer.add_add_space_prefix(_prepends_space(spec.get("normalizer")))
+            writer.add_token_list(tokens)
+            writer.add_token_scores(scores)
+            writer.add_token_types(types)
+        else:
+            pre = _bpe_pre(spec.get("pre_tokenizer"))
+            if pre is None:
+                notes.append("pre-tokenizer not one llama.cpp names: its default (GPT-2's) is used")
+                pre = "default"
+            writer.add_tokenizer_model("gpt2")
+            writer.add_tokenizer_pre(pre)
+            writer.add_token_list(tokens)
+            writer.add_token_types(types)
+        load_merges = not sentencepiece
+        special = gguf.SpecialVocab(folder, load_merges=load_merges, n_vocab=n_vocab)
+        special.add_to_gguf(writer, quiet=True)
+    return notes
+
+
+def _add_hparams(writer, hp: _HParams, weight_type: str, name: str) -> None:
+    gguf = _gguf()
+    writer.add_name(name)
+    writer.add_context_length(hp.n_ctx)
+    writer.add_embedding_length(hp.n_embd)
+    writer.add_block_count(hp.n_layer)
+    writer.add_feed_forward_length(hp.n_ff)
+    writer.add_head_count(hp.n_head)
+    writer.add_head_count_kv(hp.n_head_kv)
+    writer.add_rope_freq_base(hp.rope_theta)
+    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    writer.add_vocab_size(hp.n_vocab)
+    writer.add_rope_dimension_count(hp.head_dim)
+    if hp.head_dim * hp.n_head != hp.n_embd:
+        writer.add_key_length(hp.head_dim)
+        writer.add_value_length(hp.head_dim)
+    if hp.rope_scaling:
+        factor = hp.rope_scaling.get("factor")
+        if factor is None:
+            raise MemboostError(f"rope scaling {hp.rope_scaling['rope_type']!r} in the config lacks 'factor'")
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if hp.rope_scaling["rope_type"] == "linear"
+                                     else gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(factor))
+        orig = hp.rope_scaling.get("original_max_position_embeddings")
+        if orig:
+            writer.add_rope_scaling_orig_ctx_len(int(orig))
+    writer.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[weight_type])))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _check_weight_type(weight_type) -> str:
+    if hasattr(weight_type, "name"):       # a gguf.GGMLQuantizationType
+        weight_type = weight_type.name
+    if not isinstance(weight_type, str):
+        raise MemboostTypeError(f"'weight_type' must be a GGUF type name, got {type(weight_type).__name__}")
+    upper = weight_type.upper()
+    if upper not in WEIGHT_TYPES:
+        raise MemboostError(f"'weight_type' must be one of {list(WEIGHT_TYPES)}, got {weight_type!r}")
+    return upper
+
+
+def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, output_type: Optional[str] = None,
+                name: Optional[str] = None, progress: Optional[bool] = None, verbose: bool = True
+                ) -> GGUFExportReport:
+    """Writes `model` (a Hugging Face Llama, Mistral or Qwen2 causal LM,
+    plain or with memboost-quantized layers) to the GGUF file `path`.
+
+    weight_type: the GGUF type of the weight matrices (F32, F16, BF16, Q4_0,
+    Q8_0, IQ4_NL, TQ1_0, TQ2_0, Q2_K, Q3_K, Q4_K); what each memboost format
+    becomes is `gguf_type_for`'s rule. Norms and biases stay F32.
+    output_type: type of the output matrix (lm_head, or the token embedding
+    when tied); default Q8_0 when weight_type has fewer than 8 bits (the
+    output is the most error-sensitive matrix; llama.cpp's quantizer keeps
+    it at 6 bits or more too), else weight_type.
+    tokenizer: the model's Hugging Face tokenizer (fast); without it the
+    file has no vocabulary.
+    progress: a progress bar (default: for models over 100 M weights);
+    verbose: print the per-tensor table and a summary.
+
+    Everything is converted and checked before the file is opened; it is
+    written to a temporary name, fsync'ed and renamed, so an error leaves no
+    partial file. Raises MemboostError naming the problem (architecture,
+    type, row length, config key, path).
+    """
+    gguf = _gguf()
+    weight_type = _check_weight_type(weight_type)
+    if output_type is None:
+        output_type = "Q8_0" if gguf_quants.bits_per_weight(weight_type) < 8 else weight_type
+    output_type = _check_weight_type(output_type)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise MemboostError(f"cannot write {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise MemboostError(f"cannot write {path!r}: folder {folder!r} is not writable")
+    hp = _hparams(model)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[hp.arch.upper()], hp.n_layer)
+
+    weights = list(_weights(model))
+    by_name = dict(weights)
+    lm_head, embed = by_name.get("lm_head.weight"), by_name.get("model.embed_tokens.weight")
+    tied = lm_head is None or (isinstance(lm_head, torch.Tensor) and isinstance(embed, torch.Tensor)
+                               and lm_head.data_ptr() == embed.data_ptr())
+    total = sum(math.prod(v.shape) for _, v in weights)
+    show_bar = progress if progress is not None else total > 100_000_000
+    from tqdm.auto import tqdm
+
+    converted = []
+    rows: List[TensorRow] = []
+    for hf_name, value in tqdm(weights, desc="GGUF export", unit="tensor", disable=not show_bar):
+        if hf_name == "lm_head.weight" and tied:
+            continue
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise MemboostError(f"tensor {hf_name!r} has no GGUF name for architecture {hp.arch!r}")
+        is_matrix = len(value.shape) == 2
+        is_output = gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and tied)
+        role = "output" if is_output else "embedding" if gguf_name == "token_embd.weight" else "matrix"
+        wanted = requested_type(role, weight_type, output_type)
+        try:
+            data, qtype, source, note, w_src, w_out = _convert(value, wanted, is_matrix)
+        except MemboostError as exc:
+            raise MemboostError(f"tensor {hf_name!r} ({gguf_name}): {exc}") from None
+        if hp.permute and gguf_name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+            heads = hp.n_head if ".attn_q." in gguf_name else hp.n_head_kv
+            data = _rope_rows(data, heads)
+        err = float((w_out - w_src).norm() / w_src.norm().clamp_min(1e-30))
+        numel = math.prod(value.shape)
+        nbytes = data.numel() * data.element_size()
+        rows.append(TensorRow(gguf_name, source, qtype, 8.0 * nbytes / numel, err, note, numel, nbytes))
+        converted.append((gguf_name, data, qtype))
+
+    writer = gguf.GGUFWriter(None, hp.arch)
+    _add_hparams(writer, hp, weight_type, name or getattr(model.config, "_name_or_path", "") or hp.arch)
+    tok_notes = _add_tokenizer(writer, tokenizer, hp.n_vocab)
+    for gguf_name, data, qtype in converted:
+        if qtype in ("F32", "F16"):
+            writer.add_tensor(gguf_name, data.numpy())
+        else:
+            arr = data.contiguous().view(torch.uint8).numpy()
+            writer.add_tensor(gguf_name, arr, raw_dtype=gguf.GGMLQuantizationType[qtype])
+    try:
+        with atomic_write(path) as tmp:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=False)
+            writer.close()
+    except OSError as exc:
+        raise MemboostError(f"cannot write {path!r}: {exc.strerror or exc}") from None
+    finally:
+        writer.close()
+    report = GGUFExportReport(path, hp.arch, weight_type, rows, os.path.getsize(path))
+    if verbose:
+        print(report.table())
+        for note in tok_notes:
+            print("note:", note)
+        print(report.summary())
+    return report
+
+
+# -- reading back ------------------------------------------------------------------
+def gguf_state_dict(path: str, model) -> Dict[str, torch.Tensor]:
+    """The float weights of an exported GGUF file under `model`'s Hugging Face
+    names (q/k rows back in Hugging Face order, tied lm_head included): load
+    them into a float copy of the model to compute what llama.cpp computes."""
+    gguf = _gguf()
+    hp = _hparams(model)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[hp.arch.upper()], hp.n_layer)
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    out = {}
+    for hf_name, value in _weights(model):
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name not in tensors:
+            if hf_name == "lm_head.weight" and "token_embd.weight" in tensors:
+                gguf_name = "token_embd.weight"
+            else:
+                raise MemboostError(f"{path!r} has no tensor {gguf_name!r} (for {hf_name!r})")
+        t = tensors[gguf_name]
+        w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).float()
+        w = w.reshape(tuple(value.shape))
+        if hp.permute and gguf_name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+            w = _rope_rows(w, hp.n_head if ".attn_q." in gguf_name else hp.n_head_kv, inverse=True)
+        out[hf_name] = w
+    return out
