@@ -349,6 +349,7 @@ def test_llama_cpp_sentencepiece_tokenizer(sentencepiece_tokenizer, tmp_path):
     ("ternary", {"group_size": 128}, "TQ2_0", "re-quantized"),
     ("nf4", {}, "IQ4_NL", "NF4 values mapped"),
     ("mixed", {"ratio_4bit": 0.5}, "Q4_K", "mixed dequantized"),
+    ("lort", {"rank": 8, "iters": 2, "per_row_alpha": True}, "Q8_0", "lort dequantized"),
 ])
 def test_llama_cpp_runs_quantized_models(llama, tokenizer, tmp_path, method, params, qtype, expect):
     model = copy.deepcopy(llama)
