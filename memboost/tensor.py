@@ -71,7 +71,9 @@ class QuantizedTensor:
             QuantizedTensor._formats[cls.format] = cls
 
     def __init__(self, tensors: Dict[str, torch.Tensor], meta: dict):
-        self.tensors = dict(tensors)
+        # The kernels take contiguous tensors; a view (transposed, sliced)
+        # handed to from_state_dict is copied rather than refused later.
+        self.tensors = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
         self.meta = dict(meta)
         self._validate()
 
