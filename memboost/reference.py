@@ -28,7 +28,7 @@ def _unpack(packed: torch.Tensor, num_elements: int, bits: int) -> torch.Tensor:
     words = packed.to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(per_word, device=packed.device, dtype=torch.int64) * bits
     v = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return v.reshape(*packed.shape[:-1], -1)[..., :num_elements].to(torch.uint8)
+    return v.reshape(*packed.shape[:-1], packed.shape[-1] * per_word)[..., :num_elements].to(torch.uint8)
 
 
 def pack_2bit(values: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ def unpack_4bit(packed: torch.Tensor, num_elements: int) -> torch.Tensor:
 def unpack_bitmask(mask: torch.Tensor, count: int) -> torch.Tensor:
     """int32 [rows, words] bitset -> bool [rows, count] (bit i of word i//32)."""
     bits = (mask.to(torch.int64).unsqueeze(-1) >> torch.arange(32, device=mask.device)) & 1
-    return bits.reshape(mask.shape[0], -1)[:, :count].bool()
+    return bits.reshape(mask.shape[0], mask.shape[1] * 32)[:, :count].bool()
 
 
 def mixed_dequantize(plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals,
@@ -149,8 +149,9 @@ def ternary_pack(trits: torch.Tensor) -> torch.Tensor:
 def ternary_codes(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [..., C*32] -> the 2-bit codes (int64) [..., C*128], padding included."""
     shifts = torch.tensor(_TRIT_SHIFTS, device=packed.device, dtype=torch.int64).reshape(4, 1)
-    p = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, 1, 32)
-    return ((p >> shifts) & 3).reshape(*packed.shape[:-1], -1)
+    chunks = packed.shape[-1] // 32  # explicit sizes: a -1 is ambiguous for zero rows
+    p = packed.to(torch.int64).reshape(*packed.shape[:-1], chunks, 1, 32)
+    return ((p >> shifts) & 3).reshape(*packed.shape[:-1], chunks * TERNARY_CHUNK)
 
 
 def ternary_unpack(packed: torch.Tensor, cols: int) -> torch.Tensor:

@@ -71,9 +71,7 @@ class QuantizedTensor:
             QuantizedTensor._formats[cls.format] = cls
 
     def __init__(self, tensors: Dict[str, torch.Tensor], meta: dict):
-        # The kernels take contiguous tensors; a view (transposed, sliced)
-        # handed to from_state_dict is copied rather than refused later.
-        self.tensors = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
+        self.tensors = dict(tensors)
         self.meta = dict(meta)
         self._validate()
 

@@ -5,7 +5,8 @@ of its own, which atheris cannot instrument for coverage and which always
 loads the library of the last `pip install -e .`. use_native_build() puts
 the source folder first on sys.path, drops that finder and maps
 memboost._C / memboost._build_info to the files in `build_dir` (a CMake
-build tree, e.g. build/asan/ext) or, by default, to the installed ones.
+build tree, e.g. build/asan/ext), by default $MEMBOOST_NATIVE_BUILD or the
+installed ones.
 Call it before memboost is imported.
 """
 
@@ -30,8 +31,9 @@ class _NativeFinder(importlib.abc.MetaPathFinder):
 
 
 def use_native_build(build_dir=None) -> None:
-    if build_dir is None:
-        build_dir = os.path.join(sysconfig.get_paths()["purelib"], "memboost")
+    if build_dir is None:  # the sanitizer build under make test-asan, else the installed one
+        build_dir = os.environ.get("MEMBOOST_NATIVE_BUILD") or os.path.join(sysconfig.get_paths()["purelib"],
+                                                                             "memboost")
     libs = glob.glob(os.path.join(build_dir, "_C*.so"))
     info = os.path.join(build_dir, "_build_info.py")
     if len(libs) != 1 or not os.path.isfile(info):

@@ -105,7 +105,7 @@ def _fuzz_child(args) -> None:
         with open(args.stats, "w") as f:
             json.dump(counts, f)
 
-    corpus = tempfile.mkdtemp(prefix=f"memboost-fuzz-{args.child}-")
+    corpus = tempfile.mkdtemp(prefix="corpus-", dir=os.environ.get("MEMBOOST_FUZZ_TMP"))
     seeds = harness.seeds()
     for i, seed in enumerate(seeds):
         with open(os.path.join(corpus, f"seed{i:03d}"), "wb") as f:
@@ -144,7 +144,9 @@ def run(names, runs: int, max_seconds: int, artifacts: str, seed: int = 1, quiet
             stats_path = stats_file.name
         cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--runs", str(runs), "--stats", stats_path,
                "--max-seconds", str(max_seconds), "--artifacts", os.path.abspath(artifacts), "--seed", str(seed)]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with tempfile.TemporaryDirectory(prefix=f"memboost-fuzz-{name}-") as tmp:
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  env=dict(os.environ, MEMBOOST_FUZZ_TMP=tmp))
         try:
             with open(stats_path) as f:
                 stats = json.load(f)

@@ -143,7 +143,10 @@ def mutate_state(data: bytes, states: list, json_keys=("format_info",)) -> dict:
             new = key + pick(fdp, ("", "x", ".weight", "4")) if fdp.ConsumeBool() else key[:-1]
             state[new] = state.pop(key) if fdp.ConsumeBool() else value
         elif isinstance(value, torch.Tensor):
-            state[key] = _edit_tensor(fdp, value)
+            try:
+                state[key] = _edit_tensor(fdp, value)
+            except (RuntimeError, IndexError, ValueError):  # an edit this tensor cannot take: skip it
+                pass
     return state
 
 

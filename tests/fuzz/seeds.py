@@ -3,8 +3,10 @@ harness: small quantized weights of each format (state_dicts), the
 safetensors files save_safetensors writes, a tiny random Llama saved by
 save_quantized, a QLoRA adapter saved by save_adapter. Cached per process."""
 
+import atexit
 import functools
 import os
+import shutil
 import tempfile
 
 import torch
@@ -13,7 +15,9 @@ import memboost
 from memboost import lort, nf4, ternary
 from memboost.tensor import QuantizedTensor
 
-FOLDER = tempfile.mkdtemp(prefix="memboost-fuzz-seeds-")
+# Under the driver, inside its per-run folder (libFuzzer's exit skips atexit).
+FOLDER = tempfile.mkdtemp(prefix="memboost-fuzz-seeds-", dir=os.environ.get("MEMBOOST_FUZZ_TMP"))
+atexit.register(shutil.rmtree, FOLDER, ignore_errors=True)
 
 
 def _weight(n: int, k: int, seed: int) -> torch.Tensor:
