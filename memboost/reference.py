@@ -90,7 +90,7 @@ def quantize_activations_int8(x: torch.Tensor, block: Optional[int] = None):
     Returns (q [..., k] holding integers, scale [..., 1] per row or
     [..., k / block, 1] per block)."""
     xf = x.to(torch.float32)
-    xb = xf if block is None else xf.reshape(*xf.shape[:-1], -1, block)
+    xb = xf if block is None else xf.reshape(*xf.shape[:-1], xf.shape[-1] // block, block)
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     return torch.round(xb * inv).reshape(xf.shape), amax / 127.0
@@ -99,7 +99,7 @@ def quantize_activations_int8(x: torch.Tensor, block: Optional[int] = None):
 def dequantize_activations_int8(x: torch.Tensor, block: int) -> torch.Tensor:
     """The round trip x -> int8 per block of `block` -> float32."""
     q, scale = quantize_activations_int8(x, block)
-    return (q.reshape(*q.shape[:-1], -1, block) * scale).reshape(q.shape)
+    return (q.reshape(*q.shape[:-1], q.shape[-1] // block, block) * scale).reshape(q.shape)
 
 
 def mixed_linear(x, plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals,

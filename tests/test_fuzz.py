@@ -1,4 +1,4 @@
-"""The short pass of every loader fuzz harness (tests/fuzz/, atheris): a few
+"""The short pass (make test-slow) of every loader fuzz harness (tests/fuzz/, atheris): a few
 thousand inputs each, every one loaded or refused with a MemboostError
 (tests/fuzz/driver.py says what else counts as a failure). `make fuzz` runs
 the long pass."""
@@ -17,6 +17,9 @@ RUNS = {"checkpoint": 1000}
 DEFAULT_RUNS = 2000
 
 
+# Slow: eight libFuzzer processes (each imports torch and instruments
+# memboost, ~10 s) took 10 min on this shared 2-core machine; make test-slow.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", driver.harness_names())
 def test_fuzz_short_pass(name, tmp_path):
     runs = RUNS.get(name, DEFAULT_RUNS)

@@ -219,3 +219,4 @@ def test_references_take_zero_rows():
     assert reference.unpack_2bit(torch.zeros(0, 2, dtype=torch.int32), 20).shape == (0, 20)
     assert reference.ternary_unpack(torch.zeros(0, 32, dtype=torch.uint8), 100).shape == (0, 100)
     assert reference.unpack_bitmask(torch.zeros(0, 1, dtype=torch.int32), 3).shape == (0, 3)
+    assert reference.dequantize_activations_int8(torch.zeros(0, 64), 32).shape == (0, 64)
