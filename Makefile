@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup system-deps build demo test pytest cpptest test-slow ptxas bench clean
+.PHONY: setup system-deps build demo test pytest cpptest test-slow ptxas bench clean fuzz test-asan
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -70,3 +70,32 @@ bench:
 
 clean:
 	rm -rf build
+
+# Every loader fuzz harness (tests/fuzz/, atheris) for FUZZ_RUNS inputs each;
+# failing inputs land in build/fuzz/ (check them in under
+# tests/fuzz/regressions/<harness>/). FUZZ=name1 name2 picks harnesses.
+FUZZ_RUNS ?= 100000
+FUZZ ?=
+fuzz:
+	$(PY) tests/fuzz/driver.py --runs $(FUZZ_RUNS) --artifacts build/fuzz $(FUZZ)
+
+# The extension and the C++ tests built with AddressSanitizer + UBSan (CPU
+# only, build/asan), then the C++ tests and the CPU Python suite under them:
+# the sanitizer runtime is preloaded into Python (with libstdc++, so that
+# ASan can intercept C++ throws), leaks are not reported (Python keeps its
+# objects until exit by design), any finding aborts the run.
+ASAN_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	MEMBOOST_NATIVE_BUILD=$(abspath build/asan/ext) PYTHONPATH=$(abspath tools/asan)
+# ASAN_TESTS: what pytest runs (default: the whole CPU suite; a few files for a quicker pass).
+ASAN_TESTS ?= tests
+test-asan:
+	cmake -S . -B build/asan/ext -G Ninja -DPython_EXECUTABLE=$(abspath $(PY)) -DMEMBOOST_CUDA=OFF \
+		-DMEMBOOST_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	cmake --build build/asan/ext
+	cmake -S . -B build/asan/cpptests -G Ninja -DMEMBOOST_BUILD_EXTENSION=OFF -DMEMBOOST_BUILD_TESTS=ON \
+		-DMEMBOOST_SANITIZE=ON -DCMAKE_BUILD_TYPE=RelWithDebInfo
+	cmake --build build/asan/cpptests
+	ASAN_OPTIONS=abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		ctest --test-dir build/asan/cpptests --output-on-failure
+	$(ASAN_ENV) $(PY) -m pytest -q -m "not slow" -p no:cacheprovider $(ASAN_TESTS)

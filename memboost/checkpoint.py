@@ -185,13 +185,17 @@ def load_state(directory: str, device="cpu") -> Dict[str, torch.Tensor]:
     single = os.path.join(directory, WEIGHTS_NAME)
     if os.path.isfile(index_path):
         try:
-            with open(index_path) as f:
+            with open(index_path, encoding="utf-8") as f:
                 index = json.load(f)
-            weight_map = index["weight_map"]
-            aliases = index.get("metadata", {}).get(ALIASES_KEY, {})
-            assert isinstance(weight_map, dict) and isinstance(aliases, dict)
-        except (ValueError, KeyError, AssertionError, AttributeError) as exc:
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
             raise MemboostError(f"{index_path!r} is not a valid safetensors index ({exc!r})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        metadata = index.get("metadata", {}) if isinstance(index, dict) else None
+        aliases = metadata.get(ALIASES_KEY, {}) if isinstance(metadata, dict) else None
+        if not (isinstance(weight_map, dict) and isinstance(aliases, dict) and
+                all(isinstance(v, str) for v in aliases.values())):
+            raise MemboostError(f"{index_path!r} is not a valid safetensors index: expected a JSON object with a "
+                                f"'weight_map' object and an optional 'metadata' object (aliases: name -> name)")
         state: Dict[str, torch.Tensor] = {}
         for filename in sorted(set(weight_map.values())):
             if not isinstance(filename, str) or os.path.basename(filename) != filename:

@@ -126,6 +126,9 @@ class LoRTQuantizedTensor(QuantizedTensor):
                                 f"to 128 trits, 4 per byte), got {tuple(t['packed'].shape)}")
         if t["alpha"].dim() != 2 or t["alpha"].shape[1] != 1 or t["alpha"].shape[0] not in (1, n):
             raise MemboostError(f"'alpha' must have shape (1, 1) or ({n}, 1), got {tuple(t['alpha'].shape)}")
+        for name in ("packed", "alpha"):  # the ternary kernels read their raw buffers
+            if not t[name].is_contiguous():
+                raise MemboostError(f"'{name}' must be contiguous (call .contiguous()), got strides {t[name].stride()}")
         a, b = t["A"], t["B"]
         if a.dim() != 2 or a.shape[0] != n:
             raise MemboostError(f"'A' must have shape ({n}, rank), got {tuple(a.shape)}")

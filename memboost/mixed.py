@@ -169,6 +169,8 @@ def _check_tensor(tensors: dict, name: str, dtype: torch.dtype, shape) -> None:
         raise MemboostError(f"'{name}' must have dtype {dtype}, got {t.dtype}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise MemboostError(f"'{name}' must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if not t.is_contiguous():  # the kernels read the raw buffers
+        raise MemboostError(f"'{name}' must be contiguous (call .contiguous()), got strides {t.stride()}")
 
 
 def _check_args(w, ratio_4bit, group_size, outlier_fraction, calibration):

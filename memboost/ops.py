@@ -192,10 +192,12 @@ torch.library.register_autograd(
 
 
 # ---------------------------------------------------------------------- NF4
+_NF4_MAX_BLOCK_SIZE = 1 << 20  # csrc/common/nf4.h kMaxBlockSize
 @torch.library.register_fake("memboost::nf4_quantize")
 def _(w, block_size):
     torch._check_value(w.dtype in _FLOAT_DTYPES, lambda: f"'w' must be float16, bfloat16 or float32, got {w.dtype}")
-    torch._check_value(block_size > 0 and block_size % 2 == 0, lambda: "'block_size' must be positive and even")
+    torch._check_value(block_size > 0 and block_size % 2 == 0 and block_size <= _NF4_MAX_BLOCK_SIZE,
+                       lambda: f"'block_size' must be positive, even and at most {_NF4_MAX_BLOCK_SIZE}")
     n = w.numel()
     return w.new_empty(((n + 1) // 2,), dtype=torch.uint8), w.new_empty(((n + block_size - 1) // block_size,),
                                                                         dtype=torch.float32)
@@ -204,7 +206,7 @@ def _(w, block_size):
 @torch.library.register_fake("memboost::nf4_quantize_absmax")
 def _(absmax, offset, nested_map, block_size):
     torch._check_value(absmax.dtype == torch.float32, lambda: "'absmax' must be float32")
-    torch._check_value(block_size > 0, lambda: "'block_size' must be positive")
+    torch._check_value(0 < block_size <= _NF4_MAX_BLOCK_SIZE, lambda: f"'block_size' must be in [1, {_NF4_MAX_BLOCK_SIZE}]")
     n = absmax.numel()
     return absmax.new_empty((n,), dtype=torch.uint8), absmax.new_empty(((n + block_size - 1) // block_size,))
 

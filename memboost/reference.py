@@ -28,7 +28,7 @@ def _unpack(packed: torch.Tensor, num_elements: int, bits: int) -> torch.Tensor:
     words = packed.to(torch.int64) & 0xFFFFFFFF
     shifts = torch.arange(per_word, device=packed.device, dtype=torch.int64) * bits
     v = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return v.reshape(*packed.shape[:-1], -1)[..., :num_elements].to(torch.uint8)
+    return v.reshape(*packed.shape[:-1], packed.shape[-1] * per_word)[..., :num_elements].to(torch.uint8)
 
 
 def pack_2bit(values: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ def unpack_4bit(packed: torch.Tensor, num_elements: int) -> torch.Tensor:
 def unpack_bitmask(mask: torch.Tensor, count: int) -> torch.Tensor:
     """int32 [rows, words] bitset -> bool [rows, count] (bit i of word i//32)."""
     bits = (mask.to(torch.int64).unsqueeze(-1) >> torch.arange(32, device=mask.device)) & 1
-    return bits.reshape(mask.shape[0], -1)[:, :count].bool()
+    return bits.reshape(mask.shape[0], mask.shape[1] * 32)[:, :count].bool()
 
 
 def mixed_dequantize(plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals,
@@ -90,7 +90,7 @@ def quantize_activations_int8(x: torch.Tensor, block: Optional[int] = None):
     Returns (q [..., k] holding integers, scale [..., 1] per row or
     [..., k / block, 1] per block)."""
     xf = x.to(torch.float32)
-    xb = xf if block is None else xf.reshape(*xf.shape[:-1], -1, block)
+    xb = xf if block is None else xf.reshape(*xf.shape[:-1], xf.shape[-1] // block, block)
     amax = xb.abs().amax(-1, keepdim=True)
     inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     return torch.round(xb * inv).reshape(xf.shape), amax / 127.0
@@ -99,7 +99,7 @@ def quantize_activations_int8(x: torch.Tensor, block: Optional[int] = None):
 def dequantize_activations_int8(x: torch.Tensor, block: int) -> torch.Tensor:
     """The round trip x -> int8 per block of `block` -> float32."""
     q, scale = quantize_activations_int8(x, block)
-    return (q.reshape(*q.shape[:-1], -1, block) * scale).reshape(q.shape)
+    return (q.reshape(*q.shape[:-1], q.shape[-1] // block, block) * scale).reshape(q.shape)
 
 
 def mixed_linear(x, plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals,
@@ -149,8 +149,9 @@ def ternary_pack(trits: torch.Tensor) -> torch.Tensor:
 def ternary_codes(packed: torch.Tensor) -> torch.Tensor:
     """uint8 [..., C*32] -> the 2-bit codes (int64) [..., C*128], padding included."""
     shifts = torch.tensor(_TRIT_SHIFTS, device=packed.device, dtype=torch.int64).reshape(4, 1)
-    p = packed.to(torch.int64).reshape(*packed.shape[:-1], -1, 1, 32)
-    return ((p >> shifts) & 3).reshape(*packed.shape[:-1], -1)
+    chunks = packed.shape[-1] // 32  # explicit sizes: a -1 is ambiguous for zero rows
+    p = packed.to(torch.int64).reshape(*packed.shape[:-1], chunks, 1, 32)
+    return ((p >> shifts) & 3).reshape(*packed.shape[:-1], chunks * TERNARY_CHUNK)
 
 
 def ternary_unpack(packed: torch.Tensor, cols: int) -> torch.Tensor:

@@ -137,6 +137,9 @@ class TernaryQuantizedTensor(QuantizedTensor):
         if scales.dim() != 2 or scales.shape[1] != g or scales.shape[0] not in ((1, n) if gs == 0 else (n,)):
             want = f"(1 or {n}, 1)" if gs == 0 else f"({n}, {g})"
             raise MemboostError(f"'scales' must have shape {want} for group_size {gs}, got {tuple(scales.shape)}")
+        for name, value in (("packed", packed), ("scales", scales)):  # the kernels read their raw buffers
+            if not value.is_contiguous():
+                raise MemboostError(f"'{name}' must be contiguous (call .contiguous()), got strides {value.stride()}")
         if packed.device != scales.device:
             raise MemboostError(f"all tensors of a quantized weight must be on one device, got {packed.device} and "
                                 f"{scales.device}")

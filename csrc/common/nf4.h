@@ -37,6 +37,7 @@ namespace nf4 {
 
 constexpr int kNumCodes = 16;
 constexpr int kZeroCode = 7;           // the code of 0.0 (padding nibble)
+constexpr int64_t kMaxBlockSize = int64_t(1) << 20;  // far above bitsandbytes' 4096; bounds per-block buffers
 constexpr int kNestedMapSize = 256;    // entries of the 8-bit dynamic map
 constexpr int kNestedBlockSize = 256;  // bitsandbytes' fixed nested block size
 

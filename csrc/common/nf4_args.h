@@ -23,8 +23,10 @@ struct Nf4Dims {
 inline Nf4Dims check_nf4_state(const at::Tensor& codes, const at::Tensor& absmax, const at::Tensor& nested_absmax,
                                const at::Tensor& nested_map, const at::Tensor& nested_offset, int64_t numel,
                                int64_t block_size, int64_t nested_block_size) {
-  MB_CHECK(block_size > 0, "'block_size' must be positive, got ", block_size);
-  MB_CHECK(nested_block_size > 0, "'nested_block_size' must be positive, got ", nested_block_size);
+  MB_CHECK(block_size > 0 && block_size <= kMaxBlockSize, "'block_size' must be in [1, ", kMaxBlockSize, "], got ",
+           block_size);
+  MB_CHECK(nested_block_size > 0 && nested_block_size <= kMaxBlockSize, "'nested_block_size' must be in [1, ",
+           kMaxBlockSize, "], got ", nested_block_size);
   MB_CHECK(numel >= 0, "the weight's element count must be >= 0, got ", numel);
   MB_CHECK_DTYPE(codes, at::kByte, "codes");
   MB_CHECK_DIM(codes, 1, "codes");

@@ -97,7 +97,8 @@ void dequantize_into(const View& v, T* out) {
 // ---------------------------------------------------------------- quantize
 std::tuple<at::Tensor, at::Tensor> nf4_quantize_cpu(const at::Tensor& w, int64_t block_size) {
   MB_CHECK_FLOAT_DTYPE(w.scalar_type(), "w");
-  MB_CHECK(block_size > 0 && block_size % 2 == 0, "'block_size' must be positive and even, got ", block_size);
+  MB_CHECK(block_size > 0 && block_size % 2 == 0 && block_size <= kMaxBlockSize,
+           "'block_size' must be positive, even and at most ", kMaxBlockSize, ", got ", block_size);
   const auto wf = w.reshape({-1}).to(at::kFloat).contiguous();
   const int64_t n = wf.numel(), blocks = num_blocks(n, block_size);
   auto absmax = at::empty({blocks}, wf.options());
@@ -139,7 +140,8 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_absmax_cpu(const at::Tensor& abs
   MB_CHECK(offset.numel() == 1, "'offset' must hold one value, got shape ", offset.sizes());
   MB_CHECK(nested_map.dim() == 1 && nested_map.numel() == kNestedMapSize, "'nested_map' must have ", kNestedMapSize,
            " entries, got shape ", nested_map.sizes());
-  MB_CHECK(block_size > 0, "'block_size' must be positive, got ", block_size);
+  MB_CHECK(block_size > 0 && block_size <= kMaxBlockSize, "'block_size' must be in [1, ", kMaxBlockSize, "], got ",
+           block_size);
   const auto a = absmax.contiguous();
   const auto map_t = nested_map.contiguous();
   const int64_t n = a.numel(), blocks = num_blocks(n, block_size);

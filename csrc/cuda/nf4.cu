@@ -92,7 +92,8 @@ __global__ void codes_kernel(const T* __restrict__ w, int64_t n, int64_t block_s
 
 std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& w, int64_t block_size) {
   MB_CHECK_FLOAT_DTYPE(w.scalar_type(), "w");
-  MB_CHECK(block_size > 0 && block_size % 2 == 0, "'block_size' must be positive and even, got ", block_size);
+  MB_CHECK(block_size > 0 && block_size % 2 == 0 && block_size <= kMaxBlockSize,
+           "'block_size' must be positive, even and at most ", kMaxBlockSize, ", got ", block_size);
   const c10::cuda::CUDAGuard guard(w.device());
   const auto wc = w.reshape({-1}).contiguous();
   const int64_t n = wc.numel(), blocks = num_blocks(n, block_size);
@@ -153,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_absmax_cuda(const at::Tensor& ab
   MB_CHECK(offset.numel() == 1, "'offset' must hold one value, got shape ", offset.sizes());
   MB_CHECK(nested_map.dim() == 1 && nested_map.numel() == kNestedMapSize, "'nested_map' must have ", kNestedMapSize,
            " entries, got shape ", nested_map.sizes());
-  MB_CHECK(block_size > 0, "'block_size' must be positive, got ", block_size);
+  MB_CHECK(block_size > 0 && block_size <= kMaxBlockSize, "'block_size' must be in [1, ", kMaxBlockSize, "], got ",
+           block_size);
   MB_CHECK_SAME_DEVICE(offset, absmax, "offset", "absmax");
   MB_CHECK_SAME_DEVICE(nested_map, absmax, "nested_map", "absmax");
   const c10::cuda::CUDAGuard guard(absmax.device());

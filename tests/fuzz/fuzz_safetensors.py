@@ -1,0 +1,27 @@
+"""memboost.load_safetensors on mutated files that save_safetensors wrote
+(every format's states under layer prefixes, tied tensors, an empty one);
+what loads is then rebuilt with QuantizedTensor.from_state_dict per layer."""
+
+import os
+
+import memboost
+from memboost.tensor import FORMAT_INFO_KEY, QuantizedTensor
+
+import seeds as _seeds
+
+PATH = os.path.join(_seeds.FOLDER, "input.safetensors")
+
+
+def seeds():
+    return list(_seeds.safetensors_files())
+
+
+def target(data: bytes) -> None:
+    with open(PATH, "wb") as f:
+        f.write(data)
+    state = memboost.load_safetensors(PATH)
+    for key in state:
+        if key.endswith("." + FORMAT_INFO_KEY):
+            prefix = key[:-len(FORMAT_INFO_KEY)]
+            layer = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            _seeds.exercise(QuantizedTensor.from_state_dict(layer, name=prefix[:-1]))
