@@ -1,5 +1,5 @@
-"""The short pass (make test-slow) of every loader fuzz harness (tests/fuzz/, atheris): a few
-thousand inputs each, every one loaded or refused with a MemboostError
+"""Short passes of every loader fuzz harness (tests/fuzz/, atheris): a CI pass of a few
+hundred inputs each in the default suite, a few thousand each in make test-slow; every one loaded or refused with a MemboostError
 (tests/fuzz/driver.py says what else counts as a failure). `make fuzz` runs
 the long pass."""
 
@@ -11,19 +11,29 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fuzz"))
 import driver  # noqa: E402
 
-# Inputs per harness; the folder loaders (a model or an adapter rebuilt per
-# input, ~30 ms each) get fewer to keep the whole pass near two minutes.
+# Inputs per harness in make test-slow; the folder loaders (a model or an
+# adapter rebuilt per input, ~30 ms each) get fewer.
 RUNS = {"checkpoint": 1000}
 DEFAULT_RUNS = 2000
+CI_RUNS = 1000
 
 
-# Slow: eight libFuzzer processes (each imports torch and instruments
-# memboost, ~10 s) took 10 min on this shared 2-core machine; make test-slow.
-@pytest.mark.slow
-@pytest.mark.parametrize("name", driver.harness_names())
-def test_fuzz_short_pass(name, tmp_path):
-    runs = RUNS.get(name, DEFAULT_RUNS)
+def _short_pass(name, runs, tmp_path):
     stats = driver.run([name], runs=runs, max_seconds=0, artifacts=str(tmp_path), quiet=True)[name]
     assert stats["returncode"] == 0, f"fuzz harness {name!r} failed:\n{stats.get('log', '')}"
     assert sum(stats[k] for k in driver.OUTCOMES) == runs
     assert stats["refused"] > 0 and stats["loaded"] > 0, stats  # the harness reaches both ends
+
+
+@pytest.mark.parametrize("name", driver.harness_names())
+def test_fuzz_ci_pass(name, tmp_path):
+    # Each harness is a libFuzzer process that imports torch (~10 s): a
+    # thousand inputs each (300 for the model folders) keeps the pass near two minutes.
+    _short_pass(name, 300 if name == "checkpoint" else CI_RUNS, tmp_path)
+
+
+# Slow: the harnesses' processes took 10 min on this shared 2-core machine.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", driver.harness_names())
+def test_fuzz_short_pass(name, tmp_path):
+    _short_pass(name, RUNS.get(name, DEFAULT_RUNS), tmp_path)
