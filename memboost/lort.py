@@ -230,8 +230,8 @@ def _low_rank_factors(m: torch.Tensor, rank: int, seed: int) -> Tuple[torch.Tens
         u, s, v = torch.svd_lowrank(m, q=min(rank + 16, min(n, k)), niter=4)
         u, s, v = u[:, :rank], s[:rank], v[:, :rank]
     root = s.clamp_min(0).sqrt()
-    a = (u * root).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
-    b = (v * root).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+    a = (u * root).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).contiguous()
+    b = (v * root).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).contiguous()
     return a, b
 
 
