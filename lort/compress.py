@@ -127,10 +127,11 @@ def peak_rss_mib() -> float:
 
 
 class RssSampler:
-    """The process's resident memory sampled every 20 ms in a thread while
-    the block runs (Linux /proc): `start` and `peak` in MiB. The process-wide
-    maximum (getrusage) also counts importing torch and transformers; the
-    sampled growth during the work is what the work itself holds."""
+    """The process's private resident memory (Linux RssAnon: what it holds
+    itself, not the input file's pages that the memory map brings in and the
+    kernel can drop) sampled every 20 ms in a thread while the block runs:
+    `start` and `peak` in MiB. The process-wide maximum (getrusage) also
+    counts importing torch and transformers and the mapped file pages."""
 
     def __init__(self, interval: float = 0.02):
         self.interval, self.start, self.peak = interval, 0.0, 0.0
@@ -139,10 +140,13 @@ class RssSampler:
     @staticmethod
     def current_mib() -> float:
         try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) / 1024.0
         except (OSError, ValueError, IndexError):
-            return 0.0
+            pass
+        return 0.0
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -261,7 +265,7 @@ def print_summary(s: dict) -> None:
     print(f"{s['raw_tensors']} tensors stored as they are (embeddings, norms, biases, small linears); "
           f"{s['seconds']:.1f} s on {s['device']} ({s['workers']} worker threads); wrote {s['output']}")
     growth = s["rss_peak_during_mib"] - s["rss_at_start_mib"]
-    print(f"memory: resident {s['rss_at_start_mib']:.0f} MiB when compression started (interpreter, libraries, "
+    print(f"memory: private resident {s['rss_at_start_mib']:.0f} MiB when compression started (interpreter, libraries, "
           f"input opened), peak {s['rss_peak_during_mib']:.0f} MiB during it (+{growth:.0f} MiB; largest layer "
           f"{s['largest_layer_mib']:.1f} MiB in fp16); process peak RSS {s['peak_rss_mib']:.0f} MiB")
 
