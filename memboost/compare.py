@@ -215,7 +215,7 @@ def run(quick: bool = False, tokens: int = 2048, progress: bool = True, only: Op
 
 
 def table(result: dict) -> str:
-    lines = [f"| method | bits/weight | perplexity fortunes | perplexity GPL-3 | quantize s |",
+    lines = ["| method | bits/weight | perplexity fortunes | perplexity GPL-3 | quantize s |",
              "|---|---|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['method']} | {r['bits']:.3f} | {r['ppl_fortunes']:.1f} | {r['ppl_gpl3']:.1f} | "

@@ -36,7 +36,7 @@ import torch
 
 from . import ops, reference
 from .errors import MemboostError, MemboostTypeError, check_float_weight
-from .tensor import QuantizedTensor, dtype_name, encode_json
+from .tensor import QuantizedTensor, dtype_name
 from .ternary import _check_codes, check_act_bits
 
 _ACT_BITS = {None: 0, 8: 8}

@@ -1,7 +1,6 @@
 """LoRT: the solver (exact steps, error never rising), the stored tensor, LoRTLinear."""
 
 import itertools
-import math
 
 import pytest
 import torch

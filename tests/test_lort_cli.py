@@ -10,7 +10,6 @@ import time
 import pytest
 import torch
 
-import memboost
 from lort import compress, infer
 from lort.fileformat import load
 from lort.model import load_model
