@@ -35,11 +35,6 @@ from memboost.lort import decompose, resolve_rank
 from .fileformat import LortWriter
 from .model import DEFAULT_SKIP, compress_reason, config_dict, tokenizer_files
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
 
@@ -103,7 +98,6 @@ def open_model(spec: Optional[str]):
     from memboost.serialization import SafetensorsSource
 
     source = SafetensorsSource(path)
-    source.torch_dtype = lambda name: _ST_DTYPES.get(source.dtype(name), source.dtype(name))
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     config = tokenizer = None
     if os.path.isfile(os.path.join(folder, "config.json")):

@@ -25,13 +25,13 @@ from torch import nn
 from .errors import MemboostError, MemboostTypeError
 from .model import load_quantized_
 from .nn import QuantizedLinear
-from .serialization import ALIASES_KEY, _split_aliases, load_safetensors, save_safetensors
+from .serialization import (ALIASES_KEY, INDEX_NAME, _split_aliases, load_safetensors, read_safetensors_index,
+                            save_safetensors)
 from .tensor import QuantizedTensor
 
 QUANT_METHOD = "memboost"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 
 
 def _parse_size(size: Union[int, str]) -> int:
@@ -183,26 +183,11 @@ def load_state(directory: str, device="cpu") -> Dict[str, torch.Tensor]:
     directory = os.fspath(directory)
     index_path = os.path.join(directory, INDEX_NAME)
     single = os.path.join(directory, WEIGHTS_NAME)
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path, encoding="utf-8") as f:
-                index = json.load(f)
-        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-            raise MemboostError(f"{index_path!r} is not a valid safetensors index ({exc!r})") from None
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-        metadata = index.get("metadata", {}) if isinstance(index, dict) else None
-        aliases = metadata.get(ALIASES_KEY, {}) if isinstance(metadata, dict) else None
-        if not (isinstance(weight_map, dict) and isinstance(aliases, dict) and
-                all(isinstance(v, str) for v in aliases.values())):
-            raise MemboostError(f"{index_path!r} is not a valid safetensors index: expected a JSON object with a "
-                                f"'weight_map' object and an optional 'metadata' object (aliases: name -> name)")
+    index = read_safetensors_index(directory)
+    if index is not None:
+        paths, weight_map, aliases = index
         state: Dict[str, torch.Tensor] = {}
-        for filename in sorted(set(weight_map.values())):
-            if not isinstance(filename, str) or os.path.basename(filename) != filename:
-                raise MemboostError(f"{index_path!r} names a shard outside the folder: {filename!r}")
-            path = os.path.join(directory, filename)
-            if not os.path.isfile(path):
-                raise MemboostError(f"shard {filename!r} listed in {index_path!r} is missing")
+        for path in paths:
             state.update(load_safetensors(path, device=device))
         missing = sorted(set(weight_map) - set(state))
         if missing:

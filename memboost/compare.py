@@ -121,7 +121,8 @@ def llama_cpp_requantized(model: nn.Module, tokenizer, qtype: str, folder: str) 
         if t.name.startswith("blk.") and len(t.shape) == 2:
             bits += 8 * int(t.n_bytes)
             weights += int(t.n_elements)
-    assert weights == sum(state[n].numel() for n in names), "decoder linears of the file and the model differ"
+    if weights != sum(state[n].numel() for n in names):
+        raise MemboostError(f"{out!r}: its decoder linears do not match the model's")
     return bits / weights
 
 

@@ -17,7 +17,7 @@ import os
 import re
 import struct
 import tempfile
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -149,6 +149,9 @@ def load_safetensors(path: str, device: str = "cpu") -> Dict[str, torch.Tensor]:
 
 
 # -- reading a model's safetensors lazily --------------------------------------
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
 
 
@@ -216,6 +219,10 @@ class SafetensorsSource:
         """safetensors' dtype name ("F32", "F16", "BF16", "I64", ...)."""
         return self._slice(name).get_dtype()
 
+    def torch_dtype(self, name: str):
+        """The torch dtype of a tensor, or safetensors' name of a dtype torch has no match for here."""
+        return _SAFETENSORS_DTYPES.get(self.dtype(name), self.dtype(name))
+
     def get(self, name: str, device: str = "cpu") -> torch.Tensor:
         name = self.aliases.get(name, name)
         self._slice(name)  # names the tensor when it is missing
@@ -247,6 +254,39 @@ def _parse_aliases(text: str, where: str) -> Dict[str, str]:
     return aliases
 
 
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def read_safetensors_index(directory: str) -> Optional[Tuple[List[str], Dict[str, str], Dict[str, str]]]:
+    """(shard paths in order, weight_map, aliases) of `directory`'s
+    model.safetensors.index.json, validated (every shard a file in the
+    folder); None when the folder has no index."""
+    index_path = os.path.join(directory, INDEX_NAME)
+    if not os.path.isfile(index_path):
+        return None
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise MemboostError(f"{index_path!r} is not a valid safetensors index ({exc!r})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    metadata = index.get("metadata", {}) if isinstance(index, dict) else None
+    aliases = metadata.get(ALIASES_KEY, {}) if isinstance(metadata, dict) else None
+    if not (isinstance(weight_map, dict) and isinstance(aliases, dict) and
+            all(isinstance(v, str) for v in aliases.values())):
+        raise MemboostError(f"{index_path!r} is not a valid safetensors index: expected a JSON object with a "
+                            f"'weight_map' object and an optional 'metadata' object (aliases: name -> name)")
+    paths = []
+    for filename in sorted(set(weight_map.values()), key=str):
+        if not isinstance(filename, str) or os.path.basename(filename) != filename:
+            raise MemboostError(f"{index_path!r} names a shard outside the folder: {filename!r}")
+        path = os.path.join(directory, filename)
+        if not os.path.isfile(path):
+            raise MemboostError(f"shard {filename!r} listed in {index_path!r} is missing")
+        paths.append(path)
+    return paths, weight_map, aliases
+
+
 def _model_files(path: str) -> List[str]:
     """The safetensors files of a model path, in load order."""
     if os.path.isfile(path):
@@ -254,22 +294,9 @@ def _model_files(path: str) -> List[str]:
         return [path]
     if not os.path.isdir(path):
         raise MemboostError(f"model path {path!r} does not exist")
-    index_path = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-            assert isinstance(weight_map, dict)
-        except (ValueError, KeyError, TypeError, AssertionError) as exc:
-            raise MemboostError(f"{index_path!r} is not a valid safetensors index ({exc!r})") from None
-        files = []
-        for filename in sorted(set(weight_map.values()), key=str):
-            if not isinstance(filename, str) or os.path.basename(filename) != filename:
-                raise MemboostError(f"{index_path!r} names a shard outside the folder: {filename!r}")
-            if not os.path.isfile(os.path.join(path, filename)):
-                raise MemboostError(f"shard {filename!r} listed in {index_path!r} is missing")
-            files.append(os.path.join(path, filename))
-        return files
+    index = read_safetensors_index(path)
+    if index is not None:
+        return index[0]
     single = os.path.join(path, "model.safetensors")
     if os.path.isfile(single):
         return [single]
