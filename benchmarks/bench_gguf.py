@@ -1,9 +1,14 @@
 """GGUF export of SmolLM2-135M-Instruct, judged by llama.cpp.
 
 For each GGUF type: memboost.export_gguf of the model (float weights, and an
-NF4-quantized copy to IQ4_NL), then llama.cpp's own quantizer
-(llama_cpp.llama_model_quantize, default parameters, no importance matrix)
-applied to our F16 export at the same types, as reference rows. Every file
+NF4-quantized copy to IQ4_NL); Q4_0 and IQ4_NL again with a calibration
+(memboost.calibrate on --calib-tokens fortune tokens, not the evaluated
+text: what calibration buys); then llama.cpp's own quantizer
+(llama_cpp.llama_model_quantize, no importance matrix) applied to our F16
+export at the same types, as reference rows: its default type mixes (which
+give some tensors more bits: IQ4_NL puts the first layers' ffn_down in Q5_K)
+and `pure` (every matrix in the named type and the output in Q8_0, as
+ours). Every file
 is scored twice on the same token windows:
 - ppl llama.cpp: perplexity computed by llama.cpp (llama-cpp-python) running
   the file;
@@ -94,6 +99,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--types", default=",".join(OURS))
+    ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
@@ -116,21 +122,38 @@ def main():
                               time.perf_counter() - start, numel))
             if qtype != "F16":
                 os.unlink(path)
+        calibrated = [t for t in types if t in memboost.gguf_quants.IMPORTANCE_TYPES]
+        if calibrated:
+            from memboost.cli import read_text, token_windows
+
+            stats = memboost.calibrate(model, token_windows(tokenizer, read_text("fortunes"), args.calib_tokens))
+            for qtype in calibrated:
+                path = os.path.join(tmp, f"cal-{qtype}.gguf")
+                start = time.perf_counter()
+                export_gguf(model, path, qtype, tokenizer, calibration=stats, verbose=False, progress=False)
+                rows.append(score(path, f"float, calibrated ({args.calib_tokens} fortune tokens)", "memboost",
+                                  qtype, model, float_model, wins, time.perf_counter() - start, numel))
+                os.unlink(path)
         if "F16" not in types:
             export_gguf(model, f16, "F16", tokenizer, verbose=False, progress=False)
         for qtype in types:
             if qtype not in LLAMA_CPP:
                 continue
-            path = os.path.join(tmp, f"llama-{qtype}.gguf")
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = getattr(llama_cpp, LLAMA_CPP[qtype])
-            params.nthread = os.cpu_count()
-            start = time.perf_counter()
-            if llama_cpp.llama_model_quantize(f16.encode(), path.encode(), ctypes.byref(params)) != 0:
-                raise RuntimeError(f"llama_model_quantize failed for {qtype}")
-            rows.append(score(path, "F16 export", "llama.cpp", LLAMA_CPP[qtype][len("LLAMA_FTYPE_MOSTLY_"):], model,
-                              float_model, wins, time.perf_counter() - start, numel))
-            os.unlink(path)
+            for pure in (False, True):
+                path = os.path.join(tmp, f"llama-{qtype}.gguf")
+                params = llama_cpp.llama_model_quantize_default_params()
+                params.ftype = getattr(llama_cpp, LLAMA_CPP[qtype])
+                params.nthread = os.cpu_count()
+                params.pure = pure
+                if pure:   # the output matrix (the tied token embedding) in Q8_0, as ours
+                    params.token_embedding_type = params.output_tensor_type = llama_cpp.GGML_TYPE_Q8_0
+                start = time.perf_counter()
+                if llama_cpp.llama_model_quantize(f16.encode(), path.encode(), ctypes.byref(params)) != 0:
+                    raise RuntimeError(f"llama_model_quantize failed for {qtype}")
+                name = LLAMA_CPP[qtype][len("LLAMA_FTYPE_MOSTLY_"):] + (" pure" if pure else "")
+                rows.append(score(path, "F16 export", "llama.cpp", name, model, float_model, wins,
+                                  time.perf_counter() - start, numel))
+                os.unlink(path)
         # a memboost-quantized model: NF4 (bitsandbytes' format) to IQ4_NL, and to F16 for its own quality
         nf4 = copy.deepcopy(model)
         memboost.quantize_model(nf4, "nf4", progress=False)

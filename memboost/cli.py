@@ -1,10 +1,10 @@
 """The `memboost` command.
 
-    memboost quantize MODEL OUT [--method mixed] [--ratio-4bit 0.1] [--calibrate TEXT]
+    memboost quantize MODEL OUT [--method mixed] [--ratio-4bit 0.1] [--calibrate TEXT [--sequential]]
     memboost eval MODEL [--text TEXT] [--prompt P] [--compile]
     memboost info DIR
     memboost compare [--quick] [--plot compare.png]
-    memboost gguf MODEL OUT.gguf [--type Q4_0]
+    memboost gguf MODEL OUT.gguf [--type Q4_0] [--calibrate TEXT]
 
 MODEL is a local Hugging Face model folder (plain or saved by memboost), or
 `smollm2` for the embedded default (SmolLM2-135M-Instruct from the
@@ -135,17 +135,24 @@ def cmd_quantize(args) -> int:
                       outlier_fraction=args.outlier_fraction)
     params.update(parse_params(args.param))
     model, tokenizer = load_model(args.model)
-    stats = None
+    stats = windows = None
     start = time.perf_counter()
+    if args.sequential and not args.calibrate:
+        raise MemboostError("--sequential needs --calibrate TEXT")
     if args.calibrate:
         windows = token_windows(tokenizer, read_text(args.calibrate), args.calib_tokens, skip=args.calib_skip)
-        stats = calibrate(model, windows, hessian=args.hessian)
-    report = quantize_model(model, args.method, calibration=stats, progress=not args.quiet, **params)
+        if not args.sequential:
+            stats = calibrate(model, windows, hessian=args.hessian)
+    if args.sequential:
+        report = quantize_model(model, args.method, calibration_batches=windows, hessian=args.hessian,
+                                progress=not args.quiet, **params)
+    else:
+        report = quantize_model(model, args.method, calibration=stats, progress=not args.quiet, **params)
     seconds = time.perf_counter() - start
     print(report.summary())
     if args.verbose:
         print(report.table())
-    print(f"quantized in {seconds:.1f} s{' (calibration included)' if stats else ''}")
+    print(f"quantized in {seconds:.1f} s{' (calibration included)' if windows else ''}")
     save_quantized(model, args.out, tokenizer=tokenizer)
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"saved to {args.out} ({size / 2**20:.1f} MiB)")
@@ -234,11 +241,18 @@ def cmd_compare(args) -> int:
 
 
 def cmd_gguf(args) -> int:
+    from . import calibrate
     from .gguf import export_gguf
 
     model, tokenizer = load_model(args.model)
+    stats = None
+    if args.calibrate:
+        if tokenizer is None:
+            raise MemboostError(f"--calibrate needs the model's tokenizer; {args.model!r} has none")
+        windows = token_windows(tokenizer, read_text(args.calibrate), args.calib_tokens, skip=args.calib_skip)
+        stats = calibrate(model, windows)
     report = export_gguf(model, args.out, weight_type=args.type, tokenizer=tokenizer, output_type=args.output_type,
-                         progress=False if args.quiet else None, verbose=False)
+                         calibration=stats, progress=False if args.quiet else None, verbose=False)
     if args.verbose:
         print(report.table())
     print(report.summary())
@@ -261,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calibrate", metavar="TEXT", help="calibrate on a text file, or 'fortunes'")
     q.add_argument("--hessian", action="store_true",
                    help="mixed: collect full input second moments and quantize with error compensation (GPTQ-style)")
+    q.add_argument("--sequential", action="store_true",
+                   help="calibrate stage by stage on the outputs of the already quantized layers "
+                        "(quantize_model(calibration_batches=...)); needs --calibrate")
     q.add_argument("--calib-tokens", type=int, default=1024, help="tokens of the calibration text used")
     q.add_argument("--calib-skip", type=int, default=0, help="tokens skipped at the start of the calibration text")
     q.add_argument("--verbose", action="store_true", help="print the per-layer table")
@@ -300,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--type", default="F16", help="GGUF type of the weight matrices: F32 F16 BF16 Q4_0 Q8_0 IQ4_NL "
                    "TQ1_0 TQ2_0 Q2_K Q3_K Q4_K (rule: memboost.gguf.gguf_type_for)")
     g.add_argument("--output-type", help="type of the output matrix (default: Q8_0 below 8 bits, else --type)")
+    g.add_argument("--calibrate", metavar="TEXT", help="weigh the Q4_0 / IQ4_NL scale searches by activations on "
+                   "a text file, or 'fortunes' (llama.cpp's importance matrix)")
+    g.add_argument("--calib-tokens", type=int, default=4096, help="tokens of the calibration text used")
+    g.add_argument("--calib-skip", type=int, default=0, help="tokens skipped at the start of the calibration text")
     g.add_argument("--verbose", action="store_true", help="print the per-tensor table")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(fn=cmd_gguf)

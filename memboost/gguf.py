@@ -18,7 +18,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -83,7 +83,9 @@ def gguf_type_for(source: str, requested: str, cols: int, exact_ternary: bool = 
       scales allow, else re-quantized (said in the note); rows that are not
       a multiple of 256 fall back to Q4_0, which holds three levels exactly.
     - Q2_K / Q3_K / Q4_K (blocks of 256): rows that are not a multiple of
-      256 fall back to IQ4_NL (as llama.cpp does), said in the note.
+      256 fall back to IQ4_NL, said in the note (llama.cpp 0.3.36 falls back
+      to Q4_0 for Q2_K/Q3_K and to Q5_0 for Q4_K; IQ4_NL has Q4_0's 4.5 bits
+      and a lower error).
     - Q4_0 / Q8_0 / IQ4_NL (blocks of 32): rows that are not a multiple of 32
       are refused (MemboostError): no 4- or 8-bit type fits them.
     """
@@ -144,6 +146,26 @@ class _HParams:
     tied: bool
 
 
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def llama3_rope_factors(head_dim: int, rope_theta: float, scaling: dict) -> torch.Tensor:
+    """Llama 3's rope scaling as llama.cpp takes it: one divisor per rotary
+    frequency (float32 [head_dim / 2], the `rope_freqs` tensor): 1 for
+    wavelengths below original_context / high_freq_factor, `factor` above
+    original_context / low_freq_factor, a smooth blend between (what
+    transformers applies to its inverse frequencies)."""
+    factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    context = float(scaling["original_max_position_embeddings"])
+    freqs = 1.0 / rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    smooth = (context / wavelen - low) / (high - low)
+    blended = 1.0 / ((1 - smooth) / factor + smooth)
+    out = torch.where(wavelen < context / high, torch.ones_like(freqs),
+                      torch.where(wavelen > context / low, torch.full_like(freqs, factor), blended))
+    return out.to(torch.float32)
+
+
 def _hparams(model) -> _HParams:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -168,9 +190,14 @@ def _hparams(model) -> _HParams:
                             f"{arch!r}")
     scaling = dict(params) if params else dict(getattr(config, "rope_scaling", None) or {})
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", "linear", "yarn"):
+    if rope_type not in ("default", "linear", "yarn", "llama3"):
         raise MemboostError(f"rope scaling {rope_type!r} is not supported by the GGUF export "
-                            "(supported: none, 'linear', 'yarn')")
+                            "(supported: none, 'linear', 'yarn', 'llama3')")
+    if rope_type == "llama3":
+        lacking = [k for k in LLAMA3_ROPE_KEYS if scaling.get(k) is None]
+        if lacking:
+            raise MemboostError(f"rope scaling 'llama3' in the config lacks {lacking}, which llama.cpp's "
+                                "rope_freqs needs")
     return _HParams(
         arch=arch, permute=permute, n_layer=need("num_hidden_layers"), n_embd=n_embd,
         n_ff=need("intermediate_size"), n_head=n_head, n_head_kv=getattr(config, "num_key_value_heads", None) or n_head,
@@ -288,8 +315,32 @@ def _dequantize_bytes(data: torch.Tensor, qtype: str, cols: int) -> torch.Tensor
     return torch.from_numpy(arr).reshape(data.shape[0], cols)
 
 
-def _convert(value, qtype_requested: str, is_matrix: bool):
-    """(stored tensor, GGUF type, source name, note, float source, stored float) for one weight."""
+def _importance_by_weight(calibration, by_name) -> Dict[str, torch.Tensor]:
+    """memboost.calibrate's {layer: mean square per input channel} keyed by weight name, checked."""
+    if calibration is None:
+        return {}
+    if not isinstance(calibration, Mapping):
+        raise MemboostTypeError(f"'calibration' must be a dict from memboost.calibrate, got {type(calibration).__name__}")
+    out = {}
+    for layer, stats in calibration.items():
+        weight = by_name.get(f"{layer}.weight")
+        if weight is None or len(weight.shape) != 2:
+            raise MemboostError(f"'calibration' has layer {layer!r}, which is not a weight matrix of this model")
+        if not isinstance(stats, torch.Tensor) or stats.dim() not in (1, 2):
+            raise MemboostError(f"'calibration'[{layer!r}] must be a 1-D (or 2-D second moment) tensor")
+        stats = stats.diagonal() if stats.dim() == 2 else stats
+        if stats.numel() != weight.shape[1]:
+            raise MemboostError(f"'calibration'[{layer!r}] has {stats.numel()} values; the layer has "
+                                f"{weight.shape[1]} input features")
+        if not bool(torch.isfinite(stats).all()) or bool((stats < 0).any()):
+            raise MemboostError(f"'calibration'[{layer!r}] must hold finite non-negative values")
+        out[f"{layer}.weight"] = stats.detach().float().cpu()
+    return out
+
+
+def _convert(value, qtype_requested: str, is_matrix: bool, importance: Optional[torch.Tensor] = None):
+    """(stored tensor, GGUF type, source name, note, float source, stored float) for one weight;
+    importance: the calibration's per-input-channel mean square for it, if any."""
     from .tensor import QuantizedTensor
 
     if isinstance(value, QuantizedTensor):
@@ -308,7 +359,9 @@ def _convert(value, qtype_requested: str, is_matrix: bool):
     elif how == "cast":
         data = gguf_quants.to_float_type(w, qtype).contiguous()
     else:
-        data = gguf_quants.quantize(w, qtype)
+        data = gguf_quants.quantize(w, qtype, importance)
+        if importance is not None and qtype in gguf_quants.IMPORTANCE_TYPES:
+            note = "; ".join(filter(None, (note, "calibration-weighted")))
     return data, qtype, source, note, w, _dequantize_bytes(data, qtype, cols)
 
 
@@ -424,7 +477,7 @@ def _add_hparams(writer, hp: _HParams, weight_type: str, name: str) -> None:
     if hp.head_dim * hp.n_head != hp.n_embd:
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
-    if hp.rope_scaling:
+    if hp.rope_scaling and hp.rope_scaling["rope_type"] != "llama3":   # llama3: the rope_freqs tensor
         factor = hp.rope_scaling.get("factor")
         if factor is None:
             raise MemboostError(f"rope scaling {hp.rope_scaling['rope_type']!r} in the config lacks 'factor'")
@@ -450,8 +503,8 @@ def _check_weight_type(weight_type) -> str:
 
 
 def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, output_type: Optional[str] = None,
-                name: Optional[str] = None, progress: Optional[bool] = None, verbose: bool = True
-                ) -> GGUFExportReport:
+                name: Optional[str] = None, calibration: Optional[Mapping[str, torch.Tensor]] = None,
+                progress: Optional[bool] = None, verbose: bool = True) -> GGUFExportReport:
     """Writes `model` (a Hugging Face Llama, Mistral or Qwen2 causal LM,
     plain or with memboost-quantized layers) to the GGUF file `path`.
 
@@ -464,6 +517,11 @@ def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, o
     it at 6 bits or more too), else weight_type.
     tokenizer: the model's Hugging Face tokenizer (fast); without it the
     file has no vocabulary.
+    calibration: memboost.calibrate(model, batches) of the model (layer name
+    -> mean square of each input channel; a full second moment is taken by
+    its diagonal): the Q4_0 and IQ4_NL scale searches then weigh each
+    weight's error by its input channel's activations (llama.cpp's
+    importance matrix), which lowers the error where the model looks.
     progress: a progress bar (default: for models over 100 M weights);
     verbose: print the per-tensor table and a summary.
 
@@ -488,6 +546,7 @@ def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, o
 
     weights = list(_weights(model))
     by_name = dict(weights)
+    importance = _importance_by_weight(calibration, by_name)
     lm_head, embed = by_name.get("lm_head.weight"), by_name.get("model.embed_tokens.weight")
     tied = lm_head is None or (isinstance(lm_head, torch.Tensor) and isinstance(embed, torch.Tensor)
                                and lm_head.data_ptr() == embed.data_ptr())
@@ -508,7 +567,7 @@ def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, o
         role = "output" if is_output else "embedding" if gguf_name == "token_embd.weight" else "matrix"
         wanted = requested_type(role, weight_type, output_type)
         try:
-            data, qtype, source, note, w_src, w_out = _convert(value, wanted, is_matrix)
+            data, qtype, source, note, w_src, w_out = _convert(value, wanted, is_matrix, importance.get(hf_name))
         except MemboostError as exc:
             raise MemboostError(f"tensor {hf_name!r} ({gguf_name}): {exc}") from None
         if hp.permute and gguf_name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
@@ -519,6 +578,12 @@ def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, o
         nbytes = data.numel() * data.element_size()
         rows.append(TensorRow(gguf_name, source, qtype, 8.0 * nbytes / numel, err, note, numel, nbytes))
         converted.append((gguf_name, data, qtype))
+
+    if hp.rope_scaling and hp.rope_scaling["rope_type"] == "llama3":
+        factors = llama3_rope_factors(hp.head_dim, hp.rope_theta, hp.rope_scaling)
+        rows.append(TensorRow("rope_freqs.weight", "config", "F32", 32.0, 0.0, "llama3 rope scaling",
+                              factors.numel(), 4 * factors.numel()))
+        converted.append(("rope_freqs.weight", factors, "F32"))
 
     writer = gguf.GGUFWriter(None, hp.arch)
     _add_hparams(writer, hp, weight_type, name or getattr(model.config, "_name_or_path", "") or hp.arch)

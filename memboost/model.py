@@ -111,6 +111,51 @@ def _check_batches(batches) -> None:
         raise MemboostTypeError(f"'batches' must be an iterable of batches, got {type(batches).__name__}") from None
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the layers being measured have their inputs."""
+
+
+def _run_batches(model: nn.Module, batches: List) -> None:
+    with torch.no_grad():
+        for i, batch in enumerate(batches):
+            if not isinstance(batch, (torch.Tensor, Mapping)):
+                raise MemboostTypeError(f"batch {i} of 'batches' must be a tensor of model inputs or a dict of "
+                                        f"keyword inputs, got {type(batch).__name__}")
+            try:
+                model(**batch) if isinstance(batch, Mapping) else model(batch)
+            except _StopForward:
+                pass
+
+
+def _input_moments(model: nn.Module, batches: List, layers: Mapping[str, nn.Module], hessian: bool,
+                   stop_at: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
+    """{name: mean of x**2 per input channel (or X^T X / rows)} of each layer
+    in `layers` over `batches`; the forward pass ends at `stop_at`'s input."""
+    sums: Dict[str, torch.Tensor] = {}
+    rows: Dict[str, int] = {}
+
+    def hook(name, in_features, stop):
+        def accumulate(module, args):
+            x = args[0].detach().reshape(-1, in_features).float()
+            moment = x.T @ x if hessian else x.square().sum(0)
+            sums[name] = sums[name] + moment if name in sums else moment
+            rows[name] = rows.get(name, 0) + x.shape[0]
+            if stop:
+                raise _StopForward
+        return accumulate
+
+    handles = []
+    for name, child in layers.items():
+        in_features = child.weight.shape[0] if _is_conv1d(child) else child.in_features
+        handles.append(child.register_forward_pre_hook(hook(name, in_features, child is stop_at)))
+    try:
+        _run_batches(model, batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: s / rows[name] for name, s in sums.items()}
+
+
 def calibrate(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_head",),
               hessian: bool = False) -> Dict[str, torch.Tensor]:
     """Runs `model` on each batch (a tensor: model(batch); a dict: model(**batch))
@@ -122,41 +167,46 @@ def calibrate(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_he
     (float32 [in_features, in_features], accumulated on the layer's device),
     with which the mixed format quantizes GPTQ-style."""
     _check_batches(batches)
-    sums: Dict[str, torch.Tensor] = {}
-    rows: Dict[str, int] = {}
+    layers = {full: child for full, _, _, child in _linears(model) if _skipped_by_name(full, skip) is None}
+    stats = _input_moments(model, list(batches), layers, hessian)
+    if not stats:
+        raise MemboostError("'batches' ran no input through any linear layer (empty, or every layer skipped)")
+    return stats
 
-    def hook(name, in_features):
-        def accumulate(module, args):
-            x = args[0].detach().reshape(-1, in_features).float()
-            moment = x.T @ x if hessian else x.square().sum(0)
-            sums[name] = sums[name] + moment if name in sums else moment
-            rows[name] = rows.get(name, 0) + x.shape[0]
-        return accumulate
 
-    handles = []
-    for full, _, _, child in _linears(model):
-        if _skipped_by_name(full, skip) is None:
-            in_features = child.weight.shape[0] if _is_conv1d(child) else child.in_features
-            handles.append(child.register_forward_pre_hook(hook(full, in_features)))
+def _stages(model: nn.Module, batch, layers: Mapping[str, nn.Module]) -> List[List[str]]:
+    """The layers in the order one forward pass reaches them, grouped into
+    stages of consecutive layers that read the same input tensor (q/k/v,
+    gate/up): what sequential quantization measures and quantizes together."""
+    order: List[Tuple[str, torch.Tensor]] = []
+    handles = [child.register_forward_pre_hook(lambda m, args, name=name: order.append((name, args[0])))
+               for name, child in layers.items()]
     try:
-        with torch.no_grad():
-            for i, batch in enumerate(batches):
-                if not isinstance(batch, (torch.Tensor, Mapping)):
-                    raise MemboostTypeError(f"batch {i} of 'batches' must be a tensor of model inputs or a dict of "
-                                            f"keyword inputs, got {type(batch).__name__}")
-                model(**batch) if isinstance(batch, Mapping) else model(batch)
+        _run_batches(model, [batch])
     finally:
         for handle in handles:
             handle.remove()
-    if not rows:
-        raise MemboostError("'batches' ran no input through any linear layer (empty, or every layer skipped)")
-    return {name: s / rows[name] for name, s in sums.items()}
+    stages: List[List[str]] = []
+    seen = set()
+    previous = None
+    for name, x in order:
+        if name in seen:   # a layer called twice (shared): measured on its first call's stage
+            continue
+        seen.add(name)
+        if previous is not None and x is previous:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        previous = x
+    stages.extend([name] for name in layers if name not in seen)   # never reached: measured as nothing
+    return stages
 
 
 def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] = ("lm_head",),
                    calibration: Optional[Mapping[str, torch.Tensor]] = None,
                    filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, verbose: bool = False,
-                   progress: Optional[bool] = None, **params) -> QuantizationReport:
+                   progress: Optional[bool] = None, *, calibration_batches: Optional[Iterable] = None,
+                   hessian: bool = False, **params) -> QuantizationReport:
     """Replaces, in place, every nn.Linear (and GPT-2 Conv1D) of `model` not
     named in `skip` and accepted by `filter_fn` with the drop-in layer of
     `method` (memboost.nn.QuantizedLinear.for_format), quantized with
@@ -169,7 +219,18 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     parameters and bits, layers skipped and why, bytes before and after),
     printed when verbose=True; warns when no layer was replaced. A progress
     bar runs over the layers unless progress=False (default: when there are
-    more than 8)."""
+    more than 8).
+
+    calibration_batches (instead of `calibration`): batches of model inputs
+    (as for calibrate()); the model is then calibrated and quantized
+    sequentially, stage by stage in the order the forward pass reaches the
+    layers (a stage: the layers reading the same input, as q/k/v or
+    gate/up), each stage measured on the inputs the already-quantized
+    earlier stages produce, so that errors do not compound unseen. One
+    stage's statistics are held at a time (hessian=True: each layer's full
+    X^T X, with which the mixed format quantizes GPTQ-style); the forward
+    passes stop at the stage being measured. If a layer fails, the layers
+    already replaced are put back."""
     if not isinstance(model, nn.Module):
         raise MemboostTypeError(f"'model' must be an nn.Module, got {type(model).__name__}")
     layer_cls = QuantizedLinear.for_format(method)
@@ -186,22 +247,16 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
             report.skipped.append((full, why))
         else:
             targets.append((full, parent, child_name, linear))
+    if calibration is not None and calibration_batches is not None:
+        raise MemboostError("give 'calibration' (statistics from calibrate) or 'calibration_batches', not both")
     if calibration is not None:
         missing = [full for full, *_ in targets if full not in calibration]
         if missing:
             raise MemboostError(f"'calibration' has no statistics for {len(missing)} layer(s) to quantize, e.g. "
                                 f"{missing[:3]}; run memboost.calibrate on the same model with the same skip")
 
-    iterator = targets
-    if progress or (progress is None and len(targets) > 8):
-        try:
-            from tqdm.auto import tqdm
-            iterator = tqdm(targets, desc=f"memboost {method}", unit="layer", leave=False)
-        except ImportError:  # tqdm is optional
-            pass
-    replacements = []
-    for full, parent, child_name, linear in iterator:
-        extra = {} if calibration is None else {"calibration": calibration[full]}
+    def quantize_one(full, linear, stats):
+        extra = {} if stats is None else {"calibration": stats}
         try:
             layer = layer_cls.from_linear(linear, **params, **extra)
         except MemboostError as exc:
@@ -210,13 +265,52 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
         report.replaced.append(LayerReport(
             full, (linear.out_features, linear.in_features), q.avg_bits,
             linear.weight.numel() * linear.weight.element_size(), q.nbytes, q._repr_fields()))
-        replacements.append((parent, child_name, layer))
-    for parent, child_name, layer in replacements:
-        setattr(parent, child_name, layer)
+        return layer
+
+    def bar(items, unit):
+        if progress or (progress is None and len(targets) > 8):
+            try:
+                from tqdm.auto import tqdm
+                return tqdm(items, desc=f"memboost {method}", unit=unit, leave=False)
+            except ImportError:  # tqdm is optional
+                pass
+        return items
+
+    if calibration_batches is not None:
+        _check_batches(calibration_batches)
+        batches = list(calibration_batches)
+        if not batches:
+            raise MemboostError("'calibration_batches' holds no batch")
+        by_name = {full: (parent, child_name, linear) for full, parent, child_name, linear in targets}
+        modules = {full: getattr(parent, child_name) for full, (parent, child_name, _) in by_name.items()}
+        done = []   # (parent, child_name, original module): put back if a later stage fails
+        try:
+            for stage in bar(_stages(model, batches[0], modules), "stage"):
+                stats = _input_moments(model, batches, {n: modules[n] for n in stage}, hessian,
+                                       stop_at=modules[stage[-1]])
+                for full in stage:
+                    parent, child_name, linear = by_name[full]
+                    layer = quantize_one(full, linear, stats.get(full))
+                    done.append((parent, child_name, getattr(parent, child_name)))
+                    setattr(parent, child_name, layer)
+                del stats
+        except BaseException:
+            for parent, child_name, original in reversed(done):
+                setattr(parent, child_name, original)
+            report.replaced.clear()
+            raise
+    else:
+        replacements = []
+        for full, parent, child_name, linear in bar(targets, "layer"):
+            stats = None if calibration is None else calibration[full]
+            replacements.append((parent, child_name, quantize_one(full, linear, stats)))
+        for parent, child_name, layer in replacements:
+            setattr(parent, child_name, layer)
     if report.replaced:  # what save_quantized writes into quantization_config
         plain = {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str))}
         calls = list(getattr(model, "memboost_quantization", []))
-        calls.append({"method": method, "params": plain, "skip": list(skip), "calibrated": calibration is not None,
+        calls.append({"method": method, "params": plain, "skip": list(skip),
+                      "calibrated": calibration is not None or calibration_batches is not None,
                       "layers": len(report.replaced)})
         model.memboost_quantization = calls
     if not report.replaced:
@@ -232,11 +326,14 @@ def quantize_linears_(model: nn.Module, ratio_4bit: float = 0.1, group_size: int
                       outlier_fraction: float = 0.002, skip: Iterable[str] = ("lm_head",),
                       filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
                       calibration: Optional[Mapping[str, torch.Tensor]] = None,
-                      exact_zero: Optional[bool] = None) -> nn.Module:
+                      exact_zero: Optional[bool] = None, calibration_batches: Optional[Iterable] = None,
+                      hessian: bool = False) -> nn.Module:
     """quantize_model(model, method="mixed", ...) under its earlier name:
     replaces each eligible linear with a MixedLinear in place and returns the
-    model (the report is quantize_model's)."""
+    model (the report is quantize_model's); calibration_batches quantizes
+    sequentially (see quantize_model)."""
     quantize_model(model, "mixed", skip=skip, calibration=calibration, filter_fn=filter_fn,
+                   calibration_batches=calibration_batches, hessian=hessian,
                    ratio_4bit=ratio_4bit, group_size=group_size, outlier_fraction=outlier_fraction,
                    exact_zero=exact_zero)
     return model

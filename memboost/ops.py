@@ -11,6 +11,34 @@ from . import _native  # noqa: F401  (loads the library before registering fakes
 _ops = torch.ops.memboost
 
 
+def _check_one_device(op: str, names, args) -> None:
+    """Every tensor argument of an op on one device, as the C++ checks
+    (MB_CHECK_SAME_DEVICE) require: here too for the meta device, where
+    the dispatcher calls the fake kernel instead of a C++ one."""
+    first = None
+    for name, value in zip(names, args):
+        if isinstance(value, torch.Tensor):
+            if first is None:
+                first = (name, value.device)
+            elif value.device != first[1]:
+                raise ValueError(f"memboost::{op}: '{name}' is on {value.device} but '{first[0]}' is on {first[1]}")
+
+
+def _register_fake(op: str):
+    """torch.library.register_fake for memboost::op, after the device check every op makes."""
+    names = [a.name for a in getattr(_ops, op).default._schema.arguments]
+
+    def register(fake):
+        def checked(*args, **kwargs):
+            _check_one_device(op, names, args)
+            return fake(*args, **kwargs)
+
+        torch.library.register_fake(f"memboost::{op}")(checked)
+        return fake
+
+    return register
+
+
 def _packed_words(n: int, per_word: int) -> int:
     return (n + per_word - 1) // per_word
 
@@ -32,22 +60,22 @@ def _fake_unpack(per_word: int):
     return fake
 
 
-torch.library.register_fake("memboost::pack_2bit")(_fake_pack(16))
-torch.library.register_fake("memboost::unpack_2bit")(_fake_unpack(16))
-torch.library.register_fake("memboost::pack_4bit")(_fake_pack(8))
-torch.library.register_fake("memboost::unpack_4bit")(_fake_unpack(8))
+_register_fake("pack_2bit")(_fake_pack(16))
+_register_fake("unpack_2bit")(_fake_unpack(16))
+_register_fake("pack_4bit")(_fake_pack(8))
+_register_fake("unpack_4bit")(_fake_unpack(8))
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what every op computes in and returns
 
 
-@torch.library.register_fake("memboost::mixed_dequantize")
+@_register_fake("mixed_dequantize")
 def _(plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals, group_size, dtype):
     torch._check_value(dtype in _FLOAT_DTYPES, lambda: f"'dtype' must be float16, bfloat16 or float32, got {dtype}")
     return plane2.new_empty((plane2.shape[0], plane2.shape[1] * 16), dtype=dtype)
 
 
-@torch.library.register_fake("memboost::mixed_linear")
+@_register_fake("mixed_linear")
 def _(x, plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals, bias, group_size,
       act_bits=0):
     torch._check_value(act_bits in (0, 8), lambda: f"'act_bits' must be 0 (exact float) or 8, got {act_bits}")
@@ -115,13 +143,13 @@ def _ternary_row_bytes(cols: int) -> int:
     return (cols + 127) // 128 * 32
 
 
-@torch.library.register_fake("memboost::ternary_pack")
+@_register_fake("ternary_pack")
 def _(trits):
     torch._check_value(trits.dtype == torch.int8, lambda: f"'trits' must be torch.int8, got {trits.dtype}")
     return trits.new_empty((*trits.shape[:-1], _ternary_row_bytes(trits.shape[-1])), dtype=torch.uint8)
 
 
-@torch.library.register_fake("memboost::ternary_unpack")
+@_register_fake("ternary_unpack")
 def _(packed, cols):
     torch._check_value(packed.dtype == torch.uint8, lambda: f"'packed' must be torch.uint8, got {packed.dtype}")
     torch._check_value(packed.shape[-1] == _ternary_row_bytes(cols),
@@ -136,14 +164,14 @@ def _check_ternary_fake(packed, scales, cols):
                        lambda: f"'packed' must have {_ternary_row_bytes(cols)} bytes per row for cols={cols}")
 
 
-@torch.library.register_fake("memboost::ternary_dequantize")
+@_register_fake("ternary_dequantize")
 def _(packed, scales, cols, group_size, dtype):
     _check_ternary_fake(packed, scales, cols)
     torch._check_value(dtype in _FLOAT_DTYPES, lambda: f"'dtype' must be float16, bfloat16 or float32, got {dtype}")
     return packed.new_empty((packed.shape[0], cols), dtype=dtype)
 
 
-@torch.library.register_fake("memboost::ternary_linear")
+@_register_fake("ternary_linear")
 def _(x, packed, scales, bias, cols, group_size, act_bits):
     _check_ternary_fake(packed, scales, cols)
     torch._check_value(x.dtype in _FLOAT_DTYPES, lambda: f"'x' must be float16, bfloat16 or float32, got {x.dtype}")
@@ -193,7 +221,7 @@ torch.library.register_autograd(
 
 # ---------------------------------------------------------------------- NF4
 _NF4_MAX_BLOCK_SIZE = 1 << 20  # csrc/common/nf4.h kMaxBlockSize
-@torch.library.register_fake("memboost::nf4_quantize")
+@_register_fake("nf4_quantize")
 def _(w, block_size):
     torch._check_value(w.dtype in _FLOAT_DTYPES, lambda: f"'w' must be float16, bfloat16 or float32, got {w.dtype}")
     torch._check_value(block_size > 0 and block_size % 2 == 0 and block_size <= _NF4_MAX_BLOCK_SIZE,
@@ -203,7 +231,7 @@ def _(w, block_size):
                                                                         dtype=torch.float32)
 
 
-@torch.library.register_fake("memboost::nf4_quantize_absmax")
+@_register_fake("nf4_quantize_absmax")
 def _(absmax, offset, nested_map, block_size):
     torch._check_value(absmax.dtype == torch.float32, lambda: "'absmax' must be float32")
     torch._check_value(0 < block_size <= _NF4_MAX_BLOCK_SIZE, lambda: f"'block_size' must be in [1, {_NF4_MAX_BLOCK_SIZE}]")
@@ -211,7 +239,7 @@ def _(absmax, offset, nested_map, block_size):
     return absmax.new_empty((n,), dtype=torch.uint8), absmax.new_empty(((n + block_size - 1) // block_size,))
 
 
-@torch.library.register_fake("memboost::nf4_dequantize")
+@_register_fake("nf4_dequantize")
 def _(codes, absmax, nested_absmax, nested_map, nested_offset, numel, block_size, nested_block_size, dtype):
     torch._check_value(dtype in _FLOAT_DTYPES, lambda: f"'dtype' must be float16, bfloat16 or float32, got {dtype}")
     torch._check_value(codes.dtype == torch.uint8, lambda: "'codes' must be uint8")
@@ -219,7 +247,7 @@ def _(codes, absmax, nested_absmax, nested_map, nested_offset, numel, block_size
     return codes.new_empty((numel,), dtype=dtype)
 
 
-@torch.library.register_fake("memboost::nf4_linear")
+@_register_fake("nf4_linear")
 def _(x, codes, absmax, nested_absmax, nested_map, nested_offset, out_features, block_size, nested_block_size, bias,
       act_bits):
     torch._check_value(x.dtype in _FLOAT_DTYPES, lambda: f"'x' must be float16, bfloat16 or float32, got {x.dtype}")

@@ -163,7 +163,8 @@ def _ternary_column_scales(scales: torch.Tensor, cols: int, group_size: int) -> 
     """float32 [N or 1, groups] -> the scale of every column [N or 1, cols]."""
     if group_size == 0:
         return scales[:, :1].expand(scales.shape[0], cols)
-    return scales.repeat_interleave(group_size, dim=1)[:, :cols]
+    # indexed, not repeat_interleave'd: a group far longer than the row must not allocate its length
+    return scales[:, torch.arange(cols, device=scales.device) // group_size]
 
 
 def ternary_dequantize(packed, scales, cols: int, group_size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -245,7 +246,8 @@ def _blockwise_absmax(flat: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def _per_element(stat: torch.Tensor, n: int, block_size: int) -> torch.Tensor:
-    return stat.repeat_interleave(block_size)[:n]
+    # indexed, not repeat_interleave'd: a block far longer than n must not allocate its length
+    return stat[torch.arange(n, device=stat.device) // block_size]
 
 
 def nf4_quantize(w: torch.Tensor, block_size: int):

@@ -121,20 +121,32 @@ def check_safetensors_header(path: str) -> int:
                         f"of {header_len} bytes in a file of {size} bytes")
 
 
-def load_safetensors(path: str, device: str = "cpu") -> Dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, on `device` (tied names restored)."""
+@contextlib.contextmanager
+def open_safetensors(path: str, device: str = "cpu"):
+    """safetensors' safe_open on `path`, its header checked first
+    (check_safetensors_header) and safetensors' or torch's errors while the
+    file is open raised as MemboostError naming the file."""
     from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise MemboostError(f"'path' {path!r} is not a file")
+        raise MemboostError(f"{path!r} is not a file")
     check_safetensors_header(path)
     try:
         with safe_open(path, framework="pt", device=str(device)) as f:
-            metadata = f.metadata() or {}
-            state = {name: f.get_tensor(name) for name in f.keys()}
+            yield f
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise MemboostError(f"{path!r} is not a complete safetensors file (truncated or corrupt?): {exc}") from exc
+
+
+def load_safetensors(path: str, device: str = "cpu") -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, on `device` (tied names restored)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MemboostError(f"'path' {path!r} is not a file")
+    with open_safetensors(path, device) as f:
+        metadata = f.metadata() or {}
+        state = {name: f.get_tensor(name) for name in f.keys()}
     if ALIASES_KEY in metadata:
         try:
             aliases = json.loads(metadata[ALIASES_KEY])
@@ -170,9 +182,9 @@ class SafetensorsSource:
     """
 
     def __init__(self, path: str):
-        from safetensors import SafetensorError, safe_open
+        from safetensors import SafetensorError
 
-        self._safe_open, self._error = safe_open, SafetensorError
+        self._error = SafetensorError
         path = os.fspath(path)
         self.path = path
         self.files = _model_files(path)
@@ -195,12 +207,7 @@ class SafetensorsSource:
 
     def _open(self, file: str):
         if file not in self._handles:
-            check_safetensors_header(file)
-            try:
-                self._handles[file] = self._stack.enter_context(self._safe_open(file, framework="pt"))
-            except (self._error, OSError, RuntimeError) as exc:
-                raise MemboostError(f"{file!r} is not a complete safetensors file (truncated or corrupt?): "
-                                    f"{exc}") from exc
+            self._handles[file] = self._stack.enter_context(open_safetensors(file))
         return self._handles[file]
 
     def names(self) -> List[str]:

@@ -73,6 +73,18 @@ def test_params_and_hessian(model_dir, tmp_path, capsys):
     assert "--param must look like NAME=VALUE" in capsys.readouterr().err
 
 
+def test_sequential(model_dir, tmp_path, capsys):
+    out = tmp_path / "seq"
+    text = str(model_dir.parent / "text.txt")
+    assert cli.main(["quantize", str(model_dir), str(out), "--calibrate", text, "--calib-tokens", "100",
+                     "--sequential", "--quiet"]) == 0
+    assert "calibration included" in capsys.readouterr().out
+    import json
+    assert json.load(open(out / "config.json"))["quantization_config"]["quantize_calls"][0]["calibrated"]
+    assert cli.main(["quantize", str(model_dir), str(tmp_path / "x"), "--sequential"]) == 2
+    assert "--sequential needs --calibrate" in capsys.readouterr().err
+
+
 def test_help_shows_defaults():
     out = subprocess.run([sys.executable, "-m", "memboost", "quantize", "--help"], capture_output=True, text=True,
                          check=True).stdout

@@ -13,7 +13,8 @@ import driver  # noqa: E402
 
 # Inputs per harness in make test-slow; the folder loaders (a model or an
 # adapter rebuilt per input, ~30 ms each) get fewer.
-RUNS = {"checkpoint": 1000}
+MODEL_FOLDERS = ("checkpoint", "from_pretrained")
+RUNS = {name: 1000 for name in MODEL_FOLDERS}
 DEFAULT_RUNS = 2000
 CI_RUNS = 1000
 
@@ -29,7 +30,7 @@ def _short_pass(name, runs, tmp_path):
 def test_fuzz_ci_pass(name, tmp_path):
     # Each harness is a libFuzzer process that imports torch (~10 s): a
     # thousand inputs each (300 for the model folders) keeps the pass near two minutes.
-    _short_pass(name, 300 if name == "checkpoint" else CI_RUNS, tmp_path)
+    _short_pass(name, 300 if name in MODEL_FOLDERS else CI_RUNS, tmp_path)
 
 
 # Slow: the harnesses' processes took 10 min on this shared 2-core machine.

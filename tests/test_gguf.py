@@ -221,6 +221,82 @@ def test_q8_0_bits_equal_gguf():
     assert bool((err_ours <= err_theirs + 1e-12).all())
 
 
+def _llama_cpp_quantize(src, dst, qtype):
+    """llama.cpp's own quantizer on one of our files, every matrix in `qtype` (pure)."""
+    import ctypes
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
+    params.nthread = 1
+    params.pure = True
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+
+
+@pytest.mark.parametrize("qtype", ["IQ4_NL", "Q4_0"])
+def test_no_worse_than_llama_cpp_quantizer(llama, tokenizer, tmp_path, qtype):
+    """Against llama.cpp's own quantizer on the same (F16) weights, matrix by
+    matrix: IQ4_NL runs llama.cpp's search, so the blocks come out the same
+    bytes (a few differ in the last bit of a sum taken in another order);
+    Q4_0's least-squares scales must beat llama.cpp's largest-value-to--8
+    rule on every matrix."""
+    f16, theirs_path = tmp_path / "f16.gguf", tmp_path / f"llama-{qtype}.gguf"
+    export_gguf(llama, f16, "F16", tokenizer, verbose=False)
+    _llama_cpp_quantize(f16, theirs_path, qtype)
+    src = {t.name: t for t in gguf.GGUFReader(str(f16)).tensors}
+    checked = 0
+    for t in gguf.GGUFReader(str(theirs_path)).tensors:
+        if t.tensor_type.name != qtype:
+            continue
+        w = torch.from_numpy(np.array(src[t.name].data)).float()      # [rows, cols] as stored
+        ours = gguf_quants.quantize(w, qtype)
+        theirs = torch.from_numpy(np.array(t.data)).reshape(ours.shape)
+        err_ours = float((_decode(ours, qtype).reshape(w.shape) - w).norm())
+        err_theirs = float((_decode(theirs, qtype).reshape(w.shape) - w).norm())
+        if qtype == "IQ4_NL":
+            same = (ours.reshape(-1, 18) == theirs.reshape(-1, 18)).all(1).float().mean()
+            assert same > 0.99, f"{t.name}: {float(same):.4f} of the blocks equal llama.cpp's"
+            assert err_ours <= err_theirs * 1.002, f"{t.name}: {err_ours:.5g} vs llama.cpp {err_theirs:.5g}"
+        else:
+            assert err_ours < err_theirs, f"{t.name}: {err_ours:.5g} vs llama.cpp {err_theirs:.5g}"
+        checked += 1
+    assert checked >= 14           # every decoder matrix of the 2-layer model
+
+
+@pytest.mark.parametrize("qtype", gguf_quants.IMPORTANCE_TYPES)
+def test_importance_lowers_the_weighted_error(qtype):
+    """With an importance matrix (activations' mean square per input channel)
+    the error the layer's outputs see, sum_j imp_j (w_ij - q_ij)^2, drops."""
+    w = _gaussian()
+    g = torch.Generator().manual_seed(3)
+    importance = torch.rand(512, generator=g) ** 4 * 100 + 0.01       # a few channels dominate
+    def weighted(data):
+        return float(((_decode(data, qtype) - w) ** 2 * importance).sum())
+    plain, calibrated = gguf_quants.quantize(w, qtype), gguf_quants.quantize(w, qtype, importance)
+    assert weighted(calibrated) < 0.95 * weighted(plain)
+    for bad in (importance[:-1], -importance, importance * float("nan")):
+        with pytest.raises(ValueError, match="importance"):
+            gguf_quants.quantize(w, qtype, bad)
+
+
+def test_export_with_calibration(llama, tokenizer, tmp_path):
+    model = copy.deepcopy(llama)
+    batches = [torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    stats = memboost.calibrate(model, batches)
+    report = export_gguf(model, tmp_path / "cal.gguf", "IQ4_NL", tokenizer, calibration=stats, verbose=False)
+    notes = {r.name: r.note for r in report.rows}
+    assert "calibration-weighted" in notes["blk.0.ffn_down.weight"]
+    assert "calibration-weighted" not in notes.get("token_embd.weight", "")
+    plain = export_gguf(model, tmp_path / "plain.gguf", "IQ4_NL", tokenizer, verbose=False)
+    assert sorted(r.name for r in plain.rows) == sorted(notes)
+    name = "model.layers.0.mlp.down_proj"
+    for bad, match in (({"model.nope": stats[name]}, "not a weight matrix"),
+                       ({name: stats[name][:-1]}, "input features"),
+                       ({name: -stats[name]}, "non-negative"), ([1, 2], "dict")):
+        with pytest.raises(memboost.MemboostError, match=match):
+            export_gguf(model, tmp_path / "bad.gguf", "IQ4_NL", calibration=bad, verbose=False)
+    assert not (tmp_path / "bad.gguf").exists()
+
+
 def test_ternary_copy_is_exact():
     """A ternary weight becomes TQ2_0 / TQ1_0 with the very same trits; TQ2_0's bytes are memboost's packed bytes."""
     w = _gaussian(cols=768)
@@ -320,6 +396,51 @@ def test_llama_cpp_runs_mistral(tokenizer, tmp_path, qtype):
     report, err, distance = _check_llama_cpp(_randomize(MistralForCausalLM(config)), tokenizer,
                                              tmp_path / "m.gguf", qtype)
     assert report.architecture == "llama"                # llama.cpp runs Mistral as "llama"
+
+
+def test_llama_cpp_runs_llama3_rope_scaling(tokenizer, tmp_path):
+    """Llama 3's rope scaling goes in as llama.cpp's rope_freqs tensor: with
+    an original context of 8 tokens most frequencies are rescaled inside the
+    16-token sequence, so llama.cpp agrees with PyTorch only if it applies them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8}
+    kw = dict(vocab_size=400, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    model = _randomize(LlamaForCausalLM(LlamaConfig(rope_scaling=scaling, **kw)))
+    plain = LlamaForCausalLM(LlamaConfig(**kw)).eval()
+    plain.load_state_dict(model.state_dict())
+    ids = torch.tensor([tokenizer(SENTENCE)["input_ids"][:16]])
+    with torch.no_grad():
+        scaled, unscaled = model(ids).logits.numpy(), plain(ids).logits.numpy()
+    assert _rms(scaled - unscaled) / _rms(scaled) > 10 * TOLERANCE["F32"]    # the scaling matters here
+    report, _, _ = _check_llama_cpp(model, tokenizer, tmp_path / "l3.gguf", "F32")
+    assert "rope_freqs.weight" in {r.name for r in report.rows}
+    broken = copy.deepcopy(model)
+    broken.config.rope_parameters = {k: v for k, v in broken.config.rope_parameters.items() if k != "low_freq_factor"}
+    with pytest.raises(memboost.MemboostError, match="low_freq_factor"):
+        export_gguf(broken, tmp_path / "x.gguf", "F32", verbose=False)
+
+
+def test_llama_cpp_runs_a_file_without_tokenizer(llama, tmp_path):
+    """tokenizer=None: no vocabulary in the file; llama.cpp still loads it and runs token ids."""
+    report = export_gguf(llama, tmp_path / "bare.gguf", "Q8_0", verbose=False)
+    fields = gguf.GGUFReader(str(tmp_path / "bare.gguf")).fields
+    assert [name for name in fields if name.startswith("tokenizer.")] == ["tokenizer.ggml.model"]   # "none"
+    ids = [5, 17, 42, 99, 3, 250, 7]
+    exported = type(llama)(llama.config).eval()
+    exported.load_state_dict(gguf_state_dict(tmp_path / "bare.gguf", llama), strict=False)
+    with torch.no_grad():
+        want = exported(torch.tensor([ids])).logits[0].numpy()
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "bare.gguf"), logits_all=True, n_ctx=64, n_threads=2,
+                          verbose=False)
+    try:
+        llm.eval(ids)
+        got = np.array(llm.scores[:len(ids)])
+    finally:
+        llm.close()
+    assert _rms(got - want) / _rms(want) < TOLERANCE["Q8_0"] and report.architecture == "llama"
 
 
 def test_llama_cpp_sentencepiece_tokenizer(sentencepiece_tokenizer, tmp_path):
@@ -441,6 +562,12 @@ def test_cli(llama, tokenizer, tmp_path, capsys):
     assert gguf.GGUFReader(str(out)).fields["general.architecture"].contents() == "llama"
     assert memboost.cli.main(["gguf", str(folder), str(tmp_path / "b.gguf"), "--type", "Q9"]) == 2
     assert "weight_type" in capsys.readouterr().err and not (tmp_path / "b.gguf").exists()
+    calibrated = tmp_path / "c.gguf"
+    assert memboost.cli.main(["gguf", str(folder), str(calibrated), "--type", "IQ4_NL", "--quiet", "--calibrate",
+                              "fortunes", "--calib-tokens", "64"]) == 0
+    name = "blk.0.ffn_down.weight"
+    plain, cal = ({t.name: np.array(t.data) for t in gguf.GGUFReader(str(f)).tensors}[name] for f in (out, calibrated))
+    assert plain.shape == cal.shape and not np.array_equal(plain, cal)     # the calibration moved the scales
 
 
 # -- the real model ------------------------------------------------------------------

@@ -211,3 +211,70 @@ def test_calibrate_with_hessian_gives_second_moments_and_quantize_model_uses_the
                                      progress=False)
     assert len(report.replaced) == 2 and report.replaced[0].details["ratio_4bit"] == 0.25
     assert rel_err(model(held_out), ref) < 0.4
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_stages_follow_the_forward_pass_and_group_shared_inputs():
+    pytest.importorskip("transformers")
+    from memboost.model import _stages
+
+    model = _tiny_llama()
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    stages = _stages(model, torch.randint(0, 64, (1, 8)), layers)
+    want = []
+    for i in range(2):
+        p = f"model.layers.{i}."
+        want += [[p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"], [p + "self_attn.o_proj"],
+                 [p + "mlp.gate_proj", p + "mlp.up_proj"], [p + "mlp.down_proj"]]
+    assert stages == want
+
+
+@pytest.mark.parametrize("hessian", [False, True])
+def test_sequential_quantization_measures_each_stage_after_the_earlier_ones(hessian):
+    """The first stage sees the float model's inputs (the same statistics as
+    calibrate()); later stages see what the quantized earlier stages produce."""
+    pytest.importorskip("transformers")
+    batches = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    plain, seq = _tiny_llama(), _tiny_llama()
+    stats = memboost.calibrate(plain, batches, hessian=hessian)
+    memboost.quantize_model(plain, "mixed", calibration=stats, ratio_4bit=0.25, progress=False)
+    report = memboost.quantize_model(seq, "mixed", calibration_batches=batches, hessian=hessian, ratio_4bit=0.25,
+                                     progress=False)
+    assert len(report.replaced) == 14 and seq.memboost_quantization[-1]["calibrated"]
+
+    def codes(model, name):
+        return model.get_submodule(name).weight.tensor().tensors["lowbits"]
+
+    assert torch.equal(codes(seq, "model.layers.0.self_attn.q_proj"), codes(plain, "model.layers.0.self_attn.q_proj"))
+    assert not torch.equal(codes(seq, "model.layers.1.mlp.down_proj"), codes(plain, "model.layers.1.mlp.down_proj"))
+    with torch.no_grad():
+        assert torch.isfinite(seq(batches[0]).logits).all()
+
+
+def test_sequential_quantization_failure_puts_every_layer_back(monkeypatch):
+    pytest.importorskip("transformers")
+    model = _tiny_llama()
+    before = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    calls = []
+    original = MixedLinear.from_linear.__func__
+
+    def failing(cls, linear, **kw):
+        calls.append(1)
+        if len(calls) == 6:
+            raise memboost.MemboostError("planted failure")
+        return original(cls, linear, **kw)
+
+    monkeypatch.setattr(MixedLinear, "from_linear", classmethod(failing))
+    with pytest.raises(memboost.MemboostError, match="planted failure"):
+        memboost.quantize_model(model, "mixed", calibration_batches=[torch.randint(0, 64, (1, 8))], progress=False)
+    assert {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)} == before
+    with pytest.raises(memboost.MemboostError, match="not both"):
+        memboost.quantize_model(model, "mixed", calibration={}, calibration_batches=[torch.randint(0, 64, (1, 8))])

@@ -27,6 +27,7 @@ OPS = torch.ops.memboost
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
           torch.float32, torch.float64, torch.bool)
+OTHER_DEVICES = ("meta",) + (("cuda",) if torch.cuda.is_available() else ())
 INTS = (-2**40, -1, 0, 1, 2, 3, 15, 16, 17, 31, 32, 33, 64, 127, 128, 129, 256, 2**31, 2**62)
 # MEMBOOST_OP_FUZZ_EXAMPLES raises the examples per op for a long run (default: the CI pass).
 SETTINGS = settings(max_examples=int(os.environ.get("MEMBOOST_OP_FUZZ_EXAMPLES", "40")), deadline=None, derandomize=True, database=None,
@@ -135,6 +136,7 @@ def mutate(draw, args):
     dts = [i for i, a in enumerate(args) if isinstance(a, torch.dtype)]
     kinds += ["dtype", "shape"] * bool(tensors) + ["int"] * bool(ints) + ["out_dtype"] * bool(dts)
     kinds += ["bias"] * any(a is None for a in args)
+    kinds += ["device"] * (len(tensors) > 1)
     kind = draw(st.sampled_from(kinds))
     args = list(args)
     if kind == "strided":
@@ -159,6 +161,9 @@ def mutate(draw, args):
         args[i] = draw(st.sampled_from(INTS))
     elif kind == "out_dtype":
         args[dts[0]] = draw(st.sampled_from(DTYPES))
+    elif kind == "device":   # one tensor elsewhere: a GPU when there is one, else the meta device
+        i = draw(st.sampled_from(tensors))
+        args[i] = args[i].to(draw(st.sampled_from(OTHER_DEVICES)))
     elif kind == "bias":
         i = args.index(None)
         ref_dim = next(a for a in args if isinstance(a, torch.Tensor)).shape[0]

@@ -225,25 +225,27 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     const uint8_t* row = v.codes + r * k / 2;
     for (int64_t c = int64_t(lane) * 32; c < k; c += 32 * 32) {
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row + c / 2));
-      const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw);
-      float w[32];
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        w[2 * j] = cb[bytes[j] >> 4];
-        w[2 * j + 1] = cb[bytes[j] & 0xF];
-      }
       const float s = v.scale((r * k + c) / v.block_size);  // a 32-chunk never straddles blocks
+      float part[MT];
 #pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        const float4* xv = reinterpret_cast<const float4*>(x + i * k + c);
-        float part = 0.f;
+      for (int i = 0; i < MT; ++i) part[i] = 0.f;
+      // Four weights (bytes 2q and 2q+1, high nibble first) decoded per step and
+      // used for every activation row: decoding all 32 first kept them live
+      // across the rows and spilled (ptxas -v).
 #pragma unroll
-        for (int q = 0; q < 8; ++q) {
-          const float4 xx = __ldg(xv + q);
-          part += w[4 * q] * xx.x + w[4 * q + 1] * xx.y + w[4 * q + 2] * xx.z + w[4 * q + 3] * xx.w;
+      for (int q = 0; q < 8; ++q) {
+        const uint32_t word = q < 2 ? raw.x : q < 4 ? raw.y : q < 6 ? raw.z : raw.w;
+        const uint32_t pair = word >> (16 * (q & 1));
+        const float w0 = cb[(pair >> 4) & 0xF], w1 = cb[pair & 0xF], w2 = cb[(pair >> 12) & 0xF],
+                    w3 = cb[(pair >> 8) & 0xF];
+#pragma unroll
+        for (int i = 0; i < MT; ++i) {
+          const float4 xx = __ldg(reinterpret_cast<const float4*>(x + i * k + c) + q);
+          part[i] += w0 * xx.x + w1 * xx.y + w2 * xx.z + w3 * xx.w;
         }
-        acc[i] += part * s;
       }
+#pragma unroll
+      for (int i = 0; i < MT; ++i) acc[i] += part[i] * s;
     }
 #pragma unroll
     for (int i = 0; i < MT; ++i) {

@@ -95,7 +95,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         int dot[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) dot[r] = 0;
-#pragma unroll
+        // Not unrolled: unrolled, the loads of all four shifts of every batch
+        // row are hoisted together and the kernel spills (ptxas -v).
+#pragma unroll 1
         for (int sh = 0; sh < 4; ++sh) {
           const int4 q = __ldg(reinterpret_cast<const int4*>(xq + col0 + 32 * sh));
           const int qv[4] = {q.x, q.y, q.z, q.w};
@@ -112,7 +114,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         float part[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) part[r] = 0.f;
-#pragma unroll
+#pragma unroll 1  // as above: unrolled, this spills even at a batch tile of 2
         for (int sh = 0; sh < 4; ++sh) {
           float xv[16];
           load16<float>(xf + col0 + 32 * sh, xv);

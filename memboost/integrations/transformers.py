@@ -163,15 +163,14 @@ def _placeholder(fmt: str, linear: nn.Linear) -> QuantizedLinear:
 
 def _read_format_infos(checkpoint_files: List[str]) -> Dict[str, dict]:
     """{key: decoded format_info} for the quantized weights the safetensors files hold."""
-    from safetensors import safe_open
-
+    from ..serialization import open_safetensors
     from ..tensor import decode_json
 
     infos: Dict[str, dict] = {}
     for path in checkpoint_files:
         if not str(path).endswith(".safetensors"):
             continue
-        with safe_open(str(path), framework="pt") as f:
+        with open_safetensors(str(path)) as f:
             for key in f.keys():
                 if key.endswith("." + FORMAT_INFO_KEY):
                     infos[key] = decode_json(f.get_tensor(key), f"{path}: {key}")

@@ -32,13 +32,14 @@ On the first failure libFuzzer stops and writes the offending input to
 import argparse
 import importlib
 import json
+import logging
 import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
-import traceback
+import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUTCOMES = ("loaded", "refused", "skipped")
@@ -85,9 +86,37 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+_PLAIN = (bool, int, float, str, bytes)
+
+
+def _trace_plain_comparisons_only(atheris) -> None:
+    """atheris' native comparison tracer (what instrumented `a == b` calls)
+    keeps a reference to the result whenever it is not a plain Python value:
+    every `w == 0` on tensors in memboost leaked its result, ~40 KB per
+    input of the from_pretrained harness, until libFuzzer's RSS limit. Its
+    feedback is only useful for numbers, strings and bytes, so everything
+    else is compared here, untraced (opid is already reversed by atheris
+    when it swapped the operands)."""
+    import operator
+
+    from atheris.version_dependent import CMP_OP_SHIFT_AMOUNT
+
+    native = atheris._trace_cmp
+    ops = (operator.lt, operator.le, operator.eq, operator.ne, operator.gt, operator.ge)
+
+    def trace_cmp(obj1, obj2, opid, idx, is_const):
+        if isinstance(obj1, _PLAIN) and isinstance(obj2, _PLAIN):
+            return native(obj1, obj2, opid, idx, is_const)
+        return ops[opid >> CMP_OP_SHIFT_AMOUNT](obj1, obj2)
+
+    atheris._trace_cmp = trace_cmp
+
+
 def _fuzz_child(args) -> None:
     """Runs one harness under libFuzzer in this process (which libFuzzer exits)."""
     import atheris
+
+    _trace_plain_comparisons_only(atheris)
 
     sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
     from native_import import use_native_build
@@ -110,6 +139,11 @@ def _fuzz_child(args) -> None:
     for i, seed in enumerate(seeds):
         with open(os.path.join(corpus, f"seed{i:03d}"), "wb") as f:
             f.write(seed)
+    # Warnings are not findings, and Python keeps every distinct warning
+    # text in a registry for good (transformers' warning_once too): fuzzed
+    # values in the messages would grow the RSS input after input.
+    warnings.simplefilter("ignore")
+    warning_once = getattr(getattr(logging.Logger, "warning_once", None), "cache_clear", lambda: None)
     # Warm up (lazy imports, first-call caches) before memory is measured.
     for seed in seeds:
         classify(harness.target, seed)
@@ -118,6 +152,7 @@ def _fuzz_child(args) -> None:
     def one_input(data: bytes) -> None:
         before, t0 = _peak_rss_bytes(), time.perf_counter()
         outcome = classify(harness.target, data)
+        warning_once()
         seconds, grown = time.perf_counter() - t0, _peak_rss_bytes() - before
         if seconds > args.slow_seconds:
             raise Failure(f"one input of {len(data)} bytes took {seconds:.1f} s (limit {args.slow_seconds} s)")

@@ -1,0 +1,120 @@
+"""How the mixed format's calibration generalizes: SmolLM2-135M quantized
+with each calibration method, judged on two texts of different kinds.
+
+Methods (memboost.quantize_model, method="mixed"):
+- none:        plain rounding, no calibration
+- diag:        memboost.calibrate's per-input-channel mean square (the
+               error weighting of every group decision), float model's inputs
+- diag-seq:    the same statistics measured sequentially: each stage (q/k/v,
+               o, gate/up, down of every block) on the inputs the already
+               quantized earlier stages produce (calibration_batches=)
+- hessian:     full X^T X per layer from the float model: the GPTQ-style
+               sweep (error of each quantized column spread to the later ones)
+- hessian-seq: the sweep with sequentially measured X^T X
+
+Calibration text (--calib): "fortunes" (Debian's fortunes after the
+evaluated ones) or "varied" (the same fortune tokens plus manuals and
+release notes of other Debian packages, in equal shares: technical prose;
+no license text, since one evaluation text is a license). Evaluation:
+perplexity on the first --tokens tokens of the fortunes and of
+/usr/share/common-licenses/GPL-3, windows of 256.
+
+    python benchmarks/bench_mixed_calibration.py [--ratios 0.25,0.5,1] [--methods diag,hessian-seq]
+        [--calib varied] [--calib-tokens 8192] [--damp 0.01] [--json benchmarks/results/mixed_calibration_cpu.json]
+"""
+
+import argparse
+import copy
+import gzip
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import memboost  # noqa: E402
+from memboost.cli import token_windows  # noqa: E402
+from common import print_table, write_json  # noqa: E402
+
+GPL3 = "/usr/share/common-licenses/GPL-3"
+# Other Debian-packaged English prose (present on this test bed: man-db, libpng16-16, git, dpkg docs).
+OTHER_TEXTS = ["/usr/share/doc/man-db/man-db-manual.txt.gz", "/usr/share/doc/libpng16-16/libpng-manual.txt.gz",
+               "/usr/share/doc/dpkg/spec/triggers.txt", "/usr/share/doc/git/RelNotes/2.27.0.txt"]
+METHODS = ("none", "diag", "diag-seq", "hessian", "hessian-seq")
+
+
+def read(path: str) -> str:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def calibration_windows(tokenizer, kind: str, tokens: int, skip: int):
+    fortunes = memboost.testbed.english_text()
+    if kind == "fortunes":
+        return token_windows(tokenizer, fortunes, tokens, skip=skip)
+    missing = [p for p in OTHER_TEXTS if not os.path.exists(p)]
+    if missing:
+        raise SystemExit(f"--calib varied needs {missing} (Debian packages man-db, libpng16-16, dpkg, git)")
+    share = tokens // (len(OTHER_TEXTS) + 1)
+    wins = token_windows(tokenizer, fortunes, share, skip=skip)
+    for path in OTHER_TEXTS:
+        wins += token_windows(tokenizer, read(path), share)
+    return wins
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ratios", default="0.25,0.5,1")
+    ap.add_argument("--methods", default="diag,diag-seq,hessian-seq")
+    ap.add_argument("--calib", choices=("fortunes", "varied"), default="varied")
+    ap.add_argument("--calib-tokens", type=int, default=8192)
+    ap.add_argument("--tokens", type=int, default=2048, help="evaluated tokens of each text")
+    ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of mean diag(H))")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    methods = args.methods.split(",")
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        ap.error(f"unknown methods {sorted(unknown)}; known: {METHODS}")
+
+    model, tokenizer = memboost.testbed.load_smollm2()
+    texts = {"fortunes": memboost.testbed.english_text(), "GPL-3": read(GPL3)}
+
+    def ppl(m):
+        return {name: memboost.testbed.perplexity(m, tokenizer, text, max_tokens=args.tokens)
+                for name, text in texts.items()}
+
+    calib = calibration_windows(tokenizer, args.calib, args.calib_tokens, skip=args.tokens)
+    rows = [{"ratio_4bit": None, "method": "float32", "bits": 32.0, **ppl(model), "quantize s": None}]
+    print(rows[-1], flush=True)
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        for method in methods:
+            m = copy.deepcopy(model)
+            start = time.perf_counter()
+            kw = {"ratio_4bit": ratio}
+            if method.startswith("hessian"):
+                kw["damp"] = args.damp
+            if method in ("diag", "hessian"):
+                kw["calibration"] = memboost.calibrate(m, calib, hessian=method == "hessian")
+            elif method.endswith("-seq"):
+                kw["calibration_batches"] = calib
+                kw["hessian"] = method == "hessian-seq"
+            report = memboost.quantize_model(m, "mixed", progress=False, **kw)
+            seconds = time.perf_counter() - start
+            rows.append({"ratio_4bit": ratio, "method": method, "bits": report.bits_per_weight, **ppl(m),
+                         "quantize s": seconds})
+            print(rows[-1], flush=True)
+    columns = ["ratio_4bit", "method", "bits", "fortunes", "GPL-3", "quantize s"]
+    print_table(rows, columns, title=f"SmolLM2-135M mixed: perplexity ({args.tokens} tokens, windows of 256), "
+                                     f"calibrated on {args.calib_tokens} tokens of {args.calib!r} text")
+    write_json(args.json, {"model": "SmolLM2-135M-Instruct", "calib": args.calib, "calib_tokens": args.calib_tokens,
+                           "eval_tokens": args.tokens, "damp": args.damp, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
