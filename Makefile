@@ -65,6 +65,8 @@ ptxas: build
 bench:
 	$(PY) benchmarks/bench_mixed_speed.py
 	$(PY) benchmarks/bench_mixed_quality.py
+	$(PY) benchmarks/bench_mixed_calibration.py --json benchmarks/results/mixed_calibration_cpu.json
+	$(PY) benchmarks/bench_gguf.py --json benchmarks/results/gguf_cpu.json
 	$(PY) benchmarks/bench_lort.py --json benchmarks/results/lort_cpu.json
 	$(PY) benchmarks/bench_compare.py --json benchmarks/results/compare_cpu.json --plot benchmarks/results/compare_cpu.png
 

@@ -67,7 +67,7 @@ def calibration_windows(tokenizer, kind: str, tokens: int, skip: int):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", default="0.25,0.5,1")
-    ap.add_argument("--methods", default="diag,diag-seq,hessian-seq")
+    ap.add_argument("--methods", default="diag,hessian")
     ap.add_argument("--calib", choices=("fortunes", "varied"), default="varied")
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--tokens", type=int, default=2048, help="evaluated tokens of each text")

@@ -29,11 +29,41 @@ WRITER = textwrap.dedent("""
                                              num_hidden_layers=1, num_attention_heads=4)).eval()
             memboost.quantize_model(m, "mixed", ratio_4bit=0.5, progress=False)
             models.append(m)
+    if kind == "gguf":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        for i in range(2):
+            m = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=512,
+                                             num_hidden_layers=2, num_attention_heads=4)).eval()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.fill_(float(i))
+            models.append(m)
+    if kind == "adapter":
+        from memboost import qlora
+        for i in range(2):
+            m = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 512))
+            qlora.prepare_model(m, r=8, target_modules=["0", "1"])
+            with torch.no_grad():
+                for name, p in m.named_parameters():
+                    if "lora" in name:
+                        p.fill_(float(i))
+            models.append(m)
+    if kind == "lort":
+        from lort import fileformat
+        from memboost.lort import decompose
+        layers = [{"w": decompose(torch.randn(256, 512, generator=torch.Generator().manual_seed(i)), rank=8,
+                                  iters=1)[0]} for i in range(2)]
     def write(i):
         if kind == "file":
             memboost.save_safetensors(states[i % 2], path)
-        else:
+        elif kind == "directory":
             memboost.save_quantized(models[i % 2], path, max_shard_size="40KB")
+        elif kind == "gguf":
+            memboost.export_gguf(models[i % 2], path, "Q8_0", verbose=False, progress=False)
+        elif kind == "adapter":
+            qlora.save_adapter(models[i % 2], path)
+        else:
+            fileformat.save(path, layers[i % 2], {"b": torch.arange(1000.0) + i % 2}, {"version": i % 2})
     write(0)  # a complete first version, then the kill lands in a later write
     print("ready", flush=True)
     i = 1
@@ -77,3 +107,40 @@ def test_killed_checkpoint_writer_leaves_a_whole_directory(tmp_path):
         model = memboost.load_quantized(path)  # complete: config, index and every shard agree
         seen.add(float(model.model.embed_tokens.weight[0, 0]))
     assert 1 <= len(seen) <= 2
+
+
+def test_killed_gguf_writer_leaves_a_whole_file(tmp_path):
+    gguf = pytest.importorskip("gguf", reason="the hf extra (gguf) is not installed")
+    import numpy as np
+
+    path = tmp_path / "model.gguf"
+    for _ in _kill_at_random("gguf", path, kills=3, seed=2):
+        tensors = gguf.GGUFReader(str(path)).tensors        # complete: every tensor is there and readable
+        values = {round(float(np.asarray(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(-1)[0]), 3)
+                  for t in tensors}
+        assert len(tensors) == 2 * 9 + 3 and len(values) == 1 and values <= {0.0, 1.0}
+
+
+def test_killed_adapter_writer_leaves_a_whole_folder(tmp_path):
+    from torch import nn
+
+    from memboost import qlora
+
+    path = tmp_path / "adapter"
+    for _ in _kill_at_random("adapter", path, kills=3, seed=3):
+        model = nn.Sequential(nn.Linear(512, 512), nn.Linear(512, 512))
+        qlora.prepare_model(model, r=8, target_modules=["0", "1"])
+        qlora.load_adapter(model, str(path))                 # config and weights agree
+        values = {float(p.flatten()[0]) for n, p in model.named_parameters() if "lora" in n}
+        assert len(values) == 1 and values <= {0.0, 1.0}
+
+
+def test_killed_lort_writer_leaves_a_whole_file(tmp_path):
+    from lort import fileformat
+
+    path = tmp_path / "model.lort"
+    for _ in _kill_at_random("lort", path, kills=3, seed=4):
+        f = fileformat.load(str(path))                       # complete: every record checks out
+        i = f.meta["version"]
+        assert i in (0, 1) and torch.equal(f.tensors["b"], torch.arange(1000.0) + i)
+        assert set(f.layers) == {"w"}

@@ -96,27 +96,29 @@ def _trace_plain_comparisons_only(atheris) -> None:
     input of the from_pretrained harness, until libFuzzer's RSS limit. Its
     feedback is only useful for numbers, strings and bytes, so everything
     else is compared here, untraced (opid is already reversed by atheris
-    when it swapped the operands)."""
+    when it swapped the operands). atheris.Fuzz() installs its tracer again
+    when it starts: called on every input, this re-wraps whatever is there."""
+    current = atheris._trace_cmp
+    if getattr(current, "plain_only", False):
+        return
     import operator
 
     from atheris.version_dependent import CMP_OP_SHIFT_AMOUNT
 
-    native = atheris._trace_cmp
     ops = (operator.lt, operator.le, operator.eq, operator.ne, operator.gt, operator.ge)
 
     def trace_cmp(obj1, obj2, opid, idx, is_const):
         if isinstance(obj1, _PLAIN) and isinstance(obj2, _PLAIN):
-            return native(obj1, obj2, opid, idx, is_const)
+            return current(obj1, obj2, opid, idx, is_const)
         return ops[opid >> CMP_OP_SHIFT_AMOUNT](obj1, obj2)
 
+    trace_cmp.plain_only = True
     atheris._trace_cmp = trace_cmp
 
 
 def _fuzz_child(args) -> None:
     """Runs one harness under libFuzzer in this process (which libFuzzer exits)."""
     import atheris
-
-    _trace_plain_comparisons_only(atheris)
 
     sys.path.insert(0, os.path.join(HERE, "..", "..", "tools"))
     from native_import import use_native_build
@@ -150,6 +152,7 @@ def _fuzz_child(args) -> None:
     slack = args.rss_slack_mb << 20
 
     def one_input(data: bytes) -> None:
+        _trace_plain_comparisons_only(atheris)
         before, t0 = _peak_rss_bytes(), time.perf_counter()
         outcome = classify(harness.target, data)
         warning_once()
