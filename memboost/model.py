@@ -178,26 +178,31 @@ def _stages(model: nn.Module, batch, layers: Mapping[str, nn.Module]) -> List[Li
     """The layers in the order one forward pass reaches them, grouped into
     stages of consecutive layers that read the same input tensor (q/k/v,
     gate/up): what sequential quantization measures and quantizes together."""
-    order: List[Tuple[str, torch.Tensor]] = []
-    handles = [child.register_forward_pre_hook(lambda m, args, name=name: order.append((name, args[0])))
+    order: List[Tuple[str, bool]] = []   # (layer, reads the same tensor as the layer called before it)
+    last = [None]      # only the previous input is held, not every layer's
+
+    def record(module, args, name):
+        order.append((name, args[0] is last[0]))
+        last[0] = args[0]
+
+    handles = [child.register_forward_pre_hook(lambda m, args, name=name: record(m, args, name))
                for name, child in layers.items()]
     try:
         _run_batches(model, [batch])
     finally:
+        last[0] = None
         for handle in handles:
             handle.remove()
     stages: List[List[str]] = []
     seen = set()
-    previous = None
-    for name, x in order:
+    for name, shared_input in order:
         if name in seen:   # a layer called twice (shared): measured on its first call's stage
             continue
         seen.add(name)
-        if previous is not None and x is previous:
+        if shared_input and stages:
             stages[-1].append(name)
         else:
             stages.append([name])
-        previous = x
     stages.extend([name] for name in layers if name not in seen)   # never reached: measured as nothing
     return stages
 
