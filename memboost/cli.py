@@ -80,6 +80,19 @@ def read_text(source: str) -> str:
         return f.read()
 
 
+def add_calibration_args(parser, help_text: str, tokens: int) -> None:
+    """--calibrate TEXT, --calib-tokens, --calib-skip: what calibration_windows reads."""
+    parser.add_argument("--calibrate", metavar="TEXT", help=help_text)
+    parser.add_argument("--calib-tokens", type=int, default=tokens, help="tokens of the calibration text used")
+    parser.add_argument("--calib-skip", type=int, default=0,
+                        help="tokens skipped at the start of the calibration text")
+
+
+def calibration_windows(args, tokenizer):
+    """The token windows of --calibrate's text, per --calib-tokens / --calib-skip."""
+    return token_windows(tokenizer, read_text(args.calibrate), args.calib_tokens, skip=args.calib_skip)
+
+
 def token_windows(tokenizer, text: str, tokens: int, skip: int = 0, window: int = 256):
     """[1, window] id tensors covering `tokens` tokens of `text` after the first `skip`."""
     # English runs about 4-5 characters per token: tokenizing a generous
@@ -140,7 +153,7 @@ def cmd_quantize(args) -> int:
     if args.sequential and not args.calibrate:
         raise MemboostError("--sequential needs --calibrate TEXT")
     if args.calibrate:
-        windows = token_windows(tokenizer, read_text(args.calibrate), args.calib_tokens, skip=args.calib_skip)
+        windows = calibration_windows(args, tokenizer)
         if not args.sequential:
             stats = calibrate(model, windows, hessian=args.hessian)
     if args.sequential:
@@ -249,7 +262,7 @@ def cmd_gguf(args) -> int:
     if args.calibrate:
         if tokenizer is None:
             raise MemboostError(f"--calibrate needs the model's tokenizer; {args.model!r} has none")
-        windows = token_windows(tokenizer, read_text(args.calibrate), args.calib_tokens, skip=args.calib_skip)
+        windows = calibration_windows(args, tokenizer)
         stats = calibrate(model, windows)
     report = export_gguf(model, args.out, weight_type=args.type, tokenizer=tokenizer, output_type=args.output_type,
                          calibration=stats, progress=False if args.quiet else None, verbose=False)
@@ -272,14 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--outlier-fraction", type=float, default=0.002, help="mixed: fraction kept as 16-bit outliers")
     q.add_argument("--param", action="append", metavar="NAME=VALUE",
                    help="a quantizer argument of the method (repeatable), e.g. --param act_bits=8")
-    q.add_argument("--calibrate", metavar="TEXT", help="calibrate on a text file, or 'fortunes'")
+    add_calibration_args(q, "calibrate on a text file, or 'fortunes'", tokens=1024)
     q.add_argument("--hessian", action="store_true",
                    help="mixed: collect full input second moments and quantize with error compensation (GPTQ-style)")
     q.add_argument("--sequential", action="store_true",
                    help="calibrate stage by stage on the outputs of the already quantized layers "
                         "(quantize_model(calibration_batches=...)); needs --calibrate")
-    q.add_argument("--calib-tokens", type=int, default=1024, help="tokens of the calibration text used")
-    q.add_argument("--calib-skip", type=int, default=0, help="tokens skipped at the start of the calibration text")
     q.add_argument("--verbose", action="store_true", help="print the per-layer table")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(fn=cmd_quantize)
@@ -317,10 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--type", default="F16", help="GGUF type of the weight matrices: F32 F16 BF16 Q4_0 Q8_0 IQ4_NL "
                    "TQ1_0 TQ2_0 Q2_K Q3_K Q4_K (rule: memboost.gguf.gguf_type_for)")
     g.add_argument("--output-type", help="type of the output matrix (default: Q8_0 below 8 bits, else --type)")
-    g.add_argument("--calibrate", metavar="TEXT", help="weigh the Q4_0 / IQ4_NL scale searches by activations on "
-                   "a text file, or 'fortunes' (llama.cpp's importance matrix)")
-    g.add_argument("--calib-tokens", type=int, default=4096, help="tokens of the calibration text used")
-    g.add_argument("--calib-skip", type=int, default=0, help="tokens skipped at the start of the calibration text")
+    add_calibration_args(g, "weigh the Q4_0 / IQ4_NL scale searches by activations on a text file, or 'fortunes' "
+                         "(llama.cpp's importance matrix)", tokens=4096)
     g.add_argument("--verbose", action="store_true", help="print the per-tensor table")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(fn=cmd_gguf)
