@@ -22,7 +22,10 @@ CI_RUNS = 1000
 def _short_pass(name, runs, tmp_path):
     stats = driver.run([name], runs=runs, max_seconds=0, artifacts=str(tmp_path), quiet=True)[name]
     assert stats["returncode"] == 0, f"fuzz harness {name!r} failed:\n{stats.get('log', '')}"
-    assert sum(stats[k] for k in driver.OUTCOMES) == runs
+    # libFuzzer runs each requested input once, and now and then one more
+    # (it may run an input again, e.g. to confirm new coverage), never fewer.
+    total = sum(stats[k] for k in driver.OUTCOMES)
+    assert runs <= total <= runs + max(2, runs // 100), stats
     assert stats["refused"] > 0 and stats["loaded"] > 0, stats  # the harness reaches both ends
 
 
