@@ -9,8 +9,14 @@ Methods (memboost.quantize_model, method="mixed"):
                o, gate/up, down of every block) on the inputs the already
                quantized earlier stages produce (calibration_batches=)
 - hessian:     full X^T X per layer from the float model: the GPTQ-style
-               sweep (error of each quantized column spread to the later ones)
+               sweep (error of each quantized column spread to the later ones),
+               X^T X shrunk toward its diagonal by --shrink
 - hessian-seq: the sweep with sequentially measured X^T X
+
+Settings: --ratios (the same ratio_4bit in every layer) and --bits (a
+budget of bits per weight; memboost.allocate_ratio_4bit chooses each
+layer's ratio_4bit from the float model's loss gradients, the plan made
+once per budget, before the layers are quantized with each method).
 
 Calibration text (--calib): "fortunes" (Debian's fortunes after the
 evaluated ones) or "varied" (the same fortune tokens plus manuals and
@@ -19,8 +25,9 @@ no license text, since one evaluation text is a license). Evaluation:
 perplexity on the first --tokens tokens of the fortunes and of
 /usr/share/common-licenses/GPL-3, windows of 256.
 
-    python benchmarks/bench_mixed_calibration.py [--ratios 0.25,0.5,1] [--methods diag,hessian-seq]
-        [--calib varied] [--calib-tokens 8192] [--damp 0.01] [--json benchmarks/results/mixed_calibration_cpu.json]
+    python benchmarks/bench_mixed_calibration.py [--ratios 0.25,0.5,1] [--bits 2.9,3.5] [--methods diag,hessian]
+        [--calib varied] [--calib-tokens 8192] [--damp 0.01] [--shrink 0.5]
+        [--json benchmarks/results/mixed_calibration_cpu.json]
 """
 
 import argparse
@@ -66,12 +73,15 @@ def calibration_windows(tokenizer, kind: str, tokens: int, skip: int):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ratios", default="0.25,0.5,1")
+    ap.add_argument("--ratios", default="0.25,0.5,1", help="ratio_4bit settings, the same in every layer ('' for none)")
+    ap.add_argument("--bits", default="", help="bits-per-weight budgets, ratio_4bit chosen per layer "
+                                               "(memboost.allocate_ratio_4bit)")
     ap.add_argument("--methods", default="diag,hessian")
     ap.add_argument("--calib", choices=("fortunes", "varied"), default="varied")
     ap.add_argument("--calib-tokens", type=int, default=8192)
     ap.add_argument("--tokens", type=int, default=2048, help="evaluated tokens of each text")
     ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of mean diag(H))")
+    ap.add_argument("--shrink", type=float, default=0.5, help="H shrunk toward its diagonal by this fraction")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -81,6 +91,8 @@ def main():
     unknown = set(methods) - set(METHODS)
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; known: {METHODS}")
+    settings = [("ratio_4bit", float(r)) for r in args.ratios.split(",") if r]
+    settings += [("bits", float(b)) for b in args.bits.split(",") if b]
 
     model, tokenizer = memboost.testbed.load_smollm2()
     texts = {"fortunes": memboost.testbed.english_text(), "GPL-3": read(GPL3)}
@@ -90,30 +102,40 @@ def main():
                 for name, text in texts.items()}
 
     calib = calibration_windows(tokenizer, args.calib, args.calib_tokens, skip=args.tokens)
-    rows = [{"ratio_4bit": None, "method": "float32", "bits": 32.0, **ppl(model), "quantize s": None}]
+    rows = [{"setting": "float32", "method": "", "bits": 32.0, **ppl(model), "quantize s": None}]
     print(rows[-1], flush=True)
-    for ratio in [float(r) for r in args.ratios.split(",")]:
+    plans = {}
+    for kind, value in settings:
         for method in methods:
             m = copy.deepcopy(model)
             start = time.perf_counter()
-            kw = {"ratio_4bit": ratio}
+            kw = {}
             if method.startswith("hessian"):
-                kw["damp"] = args.damp
+                kw.update(damp=args.damp, shrink=args.shrink)
             if method in ("diag", "hessian"):
                 kw["calibration"] = memboost.calibrate(m, calib, hessian=method == "hessian")
             elif method.endswith("-seq"):
                 kw["calibration_batches"] = calib
                 kw["hessian"] = method == "hessian-seq"
+            if kind == "bits":
+                # The plan depends on the float model and the text only: made once per budget.
+                if value not in plans:
+                    plans[value] = memboost.allocate_ratio_4bit(model, calib, bits=value)
+                kw["ratio_4bit"] = plans[value]
+                setting = f"{value} bits, planned"
+            else:
+                kw["ratio_4bit"] = value
+                setting = f"ratio_4bit {value}"
             report = memboost.quantize_model(m, "mixed", progress=False, **kw)
             seconds = time.perf_counter() - start
-            rows.append({"ratio_4bit": ratio, "method": method, "bits": report.bits_per_weight, **ppl(m),
+            rows.append({"setting": setting, "method": method, "bits": report.bits_per_weight, **ppl(m),
                          "quantize s": seconds})
             print(rows[-1], flush=True)
-    columns = ["ratio_4bit", "method", "bits", "fortunes", "GPL-3", "quantize s"]
+    columns = ["setting", "method", "bits", "fortunes", "GPL-3", "quantize s"]
     print_table(rows, columns, title=f"SmolLM2-135M mixed: perplexity ({args.tokens} tokens, windows of 256), "
                                      f"calibrated on {args.calib_tokens} tokens of {args.calib!r} text")
     write_json(args.json, {"model": "SmolLM2-135M-Instruct", "calib": args.calib, "calib_tokens": args.calib_tokens,
-                           "eval_tokens": args.tokens, "damp": args.damp, "rows": rows})
+                           "eval_tokens": args.tokens, "damp": args.damp, "shrink": args.shrink, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ NF4, LoRT), with fused CPU and CUDA kernels.
     q2 = memboost.QuantizedTensor.from_state_dict(torch.load("w.pt", weights_only=True))
     stats = memboost.calibrate(model, batches)   # per-layer E[x^2], optional
     report = memboost.quantize_model(model, "mixed", ratio_4bit=0.25, calibration=stats)
+    plan = memboost.allocate_ratio_4bit(model, batches, bits=2.9)  # {layer: ratio_4bit}
 
 Every error for bad input is a memboost.MemboostError (a ValueError).
 """
@@ -28,6 +29,7 @@ from .lort import LoRTQuantizedTensor
 from . import nn
 from . import qlora
 from .model import QuantizationReport, calibrate, load_quantized_, quantize_linears_, quantize_model
+from .allocate import allocate_ratio_4bit, output_sensitivity
 from .serialization import load_safetensors, save_safetensors
 from .checkpoint import load_quantized, save_quantized
 from . import testbed, vsa, distributed, tritter
@@ -41,7 +43,7 @@ __all__ = [
     "quantize_linears_", "quantize_model", "QuantizationReport", "load_quantized_", "save_safetensors",
     "load_safetensors", "MemboostError", "MemboostTypeError", "testbed", "save_quantized", "load_quantized",
     "ternary", "TernaryQuantizedTensor", "tritter", "vsa", "distributed", "nf4", "NF4QuantizedTensor", "qlora",
-    "lort", "LoRTQuantizedTensor", "export_gguf",
+    "lort", "LoRTQuantizedTensor", "export_gguf", "allocate_ratio_4bit", "output_sensitivity",
 ]
 
 

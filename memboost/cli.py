@@ -1,6 +1,6 @@
 """The `memboost` command.
 
-    memboost quantize MODEL OUT [--method mixed] [--ratio-4bit 0.1] [--calibrate TEXT [--sequential]]
+    memboost quantize MODEL OUT [--method mixed] [--ratio-4bit 0.1 | --bits 2.9] [--calibrate TEXT [--sequential]]
     memboost eval MODEL [--text TEXT] [--prompt P] [--compile]
     memboost info DIR
     memboost compare [--quick] [--plot compare.png]
@@ -140,7 +140,7 @@ def parse_params(items) -> dict:
 
 
 def cmd_quantize(args) -> int:
-    from . import calibrate, quantize_model, save_quantized
+    from . import allocate_ratio_4bit, calibrate, quantize_model, save_quantized
 
     params = {}
     if args.method == "mixed":
@@ -152,10 +152,17 @@ def cmd_quantize(args) -> int:
     start = time.perf_counter()
     if args.sequential and not args.calibrate:
         raise MemboostError("--sequential needs --calibrate TEXT")
+    if args.bits is not None and (args.method != "mixed" or not args.calibrate):
+        raise MemboostError("--bits chooses the mixed format's ratio_4bit per layer: it needs --method mixed and "
+                            "--calibrate TEXT")
     if args.calibrate:
         windows = calibration_windows(args, tokenizer)
         if not args.sequential:
             stats = calibrate(model, windows, hessian=args.hessian)
+        if args.bits is not None:
+            params["ratio_4bit"] = allocate_ratio_4bit(model, windows, args.bits, calibration=stats,
+                                                       group_size=params["group_size"],
+                                                       outlier_fraction=params["outlier_fraction"])
     if args.sequential:
         report = quantize_model(model, args.method, calibration_batches=windows, hessian=args.hessian,
                                 progress=not args.quiet, **params)
@@ -281,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("out", help="output folder (replaced as a whole)")
     q.add_argument("--method", default="mixed", help="format (memboost.nn.QuantizedLinear.for_format)")
     q.add_argument("--ratio-4bit", type=float, default=0.1, help="mixed: fraction of 4-bit groups per row")
+    q.add_argument("--bits", type=float, help="mixed: bits per weight for the whole model; ratio_4bit is then "
+                                              "chosen per layer (memboost.allocate_ratio_4bit; needs --calibrate)")
     q.add_argument("--group-size", type=int, default=64, help="mixed: input columns per group")
     q.add_argument("--outlier-fraction", type=float, default=0.002, help="mixed: fraction kept as 16-bit outliers")
     q.add_argument("--param", action="append", metavar="NAME=VALUE",

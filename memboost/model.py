@@ -127,10 +127,11 @@ def _run_batches(model: nn.Module, batches: List) -> None:
                 pass
 
 
-def _input_moments(model: nn.Module, batches: List, layers: Mapping[str, nn.Module], hessian: bool,
+def _input_moments(run: Callable[[], None], layers: Mapping[str, nn.Module], hessian: bool,
                    stop_at: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
     """{name: mean of x**2 per input channel (or X^T X / rows)} of each layer
-    in `layers` over `batches`; the forward pass ends at `stop_at`'s input."""
+    in `layers` over the forward passes that `run` makes; each ends at
+    `stop_at`'s input."""
     sums: Dict[str, torch.Tensor] = {}
     rows: Dict[str, int] = {}
 
@@ -149,7 +150,7 @@ def _input_moments(model: nn.Module, batches: List, layers: Mapping[str, nn.Modu
         in_features = child.weight.shape[0] if _is_conv1d(child) else child.in_features
         handles.append(child.register_forward_pre_hook(hook(name, in_features, child is stop_at)))
     try:
-        _run_batches(model, batches)
+        run()
     finally:
         for handle in handles:
             handle.remove()
@@ -168,7 +169,8 @@ def calibrate(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_he
     with which the mixed format quantizes GPTQ-style."""
     _check_batches(batches)
     layers = {full: child for full, _, _, child in _linears(model) if _skipped_by_name(full, skip) is None}
-    stats = _input_moments(model, list(batches), layers, hessian)
+    batches = list(batches)
+    stats = _input_moments(lambda: _run_batches(model, batches), layers, hessian)
     if not stats:
         raise MemboostError("'batches' ran no input through any linear layer (empty, or every layer skipped)")
     return stats
@@ -207,6 +209,90 @@ def _stages(model: nn.Module, batch, layers: Mapping[str, nn.Module]) -> List[Li
     return stages
 
 
+def _decoder_blocks(model: nn.Module, names: Iterable[str]) -> Optional[Tuple[nn.ModuleList, str]]:
+    """(the nn.ModuleList of repeated blocks, its qualified name) when every
+    one of `names` lies inside one of its entries (a decoder's layers), else None."""
+    names = list(names)
+    for list_name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1:
+            prefix = f"{list_name}." if list_name else ""
+            if all(n.startswith(prefix) and n[len(prefix):].split(".", 1)[0].isdigit() for n in names):
+                return module, prefix
+    return None
+
+
+def _block_inputs(model: nn.Module, block: nn.Module, batches: List) -> List[Tuple[tuple, dict]]:
+    """The (args, kwargs) each batch calls `block` with; the forward passes stop there."""
+    captured: List[Tuple[tuple, dict]] = []
+
+    def capture(module, args, kwargs):
+        kwargs = dict(kwargs)
+        # Blocks are run again and again on these inputs: a key/value cache
+        # would grow with every run.
+        for key in ("past_key_value", "past_key_values", "layer_past"):
+            if key in kwargs:
+                kwargs[key] = None
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        captured.append((args, kwargs))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        _run_batches(model, batches)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block: nn.Module, inputs: List[Tuple[tuple, dict]]) -> None:
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            try:
+                block(*args, **kwargs)
+            except _StopForward:
+                pass
+
+
+def _block_outputs(block: nn.Module, inputs: List[Tuple[tuple, dict]]) -> List[Tuple[tuple, dict]]:
+    """The next block's inputs: these with the hidden states replaced by `block`'s output."""
+    nxt = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            out = block(*args, **kwargs)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            if args:
+                nxt.append(((hidden,) + tuple(args[1:]), kwargs))
+            else:
+                nxt.append((args, dict(kwargs, hidden_states=hidden)))
+    return nxt
+
+
+def _sequential_runs(model: nn.Module, batches: List, stages: List[List[str]]):
+    """Yields (stage, run) in order, where run() makes the forward passes
+    that reach the stage's layers; the caller replaces the stage's layers
+    before asking for the next. When every stage lies in a decoder's blocks,
+    each block's inputs are captured once (from the block before it, already
+    quantized) and run() runs that block alone: one pass per stage over one
+    block instead of the model up to it (GPTQ implementations do the same)."""
+    found = _decoder_blocks(model, [name for stage in stages for name in stage])
+    if found is None:
+        for stage in stages:
+            yield stage, lambda: _run_batches(model, batches)
+        return
+    blocks, prefix = found
+    per_block: Dict[int, List[List[str]]] = {}
+    for stage in stages:
+        per_block.setdefault(int(stage[0][len(prefix):].split(".", 1)[0]), []).append(stage)
+    first, last = min(per_block), max(per_block)
+    inputs = _block_inputs(model, blocks[first], batches)
+    for i in range(first, last + 1):
+        for stage in per_block.get(i, []):
+            yield stage, lambda block=blocks[i], inputs=inputs: _run_block(block, inputs)
+        if i < last:
+            inputs = _block_outputs(blocks[i], inputs)
+
+
 def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] = ("lm_head",),
                    calibration: Optional[Mapping[str, torch.Tensor]] = None,
                    filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, verbose: bool = False,
@@ -216,7 +302,8 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     named in `skip` and accepted by `filter_fn` with the drop-in layer of
     `method` (memboost.nn.QuantizedLinear.for_format), quantized with
     `params` (the format's quantizer arguments, e.g. ratio_4bit=0.25 for
-    "mixed"). `calibration`, from calibrate(), gives each layer's statistics
+    "mixed"; any of them may be a {layer name: value} mapping, as
+    memboost.allocate_ratio_4bit returns, to set it per layer). `calibration`, from calibrate(), gives each layer's statistics
     by qualified name. Every layer is quantized before any is replaced, so an
     error leaves the model as it was.
 
@@ -234,7 +321,10 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     earlier stages produce, so that errors do not compound unseen. One
     stage's statistics are held at a time (hessian=True: each layer's full
     X^T X, with which the mixed format quantizes GPTQ-style); the forward
-    passes stop at the stage being measured. If a layer fails, the layers
+    passes stop at the stage being measured. When every layer lies in the
+    blocks of a decoder (the entries of one nn.ModuleList, as a Hugging Face
+    model's layers), each block's inputs are captured once, from the
+    quantized block before it, and the block is run alone. If a layer fails, the layers
     already replaced are put back."""
     if not isinstance(model, nn.Module):
         raise MemboostTypeError(f"'model' must be an nn.Module, got {type(model).__name__}")
@@ -243,11 +333,21 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
         skip = (skip,)
     report = QuantizationReport(method)
     targets = []
+    per_layer = {k for k, v in params.items() if isinstance(v, Mapping)}
+
+    def params_of(full):
+        if not per_layer:
+            return params
+        missing = [k for k in per_layer if full not in params[k]]
+        if missing:
+            raise MemboostError(f"'{missing[0]}' is given per layer but has no value for layer {full!r}")
+        return {k: params[k][full] if k in per_layer else v for k, v in params.items()}
+
     for full, parent, child_name, child in _linears(model):
         linear = _as_linear(child)
         why = (_skipped_by_name(full, skip)
-               or (None if filter_fn is None or filter_fn(full, child) else "filter_fn returned False")
-               or layer_cls.skip_reason(linear.in_features, linear.out_features, **params))
+               or (None if filter_fn is None or filter_fn(full, child) else "filter_fn returned False"))
+        why = why or layer_cls.skip_reason(linear.in_features, linear.out_features, **params_of(full))
         if why:
             report.skipped.append((full, why))
         else:
@@ -263,7 +363,7 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     def quantize_one(full, linear, stats):
         extra = {} if stats is None else {"calibration": stats}
         try:
-            layer = layer_cls.from_linear(linear, **params, **extra)
+            layer = layer_cls.from_linear(linear, **params_of(full), **extra)
         except MemboostError as exc:
             raise type(exc)(f"{full}: {exc}") from None
         q = layer.weight.tensor()
@@ -272,11 +372,11 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
             linear.weight.numel() * linear.weight.element_size(), q.nbytes, q._repr_fields()))
         return layer
 
-    def bar(items, unit):
+    def bar(items, unit, total=None):
         if progress or (progress is None and len(targets) > 8):
             try:
                 from tqdm.auto import tqdm
-                return tqdm(items, desc=f"memboost {method}", unit=unit, leave=False)
+                return tqdm(items, desc=f"memboost {method}", unit=unit, leave=False, total=total)
             except ImportError:  # tqdm is optional
                 pass
         return items
@@ -290,9 +390,9 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
         modules = {full: getattr(parent, child_name) for full, (parent, child_name, _) in by_name.items()}
         done = []   # (parent, child_name, original module): put back if a later stage fails
         try:
-            for stage in bar(_stages(model, batches[0], modules), "stage"):
-                stats = _input_moments(model, batches, {n: modules[n] for n in stage}, hessian,
-                                       stop_at=modules[stage[-1]])
+            stages = _stages(model, batches[0], modules)
+            for stage, run in bar(_sequential_runs(model, batches, stages), "stage", total=len(stages)):
+                stats = _input_moments(run, {n: modules[n] for n in stage}, hessian, stop_at=modules[stage[-1]])
                 for full in stage:
                     parent, child_name, linear = by_name[full]
                     layer = quantize_one(full, linear, stats.get(full))

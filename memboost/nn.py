@@ -239,12 +239,14 @@ class MixedLinear(QuantizedLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, ratio_4bit: float = 0.1, group_size: int = 64,
                     outlier_fraction: float = 0.002, calibration: Optional[torch.Tensor] = None,
-                    exact_zero: Optional[bool] = None, *, act_bits: Optional[int] = None,
-                    compute_dtype: Optional[torch.dtype] = None) -> "MixedLinear":
-        """Quantizes `linear`'s weight with memboost.quantize (same arguments)."""
+                    exact_zero: Optional[bool] = None, damp: float = 0.01, shrink: float = 0.5, *,
+                    act_bits: Optional[int] = None, compute_dtype: Optional[torch.dtype] = None) -> "MixedLinear":
+        """Quantizes `linear`'s weight with memboost.quantize (same arguments;
+        a 2-D `calibration` is the Hessian of the GPTQ-style sweep, which
+        `damp` and `shrink` regularize)."""
         return super().from_linear(linear, ratio_4bit=ratio_4bit, group_size=group_size,
                                    outlier_fraction=outlier_fraction, calibration=calibration, exact_zero=exact_zero,
-                                   act_bits=act_bits, compute_dtype=compute_dtype)
+                                   damp=damp, shrink=shrink, act_bits=act_bits, compute_dtype=compute_dtype)
 
 
 class TernaryLinear(QuantizedLinear):

@@ -85,6 +85,21 @@ def test_sequential(model_dir, tmp_path, capsys):
     assert "--sequential needs --calibrate" in capsys.readouterr().err
 
 
+def test_bits_chooses_the_ratio_per_layer(model_dir, tmp_path, capsys):
+    out = tmp_path / "bits"
+    text = str(model_dir.parent / "text.txt")
+    assert cli.main(["quantize", str(model_dir), str(out), "--bits", "5.0", "--group-size", "32", "--calibrate",
+                     text, "--calib-tokens", "100", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    bits = float(printed.split(" bits per weight")[0].rsplit(" ", 1)[1])
+    assert 4.5 < bits <= 5.0
+    ratios = {m.weight.tensor().ratio_4bit for m in memboost.load_quantized(str(out)).modules()
+              if isinstance(m, memboost.nn.MixedLinear)}
+    assert len(ratios) > 1
+    assert cli.main(["quantize", str(model_dir), str(tmp_path / "x"), "--bits", "3"]) == 2
+    assert "--bits chooses the mixed format's ratio_4bit per layer" in capsys.readouterr().err
+
+
 def test_help_shows_defaults():
     out = subprocess.run([sys.executable, "-m", "memboost", "quantize", "--help"], capture_output=True, text=True,
                          check=True).stdout

@@ -479,8 +479,9 @@ def _correlated_inputs(rows, k, seed):
     return lambda count, s: torch.randn(count, k, generator=torch.Generator().manual_seed(s)) @ mixing
 
 
+@pytest.mark.parametrize("shrink", [0.0, 0.5])
 @pytest.mark.parametrize("ratio_4bit", [0.0, 0.25])
-def test_hessian_sweep_lowers_held_out_output_error(ratio_4bit):
+def test_hessian_sweep_lowers_held_out_output_error(ratio_4bit, shrink):
     # GPTQ-style error compensation against independent rounding with the same
     # diagonal weighting, measured on held-out inputs of the same distribution.
     k = 256
@@ -489,14 +490,45 @@ def test_hessian_sweep_lowers_held_out_output_error(ratio_4bit):
     w = llm_like_weight(128, k, seed=3)
     hessian = x_calib.T @ x_calib / x_calib.shape[0]
     rounded = memboost.quantize(w, ratio_4bit=ratio_4bit, calibration=hessian.diagonal())
-    swept = memboost.quantize(w, ratio_4bit=ratio_4bit, hessian=hessian)
+    swept = memboost.quantize(w, ratio_4bit=ratio_4bit, hessian=hessian, shrink=shrink)
     assert swept.avg_bits == rounded.avg_bits  # the same stored format and size
     err = {name: float((x_test @ (q.dequantize() - w).T).norm() / (x_test @ w.T).norm())
            for name, q in (("rounded", rounded), ("swept", swept))}
-    assert err["swept"] < 0.92 * err["rounded"], err
+    # Shrinking gives up some of the fit to the calibration inputs' correlations (see the next test).
+    assert err["swept"] < (0.92 if shrink == 0 else 1.0) * err["rounded"], err
     # a 2-D calibration is the Hessian
-    assert torch.equal(memboost.quantize(w, ratio_4bit=ratio_4bit, calibration=hessian).dequantize(),
+    assert torch.equal(memboost.quantize(w, ratio_4bit=ratio_4bit, calibration=hessian, shrink=shrink).dequantize(),
                        swept.dequantize())
+    # shrinking is the sweep on (1 - shrink) H + shrink diag(H)
+    shrunk = (1 - shrink) * hessian + shrink * torch.diag(hessian.diagonal())
+    assert torch.equal(memboost.quantize(w, ratio_4bit=ratio_4bit, hessian=shrunk, shrink=0.0).dequantize(),
+                       swept.dequantize())
+
+
+def test_shrinking_the_hessian_holds_up_on_inputs_correlated_otherwise():
+    """Calibration inputs whose cross-channel correlations differ from the
+    test inputs' (the channel magnitudes, a few large ones included, are the
+    same): the plain sweep fits correlations that are not there and does far
+    worse than rounding; shrunk halfway it loses little, while keeping most
+    of the sweep's gain on inputs like the calibration ones."""
+    k = 256
+    scale = torch.ones(k)
+    scale[:8] = 8.0
+
+    def inputs(mixing_seed, count, seed):
+        mixing = torch.randn(k, k, generator=torch.Generator().manual_seed(mixing_seed)) / k**0.5 + torch.eye(k)
+        return torch.randn(count, k, generator=torch.Generator().manual_seed(seed)) @ mixing * scale
+
+    x_calib, x_same, x_other = inputs(0, 4096, 1), inputs(0, 2048, 2), inputs(5, 2048, 3)
+    w = llm_like_weight(128, k, seed=3)
+    hessian = x_calib.T @ x_calib / x_calib.shape[0]
+    q = {"rounded": memboost.quantize(w, ratio_4bit=0.0, calibration=hessian.diagonal()),
+         "plain": memboost.quantize(w, ratio_4bit=0.0, hessian=hessian, shrink=0.0),
+         "shrunk": memboost.quantize(w, ratio_4bit=0.0, hessian=hessian, shrink=0.5)}
+    same, other = ({name: float((x @ (t.dequantize() - w).T).norm() / (x @ w.T).norm()) for name, t in q.items()}
+                   for x in (x_same, x_other))
+    assert same["plain"] < same["shrunk"] < 0.9 * same["rounded"], same
+    assert other["shrunk"] < 0.75 * other["plain"] and other["plain"] > 1.3 * other["rounded"], other
 
 
 def test_hessian_bad_input_is_named():
@@ -507,6 +539,8 @@ def test_hessian_bad_input_is_named():
         memboost.quantize(w, hessian=torch.full((64, 64), float("nan")))
     with pytest.raises(memboost.MemboostError, match="'damp' must be in"):
         memboost.quantize(w, hessian=torch.eye(64), damp=0)
+    with pytest.raises(memboost.MemboostError, match="'shrink' must be in"):
+        memboost.quantize(w, hessian=torch.eye(64), shrink=1.5)
     # an input that never fired (a zero row/column of H) leaves its column free
     h = torch.eye(64)
     h[5, 5] = 0

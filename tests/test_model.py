@@ -259,6 +259,43 @@ def test_sequential_quantization_measures_each_stage_after_the_earlier_ones(hess
         assert torch.isfinite(seq(batches[0]).logits).all()
 
 
+@pytest.mark.parametrize("hessian", [False, True])
+def test_sequential_quantization_by_blocks_equals_running_the_whole_model(monkeypatch, hessian):
+    """Running each decoder block alone on its captured inputs measures what
+    the whole model's forward passes measure (and quantizes the same)."""
+    pytest.importorskip("transformers")
+    from memboost import model as model_mod
+
+    batches = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    by_blocks, whole = _tiny_llama(), _tiny_llama()
+    found = model_mod._decoder_blocks(by_blocks, ["model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"])
+    assert found is not None and found[1] == "model.layers."
+    seen = []
+    real = model_mod._input_moments
+    monkeypatch.setattr(model_mod, "_input_moments", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    memboost.quantize_model(by_blocks, "mixed", calibration_batches=batches, hessian=hessian, ratio_4bit=0.25,
+                            progress=False)
+    blocks_stats, seen[:] = list(seen), []
+    monkeypatch.setattr(model_mod, "_decoder_blocks", lambda *a: None)
+    memboost.quantize_model(whole, "mixed", calibration_batches=batches, hessian=hessian, ratio_4bit=0.25,
+                            progress=False)
+    assert len(seen) == len(blocks_stats) == 8
+    for a, b in zip(blocks_stats, seen):
+        assert a.keys() == b.keys()
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(by_blocks(batches[0]).logits, whole(batches[0]).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_decoder_blocks_are_found_only_when_every_layer_is_inside():
+    from memboost.model import _decoder_blocks
+
+    model = nn.Sequential(nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), nn.Linear(4, 4))
+    assert _decoder_blocks(model, ["0.0", "0.1"])[1] == "0."
+    assert _decoder_blocks(model, ["0.0", "2"]) is None
+
+
 def test_sequential_quantization_failure_puts_every_layer_back(monkeypatch):
     pytest.importorskip("transformers")
     model = _tiny_llama()
