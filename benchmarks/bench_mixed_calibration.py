@@ -104,38 +104,58 @@ def main():
     calib = calibration_windows(tokenizer, args.calib, args.calib_tokens, skip=args.tokens)
     rows = [{"setting": "float32", "method": "", "bits": 32.0, **ppl(model), "quantize s": None}]
     print(rows[-1], flush=True)
+
+    # Statistics of the float model, measured once and shared by the rows
+    # (with the time each took, which a user pays once per model).
+    measured, seconds_of = {}, {}
+
+    def measure(name, fn):
+        if name not in measured:
+            start = time.perf_counter()
+            measured[name] = fn()
+            seconds_of[name] = time.perf_counter() - start
+            print(f"{name}: {seconds_of[name]:.0f} s", flush=True)
+        return measured[name]
+
     plans = {}
     for kind, value in settings:
         for method in methods:
             m = copy.deepcopy(model)
-            start = time.perf_counter()
             kw = {}
             if method.startswith("hessian"):
                 kw.update(damp=args.damp, shrink=args.shrink)
             if method in ("diag", "hessian"):
-                kw["calibration"] = memboost.calibrate(m, calib, hessian=method == "hessian")
+                kw["calibration"] = measure(method, lambda: memboost.calibrate(model, calib,
+                                                                               hessian=method == "hessian"))
             elif method.endswith("-seq"):
                 kw["calibration_batches"] = calib
                 kw["hessian"] = method == "hessian-seq"
             if kind == "bits":
                 # The plan depends on the float model and the text only: made once per budget.
                 if value not in plans:
-                    plans[value] = memboost.allocate_ratio_4bit(model, calib, bits=value)
+                    start = time.perf_counter()
+                    plans[value] = memboost.allocate_ratio_4bit(
+                        model, calib, bits=value, calibration=measure("diag", lambda: memboost.calibrate(model, calib)),
+                        sensitivity=measure("sensitivity", lambda: memboost.output_sensitivity(model, calib)))
+                    seconds_of[f"plan {value}"] = time.perf_counter() - start
                 kw["ratio_4bit"] = plans[value]
                 setting = f"{value} bits, planned"
             else:
                 kw["ratio_4bit"] = value
                 setting = f"ratio_4bit {value}"
+            start = time.perf_counter()
             report = memboost.quantize_model(m, "mixed", progress=False, **kw)
             seconds = time.perf_counter() - start
             rows.append({"setting": setting, "method": method, "bits": report.bits_per_weight, **ppl(m),
                          "quantize s": seconds})
             print(rows[-1], flush=True)
+    print("measured once (s):", {k: round(v, 1) for k, v in seconds_of.items()})
     columns = ["setting", "method", "bits", "fortunes", "GPL-3", "quantize s"]
     print_table(rows, columns, title=f"SmolLM2-135M mixed: perplexity ({args.tokens} tokens, windows of 256), "
                                      f"calibrated on {args.calib_tokens} tokens of {args.calib!r} text")
     write_json(args.json, {"model": "SmolLM2-135M-Instruct", "calib": args.calib, "calib_tokens": args.calib_tokens,
-                           "eval_tokens": args.tokens, "damp": args.damp, "shrink": args.shrink, "rows": rows})
+                           "eval_tokens": args.tokens, "damp": args.damp, "shrink": args.shrink,
+                           "measured_once_s": seconds_of, "rows": rows})
 
 
 if __name__ == "__main__":

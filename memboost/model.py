@@ -4,7 +4,7 @@ quantize_ style), with a report of what was done."""
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -427,20 +427,21 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     return report
 
 
-def quantize_linears_(model: nn.Module, ratio_4bit: float = 0.1, group_size: int = 64,
+def quantize_linears_(model: nn.Module, ratio_4bit: Union[float, Mapping[str, float]] = 0.1, group_size: int = 64,
                       outlier_fraction: float = 0.002, skip: Iterable[str] = ("lm_head",),
                       filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
                       calibration: Optional[Mapping[str, torch.Tensor]] = None,
                       exact_zero: Optional[bool] = None, calibration_batches: Optional[Iterable] = None,
-                      hessian: bool = False) -> nn.Module:
+                      hessian: bool = False, damp: float = 0.01, shrink: float = 0.5) -> nn.Module:
     """quantize_model(model, method="mixed", ...) under its earlier name:
     replaces each eligible linear with a MixedLinear in place and returns the
     model (the report is quantize_model's); calibration_batches quantizes
-    sequentially (see quantize_model)."""
+    sequentially (see quantize_model); ratio_4bit may be a {layer name:
+    ratio} plan from allocate_ratio_4bit."""
     quantize_model(model, "mixed", skip=skip, calibration=calibration, filter_fn=filter_fn,
                    calibration_batches=calibration_batches, hessian=hessian,
                    ratio_4bit=ratio_4bit, group_size=group_size, outlier_fraction=outlier_fraction,
-                   exact_zero=exact_zero)
+                   exact_zero=exact_zero, damp=damp, shrink=shrink)
     return model
 
 
