@@ -30,13 +30,13 @@ setup: system-deps build
 DEMO_DIR ?= build/demo/smollm2-mixed
 
 # The main job through the memboost command: quantize the embedded SmolLM2 to
-# 3.5 bits (4-bit groups placed per layer by the model's loss gradients, the
-# GPTQ-style sweep; calibrated on fortunes after the evaluated ones; see the
-# README for why this setting), then compare it with float32: perplexity,
+# 3.5 bits (groups of 32, 4-bit groups placed per layer by the model's loss
+# gradients, the GPTQ-style sweep; calibrated on fortunes after the evaluated
+# ones; see the README for why this setting), then compare it with float32: perplexity,
 # generation speed and a completion of each.
 demo: setup
-	$(VENV)/bin/memboost quantize smollm2 $(DEMO_DIR) --bits 3.5 --hessian --calibrate fortunes --calib-skip 2048 \
-		--calib-tokens 4096
+	$(VENV)/bin/memboost quantize smollm2 $(DEMO_DIR) --bits 3.5 --group-size 32 --hessian --calibrate fortunes \
+		--calib-skip 2048 --calib-tokens 4096
 	$(VENV)/bin/memboost info $(DEMO_DIR) | tail -n 1
 	$(VENV)/bin/memboost eval $(DEMO_DIR) --baseline smollm2
 

@@ -26,7 +26,7 @@ perplexity on the first --tokens tokens of the fortunes and of
 /usr/share/common-licenses/GPL-3, windows of 256.
 
     python benchmarks/bench_mixed_calibration.py [--ratios 0.25,0.5,1] [--bits 2.9,3.5] [--methods diag,hessian]
-        [--calib varied] [--calib-tokens 8192] [--damp 0.01] [--shrink 0.5]
+        [--calib varied] [--calib-tokens 8192] [--damp 0.01] [--shrink 0.5] [--group-size 64]
         [--json benchmarks/results/mixed_calibration_cpu.json]
 """
 
@@ -82,6 +82,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=2048, help="evaluated tokens of each text")
     ap.add_argument("--damp", type=float, default=0.01, help="GPTQ damping (fraction of mean diag(H))")
     ap.add_argument("--shrink", type=float, default=0.5, help="H shrunk toward its diagonal by this fraction")
+    ap.add_argument("--group-size", type=int, default=64, help="input columns per group")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
@@ -121,7 +122,7 @@ def main():
     for kind, value in settings:
         for method in methods:
             m = copy.deepcopy(model)
-            kw = {}
+            kw = {"group_size": args.group_size}
             if method.startswith("hessian"):
                 kw.update(damp=args.damp, shrink=args.shrink)
             if method in ("diag", "hessian"):
@@ -134,9 +135,10 @@ def main():
                 # The plan depends on the float model and the text only: made once per budget.
                 if value not in plans:
                     start = time.perf_counter()
-                    plans[value] = memboost.allocate_ratio_4bit(
-                        model, calib, bits=value, calibration=measure("diag", lambda: memboost.calibrate(model, calib)),
-                        sensitivity=measure("sensitivity", lambda: memboost.output_sensitivity(model, calib)))
+                    diag = measure("diag", lambda: memboost.calibrate(model, calib))
+                    sensitivity = measure("sensitivity", lambda: memboost.output_sensitivity(model, calib))
+                    plans[value] = memboost.allocate_ratio_4bit(model, calib, bits=value, group_size=args.group_size,
+                                                                calibration=diag, sensitivity=sensitivity)
                     seconds_of[f"plan {value}"] = time.perf_counter() - start
                 kw["ratio_4bit"] = plans[value]
                 setting = f"{value} bits, planned"
@@ -151,10 +153,12 @@ def main():
             print(rows[-1], flush=True)
     print("measured once (s):", {k: round(v, 1) for k, v in seconds_of.items()})
     columns = ["setting", "method", "bits", "fortunes", "GPL-3", "quantize s"]
-    print_table(rows, columns, title=f"SmolLM2-135M mixed: perplexity ({args.tokens} tokens, windows of 256), "
-                                     f"calibrated on {args.calib_tokens} tokens of {args.calib!r} text")
+    print_table(rows, columns, title=f"SmolLM2-135M mixed, groups of {args.group_size}: perplexity "
+                                     f"({args.tokens} tokens, windows of 256), calibrated on {args.calib_tokens} "
+                                     f"tokens of {args.calib!r} text")
     write_json(args.json, {"model": "SmolLM2-135M-Instruct", "calib": args.calib, "calib_tokens": args.calib_tokens,
                            "eval_tokens": args.tokens, "damp": args.damp, "shrink": args.shrink,
+                           "group_size": args.group_size,
                            "measured_once_s": seconds_of, "rows": rows})
 
 

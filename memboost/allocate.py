@@ -27,7 +27,8 @@ from .mixed import quantize
 from .model import _as_linear, _check_batches, _linears, _skipped_by_name, calibrate
 
 
-def output_sensitivity(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_head",)) -> Dict[str, torch.Tensor]:
+def output_sensitivity(model: nn.Module, batches: Iterable,
+                       skip: Iterable[str] = ("lm_head",)) -> Dict[str, torch.Tensor]:
     """{layer name: E[(dL/dy)^2] per output channel (float32 [out_features])}
     for every linear layer not named in `skip`, with L the model's loss on
     each batch summed over its predicted tokens (so each token's gradient

@@ -303,8 +303,8 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     `method` (memboost.nn.QuantizedLinear.for_format), quantized with
     `params` (the format's quantizer arguments, e.g. ratio_4bit=0.25 for
     "mixed"; any of them may be a {layer name: value} mapping, as
-    memboost.allocate_ratio_4bit returns, to set it per layer). `calibration`, from calibrate(), gives each layer's statistics
-    by qualified name. Every layer is quantized before any is replaced, so an
+    memboost.allocate_ratio_4bit returns, to set it per layer). `calibration`,
+    from calibrate(), gives each layer's statistics by qualified name. Every layer is quantized before any is replaced, so an
     error leaves the model as it was.
 
     Returns a QuantizationReport (layers replaced with their realised
