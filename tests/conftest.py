@@ -45,6 +45,16 @@ TINY_TEXT = ("It was the best of times, it was the worst of times, it was the ag
              "foolishness. ") * 40
 
 
+def tiny_llama(hidden_size: int = 64, intermediate_size: int = 128):
+    """A tiny random Llama (seeded), two layers, without a tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(config).eval()
+
+
 def tiny_llama_with_tokenizer(tie_word_embeddings: bool = True):
     """(model, tokenizer): a tiny random Llama (seeded) and a word-level tokenizer of TINY_TEXT."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

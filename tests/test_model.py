@@ -7,7 +7,7 @@ from torch import nn
 import memboost
 from memboost.nn import MixedLinear
 
-from conftest import llm_like_weight, rel_err
+from conftest import llm_like_weight, rel_err, tiny_llama
 
 
 class Block(nn.Module):
@@ -214,12 +214,7 @@ def test_calibrate_with_hessian_gives_second_moments_and_quantize_model_uses_the
 
 
 def _tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama()
 
 
 def test_stages_follow_the_forward_pass_and_group_shared_inputs():
