@@ -304,8 +304,9 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     `params` (the format's quantizer arguments, e.g. ratio_4bit=0.25 for
     "mixed"; any of them may be a {layer name: value} mapping, as
     memboost.allocate_ratio_4bit returns, to set it per layer). `calibration`,
-    from calibrate(), gives each layer's statistics by qualified name. Every layer is quantized before any is replaced, so an
-    error leaves the model as it was.
+    from calibrate(), gives each layer's statistics by qualified name. Every
+    layer is quantized before any is replaced, so an error leaves the model
+    as it was.
 
     Returns a QuantizationReport (layers replaced with their realised
     parameters and bits, layers skipped and why, bytes before and after),
