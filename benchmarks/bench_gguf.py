@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import memboost  # noqa: E402
-from memboost.gguf import export_gguf, gguf_state_dict  # noqa: E402
+from memboost.io.gguf.export import export_gguf, gguf_state_dict  # noqa: E402
 from common import print_table, write_json  # noqa: E402
 
 TEXT = "/usr/share/common-licenses/GPL-3"

@@ -99,7 +99,7 @@ class CollectiveBytes:
 def train(rank, method, steps, lr):
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from memboost.distributed import VSAHookState, vsa_hook
+    from memboost.train.distributed import VSAHookState, vsa_hook
 
     model = make_model()
     ddp = DDP(model)
@@ -179,7 +179,7 @@ def _timed(fn):
 
 
 def throughput_table(numel):
-    from memboost.vsa import count_sketch, count_unsketch
+    from memboost.train.vsa import count_sketch, count_unsketch
     torch.set_num_threads(os.cpu_count() or 1)
     g = torch.randn(numel, generator=torch.Generator().manual_seed(0))
     # one elementwise pass over the same values: a yardstick that moves with the machine's load

@@ -17,7 +17,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import memboost.nf4 as nf4  # noqa: E402
+import memboost.formats.nf4 as nf4  # noqa: E402
 from common import print_table, time_cpu, write_json  # noqa: E402
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

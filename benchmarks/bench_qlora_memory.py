@@ -35,7 +35,7 @@ def _status_kib(field: str) -> int:
 def one_step(mode: str, batch: int, seq: int) -> dict:
     import torch
 
-    import memboost.qlora as qlora
+    import memboost.train.qlora as qlora
     from memboost.testbed import load_smollm2
 
     torch.manual_seed(0)

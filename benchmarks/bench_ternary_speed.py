@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import memboost  # noqa: E402
-import memboost.ternary as ternary  # noqa: E402
+import memboost.formats.ternary as ternary  # noqa: E402
 from common import clone_quantized, copies_exceeding, print_table, stream_time, time_cpu, time_cuda_graph, write_json  # noqa: E402,E501
 
 PAPER_SHAPES = [(4096, 4096), (11008, 4096)]  # (out, in)

@@ -23,7 +23,7 @@ import time
 
 import torch
 
-import memboost.qlora as qlora
+import memboost.train.qlora as qlora
 from memboost.testbed import english_text
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

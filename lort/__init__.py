@@ -10,7 +10,7 @@ adds the .lort file (lort.fileformat) and the lort-compress / lort-infer
 commands.
 """
 
-from memboost.lort import LoRTQuantizedTensor, best_ternary_fit, decompose, resolve_rank, stored_bits
+from memboost.formats.lort import LoRTQuantizedTensor, best_ternary_fit, decompose, resolve_rank, stored_bits
 from memboost.nn import LoRTLinear
 
 __all__ = ["LoRTQuantizedTensor", "LoRTLinear", "best_ternary_fit", "decompose", "resolve_rank", "stored_bits"]

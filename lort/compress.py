@@ -30,7 +30,7 @@ import torch
 
 from memboost._threads import _single_threaded_ops
 from memboost.errors import MemboostError
-from memboost.lort import decompose, resolve_rank
+from memboost.formats.lort import decompose, resolve_rank
 
 from .fileformat import LortWriter
 from .model import DEFAULT_SKIP, compress_reason, config_dict, tokenizer_files
@@ -95,7 +95,7 @@ def open_model(spec: Optional[str]):
             path = _hub_snapshot(spec)
         else:
             raise MemboostError(f"model path {spec!r} does not exist")
-    from memboost.serialization import SafetensorsSource
+    from memboost.io.serialization import SafetensorsSource
 
     source = SafetensorsSource(path)
     folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))

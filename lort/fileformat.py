@@ -43,7 +43,7 @@ before it maps anything, so a truncated or hostile file raises a
 LortFileError (a memboost.MemboostError, a ValueError) naming the file, the
 record and what is wrong; never a crash or an allocation beyond the file.
 The writer streams records to a temporary file next to the target, fsyncs
-it and renames it into place (memboost.serialization.atomic_write).
+it and renames it into place (memboost.io.serialization.atomic_write).
 """
 
 import json
@@ -57,9 +57,9 @@ import torch
 
 from memboost import reference
 from memboost.errors import MemboostError
-from memboost.lort import LoRTQuantizedTensor
-from memboost.serialization import atomic_write
-from memboost.tensor import dtype_name
+from memboost.formats.lort import LoRTQuantizedTensor
+from memboost.io.serialization import atomic_write
+from memboost.formats.tensor import dtype_name
 
 MAGIC = b"LORT"
 VERSION = 2

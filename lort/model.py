@@ -9,7 +9,7 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 
 from memboost.errors import MemboostError
-from memboost.model import load_quantized_
+from memboost.model.quantize import load_quantized_
 
 from .fileformat import LortFile
 
@@ -54,7 +54,7 @@ def build_model(lort_file: LortFile, path: str = "", dtype: Optional[torch.dtype
     device, LoRT layers as memboost.nn.LoRTLinear, every other tensor taken
     from the file (assign=True: no float copy of the decomposed layers is ever
     made). Tied weights are tied again."""
-    from memboost.checkpoint import _is_tied_alias, _parameters_on_meta
+    from memboost.io.checkpoint import _is_tied_alias, _parameters_on_meta
     from transformers import AutoConfig, AutoModelForCausalLM
 
     where = path or "the .lort file"

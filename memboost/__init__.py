@@ -15,27 +15,39 @@ NF4, LoRT), with fused CPU and CUDA kernels.
 Every error for bad input is a memboost.MemboostError (a ValueError).
 """
 
+import sys
+
 import torch
 
+from ._version import __version__
 from .errors import MemboostError, MemboostTypeError
 from ._native import build_info, cuda_kernels_usable
 from . import ops, reference
-from .tensor import QuantizedTensor
-from .mixed import MixedQuantizedTensor, quantize
-from . import ternary, nf4, lort
-from .ternary import TernaryQuantizedTensor
-from .nf4 import NF4QuantizedTensor
-from .lort import LoRTQuantizedTensor
+from .formats import lort, mixed, nf4, ternary
+from .formats.tensor import QuantizedTensor
+from .formats.mixed import MixedQuantizedTensor, quantize
+from .formats.ternary import TernaryQuantizedTensor
+from .formats.nf4 import NF4QuantizedTensor
+from .formats.lort import LoRTQuantizedTensor
 from . import nn
-from . import qlora
-from .model import QuantizationReport, calibrate, load_quantized_, quantize_linears_, quantize_model
-from .allocate import allocate_ratio_4bit, output_sensitivity
-from .serialization import load_safetensors, save_safetensors
-from .checkpoint import load_quantized, save_quantized
-from . import testbed, vsa, distributed, tritter
-from .gguf import export_gguf
+from .model import (QuantizationReport, allocate_ratio_4bit, calibrate, load_quantized_, output_sensitivity,
+                    quantize_linears_, quantize_model)
+from .io import load_quantized, load_safetensors, save_quantized, save_safetensors
+from .io.gguf import export_gguf
+from .train import distributed, qlora, vsa
+from . import testbed, tritter
 
-__version__ = "0.1.0"
+# Module paths from before the regrouping into formats/, model/, io/ and
+# train/ (memboost.nf4, memboost.gguf, ...) stay importable and reachable as attributes.
+for _old, _module in {
+    "tensor": "formats.tensor", "mixed": "formats.mixed", "ternary": "formats.ternary", "nf4": "formats.nf4",
+    "lort": "formats.lort", "allocate": "model.plan", "serialization": "io.serialization",
+    "checkpoint": "io.checkpoint", "gguf": "io.gguf.export", "gguf_quants": "io.gguf.quants",
+    "qlora": "train.qlora", "vsa": "train.vsa", "distributed": "train.distributed",
+}.items():
+    sys.modules.setdefault(f"{__name__}.{_old}", sys.modules[f"{__name__}.{_module}"])
+    globals().setdefault(_old, sys.modules[f"{__name__}.{_module}"])
+del _old, _module
 
 __all__ = [
     "QuantizedTensor", "MixedQuantizedTensor", "quantize", "dequantize", "pack_2bit", "unpack_2bit",

@@ -32,7 +32,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
 
 def load_model(source: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from `smollm2`, a memboost directory or a plain Hugging Face folder."""
-    from . import checkpoint, testbed
+    from .io import checkpoint
+    from . import testbed
 
     if source == DEFAULT_MODEL:
         return testbed.load_smollm2(dtype)
@@ -214,8 +215,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from . import checkpoint
-    from .tensor import FORMAT_INFO_KEY, QuantizedTensor
+    from .io import checkpoint
+    from .formats.tensor import FORMAT_INFO_KEY, QuantizedTensor
 
     if not os.path.isdir(args.directory):
         raise MemboostError(f"{args.directory!r} is not a folder")
@@ -244,7 +245,7 @@ def cmd_compare(args) -> int:
     import json
 
     from . import compare
-    from .serialization import atomic_write
+    from .io.serialization import atomic_write
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     result = compare.run(quick=args.quick, tokens=args.tokens, progress=not args.quiet)
@@ -262,7 +263,7 @@ def cmd_compare(args) -> int:
 
 def cmd_gguf(args) -> int:
     from . import calibrate
-    from .gguf import export_gguf
+    from .io.gguf.export import export_gguf
 
     model, tokenizer = load_model(args.model)
     stats = None
@@ -335,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help=f"model folder (plain or saved by memboost) or {DEFAULT_MODEL!r}")
     g.add_argument("out", help="the .gguf file to write")
     g.add_argument("--type", default="F16", help="GGUF type of the weight matrices: F32 F16 BF16 Q4_0 Q8_0 IQ4_NL "
-                   "TQ1_0 TQ2_0 Q2_K Q3_K Q4_K (rule: memboost.gguf.gguf_type_for)")
+                   "TQ1_0 TQ2_0 Q2_K Q3_K Q4_K (rule: memboost.io.gguf.export.gguf_type_for)")
     g.add_argument("--output-type", help="type of the output matrix (default: Q8_0 below 8 bits, else --type)")
     add_calibration_args(g, "weigh the Q4_0 / IQ4_NL scale searches by activations on a text file, or 'fortunes' "
                          "(llama.cpp's importance matrix)", tokens=4096)

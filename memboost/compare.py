@@ -94,14 +94,14 @@ def llama_cpp_requantized(model: nn.Module, tokenizer, qtype: str, folder: str) 
     """llama.cpp's own quantizer (llama_cpp.llama_model_quantize, default
     parameters, no importance matrix) applied to memboost's F16 GGUF export of
     `model`; its decoder linears, read back from the file and dequantized
-    (memboost.gguf.gguf_state_dict), replace the model's. Returns their bits
+    (memboost.io.gguf.gguf_state_dict), replace the model's. Returns their bits
     per weight as stored in the file."""
     import ctypes
 
     import gguf
     import llama_cpp
 
-    from .gguf import export_gguf, gguf_state_dict
+    from .io.gguf.export import export_gguf, gguf_state_dict
 
     f16 = os.path.join(folder, "f16.gguf")
     if not os.path.exists(f16):
@@ -253,7 +253,7 @@ def plot(result: dict, path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    from .serialization import atomic_write
+    from .io.serialization import atomic_write
 
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 from .errors import MemboostError, MemboostTypeError
-from .mixed import MixedQuantizedTensor, quantize
-from .nf4 import NF4QuantizedTensor
-from .nf4 import quantize as _nf4_quantize
-from .ternary import EPS as TERNARY_EPS, TernaryQuantizedTensor, check_act_bits
-from .ternary import quantize as ternary_quantize
-from .lort import LoRTQuantizedTensor, decompose as lort_decompose, resolve_rank as resolve_lort_rank
-from .tensor import FORMAT_INFO_KEY, QuantizedTensor, check_output_dtype, decode_json
+from .formats.mixed import MixedQuantizedTensor, quantize
+from .formats.nf4 import NF4QuantizedTensor
+from .formats.nf4 import quantize as _nf4_quantize
+from .formats.ternary import EPS as TERNARY_EPS, TernaryQuantizedTensor, check_act_bits
+from .formats.ternary import quantize as ternary_quantize
+from .formats.lort import LoRTQuantizedTensor, decompose as lort_decompose, resolve_rank as resolve_lort_rank
+from .formats.tensor import FORMAT_INFO_KEY, QuantizedTensor, check_output_dtype, decode_json
 
 # Same-width integer views of the floating dtypes a quantized state holds.
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}

@@ -47,7 +47,7 @@ import torch
 
 from . import ops, reference
 from .errors import MemboostError, MemboostTypeError, check_float_weight
-from .ternary import TernaryQuantizedTensor, _check_codes, quantize
+from .formats.ternary import TernaryQuantizedTensor, _check_codes, quantize
 
 __all__ = [
     "quantize_weights_absmean", "quantize_weights_absmax", "pack_ternary_weights", "unpack_ternary_weights",
@@ -175,21 +175,21 @@ def ternary_matmul(input, packed, scales, shape):
 
 def compress_gradients_vsa(gradients, ratio, seed):
     """tritter-accel's gradient compression, by memboost.vsa: (compressed, seed)."""
-    from .vsa import compress_gradients_vsa as compress
+    from .train.vsa import compress_gradients_vsa as compress
 
     return compress(gradients, ratio, seed)
 
 
 def decompress_gradients_vsa(compressed, dim, seed):
     """The inverse of compress_gradients_vsa, by memboost.vsa: gradients of length dim."""
-    from .vsa import decompress_gradients_vsa as decompress
+    from .train.vsa import decompress_gradients_vsa as decompress
 
     return decompress(compressed, dim, seed)
 
 
 def version() -> str:
     """memboost's version."""
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 

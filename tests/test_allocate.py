@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import memboost
-from memboost.allocate import _group_costs
+from memboost.model.plan import _group_costs
 
 from conftest import tiny_llama
 

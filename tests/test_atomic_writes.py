@@ -50,7 +50,7 @@ WRITER = textwrap.dedent("""
             models.append(m)
     if kind == "lort":
         from lort import fileformat
-        from memboost.lort import decompose
+        from memboost.formats.lort import decompose
         layers = [{"w": decompose(torch.randn(256, 512, generator=torch.Generator().manual_seed(i)), rank=8,
                                   iters=1)[0]} for i in range(2)]
     def write(i):

@@ -171,7 +171,7 @@ def test_bad_directories_are_named(tmp_path):
 def test_failed_save_keeps_the_previous_directory(tmp_path, monkeypatch):
     model, directory = _saved(tmp_path)
     before = {f: open(directory / f, "rb").read() for f in os.listdir(directory)}
-    import memboost.checkpoint as checkpoint
+    import memboost.io.checkpoint as checkpoint
 
     def fail(*args, **kwargs):
         raise OSError("disk full")

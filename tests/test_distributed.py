@@ -1,4 +1,4 @@
-"""memboost.distributed.vsa_hook with two gloo processes on 127.0.0.1."""
+"""memboost.train.distributed.vsa_hook with two gloo processes on 127.0.0.1."""
 
 import json
 import os
@@ -61,7 +61,7 @@ def _train(rank, hook_state, steps):
     """SGD on a smooth regression; every rank draws its own batches. Returns
     (held-out MSE, target variance, the flattened final parameters)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from memboost.distributed import vsa_hook
+    from memboost.train.distributed import vsa_hook
 
     model = _model()
     ddp = DDP(model)
@@ -93,7 +93,7 @@ def _error_text(fn):
 
 
 def train_worker(rank, world_size, port, out_dir):
-    from memboost.distributed import VSAHookState
+    from memboost.train.distributed import VSAHookState
 
     _init(rank, world_size, port)
     result = {}
@@ -134,8 +134,8 @@ class _Bucket:
 
 
 def hook_worker(rank, world_size, port, out_dir):
-    from memboost.distributed import VSAHookState, vsa_hook
-    from memboost.vsa import count_sketch, count_unsketch, derive_seed, error_feedback_scale
+    from memboost.train.distributed import VSAHookState, vsa_hook
+    from memboost.train.vsa import count_sketch, count_unsketch, derive_seed, error_feedback_scale
 
     _init(rank, world_size, port)
     result = {}
@@ -233,7 +233,7 @@ def test_hook_mismatch_raises_on_every_rank(hooked, argument):
 
 
 def test_hook_state_bad_input():
-    from memboost.distributed import VSAHookState, vsa_hook
+    from memboost.train.distributed import VSAHookState, vsa_hook
 
     with pytest.raises(MemboostError, match="'ratio'"):
         VSAHookState(ratio=0.0)

@@ -32,7 +32,7 @@ import torch
 import memboost
 import memboost.cli
 from memboost import gguf_quants
-from memboost.gguf import GGUFExportReport, export_gguf, gguf_state_dict, gguf_type_for
+from memboost.io.gguf.export import GGUFExportReport, export_gguf, gguf_state_dict, gguf_type_for
 
 gguf = pytest.importorskip("gguf", reason="the hf extra (gguf) is not installed")
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
@@ -304,7 +304,7 @@ def test_ternary_copy_is_exact():
               memboost.ternary.quantize(w, per_row=False)):
         for qtype in ("TQ2_0", "TQ1_0"):
             assert gguf_type_for("ternary", qtype, 768, True)[1] == "copy"
-            from memboost.gguf import _ternary_copy
+            from memboost.io.gguf.export import _ternary_copy
             data = _ternary_copy(q, qtype)
             back = _decode(data, qtype)
             scales_f16 = q.tensors["scales"].half().float()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import memboost
-from memboost.checkpoint import quantization_config
+from memboost.io.checkpoint import quantization_config
 from memboost.nn import QuantizedLinear
 
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
@@ -223,8 +223,8 @@ def test_bad_checkpoints_are_refused_by_name(tmp_path):
         AutoModelForCausalLM.from_pretrained(directory)
 
     directory = _saved(tmp_path)  # a weight written by a newer memboost, under an older config
-    from memboost.checkpoint import load_state
-    from memboost.tensor import decode_json, encode_json
+    from memboost.io.checkpoint import load_state
+    from memboost.formats.tensor import decode_json, encode_json
     state = load_state(directory)
     key = "model.layers.0.self_attn.q_proj.weight.format_info"
     state[key] = encode_json(dict(decode_json(state[key], key), version=99))

@@ -9,7 +9,7 @@ from torch import nn
 import lort
 import memboost
 from memboost import reference
-from memboost.lort import LoRTQuantizedTensor, best_ternary_fit, resolve_rank, stored_bits
+from memboost.formats.lort import LoRTQuantizedTensor, best_ternary_fit, resolve_rank, stored_bits
 from memboost.nn import LoRTLinear, QuantizedLinear
 
 from conftest import llm_like_weight, rel_err

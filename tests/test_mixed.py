@@ -6,7 +6,7 @@ import torch
 
 import memboost
 from memboost import ops, reference
-from memboost.mixed import MixedQuantizedTensor
+from memboost.formats.mixed import MixedQuantizedTensor
 
 from conftest import llm_like_weight, rel_err
 
@@ -276,7 +276,7 @@ def test_bad_input_is_named():
 def test_corrupt_state_dict_is_named():
     q = memboost.quantize(torch.randn(32, 128), ratio_4bit=0.25, outlier_fraction=0.02)
     good = q.state_dict()
-    from memboost.tensor import encode_json, decode_json
+    from memboost.formats.tensor import encode_json, decode_json
 
     missing = {k: v for k, v in good.items() if k != "meta"}
     with pytest.raises(ValueError, match=r"missing \['meta'\]"):

@@ -219,7 +219,7 @@ def _tiny_llama():
 
 def test_stages_follow_the_forward_pass_and_group_shared_inputs():
     pytest.importorskip("transformers")
-    from memboost.model import _stages
+    from memboost.model.quantize import _stages
 
     model = _tiny_llama()
     layers = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
@@ -284,7 +284,7 @@ def test_sequential_quantization_by_blocks_equals_running_the_whole_model(monkey
 
 
 def test_decoder_blocks_are_found_only_when_every_layer_is_inside():
-    from memboost.model import _decoder_blocks
+    from memboost.model.quantize import _decoder_blocks
 
     model = nn.Sequential(nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)]), nn.Linear(4, 4))
     assert _decoder_blocks(model, ["0.0", "0.1"])[1] == "0."

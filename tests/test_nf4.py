@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import memboost
-import memboost.nf4 as nf4
+import memboost.formats.nf4 as nf4
 from memboost import reference
 from memboost.nn import NF4Linear
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-import memboost.qlora as qlora
+import memboost.train.qlora as qlora
 from memboost.nn import NF4Linear, QLoRALinear
 
 from conftest import rel_err

@@ -75,7 +75,7 @@ def test_tied_tensors_are_stored_once_and_restored(tmp_path):
 
 
 def test_write_failure_midway_leaves_the_old_file(tmp_path):
-    from memboost.serialization import atomic_write
+    from memboost.io.serialization import atomic_write
     path = str(tmp_path / "file.bin")
     with open(path, "wb") as f:
         f.write(b"old")

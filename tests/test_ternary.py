@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 import memboost
-import memboost.ternary as ternary
+import memboost.formats.ternary as ternary
 from memboost import ops, reference
 from memboost.nn import QuantizedLinear, TernaryLinear
-from memboost.ternary import TernaryQuantizedTensor
+from memboost.formats.ternary import TernaryQuantizedTensor
 
 from conftest import DEVICES, llm_like_weight, rel_err
 

@@ -84,10 +84,10 @@ def test_version_and_cuda_flags():
 def test_quickstart_example_runs_as_written():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "tritter_quickstart.py")],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
-    if importlib.util.find_spec("memboost.vsa") is None:
+    if importlib.util.find_spec("memboost.train.vsa") is None:
         # memboost.vsa (the gradient sketch) lands from its own branch: until then the
         # example runs every ternary step and stops at the first VSA call.
-        assert proc.returncode != 0 and "No module named 'memboost.vsa'" in proc.stderr, proc.stderr
+        assert proc.returncode != 0 and "No module named 'memboost.train.vsa'" in proc.stderr, proc.stderr
         assert "compress_gradients_vsa(gradients" in proc.stderr
     else:
         assert proc.returncode == 0, proc.stderr

@@ -6,7 +6,7 @@ import torch
 
 from memboost import vsa
 from memboost.errors import MemboostError, MemboostTypeError
-from memboost.vsa import (GradientCompressor, bind, bundle, compress_gradients_vsa, count_sketch, count_unsketch,
+from memboost.train.vsa import (GradientCompressor, bind, bundle, compress_gradients_vsa, count_sketch, count_unsketch,
                           decompress_gradients_vsa, error_feedback_scale, permute, random_hypervector, similarity,
                           sketch_size)
 

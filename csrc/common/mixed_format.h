@@ -1,5 +1,5 @@
 // The mixed 2/4/16-bit weight format (arXiv 2311.16442 style), as the kernels
-// read it. The Python side (memboost/mixed.py) writes it; the pure-PyTorch
+// read it. The Python side (memboost/formats/mixed.py) writes it; the pure-PyTorch
 // reference (memboost/reference.py) decodes it the same way.
 //
 // For a weight W [N, K] with groups of `group_size` consecutive columns

@@ -31,11 +31,11 @@ from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..checkpoint import QUANT_METHOD, check_quantization_config, quantization_config
+from ..io.checkpoint import QUANT_METHOD, check_quantization_config, quantization_config
 from ..errors import MemboostError, MemboostTypeError
-from ..model import _as_linear, _linears, quantize_model
+from ..model.quantize import _as_linear, _linears, quantize_model
 from ..nn import QuantizedLinear, QuantizedWeight
-from ..tensor import FORMAT_INFO_KEY, QuantizedTensor
+from ..formats.tensor import FORMAT_INFO_KEY, QuantizedTensor
 
 __all__ = ["MemboostConfig", "MemboostHfQuantizer", "register"]
 
@@ -119,7 +119,7 @@ class MemboostConfig(QuantizationConfigMixin):
             raise MemboostError(f"quantization_config 'quantize_calls' must be a list, got {self.quantize_calls!r}")
 
     def to_dict(self) -> dict:
-        if self.is_quantized:  # exactly memboost.checkpoint.quantization_config(model)
+        if self.is_quantized:  # exactly memboost.io.checkpoint.quantization_config(model)
             return {"quant_method": QUANT_METHOD, "method": self.method, "format_versions": dict(self.format_versions),
                     "memboost_version": self.memboost_version, "modules": dict(self.modules),
                     "quantize_calls": [dict(c) for c in (self.quantize_calls or [])]}
@@ -163,8 +163,8 @@ def _placeholder(fmt: str, linear: nn.Linear) -> QuantizedLinear:
 
 def _read_format_infos(checkpoint_files: List[str]) -> Dict[str, dict]:
     """{key: decoded format_info} for the quantized weights the safetensors files hold."""
-    from ..serialization import open_safetensors
-    from ..tensor import decode_json
+    from ..io.serialization import open_safetensors
+    from ..formats.tensor import decode_json
 
     infos: Dict[str, dict] = {}
     for path in checkpoint_files:

@@ -126,7 +126,7 @@ def _fuzz_child(args) -> None:
     use_native_build()  # memboost from its sources, which atheris can instrument
     with atheris.instrument_imports(include=["memboost", "lort"]):
         import memboost  # noqa: F401  (instrumented before any harness imports it)
-        import memboost.checkpoint, memboost.qlora, memboost.nf4, memboost.serialization  # noqa: E401,F401
+        import memboost.io.checkpoint, memboost.train.qlora, memboost.formats.nf4, memboost.io.serialization  # noqa: E401,F401
     harness = load_harness(args.child)
     counts = dict.fromkeys(OUTCOMES, 0)
     started = time.time()

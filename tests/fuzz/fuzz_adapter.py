@@ -1,4 +1,4 @@
-"""memboost.qlora.load_adapter on the folder save_adapter wrote
+"""memboost.train.qlora.load_adapter on the folder save_adapter wrote
 (adapter_config.json + adapter_model.safetensors), one file replaced by
 the fuzz input (mutate.FolderInputs)."""
 

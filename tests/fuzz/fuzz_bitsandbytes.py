@@ -1,4 +1,4 @@
-"""memboost.nf4.from_bitsandbytes on edited bitsandbytes Linear4bit states
+"""memboost.formats.nf4.from_bitsandbytes on edited bitsandbytes Linear4bit states
 (what to_bitsandbytes writes, with and without double quantization)."""
 
 from memboost import nf4

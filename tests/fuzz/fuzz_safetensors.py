@@ -5,7 +5,7 @@ what loads is then rebuilt with QuantizedTensor.from_state_dict per layer."""
 import os
 
 import memboost
-from memboost.tensor import FORMAT_INFO_KEY, QuantizedTensor
+from memboost.formats.tensor import FORMAT_INFO_KEY, QuantizedTensor
 
 import seeds as _seeds
 

@@ -13,7 +13,7 @@ import torch
 
 import memboost
 from memboost import lort, nf4, ternary
-from memboost.tensor import QuantizedTensor
+from memboost.formats.tensor import QuantizedTensor
 
 # Under the driver, inside its per-run folder (libFuzzer's exit skips atexit).
 FOLDER = tempfile.mkdtemp(prefix="memboost-fuzz-seeds-", dir=os.environ.get("MEMBOOST_FUZZ_TMP"))

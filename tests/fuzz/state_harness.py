@@ -1,6 +1,6 @@
 """The from_state_dict harnesses (fuzz_state_<format>.py) are this with a format name."""
 
-from memboost.tensor import QuantizedTensor
+from memboost.formats.tensor import QuantizedTensor
 
 import mutate
 import seeds

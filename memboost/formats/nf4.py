@@ -24,8 +24,8 @@ from typing import Dict, Optional
 
 import torch
 
-from . import ops, reference
-from .errors import MemboostError, MemboostTypeError, check_float_weight
+from .. import ops, reference
+from ..errors import MemboostError, MemboostTypeError, check_float_weight
 from .tensor import QuantizedTensor, dtype_from_name, dtype_name
 
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes accepts

@@ -22,12 +22,12 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
-from .errors import MemboostError, MemboostTypeError
-from .model import load_quantized_
-from .nn import QuantizedLinear
+from ..errors import MemboostError, MemboostTypeError
+from ..model.quantize import load_quantized_
+from ..nn import QuantizedLinear
 from .serialization import (ALIASES_KEY, INDEX_NAME, _split_aliases, load_safetensors, read_safetensors_index,
                             save_safetensors)
-from .tensor import QuantizedTensor
+from ..formats.tensor import QuantizedTensor
 
 QUANT_METHOD = "memboost"
 CONFIG_NAME = "config.json"
@@ -65,7 +65,7 @@ def quantization_config(model: nn.Module) -> dict:
             versions[q.format] = type(q).version
     if not modules:
         raise MemboostError("'model' has no memboost layer: quantize it first (memboost.quantize_model)")
-    from . import __version__
+    from .._version import __version__
 
     calls = getattr(model, "memboost_quantization", [])
     methods = sorted(set(modules.values()))

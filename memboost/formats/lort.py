@@ -34,8 +34,8 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from . import ops, reference
-from .errors import MemboostError, MemboostTypeError, check_float_weight
+from .. import ops, reference
+from ..errors import MemboostError, MemboostTypeError, check_float_weight
 from .tensor import QuantizedTensor, dtype_name
 from .ternary import _check_codes, check_act_bits
 

@@ -1,7 +1,7 @@
 """A DDP communication hook that all-reduces count sketches of the gradient
 buckets instead of the buckets themselves.
 
-    from memboost.distributed import VSAHookState, vsa_hook
+    from memboost.train.distributed import VSAHookState, vsa_hook
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     ddp.register_comm_hook(VSAHookState(process_group=None, ratio=0.1, seed=0), vsa_hook)
 
@@ -17,7 +17,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-from .errors import MemboostError, MemboostTypeError
+from ..errors import MemboostError, MemboostTypeError
 from .vsa import (_check_ratio, _check_seed, count_sketch, count_unsketch, derive_seed, error_feedback_scale,
                   sketch_size)
 

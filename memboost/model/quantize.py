@@ -9,9 +9,9 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Uni
 import torch
 from torch import nn
 
-from .errors import MemboostError, MemboostTypeError
-from .nn import QuantizedLinear
-from .tensor import FORMAT_INFO_KEY, QuantizedTensor
+from ..errors import MemboostError, MemboostTypeError
+from ..nn import QuantizedLinear
+from ..formats.tensor import FORMAT_INFO_KEY, QuantizedTensor
 
 
 def _is_conv1d(module: nn.Module) -> bool:

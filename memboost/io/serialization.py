@@ -21,7 +21,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from .errors import MemboostError, MemboostTypeError
+from ..errors import MemboostError, MemboostTypeError
 
 ALIASES_KEY = "memboost.aliases"  # safetensors metadata: JSON {alias name: stored name}
 

@@ -22,9 +22,9 @@ from typing import Dict, Iterable, List, Mapping, Optional
 import torch
 from torch import nn
 
-from .errors import MemboostError, MemboostTypeError
-from .mixed import quantize
-from .model import _as_linear, _check_batches, _linears, _skipped_by_name, calibrate
+from ..errors import MemboostError, MemboostTypeError
+from ..formats.mixed import quantize
+from .quantize import _as_linear, _check_batches, _linears, _skipped_by_name, calibrate
 
 
 def output_sensitivity(model: nn.Module, batches: Iterable,

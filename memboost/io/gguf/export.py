@@ -9,7 +9,7 @@ The file is written with the `gguf` package (llama.cpp's own Python writer):
 architecture, hyper-parameters, tokenizer and tensors through its helpers,
 never hand-made bytes. What every tensor becomes is decided by one rule,
 `gguf_type_for` (see its docstring); the quantizers that `gguf` lacks are
-in memboost.gguf_quants. `gguf_state_dict(path, model)` reads an exported
+in memboost.io.gguf.quants. `gguf_state_dict(path, model)` reads an exported
 file back into the model's float tensors (what llama.cpp computes with).
 """
 
@@ -22,9 +22,9 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
-from . import gguf_quants
-from .errors import MemboostError, MemboostTypeError
-from .serialization import atomic_write
+from . import quants as gguf_quants
+from ...errors import MemboostError, MemboostTypeError
+from ..serialization import atomic_write
 
 # Hugging Face model type -> (llama.cpp architecture, rope rows interleaved
 # in llama.cpp's order: Llama-style checkpoints store each head's q/k rows as
@@ -75,7 +75,7 @@ def gguf_type_for(source: str, requested: str, cols: int, exact_ternary: bool = 
     how: "copy" (the stored codes as they are: ternary trits into TQ1_0 /
     TQ2_0, scales rounded to fp16), "cast" (to a float type) or "quantize"
     (the float weight, dequantized from its format if need be, quantized by
-    memboost.gguf_quants choosing each block's scale to minimise the error;
+    memboost.io.gguf.quants choosing each block's scale to minimise the error;
     for NF4 -> IQ4_NL this maps the NF4 values onto the closest IQ4_NL grid).
 
     - F32 / F16 / BF16: every format dequantized and cast.
@@ -209,7 +209,7 @@ def _hparams(model) -> _HParams:
 
 def _weights(model) -> Iterator[Tuple[str, object]]:
     """(Hugging Face name, float tensor or QuantizedTensor) of every parameter and quantized weight."""
-    from .nn import QLoRALinear, QuantizedLinear
+    from ...nn import QLoRALinear, QuantizedLinear
 
     for name, module in model.named_modules():
         prefix = name + "." if name else ""
@@ -341,7 +341,7 @@ def _importance_by_weight(calibration, by_name) -> Dict[str, torch.Tensor]:
 def _convert(value, qtype_requested: str, is_matrix: bool, importance: Optional[torch.Tensor] = None):
     """(stored tensor, GGUF type, source name, note, float source, stored float) for one weight;
     importance: the calibration's per-input-channel mean square for it, if any."""
-    from .tensor import QuantizedTensor
+    from ...formats.tensor import QuantizedTensor
 
     if isinstance(value, QuantizedTensor):
         source = value.format

@@ -24,9 +24,9 @@ from typing import Optional
 
 import torch
 
-from . import ops, reference
-from ._threads import map_chunks, row_chunk_size
-from .errors import MemboostError, MemboostTypeError, check_float_weight
+from .. import ops, reference
+from .._threads import map_chunks, row_chunk_size
+from ..errors import MemboostError, MemboostTypeError, check_float_weight
 from .tensor import QuantizedTensor, dtype_name
 
 _LOG2_STEP_MIN = 1e-4  # keeps the per-row code step finite when all ranges agree

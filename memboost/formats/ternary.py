@@ -28,8 +28,8 @@ from typing import Optional
 
 import torch
 
-from . import ops, reference
-from .errors import MemboostError, MemboostTypeError, check_float_weight
+from .. import ops, reference
+from ..errors import MemboostError, MemboostTypeError, check_float_weight
 from .tensor import QuantizedTensor, dtype_name
 
 EPS = 1e-5

@@ -7,7 +7,7 @@ from typing import Dict, Optional, Type
 
 import torch
 
-from .errors import MemboostError, MemboostTypeError
+from ..errors import MemboostError, MemboostTypeError
 
 FORMAT_INFO_KEY = "format_info"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

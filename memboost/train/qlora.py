@@ -21,10 +21,10 @@ from typing import Dict, Iterable, List, Optional
 import torch
 from torch import nn
 
-from .errors import MemboostError, MemboostTypeError
-from .nn import NF4Linear, QLoRALinear
-from .nf4 import quantize as nf4_quantize
-from .serialization import atomic_write, load_safetensors, save_safetensors
+from ..errors import MemboostError, MemboostTypeError
+from ..nn import NF4Linear, QLoRALinear
+from ..formats.nf4 import quantize as nf4_quantize
+from ..io.serialization import atomic_write, load_safetensors, save_safetensors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -34,7 +34,7 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .errors import MemboostError, MemboostTypeError
+from ..errors import MemboostError, MemboostTypeError
 
 __all__ = [
     "random_hypervector", "bind", "bundle", "permute", "similarity", "derive_seed", "sketch_size",
