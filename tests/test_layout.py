@@ -99,6 +99,14 @@ def test_no_module_imports_from_a_layer_above_it():
     assert not violations, "\n".join(violations)
 
 
+def test_every_import_of_a_memboost_module_resolves():
+    """Function-level imports run only when called: check that each names a module that exists."""
+    known = _memboost_submodules() | NATIVE
+    broken = [f"{module_name(path)}:{lineno} imports {target}" for path in python_files()
+              for lineno, target in imported_modules(path) if target not in known]
+    assert not broken, "\n".join(broken)
+
+
 def readme_names():
     text = open(os.path.join(ROOT, "README.md")).read()
     names = set(re.findall(r"\bmemboost(?:\.[A-Za-z_][A-Za-z0-9_]*)+", text))
