@@ -259,7 +259,7 @@ def test_sequential_quantization_by_blocks_equals_running_the_whole_model(monkey
     """Running each decoder block alone on its captured inputs measures what
     the whole model's forward passes measure (and quantizes the same)."""
     pytest.importorskip("transformers")
-    from memboost import model as model_mod
+    from memboost.model import quantize as model_mod
 
     batches = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     by_blocks, whole = _tiny_llama(), _tiny_llama()
