@@ -68,8 +68,8 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[str]:
         raise MemboostError(f"cannot write {path!r}: {exc.strerror}") from exc
     os.close(fd)
     try:
-        apply_umask(tmp)
         yield tmp
+        apply_umask(tmp)  # after the block: a writer may have replaced the file mkstemp made
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
