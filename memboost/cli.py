@@ -106,8 +106,9 @@ def read_text(source: str) -> str:
 def add_load_args(parser) -> None:
     """--dtype and --no-verify: how load_model loads the model."""
     parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="dtype the model is loaded in; auto: the checkpoint's own (config.json's dtype; a memboost "
-                             "folder: the dtypes it stores; smollm2: float32, what transformers' GGUF loader gives)")
+                        help="dtype the model is loaded in; auto: the checkpoint's own (config.json's dtype; a "
+                             "memboost folder: the dtypes it stores; smollm2: float32, what transformers' GGUF loader "
+                             "gives)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip checking a memboost folder's checksums (a faster load)")
 

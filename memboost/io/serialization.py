@@ -156,7 +156,8 @@ class FileChecksums:
             try:
                 header = json.loads(f.read(header_len))
             except (ValueError, RecursionError) as exc:
-                raise MemboostError(f"{self.path!r} is not a safetensors file: its header is not JSON ({exc})") from None
+                raise MemboostError(f"{self.path!r} is not a safetensors file: its header is not JSON "
+                                    f"({exc})") from None
         size = os.path.getsize(self.path)
         metadata = header.get("__metadata__") if isinstance(header, dict) else None
         text = metadata.get(CHECKSUMS_KEY) if isinstance(metadata, dict) else None
