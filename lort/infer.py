@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="compute dtype (embeddings and norms are cast to it; LoRT layers never are)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    ap.add_argument("--no-verify", action="store_true", help="skip checking the file's checksums (faster load)")
     return ap
 
 
@@ -82,7 +83,7 @@ def main(argv: Optional[list] = None) -> int:
     try:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
         start = time.perf_counter()
-        model, tokenizer = load_model(args.file, getattr(torch, args.dtype))
+        model, tokenizer = load_model(args.file, getattr(torch, args.dtype), verify=not args.no_verify)
         layers = sum(isinstance(m, LoRTLinear) for m in model.modules())
         print(f"{args.file}: {layers} LoRT layers, rebuilt in {time.perf_counter() - start:.1f} s")
         if (args.prompt is not None or args.text) and tokenizer is None:

@@ -30,13 +30,25 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescription
     pass
 
 
-def load_model(source: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from `smollm2`, a memboost directory or a plain Hugging Face folder."""
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def load_model(source: str, dtype="auto", verify: bool = True):
+    """(model, tokenizer) from `smollm2`, a memboost directory or a plain
+    Hugging Face folder. `dtype` (a torch dtype or its name): the dtype the
+    model is loaded in; "auto" the checkpoint's own (a plain folder: its
+    config's dtype; a memboost folder: the dtypes it stores; smollm2: float32,
+    what transformers' GGUF loader gives). `verify`: check a memboost folder's
+    checksums."""
     from .io import checkpoint
     from . import testbed
 
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype not in DTYPES:
+            raise MemboostError(f"'dtype' must be one of {list(DTYPES)}, got {dtype!r}")
+        dtype = getattr(torch, dtype)
     if source == DEFAULT_MODEL:
-        return testbed.load_smollm2(dtype)
+        return testbed.load_smollm2(torch.float32 if dtype == "auto" else dtype)
     if not os.path.exists(source):
         raise MemboostError(f"model {source!r} not found: give a local model folder or {DEFAULT_MODEL!r} "
                             "(models are not downloaded)")
@@ -60,13 +72,23 @@ def load_model(source: str, dtype: torch.dtype = torch.float32):
         except ValueError as exc:
             raise MemboostError(f"{config_path!r} is not valid JSON: {exc}") from None
     if quantized:
-        return checkpoint.load_quantized(source, dtype=dtype), tokenizer
+        return checkpoint.load_quantized(source, dtype=None if dtype == "auto" else dtype, verify=verify), tokenizer
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    from ._progress import bars_shown
+
+    # transformers' own "Loading weights" bar follows memboost's rule (a terminal, or MEMBOOST_PROGRESS)
+    hide_bar = hf_logging.is_progress_bar_enabled() and not bars_shown()
+    if hide_bar:
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise MemboostError(f"cannot load {source!r}: {exc}") from None
+    finally:
+        if hide_bar:
+            hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
 
 
@@ -79,6 +101,16 @@ def read_text(source: str) -> str:
         raise MemboostError(f"text {source!r} is not a file (or 'fortunes')")
     with open(source, encoding="utf-8", errors="replace") as f:
         return f.read()
+
+
+def add_load_args(parser) -> None:
+    """--dtype and --no-verify: how load_model loads the model."""
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="dtype the model is loaded in; auto: the checkpoint's own (config.json's dtype; a "
+                             "memboost folder: the dtypes it stores; smollm2: float32, what transformers' GGUF loader "
+                             "gives)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip checking a memboost folder's checksums (a faster load)")
 
 
 def add_calibration_args(parser, help_text: str, tokens: int) -> None:
@@ -148,7 +180,8 @@ def cmd_quantize(args) -> int:
         params = dict(ratio_4bit=args.ratio_4bit, group_size=args.group_size,
                       outlier_fraction=args.outlier_fraction)
     params.update(parse_params(args.param))
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.dtype, verify=not args.no_verify)
+    progress = False if args.quiet else None  # bars on a terminal, or as MEMBOOST_PROGRESS says
     stats = windows = None
     start = time.perf_counter()
     if args.sequential and not args.calibrate:
@@ -159,22 +192,23 @@ def cmd_quantize(args) -> int:
     if args.calibrate:
         windows = calibration_windows(args, tokenizer)
         if not args.sequential:
-            stats = calibrate(model, windows, hessian=args.hessian)
+            stats = calibrate(model, windows, hessian=args.hessian, progress=progress)
         if args.bits is not None:
             params["ratio_4bit"] = allocate_ratio_4bit(model, windows, args.bits, calibration=stats,
                                                        group_size=params["group_size"],
-                                                       outlier_fraction=params["outlier_fraction"])
+                                                       outlier_fraction=params["outlier_fraction"], progress=progress)
     if args.sequential:
         report = quantize_model(model, args.method, calibration_batches=windows, hessian=args.hessian,
-                                progress=not args.quiet, **params)
+                                progress=progress, **params)
     else:
-        report = quantize_model(model, args.method, calibration=stats, progress=not args.quiet, **params)
+        report = quantize_model(model, args.method, calibration=stats, progress=progress, **params)
     seconds = time.perf_counter() - start
     print(report.summary())
     if args.verbose:
         print(report.table())
     print(f"quantized in {seconds:.1f} s{' (calibration included)' if windows else ''}")
-    save_quantized(model, args.out, tokenizer=tokenizer)
+    save_quantized(model, args.out, tokenizer=tokenizer,
+                   dtype="auto" if args.save_dtype == "auto" else getattr(torch, args.save_dtype))
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"saved to {args.out} ({size / 2**20:.1f} MiB)")
     return 0
@@ -183,7 +217,7 @@ def cmd_quantize(args) -> int:
 def _evaluate(name: str, args, text: str) -> dict:
     from .testbed import perplexity
 
-    model, tokenizer = load_model(name)
+    model, tokenizer = load_model(name, args.dtype, verify=not args.no_verify)
     start = time.perf_counter()
     ppl = perplexity(model, tokenizer, text, context=args.window, max_tokens=args.tokens)
     ppl_seconds = time.perf_counter() - start
@@ -220,7 +254,7 @@ def cmd_info(args) -> int:
 
     if not os.path.isdir(args.directory):
         raise MemboostError(f"{args.directory!r} is not a folder")
-    state = checkpoint.load_state(args.directory)
+    state = checkpoint.load_state(args.directory, verify=not args.no_verify)
     prefixes = sorted(k[:-len(FORMAT_INFO_KEY)] for k in state if k.endswith("." + FORMAT_INFO_KEY))
     if not prefixes:
         raise MemboostError(f"{args.directory!r} holds no memboost-quantized tensor")
@@ -234,8 +268,11 @@ def cmd_info(args) -> int:
         print(f"| {prefix[:-len('.weight.')]} | {q.format} | {q.shape[0]}x{q.shape[1]} | {q.avg_bits:.3f} | {fields} |")
         total_bits += 8 * q.nbytes
         total_weights += q.numel()
-    other = sum(v.numel() * v.element_size() for k, v in state.items()
-                if not any(k.startswith(p) for p in prefixes))
+    others = {}  # a tied tensor (lm_head and the embedding) is stored, and counted, once
+    for k, v in state.items():
+        if not any(k.startswith(p) for p in prefixes):
+            others[(v.data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)] = v.numel() * v.element_size()
+    other = sum(others.values())
     print(f"\n{len(prefixes)} quantized layers, {total_bits / total_weights:.3f} bits per weight; "
           f"{other / 2**20:.1f} MiB of other tensors (embeddings, norms, biases)")
     return 0
@@ -265,13 +302,13 @@ def cmd_gguf(args) -> int:
     from . import calibrate
     from .io.gguf.export import export_gguf
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.dtype, verify=not args.no_verify)
     stats = None
     if args.calibrate:
         if tokenizer is None:
             raise MemboostError(f"--calibrate needs the model's tokenizer; {args.model!r} has none")
         windows = calibration_windows(args, tokenizer)
-        stats = calibrate(model, windows)
+        stats = calibrate(model, windows, progress=False if args.quiet else None)
     report = export_gguf(model, args.out, weight_type=args.type, tokenizer=tokenizer, output_type=args.output_type,
                          calibration=stats, progress=False if args.quiet else None, verbose=False)
     if args.verbose:
@@ -301,6 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sequential", action="store_true",
                    help="calibrate stage by stage on the outputs of the already quantized layers "
                         "(quantize_model(calibration_batches=...)); needs --calibrate")
+    add_load_args(q)
+    q.add_argument("--save-dtype", default="auto", choices=DTYPES,
+                   help="dtype of the unquantized tensors (embeddings, norms) in OUT; auto: the model's own when it is "
+                        "16-bit (bfloat16 for smollm2), else as loaded")
     q.add_argument("--verbose", action="store_true", help="print the per-layer table")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(fn=cmd_quantize)
@@ -316,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baseline", help="a second model evaluated the same way, e.g. 'smollm2'")
     e.add_argument("--compile", action="store_true", help="also time generation under torch.compile")
     e.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    add_load_args(e)
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("compare", help="memboost's formats against bitsandbytes and HQQ on SmolLM2, two texts",
@@ -330,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="formats and bits per layer of a saved model", formatter_class=_Formatter)
     i.add_argument("directory")
+    i.add_argument("--no-verify", action="store_true", help="skip checking the folder's checksums")
     i.set_defaults(fn=cmd_info)
 
     g = sub.add_parser("gguf", help="export to one GGUF file for llama.cpp", formatter_class=_Formatter)
@@ -342,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(llama.cpp's importance matrix)", tokens=4096)
     g.add_argument("--verbose", action="store_true", help="print the per-tensor table")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_load_args(g)
     g.set_defaults(fn=cmd_gguf)
     return ap
 

@@ -9,6 +9,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Uni
 import torch
 from torch import nn
 
+from .._progress import progress_bar
 from ..errors import MemboostError, MemboostTypeError
 from ..nn import QuantizedLinear
 from ..formats.tensor import FORMAT_INFO_KEY, QuantizedTensor
@@ -115,9 +116,9 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the layers being measured have their inputs."""
 
 
-def _run_batches(model: nn.Module, batches: List) -> None:
+def _run_batches(model: nn.Module, batches: List, progress: Optional[bool] = False, desc: str = "") -> None:
     with torch.no_grad():
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(progress_bar(batches, desc, unit="batch", progress=progress)):
             if not isinstance(batch, (torch.Tensor, Mapping)):
                 raise MemboostTypeError(f"batch {i} of 'batches' must be a tensor of model inputs or a dict of "
                                         f"keyword inputs, got {type(batch).__name__}")
@@ -158,7 +159,7 @@ def _input_moments(run: Callable[[], None], layers: Mapping[str, nn.Module], hes
 
 
 def calibrate(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_head",),
-              hessian: bool = False) -> Dict[str, torch.Tensor]:
+              hessian: bool = False, progress: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     """Runs `model` on each batch (a tensor: model(batch); a dict: model(**batch))
     without gradients and returns, for every linear layer not named in `skip`,
     the mean of x**2 over all its input rows, per input channel (float32
@@ -166,11 +167,13 @@ def calibrate(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_he
     which is what quantize(..., calibration=) and quantize_model take.
     hessian=True returns the full second moment X^T X / rows instead
     (float32 [in_features, in_features], accumulated on the layer's device),
-    with which the mixed format quantizes GPTQ-style."""
+    with which the mixed format quantizes GPTQ-style. A progress bar runs over
+    the batches: progress=True always, False never, None on a terminal."""
     _check_batches(batches)
     layers = {full: child for full, _, _, child in _linears(model) if _skipped_by_name(full, skip) is None}
     batches = list(batches)
-    stats = _input_moments(lambda: _run_batches(model, batches), layers, hessian)
+    desc = "calibration (Hessians)" if hessian else "calibration"
+    stats = _input_moments(lambda: _run_batches(model, batches, progress, desc), layers, hessian)
     if not stats:
         raise MemboostError("'batches' ran no input through any linear layer (empty, or every layer skipped)")
     return stats
@@ -311,8 +314,8 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     Returns a QuantizationReport (layers replaced with their realised
     parameters and bits, layers skipped and why, bytes before and after),
     printed when verbose=True; warns when no layer was replaced. A progress
-    bar runs over the layers unless progress=False (default: when there are
-    more than 8).
+    bar runs over the layers: progress=True always, False never, None (the
+    default) when stderr is a terminal (memboost._progress).
 
     calibration_batches (instead of `calibration`): batches of model inputs
     (as for calibrate()); the model is then calibrated and quantized
@@ -374,13 +377,7 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
         return layer
 
     def bar(items, unit, total=None):
-        if progress or (progress is None and len(targets) > 8):
-            try:
-                from tqdm.auto import tqdm
-                return tqdm(items, desc=f"memboost {method}", unit=unit, leave=False, total=total)
-            except ImportError:  # tqdm is optional
-                pass
-        return items
+        return progress_bar(items, f"memboost {method}", unit=unit, total=total, progress=progress)
 
     if calibration_batches is not None:
         _check_batches(calibration_batches)
