@@ -158,13 +158,34 @@ class RssSampler:
         self.peak = max(self.peak, self.current_mib())
 
 
+def check_device(device: str) -> str:
+    """`device` ('cpu', 'cuda', 'cuda:N') if this machine has it, else a clear error."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MemboostError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MemboostError(f"--device {device}: this machine has no usable CUDA GPU (torch.cuda.is_available() "
+                                "is False); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MemboostError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise MemboostError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    return device
+
+
 def compress(spec: Optional[str], output: str, rank=64, max_bits: Optional[float] = None, iters: int = 10,
              min_dim: int = 128, skip=DEFAULT_SKIP, per_row_alpha: bool = True, device: str = "auto",
              raw_dtype: Optional[torch.dtype] = torch.float16, progress: bool = True) -> dict:
     """Compresses a model into `output`; returns the summary (also what the command prints).
     raw_dtype: the dtype the uncompressed floating tensors are stored in (None: as they are)."""
+    from memboost.io.serialization import check_output_path
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = check_device(device)
+    check_output_path(output)   # before any work: a bad path fails now, not after the compression
     source, config, tok_files, description = open_model(spec)
     try:
         plan, raw = [], []

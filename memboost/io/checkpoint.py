@@ -25,8 +25,8 @@ from torch import nn
 from ..errors import MemboostError, MemboostTypeError
 from ..model.quantize import load_quantized_
 from ..nn import QuantizedLinear
-from .serialization import (ALIASES_KEY, INDEX_NAME, _split_aliases, load_safetensors, read_safetensors_index,
-                            save_safetensors)
+from .serialization import (ALIASES_KEY, INDEX_NAME, _split_aliases, check_output_path, load_safetensors,
+                            read_safetensors_index, save_safetensors)
 from ..formats.tensor import QuantizedTensor
 
 QUANT_METHOD = "memboost"
@@ -113,12 +113,8 @@ def _replace_directory(directory: str):
     """Yields a fresh folder next to `directory`; on success it replaces
     `directory` (which keeps its old contents until then), on error it is
     removed and `directory` is untouched."""
-    directory = os.path.abspath(os.fspath(directory))
+    directory = check_output_path(directory, folder=True)
     parent = os.path.dirname(directory)
-    if not os.path.isdir(parent):
-        raise MemboostError(f"cannot write {directory!r}: folder {parent!r} does not exist")
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise MemboostError(f"cannot write {directory!r}: it exists and is not a folder")
     try:
         staging = tempfile.mkdtemp(prefix="." + os.path.basename(directory) + ".", dir=parent)
     except OSError as exc:
