@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import torch
 
 from memboost._threads import _single_threaded_ops
-from memboost.errors import MemboostError
+from memboost.errors import MemboostError, check_device as check_device_of
 from memboost.formats.lort import decompose, resolve_rank
 
 from .fileformat import LortWriter
@@ -160,18 +160,8 @@ class RssSampler:
 
 def check_device(device: str) -> str:
     """`device` ('cpu', 'cuda', 'cuda:N') if this machine has it, else a clear error."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise MemboostError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MemboostError(f"--device {device}: this machine has no usable CUDA GPU (torch.cuda.is_available() "
-                                "is False); use --device cpu or auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise MemboostError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise MemboostError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if check_device_of(device, "--device").type not in ("cpu", "cuda"):
+        raise MemboostError(f"'--device' must be cpu, cuda, cuda:N or auto, got {device!r}")
     return device
 
 

@@ -185,8 +185,9 @@ def test_device_and_output_are_checked_before_the_work(model_dir, tmp_path, caps
     single = str(model_dir / "single")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cases = [
-        (["--device", "cuda"], "--device cuda: this machine has no usable CUDA GPU"),
-        (["--device", "tpu"], "--device must be cpu, cuda, cuda:N or auto, got 'tpu'"),
+        (["--device", "cuda"], "'--device' is 'cuda', but this machine has no usable CUDA GPU"),
+        (["--device", "tpu"], "'--device' must be a device such as 'cpu', 'cuda' or 'cuda:1', got 'tpu'"),
+        (["--device", "meta"], "'--device' must be cpu, cuda, cuda:N or auto, got 'meta'"),
         (["-o", str(tmp_path)], f"cannot write {str(tmp_path)!r}: it is a folder; give a file name"),
         (["-o", str(tmp_path / "no" / "x.lort")], "does not exist"),
     ]
