@@ -22,11 +22,11 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
-from ..errors import MemboostError, MemboostTypeError
+from ..errors import MemboostError, MemboostTypeError, check_device
 from ..model.quantize import load_quantized_
 from ..nn import QuantizedLinear
-from .serialization import (ALIASES_KEY, INDEX_NAME, _split_aliases, load_safetensors, apply_umask,
-                            read_safetensors_index, save_safetensors)
+from .serialization import (ALIASES_KEY, INDEX_NAME, _split_aliases, apply_umask, check_output_path,
+                            load_safetensors, read_safetensors_index, save_safetensors)
 from ..formats.tensor import QuantizedTensor
 
 QUANT_METHOD = "memboost"
@@ -113,12 +113,8 @@ def _replace_directory(directory: str):
     """Yields a fresh folder next to `directory`; on success it replaces
     `directory` (which keeps its old contents until then), on error it is
     removed and `directory` is untouched. The folder gets the user's umask."""
-    directory = os.path.abspath(os.fspath(directory))
+    directory = check_output_path(directory, folder=True)
     parent = os.path.dirname(directory)
-    if not os.path.isdir(parent):
-        raise MemboostError(f"cannot write {directory!r}: folder {parent!r} does not exist")
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise MemboostError(f"cannot write {directory!r}: it exists and is not a folder")
     try:
         staging = tempfile.mkdtemp(prefix="." + os.path.basename(directory) + ".", dir=parent)
     except OSError as exc:
@@ -264,6 +260,7 @@ def load_quantized(directory: str, device="cpu", dtype: Optional[torch.dtype] = 
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isdir(directory):
         raise MemboostError(f"'directory' {directory!r} is not a folder")
+    check_device(device)   # no GPU: said so, not a file error from the loader
     if not os.path.isfile(config_path):
         raise MemboostError(f"{directory!r} has no {CONFIG_NAME}: not a saved model")
     try:
@@ -298,12 +295,36 @@ def load_quantized(directory: str, device="cpu", dtype: Optional[torch.dtype] = 
         raise MemboostError(f"{directory!r} does not fit its config: missing {missing[:5]}, unexpected "
                             f"{unexpected[:5]}")
     qconfig = config_dict["quantization_config"]
+    _check_modules(model, qconfig.get("modules"), directory)
     model.config.quantization_config = qconfig
     _restore_layer_options(model, qconfig)
     model = model.to(device)
     if dtype is not None:
         model = model.to(dtype)  # quantized weights are never cast (memboost.nn)
     return model.eval()
+
+
+def _check_modules(model: nn.Module, modules, directory: str) -> None:
+    """The layers the files made must be the ones quantization_config's
+    'modules' lists, in its formats, as transformers' from_pretrained
+    (memboost.integrations) requires: an edited config is refused by name."""
+    if modules is None:
+        return
+    if not isinstance(modules, dict):
+        raise MemboostError(f"{directory!r}: quantization_config 'modules' must map layer names to formats, "
+                            f"got {modules!r}")
+    loaded = {name: m.format for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    for name, fmt in loaded.items():
+        if name not in modules:
+            raise MemboostError(f"{directory!r}: the checkpoint holds a quantized weight for layer {name!r}, "
+                                "which quantization_config's 'modules' does not list")
+        if modules[name] != fmt:
+            raise MemboostError(f"{directory!r}: layer {name!r} holds a {fmt} weight, but quantization_config's "
+                                f"'modules' makes it {modules[name]!r}: the weights do not fit the config")
+    missing = sorted(set(modules) - set(loaded))
+    if missing:
+        raise MemboostError(f"{directory!r}: quantization_config lists {len(missing)} quantized layer(s) the "
+                            f"checkpoint has no weight for, e.g. {missing[:3]}")
 
 
 def _is_tied_alias(model: nn.Module, key: str) -> bool:

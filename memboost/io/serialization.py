@@ -52,6 +52,25 @@ def apply_umask(path: str, folder: bool = False) -> None:
     os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
 
 
+def check_output_path(path: str, folder: bool = False) -> str:
+    """The absolute form of `path` if a file (folder=True: a folder, replaced
+    as a whole) can be written there: its parent folder exists and is
+    writable, and it is not something of the other kind. What atomic_write
+    and save_quantized check; a command checks it before any long work."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise MemboostError(f"cannot write {path!r}: folder {parent!r} does not exist")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise MemboostError(f"cannot write {path!r}: it exists and is not a folder")
+    if not folder and os.path.isdir(path):
+        raise MemboostError(f"cannot write {path!r}: it is a folder; give a file name (e.g. "
+                            f"{os.path.join(path, 'model' + (os.path.splitext(path)[1] or '.out'))!r})")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MemboostError(f"cannot write {path!r}: folder {parent!r} is not writable")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb") -> Iterator[str]:
     """Yields a temporary path next to `path`; when the block completes, the
@@ -59,9 +78,7 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[str]:
     On any error the temporary file is removed and `path` is untouched. The
     file gets the user's umask, as open() would give it."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise MemboostError(f"cannot write {path!r}: folder {folder!r} does not exist")
+    folder = os.path.dirname(check_output_path(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     except OSError as exc:
