@@ -5,6 +5,6 @@
     text = memboost.generate(model, "The moon is", tokenizer=tokenizer, max_new_tokens=32)
 """
 
-from .decode import SUPPORTED_FAMILIES, Decoder, generate
+from .decode import SUPPORTED_FAMILIES, Decoder, generate, until_eos
 
-__all__ = ["Decoder", "generate", "SUPPORTED_FAMILIES"]
+__all__ = ["Decoder", "generate", "until_eos", "SUPPORTED_FAMILIES"]

@@ -252,11 +252,11 @@ def generate(model, prompts, max_new_tokens: int = 32, *, tokenizer=None, eos_to
                            pad_token_id=getattr(tokenizer, "pad_token_id", None) if texts else None)
     if not texts:
         return out
-    completions = [tokenizer.decode(_strip(r, eos_token_id), skip_special_tokens=True) for r in out.tolist()]
+    completions = [tokenizer.decode(until_eos(r, eos_token_id), skip_special_tokens=True) for r in out.tolist()]
     return completions[0] if single else completions
 
 
-def _strip(tokens: List[int], eos_token_id) -> List[int]:
+def until_eos(tokens: List[int], eos_token_id) -> List[int]:
     """The tokens up to and including the first eos."""
     eos = set() if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
     for i, t in enumerate(tokens):

@@ -1,0 +1,155 @@
+"""memboost.runtime: the static-cache decode loop gives transformers' eager
+greedy tokens, for every format and family, one prompt or many at once."""
+
+import pytest
+import torch
+
+import memboost
+from memboost.runtime import Decoder
+
+from conftest import tiny_llama_with_tokenizer
+
+VOCAB = 64
+FAMILIES = ["llama", "qwen2", "mistral", "gemma"]
+# Every format on every family, the quantizer arguments sized for 64-wide layers.
+FORMATS = {
+    "float": None,
+    "mixed": dict(ratio_4bit=0.5, group_size=32),
+    "mixed-act8": dict(ratio_4bit=0.5, group_size=32, act_bits=8),
+    "nf4": dict(block_size=64),
+    "ternary": dict(),
+    "lort": dict(rank=8, iters=2),
+}
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A tiny random model of `family` (seeded): two layers, grouped-query attention."""
+    import transformers
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+    }[family]
+    extra = {"head_dim": 16} if family == "gemma" else {}
+    torch.manual_seed(seed)
+    model = model_cls(config(**common, **extra)).eval()
+    if family == "qwen2":  # its q/k/v biases start at zero: make them count
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model
+
+
+def quantized(family: str, fmt: str):
+    model = tiny_model(family)
+    params = FORMATS[fmt]
+    if params is not None:
+        method = fmt.split("-")[0]
+        report = memboost.quantize_model(model, method, progress=False, **params)
+        assert len(report.replaced) == 14, report.summary()
+    return model
+
+
+def prompt(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
+
+
+def eager(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """transformers' eager greedy generate, one prompt, exactly new_tokens tokens."""
+    with torch.inference_mode():
+        out = model.generate(ids.unsqueeze(0), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out[0, len(ids):]
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokens_equal_eager_generate(family, fmt):
+    model = quantized(family, fmt)
+    decoder = Decoder(model, max_batch=1, max_length=96)
+    for seed, length in ((1, 7), (2, 12)):
+        ids = prompt(length, seed)
+        ref = eager(model, ids, 64)
+        out = decoder.generate(ids, max_new_tokens=64)
+        assert out.shape == (1, 64)
+        assert torch.equal(out[0], ref), (family, fmt, seed)
+
+
+@pytest.mark.parametrize("batch", [8, 16])
+@pytest.mark.parametrize("family,fmt", [("llama", "mixed"), ("qwen2", "float"), ("gemma", "nf4")])
+def test_batch_equals_eager_per_prompt(family, fmt, batch):
+    model = quantized(family, fmt)
+    decoder = Decoder(model, max_batch=16, max_length=64)
+    prompts = [prompt(1 + (5 * i) % 13, 100 + i) for i in range(batch)]  # lengths 1..13, left-padded
+    out = decoder.generate(prompts, max_new_tokens=24)
+    assert out.shape == (batch, 24)
+    for i, ids in enumerate(prompts):
+        assert torch.equal(out[i], eager(model, ids, 24)), (family, fmt, i, len(ids))
+
+
+def test_static_cache_reused_across_prompt_lengths():
+    model = quantized("llama", "mixed")
+    decoder = Decoder(model, max_batch=2, max_length=48)
+    pointers = [t.data_ptr() for t in decoder.keys + decoder.values]
+    # long, short, long again, then a batch: stale keys of a longer earlier prompt must never be attended
+    for ids in (prompt(20, 5), prompt(3, 6), prompt(20, 7)):
+        assert torch.equal(decoder.generate(ids, max_new_tokens=28)[0], eager(model, ids, 28))
+    pair = [prompt(4, 8), prompt(11, 9)]
+    out = decoder.generate(pair, max_new_tokens=20)
+    for i, ids in enumerate(pair):
+        assert torch.equal(out[i], eager(model, ids, 20))
+    assert decoder.generate(prompt(3, 6), max_new_tokens=28).tolist() == [eager(model, prompt(3, 6), 28).tolist()]
+    assert [t.data_ptr() for t in decoder.keys + decoder.values] == pointers
+
+
+def test_generate_strings_with_eos_like_transformers():
+    model, tokenizer = tiny_llama_with_tokenizer()
+    memboost.quantize_model(model, "mixed", ratio_4bit=0.5, group_size=32, progress=False)
+    texts = ["It was the best of", "the age of wisdom, it was the age of foolishness", "times"]
+    completions = memboost.generate(model, texts, max_new_tokens=20, tokenizer=tokenizer)
+    for text, completion in zip(texts, completions):
+        inputs = tokenizer(text, return_tensors="pt")
+        with torch.inference_mode():
+            ref = model.generate(**inputs, max_new_tokens=20, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        assert completion == tokenizer.decode(ref, skip_special_tokens=True)
+    assert memboost.generate(model, texts[0], max_new_tokens=20, tokenizer=tokenizer) == completions[0]
+    # ids in, ids out; the decoder kept for the model grows when a call needs more room
+    ids = tokenizer(texts[1])["input_ids"]
+    out = memboost.generate(model, [ids] * 3, max_new_tokens=100)
+    assert out.shape == (3, 100)
+    assert torch.equal(out[0], eager(model, torch.tensor(ids), 100)) and torch.equal(out[0], out[2])
+
+
+def test_errors_name_the_argument():
+    model = quantized("llama", "float")
+    decoder = Decoder(model, max_batch=2, max_length=32)
+    with pytest.raises(memboost.MemboostError, match="max_length=32"):
+        decoder.generate(prompt(30, 1), max_new_tokens=8)
+    with pytest.raises(memboost.MemboostError, match="'prompts' holds 3 prompts.*max_batch=2"):
+        decoder.generate([prompt(3, 1)] * 3, max_new_tokens=4)
+    with pytest.raises(memboost.MemboostError, match="'max_new_tokens'"):
+        decoder.generate(prompt(3, 1), max_new_tokens=0)
+    with pytest.raises(memboost.MemboostError, match="'prompts' holds an empty prompt"):
+        decoder.generate([[]], max_new_tokens=4)
+    with pytest.raises(memboost.MemboostTypeError, match="'prompts'"):
+        decoder.generate(torch.zeros(1, 3), max_new_tokens=4)
+    with pytest.raises(memboost.MemboostError, match="'max_length'.*max_position_embeddings"):
+        Decoder(model, max_length=1000)
+    with pytest.raises(memboost.MemboostError, match="'max_batch'"):
+        Decoder(model, max_batch=0)
+    with pytest.raises(memboost.MemboostError, match="'tokenizer'"):
+        memboost.generate(model, "a prompt")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB)).eval()
+    with pytest.raises(memboost.MemboostError, match="'model' must be a causal LM of the llama"):
+        Decoder(gpt2)
+    mistral = tiny_model("mistral")
+    mistral.config.sliding_window = 16
+    with pytest.raises(memboost.MemboostError, match="'max_length' \\(32\\) exceeds the model's sliding_window"):
+        Decoder(mistral, max_length=32)
