@@ -137,7 +137,9 @@ def generation_speed(model, tokenizer, prompt: str, new_tokens: int, transformer
             new = model.generate(ids[None], attention_mask=torch.ones_like(ids)[None], max_new_tokens=new_tokens,
                                  min_new_tokens=new_tokens, do_sample=False)[0, len(ids):]
     seconds = time.perf_counter() - start
-    return tokenizer.decode(new, skip_special_tokens=True), len(new) / seconds
+    # The decode loop runs past an end of sequence (the timing wants every token); the text stops there.
+    text = tokenizer.decode(runtime.until_eos(new.tolist(), tokenizer.eos_token_id), skip_special_tokens=True)
+    return text, len(new) / seconds
 
 
 def parse_params(items) -> dict:
