@@ -157,3 +157,23 @@ def test_errors_name_the_argument():
     mistral.config.sliding_window = 16
     with pytest.raises(memboost.MemboostError, match="'max_length' \\(32\\) exceeds the model's sliding_window"):
         Decoder(mistral, max_length=32)
+
+
+def test_cli_generate_decodes_the_prompts_together(tmp_path, capsys):
+    from memboost import cli
+
+    model, tokenizer = tiny_llama_with_tokenizer()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    prompts = ["It was the best of", "the age of wisdom, it was", "times"]
+    threads = torch.get_num_threads()
+    try:
+        argv = ["generate", str(tmp_path), "--new-tokens", "12", "--threads", "1"]
+        assert cli.main(argv + [a for p in prompts for a in ("--prompt", p)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out.splitlines()
+    expected = memboost.generate(model, prompts, max_new_tokens=12, tokenizer=tokenizer)
+    assert printed == [f"{p!r} -> {c!r}" for p, c in zip(prompts, expected)]
+    assert cli.main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "not found" in capsys.readouterr().err
