@@ -75,6 +75,15 @@ class Decoder:
         self.model = model
         self.max_batch, self.max_length = max_batch, max_length
         self.layers = list(inner.layers[: config.num_hidden_layers])
+        # Per layer, the callables the loop runs: each module's forward itself (skipping nn.Module.__call__'s
+        # hook machinery, a good part of the per-token Python) unless hooks are registered when this is built.
+        self._steps = [tuple(_callable(m) for m in (layer.input_layernorm, layer.self_attn.q_proj,
+                                                    layer.self_attn.k_proj, layer.self_attn.v_proj,
+                                                    layer.self_attn.o_proj, layer.post_attention_layernorm,
+                                                    layer.mlp))
+                       + (layer.self_attn.scaling,) for layer in self.layers]
+        self._embed, self._norm, self._lm_head = (_callable(m) for m in (inner.embed_tokens, inner.norm,
+                                                                           model.lm_head))
         # The modeling module's own rotation, so a change there is followed here.
         self._apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
         embed = inner.embed_tokens
@@ -95,29 +104,24 @@ class Decoder:
                  mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits [batch, vocab] of the last position of `ids` [batch, q], its
         keys and values written to the cache at start..start+q."""
-        inner = self.model.model
         batch, q = ids.shape
         end = start + q
         cos, sin = self.cos[positions], self.sin[positions]
         causal = mask is None and q > 1
-        h = inner.embed_tokens(ids)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            shape = (batch, q, -1, self.head_dim)
-            qs = attn.q_proj(x).view(shape).transpose(1, 2)
-            ks = attn.k_proj(x).view(shape).transpose(1, 2)
-            vs = attn.v_proj(x).view(shape).transpose(1, 2)
-            qs, ks = self._apply_rotary(qs, ks, cos, sin)
-            key_cache, value_cache = self.keys[i], self.values[i]
+        shape = (batch, q, -1, self.head_dim)
+        rotate, sdpa = self._apply_rotary, F.scaled_dot_product_attention
+        h = self._embed(ids)
+        for (norm1, q_proj, k_proj, v_proj, o_proj, norm2, mlp, scaling), key_cache, value_cache in zip(
+                self._steps, self.keys, self.values):
+            x = norm1(h)
+            qs, ks = rotate(q_proj(x).view(shape).transpose(1, 2), k_proj(x).view(shape).transpose(1, 2), cos, sin)
             key_cache[:batch, :, start:end] = ks
-            value_cache[:batch, :, start:end] = vs
-            out = F.scaled_dot_product_attention(qs, key_cache[:batch, :, :end], value_cache[:batch, :, :end],
-                                                 attn_mask=mask, is_causal=causal, scale=attn.scaling,
-                                                 enable_gqa=True)
-            h = h + attn.o_proj(out.transpose(1, 2).reshape(batch, q, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(inner.norm(h[:, -1])).float()
+            value_cache[:batch, :, start:end] = v_proj(x).view(shape).transpose(1, 2)
+            out = sdpa(qs, key_cache[:batch, :, :end], value_cache[:batch, :, :end], attn_mask=mask,
+                       is_causal=causal, scale=scaling, enable_gqa=True)
+            h = h + o_proj(out.transpose(1, 2).reshape(batch, q, -1))
+            h = h + mlp(norm2(h))
+        return self._lm_head(self._norm(h[:, -1])).float()
 
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens: int = 32, eos_token_id=None,
@@ -177,6 +181,15 @@ class Decoder:
             logits = self._forward(token.unsqueeze(1), next_pos, cur, step_mask)
             next_pos = next_pos + 1
         return out
+
+
+def _callable(module):
+    """module.forward where calling the module would only add nn.Module's hook handling, else the module."""
+    from torch.nn.modules import module as torch_module
+
+    hooks = (module._forward_hooks, module._forward_pre_hooks, torch_module._global_forward_hooks,
+             torch_module._global_forward_pre_hooks, getattr(torch_module, "_global_forward_hooks_always_called", {}))
+    return module if any(hooks) or module.training else module.forward
 
 
 def _as_rows(prompts) -> List[Sequence[int]]:
