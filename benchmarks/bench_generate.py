@@ -60,7 +60,7 @@ def llama_1b_config():
 
 
 def load(name: str):
-    """(float32 model, tokenizer or None, memboost compute dtype)."""
+    """(model in the dtype memboost computes in, tokenizer or None, that dtype)."""
     if name == "smollm2":
         model, tokenizer = memboost.testbed.load_smollm2()
         return model, tokenizer, torch.float32
@@ -68,11 +68,15 @@ def load(name: str):
         from transformers import LlamaForCausalLM
 
         torch.manual_seed(0)
-        model = LlamaForCausalLM(llama_1b_config()).eval()
+        with torch.device("meta"):
+            model = LlamaForCausalLM(llama_1b_config())
+        model = model.to_empty(device="cpu").to(torch.bfloat16).eval()  # random bf16 weights, as a checkpoint holds
+        model.tie_weights()  # to_empty made the lm_head its own tensor again
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)  # its buffers were on meta
         model.generation_config.eos_token_id = None
-        with torch.no_grad():  # random weights rounded to bf16, as a bf16 checkpoint would hold them
-            for p in model.parameters():
-                p.copy_(p.to(torch.bfloat16).float())
         return model, None, torch.bfloat16
     raise SystemExit(f"unknown model {name!r}: smollm2 or llama1b")
 
@@ -111,6 +115,7 @@ def memboost_rates(model, rows, args):
 
 def hf_eager_rate(model, rows, args) -> float:
     ids = torch.tensor([rows[0]])
+    model = copy.deepcopy(model).float()
 
     def run():
         with torch.inference_mode():
@@ -163,17 +168,16 @@ def bench_model(name: str, args, tmp: str):
                         "tokens_per_s": hf_eager_rate(model, rows, args)})
     if "float" in args.formats:
         print(f"[{name}] memboost.runtime float", flush=True)
-        float_model = copy.deepcopy(model).to(dtype)
+        float_model = model
         for b, rate in memboost_rates(float_model, rows, args).items():
             results.append({"model": name, "path": f"memboost.runtime float ({str(dtype)[6:]})", "gguf": FLOAT_GGUF,
                             "batch": b, "tokens_per_s": rate})
-        del float_model
     for fmt in [f for f in args.formats if f != "float"]:
         params, qtype = FORMATS[fmt]
         for act_bits in (None, 8):
             label = f"memboost {fmt}" + (" act8" if act_bits else "")
             print(f"[{name}] {label}", flush=True)
-            quantized = copy.deepcopy(model).to(dtype)  # the float model stays for the next format
+            quantized = copy.deepcopy(model)  # the float model stays for the next format
             kwargs = dict(params)
             method = kwargs.pop("method")
             if act_bits:
