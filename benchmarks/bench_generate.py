@@ -12,8 +12,8 @@ Batch 1: `--tokens` greedy tokens after a short prompt, tokens/s = tokens /
 wall time of the whole call (prefill included), best of `--repeats` after a
 warm-up. Batch 8/16 (`--batches`): that many prompts of different lengths
 decoded together by memboost.runtime (left-padded), tokens/s = batch * tokens
-/ time; llama.cpp's column there is its batch-1 speed (llama-cpp-python's
-Llama object decodes one sequence), said in the table.
+/ time; llama.cpp decodes the same prompts together (one sequence id each,
+one llama_decode per step, through llama-cpp-python's low-level API).
 
     python benchmarks/bench_generate.py                       # everything (long: the 1B model)
     python benchmarks/bench_generate.py --tokens 4 --models smollm2 --formats mixed   # a quick check
@@ -131,14 +131,63 @@ def llama_cpp_rate(path: str, rows, args) -> float:
     llm = llama_cpp.Llama(model_path=path, n_ctx=max(map(len, rows)) + args.tokens + 8, n_batch=64,
                           n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(), verbose=False)
 
-    def run():
+    def run():  # the prompt, then tokens - 1 steps: `tokens` greedy tokens, as memboost and transformers count
         llm.reset()
         llm.eval(rows[0])
-        for _ in range(args.tokens):
+        for _ in range(args.tokens - 1):
             llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
     rate = best_rate(run, args.tokens, args.repeats)
     llm.close()
     return rate
+
+
+def llama_cpp_batch_rate(path: str, rows, batch: int, vocab: int, args) -> float:
+    """tokens/s of `batch` prompts decoded together by llama.cpp (one sequence id each, llama_decode on
+    one llama_batch per step), through llama-cpp-python's low-level API."""
+    import llama_cpp as L
+    import numpy as np
+
+    rows = rows[:batch]
+    prompt_tokens = sum(map(len, rows))
+    llm = L.Llama(model_path=path, n_ctx=16, verbose=False)  # the weights; the context is made here
+    params = L.llama_context_default_params()
+    params.n_ctx = batch * (max(map(len, rows)) + args.tokens + 8)
+    params.n_batch = params.n_ubatch = max(prompt_tokens, batch)
+    params.n_seq_max = batch
+    params.n_threads = params.n_threads_batch = torch.get_num_threads()
+    ctx = L.llama_init_from_model(llm.model, params)
+    if not ctx:
+        raise RuntimeError("llama_init_from_model failed")
+    lb = L.llama_batch_init(max(prompt_tokens, batch), 0, batch)
+
+    def decode(entries):  # (token, position, sequence, wants logits)
+        lb.n_tokens = len(entries)
+        for i, (token, pos, seq, out) in enumerate(entries):
+            lb.token[i], lb.pos[i], lb.n_seq_id[i], lb.logits[i] = token, pos, 1, int(out)
+            lb.seq_id[i][0] = seq
+        if L.llama_decode(ctx, lb) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def greedy(i: int) -> int:
+        return int(np.argmax(np.ctypeslib.as_array(L.llama_get_logits_ith(ctx, i), shape=(vocab,))))
+
+    def run():
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        entries, last = [], []
+        for seq, r in enumerate(rows):
+            entries += [(t, j, seq, j == len(r) - 1) for j, t in enumerate(r)]
+            last.append(len(entries) - 1)
+        decode(entries)
+        tokens = [greedy(i) for i in last]
+        for step in range(args.tokens - 1):
+            decode([(tokens[seq], len(r) + step, seq, True) for seq, r in enumerate(rows)])
+            tokens = [greedy(seq) for seq in range(batch)]
+    try:
+        return best_rate(run, batch * args.tokens, args.repeats)
+    finally:
+        L.llama_batch_free(lb)
+        L.llama_free(ctx)
+        llm.close()
 
 
 def bench_model(name: str, args, tmp: str):
@@ -153,15 +202,18 @@ def bench_model(name: str, args, tmp: str):
         path = os.path.join(tmp, f"{name}-{qtype}.gguf")
         memboost.export_gguf(model, path, qtype, tokenizer, verbose=False, progress=False)
         try:
-            llama_cpp[qtype] = llama_cpp_rate(path, rows, args)
+            llama_cpp[qtype, 1] = llama_cpp_rate(path, rows, args)
+            for b in args.batches:
+                llama_cpp[qtype, b] = llama_cpp_batch_rate(path, rows, b, vocab, args)
         except ImportError as exc:
             print(f"llama.cpp skipped: {exc}", flush=True)
             break
         finally:
             os.remove(path)
-        results.append({"model": name, "path": f"llama.cpp {qtype}", "gguf": qtype, "batch": 1,
-                        "tokens_per_s": llama_cpp[qtype]})
-        print(f"  llama.cpp {qtype}: {llama_cpp[qtype]:.1f} tokens/s", flush=True)
+        for b in [1] + args.batches:
+            results.append({"model": name, "path": f"llama.cpp {qtype}", "gguf": qtype, "batch": b,
+                            "tokens_per_s": llama_cpp[qtype, b]})
+            print(f"  llama.cpp {qtype} batch {b}: {llama_cpp[qtype, b]:.1f} tokens/s", flush=True)
     if not args.no_transformers:
         print(f"[{name}] transformers eager float32", flush=True)
         results.append({"model": name, "path": "transformers eager float32", "gguf": FLOAT_GGUF, "batch": 1,
@@ -189,7 +241,7 @@ def bench_model(name: str, args, tmp: str):
             del quantized
             gc.collect()
     for r in results:
-        ref = llama_cpp.get(r["gguf"])
+        ref = llama_cpp.get((r["gguf"], r["batch"]))
         r["llama_cpp_tokens_per_s"] = ref
         r["ratio_to_llama_cpp"] = r["tokens_per_s"] / ref if ref else None
     return results
@@ -229,7 +281,7 @@ def main() -> int:
     if batched:
         print_table(batched, ["model", "path", "batch"] + columns[2:],
                     f"batches of prompts (4..11 tokens, left-padded), {args.tokens} tokens each; tokens_per_s = "
-                    f"batch x tokens / time; the ratio is to llama.cpp's batch-1 speed at that type")
+                    f"batch x tokens / time; the ratio is to llama.cpp at that type and batch")
     meta = {"tokens": args.tokens, "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
             "memboost": memboost.__version__}
     try:
