@@ -177,3 +177,27 @@ def test_cli_generate_decodes_the_prompts_together(tmp_path, capsys):
     assert printed == [f"{p!r} -> {c!r}" for p, c in zip(prompts, expected)]
     assert cli.main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_padded_tensor_with_attention_mask_and_the_kept_decoder_lets_the_model_go():
+    import gc
+    import weakref
+
+    from memboost.runtime import decode
+
+    model = quantized("mistral", "ternary")
+    rows = [prompt(4, 21), prompt(9, 22)]
+    padded = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding with token 0, which is also a real token id
+        padded[i, 9 - len(r):], mask[i, 9 - len(r):] = r, 1
+    out = memboost.generate(model, padded, max_new_tokens=16, attention_mask=mask)
+    assert torch.equal(out, memboost.generate(model, rows, max_new_tokens=16))
+    assert torch.equal(out[0], eager(model, rows[0], 16)) and torch.equal(out[1], eager(model, rows[1], 16))
+    with pytest.raises(memboost.MemboostError, match="'attention_mask'"):
+        memboost.generate(model, padded, max_new_tokens=4, attention_mask=mask[:, 1:])
+    gone = weakref.ref(model)
+    assert len(decode._decoders) >= 1
+    del model
+    gc.collect()
+    assert gone() is None  # the Decoder kept for it (its KV cache) did not keep it alive

@@ -72,7 +72,8 @@ class Decoder:
             if getattr(config, name, None) is not None:
                 raise MemboostError(f"the model's config sets {name}, which the decode loop does not implement")
 
-        self.model = model
+        # Weakly: the Decoder kept per model (generate's cache) must not keep its model alive.
+        self._model = weakref.ref(model)
         self.max_batch, self.max_length = max_batch, max_length
         self.layers = list(inner.layers[: config.num_hidden_layers])
         # Per layer, the callables the loop runs: each module's forward itself (skipping nn.Module.__call__'s
@@ -100,6 +101,11 @@ class Decoder:
             cos, sin = inner.rotary_emb(torch.empty(0, dtype=dtype, device=device), positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]
 
+    @property
+    def model(self):
+        """The model this Decoder runs (None once it is gone)."""
+        return self._model()
+
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int,
                  mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits [batch, vocab] of the last position of `ids` [batch, q], its
@@ -125,15 +131,17 @@ class Decoder:
 
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens: int = 32, eos_token_id=None,
-                 pad_token_id: Optional[int] = None) -> torch.Tensor:
+                 pad_token_id: Optional[int] = None, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Greedy continuation of each prompt: LongTensor [batch, max_new_tokens].
 
-        `prompts`: a LongTensor [batch, length] or [length], or a list of 1-D
-        token id sequences of any lengths (left-padded here). Rows that reach
+        `prompts`: a LongTensor [batch, length] or [length] (with
+        `attention_mask` of the same shape, its zeros mark padding, e.g. a
+        tokenizer's padded output), or a list of 1-D token id sequences of any
+        lengths (left-padded here). Rows that reach
         `eos_token_id` (an int or a list) continue with `pad_token_id` (default:
         the first eos id), as transformers' generate does; decoding stops when
         every row has ended."""
-        rows = _as_rows(prompts)
+        rows = _as_rows(prompts, attention_mask)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise MemboostError(f"'max_new_tokens' must be a positive int, got {max_new_tokens!r}")
         batch = len(rows)
@@ -192,12 +200,20 @@ def _callable(module):
     return module if any(hooks) or module.training else module.forward
 
 
-def _as_rows(prompts) -> List[Sequence[int]]:
+def _as_rows(prompts, attention_mask: Optional[torch.Tensor] = None) -> List[Sequence[int]]:
+    if attention_mask is not None and (not isinstance(prompts, torch.Tensor) or not isinstance(
+            attention_mask, torch.Tensor) or attention_mask.shape != prompts.shape):
+        raise MemboostError(f"'attention_mask' must be a tensor of the shape of 'prompts' (a tensor), got "
+                            f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}")
     if isinstance(prompts, torch.Tensor):
         if prompts.dtype not in (torch.int32, torch.int64) or prompts.dim() not in (1, 2):
             raise MemboostTypeError(f"'prompts' must be an integer tensor [length] or [batch, length], "
                                     f"got {prompts.dtype} of shape {tuple(prompts.shape)}")
-        rows = [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
+        if attention_mask is not None:
+            keep = attention_mask.bool().reshape(-1, prompts.shape[-1])
+            rows = [r[k].tolist() for r, k in zip(prompts.reshape(-1, prompts.shape[-1]), keep)]
+        else:
+            rows = [prompts.tolist()] if prompts.dim() == 1 else prompts.tolist()
     elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
         rows = [list(prompts)]
     elif isinstance(prompts, (list, tuple)) and prompts:
@@ -227,13 +243,13 @@ def _round_up(n: int, step: int = 128) -> int:
 
 
 def generate(model, prompts, max_new_tokens: int = 32, *, tokenizer=None, eos_token_id=None,
-             decoder: Optional[Decoder] = None):
+             attention_mask: Optional[torch.Tensor] = None, decoder: Optional[Decoder] = None):
     """Greedy generation through the decode loop (memboost.runtime.Decoder).
 
     `prompts`: a string or a list of strings (then `tokenizer` is needed and
     the completions come back as a string or a list of strings), or token ids
     as Decoder.generate takes them (then a LongTensor [batch, max_new_tokens]
-    comes back). `eos_token_id` defaults to the tokenizer's, else none: every
+    comes back; `attention_mask` marks padding in a [batch, length] tensor). `eos_token_id` defaults to the tokenizer's, else none: every
     row gets max_new_tokens tokens. Without `decoder`, one kept per model is
     reused and reallocated larger when a call needs more room."""
     texts = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
@@ -246,7 +262,7 @@ def generate(model, prompts, max_new_tokens: int = 32, *, tokenizer=None, eos_to
         if eos_token_id is None:
             eos_token_id = tokenizer.eos_token_id
     else:
-        rows = _as_rows(prompts)
+        rows = _as_rows(prompts, attention_mask)
     if decoder is None:
         width = max(len(r) for r in rows) + (max_new_tokens if isinstance(max_new_tokens, int) else 0)
         decoder = _decoders.get(model)
