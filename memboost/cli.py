@@ -243,7 +243,8 @@ def cmd_generate(args) -> int:
     out = runtime.generate(model, rows, max_new_tokens=args.new_tokens, eos_token_id=tokenizer.eos_token_id)
     seconds = time.perf_counter() - start
     for p, tokens in zip(args.prompt, out.tolist()):
-        print(f"{p!r} -> {tokenizer.decode(runtime.until_eos(tokens, tokenizer.eos_token_id), skip_special_tokens=True)!r}")
+        completion = tokenizer.decode(runtime.until_eos(tokens, tokenizer.eos_token_id), skip_special_tokens=True)
+        print(f"{p!r} -> {completion!r}")
     print(f"{len(rows)} prompt(s), up to {args.new_tokens} tokens each in {seconds:.2f} s "
           f"({torch.get_num_threads()} CPU threads)", file=sys.stderr)
     return 0

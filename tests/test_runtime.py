@@ -201,3 +201,15 @@ def test_padded_tensor_with_attention_mask_and_the_kept_decoder_lets_the_model_g
     del model
     gc.collect()
     assert gone() is None  # the Decoder kept for it (its KV cache) did not keep it alive
+
+
+def test_decoder_follows_layers_replaced_after_it_was_built():
+    model = tiny_model("llama")
+    decoder = Decoder(model, max_length=40)
+    ids = prompt(6, 31)
+    float_tokens = decoder.generate(ids, max_new_tokens=24)[0]
+    assert torch.equal(float_tokens, eager(model, ids, 24))
+    memboost.quantize_model(model, "ternary", progress=False)  # replaces the projections in place
+    quantized_tokens = decoder.generate(ids, max_new_tokens=24)[0]
+    assert torch.equal(quantized_tokens, eager(model, ids, 24))
+    assert not torch.equal(quantized_tokens, float_tokens)

@@ -18,7 +18,7 @@ and a key mask (allocated with the cache) hides the padding.
 
 import sys
 import weakref
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,8 +59,7 @@ class Decoder:
                                 f"({config.max_position_embeddings})")
         window = getattr(config, "sliding_window", None)
         layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-        if window is not None and any(t != "full_attention" for t in layer_types) or (
-                self.family == "mistral" and window is not None):
+        if window is not None and (self.family == "mistral" or any(t != "full_attention" for t in layer_types)):
             if max_length > window:
                 raise MemboostError(f"'max_length' ({max_length}) exceeds the model's sliding_window ({window}); "
                                     "sliding-window attention is not implemented in the decode loop")
@@ -75,16 +74,7 @@ class Decoder:
         # Weakly: the Decoder kept per model (generate's cache) must not keep its model alive.
         self._model = weakref.ref(model)
         self.max_batch, self.max_length = max_batch, max_length
-        self.layers = list(inner.layers[: config.num_hidden_layers])
-        # Per layer, the callables the loop runs: each module's forward itself (skipping nn.Module.__call__'s
-        # hook machinery, a good part of the per-token Python) unless hooks are registered when this is built.
-        self._steps = [tuple(_callable(m) for m in (layer.input_layernorm, layer.self_attn.q_proj,
-                                                    layer.self_attn.k_proj, layer.self_attn.v_proj,
-                                                    layer.self_attn.o_proj, layer.post_attention_layernorm,
-                                                    layer.mlp))
-                       + (layer.self_attn.scaling,) for layer in self.layers]
-        self._embed, self._norm, self._lm_head = (_callable(m) for m in (inner.embed_tokens, inner.norm,
-                                                                           model.lm_head))
+        self._bind(model)
         # The modeling module's own rotation, so a change there is followed here.
         self._apply_rotary = sys.modules[type(self.layers[0].self_attn).__module__].apply_rotary_pos_emb
         embed = inner.embed_tokens
@@ -100,6 +90,31 @@ class Decoder:
             positions = torch.arange(max_length, device=device).unsqueeze(0)
             cos, sin = inner.rotary_emb(torch.empty(0, dtype=dtype, device=device), positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]
+
+    def _bind(self, model) -> None:
+        """Per layer, the callables the loop runs: each module's forward itself (skipping nn.Module.__call__'s
+        hook machinery, a good part of the per-token Python) unless it has hooks."""
+        inner = model.model
+        self.layers = list(inner.layers[: model.config.num_hidden_layers])
+        modules = [inner.embed_tokens, inner.norm, model.lm_head]
+        self._steps = []
+        for layer in self.layers:
+            attn = layer.self_attn
+            parts = (layer.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                     layer.post_attention_layernorm, layer.mlp)
+            modules += parts
+            self._steps.append(tuple(_callable(m) for m in parts) + (attn.scaling,))
+        self._embed, self._norm, self._lm_head = (_callable(m) for m in modules[:3])
+        self._bound = [id(m) for m in modules] + [bool(m._forward_hooks or m._forward_pre_hooks) for m in modules]
+
+    def _rebind_if_changed(self, model) -> None:
+        """Binds the model's modules again if any was replaced (e.g. quantize_model after this was built)
+        or got hooks since."""
+        probe = Decoder.__new__(Decoder)
+        probe._bind(model)
+        if probe._bound != self._bound:
+            self.layers, self._steps, self._bound = probe.layers, probe._steps, probe._bound
+            self._embed, self._norm, self._lm_head = probe._embed, probe._norm, probe._lm_head
 
     @property
     def model(self):
@@ -142,6 +157,10 @@ class Decoder:
         the first eos id), as transformers' generate does; decoding stops when
         every row has ended."""
         rows = _as_rows(prompts, attention_mask)
+        model = self.model
+        if model is None:
+            raise MemboostError("this Decoder's model is gone (the Decoder holds it weakly)")
+        self._rebind_if_changed(model)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise MemboostError(f"'max_new_tokens' must be a positive int, got {max_new_tokens!r}")
         batch = len(rows)
@@ -203,8 +222,8 @@ def _callable(module):
 def _as_rows(prompts, attention_mask: Optional[torch.Tensor] = None) -> List[Sequence[int]]:
     if attention_mask is not None and (not isinstance(prompts, torch.Tensor) or not isinstance(
             attention_mask, torch.Tensor) or attention_mask.shape != prompts.shape):
-        raise MemboostError(f"'attention_mask' must be a tensor of the shape of 'prompts' (a tensor), got "
-                            f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__}")
+        got = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        raise MemboostError(f"'attention_mask' must be a tensor of the shape of 'prompts' (a tensor), got {got}")
     if isinstance(prompts, torch.Tensor):
         if prompts.dtype not in (torch.int32, torch.int64) or prompts.dim() not in (1, 2):
             raise MemboostTypeError(f"'prompts' must be an integer tensor [length] or [batch, length], "
@@ -249,8 +268,9 @@ def generate(model, prompts, max_new_tokens: int = 32, *, tokenizer=None, eos_to
     `prompts`: a string or a list of strings (then `tokenizer` is needed and
     the completions come back as a string or a list of strings), or token ids
     as Decoder.generate takes them (then a LongTensor [batch, max_new_tokens]
-    comes back; `attention_mask` marks padding in a [batch, length] tensor). `eos_token_id` defaults to the tokenizer's, else none: every
-    row gets max_new_tokens tokens. Without `decoder`, one kept per model is
+    comes back; `attention_mask` marks padding in a [batch, length] tensor).
+    `eos_token_id` defaults to the tokenizer's, else none: every row gets
+    max_new_tokens tokens. Without `decoder`, one kept per model is
     reused and reallocated larger when a call needs more room."""
     texts = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                          and all(isinstance(p, str) for p in prompts))
