@@ -197,7 +197,7 @@ def bench_model(name: str, args, tmp: str):
     results = []
     print(f"[{name}] llama.cpp on memboost's GGUF export", flush=True)
     llama_cpp = {}
-    gguf_types = sorted({FORMATS[f][1] for f in args.formats} | {FLOAT_GGUF} | set(REFERENCE_ONLY))
+    gguf_types = sorted({FORMATS[f][1] for f in args.formats if f in FORMATS} | {FLOAT_GGUF} | set(REFERENCE_ONLY))
     for qtype in gguf_types if not args.no_llama_cpp else []:
         path = os.path.join(tmp, f"{name}-{qtype}.gguf")
         memboost.export_gguf(model, path, qtype, tokenizer, verbose=False, progress=False)
