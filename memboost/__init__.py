@@ -11,6 +11,7 @@ NF4, LoRT), with fused CPU and CUDA kernels.
     stats = memboost.calibrate(model, batches)   # per-layer E[x^2], optional
     report = memboost.quantize_model(model, "mixed", ratio_4bit=0.25, calibration=stats)
     plan = memboost.allocate_ratio_4bit(model, batches, bits=2.9)  # {layer: ratio_4bit}
+    text = memboost.generate(model, "The moon is", tokenizer=tok)  # static-cache decode loop
 
 Every error for bad input is a memboost.MemboostError (a ValueError).
 """
@@ -34,6 +35,8 @@ from .model import (QuantizationReport, allocate_ratio_4bit, calibrate, load_qua
                     quantize_linears_, quantize_model)
 from .io import load_quantized, load_safetensors, save_quantized, save_safetensors
 from .io.gguf import export_gguf
+from . import runtime
+from .runtime import Decoder, generate
 from .train import distributed, qlora, vsa
 from . import testbed, tritter
 
@@ -55,7 +58,8 @@ __all__ = [
     "quantize_linears_", "quantize_model", "QuantizationReport", "load_quantized_", "save_safetensors",
     "load_safetensors", "MemboostError", "MemboostTypeError", "testbed", "save_quantized", "load_quantized",
     "ternary", "TernaryQuantizedTensor", "tritter", "vsa", "distributed", "nf4", "NF4QuantizedTensor", "qlora",
-    "lort", "LoRTQuantizedTensor", "export_gguf", "allocate_ratio_4bit", "output_sensitivity",
+    "lort", "LoRTQuantizedTensor", "export_gguf", "allocate_ratio_4bit", "output_sensitivity", "runtime", "Decoder",
+    "generate",
 ]
 
 

@@ -2,6 +2,7 @@
 
     memboost quantize MODEL OUT [--method mixed] [--ratio-4bit 1.0 | --bits 3.5] [--calibrate TEXT [--sequential]]
     memboost eval MODEL [--text TEXT] [--prompt P] [--compile]
+    memboost generate MODEL --prompt P [--prompt P2 ...] [--new-tokens 64]
     memboost info DIR
     memboost compare [--quick] [--plot compare.png]
     memboost gguf MODEL OUT.gguf [--type Q4_0] [--calibrate TEXT]
@@ -151,21 +152,38 @@ def token_windows(tokenizer, text: str, tokens: int, skip: int = 0, window: int 
     return [ids[i:i + window].unsqueeze(0) for i in range(0, len(ids), window)]
 
 
-def generation_speed(model, tokenizer, prompt: str, new_tokens: int):
-    """(completion text, generated tokens per second), greedy, through the
-    chat template when the tokenizer has one (an Instruct model)."""
+def prompt_ids(tokenizer, prompt: str) -> torch.Tensor:
+    """The prompt's token ids [length], through the chat template when the
+    tokenizer has one (an Instruct model)."""
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "user", "content": prompt}]
         inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                return_dict=True)
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
+    return inputs["input_ids"][0]
+
+
+def generation_speed(model, tokenizer, prompt: str, new_tokens: int, transformers_generate: bool = False):
+    """(completion text, generated tokens per second), greedy, exactly
+    new_tokens tokens: through memboost's decode loop (memboost.runtime) for
+    the families it knows, else (or with transformers_generate) transformers' generate."""
+    from . import runtime
+
+    ids = prompt_ids(tokenizer, prompt)
+    fast = not transformers_generate and getattr(model.config, "model_type", None) in runtime.SUPPORTED_FAMILIES
+    decoder = runtime.Decoder(model, max_batch=1, max_length=len(ids) + new_tokens) if fast else None
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        if fast:
+            new = decoder.generate(ids, max_new_tokens=new_tokens)[0]
+        else:
+            new = model.generate(ids[None], attention_mask=torch.ones_like(ids)[None], max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False)[0, len(ids):]
     seconds = time.perf_counter() - start
-    new = out[0, inputs["input_ids"].shape[1]:]
-    return tokenizer.decode(new, skip_special_tokens=True), len(new) / seconds
+    # The decode loop runs past an end of sequence (the timing wants every token); the text stops there.
+    text = tokenizer.decode(runtime.until_eos(new.tolist(), tokenizer.eos_token_id), skip_special_tokens=True)
+    return text, len(new) / seconds
 
 
 def parse_params(items) -> dict:
@@ -310,8 +328,9 @@ def _evaluate(name: str, args, text: str) -> dict:
               "completion": completion}
     if args.compile:
         model.forward = torch.compile(model.forward, dynamic=True)
-        generation_speed(model, tokenizer, args.prompt, 4)  # compiles
-        result["tokens_per_s_compiled"] = generation_speed(model, tokenizer, args.prompt, args.new_tokens)[1]
+        generation_speed(model, tokenizer, args.prompt, 4, transformers_generate=True)  # compiles
+        result["tokens_per_s_compiled"] = generation_speed(model, tokenizer, args.prompt, args.new_tokens,
+                                                           transformers_generate=True)[1]
     return result
 
 
@@ -321,8 +340,8 @@ def cmd_eval(args) -> int:
     results = [_evaluate(name, args, text) for name in [args.model] + ([args.baseline] if args.baseline else [])]
     print(f"\nperplexity on {args.tokens} tokens of {args.text} (windows of {args.window}); generation: "
           f"{args.new_tokens} greedy tokens, {torch.get_num_threads()} CPU threads")
-    compiled = " tokens/s compiled |" if args.compile else ""
-    print(f"| model | perplexity | tokens/s eager |{compiled}")
+    compiled = " tokens/s transformers compiled |" if args.compile else ""
+    print(f"| model | perplexity | tokens/s (memboost.runtime) |{compiled}")
     print("|---|---|---|" + ("---|" if args.compile else ""))
     for r in results:
         extra = f" {r['tokens_per_s_compiled']:.1f} |" if args.compile else ""
@@ -330,6 +349,23 @@ def cmd_eval(args) -> int:
     for r in results:
         print(f"{r['model']}: {args.prompt!r} -> {r['completion']!r}")
     return 0 if all(math.isfinite(r["perplexity"]) for r in results) else 1
+
+
+def cmd_generate(args) -> int:
+    from . import runtime
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    model, tokenizer = load_model(args.model)
+    rows = [prompt_ids(tokenizer, p) for p in args.prompt]
+    start = time.perf_counter()
+    out = runtime.generate(model, rows, max_new_tokens=args.new_tokens, eos_token_id=tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    for p, tokens in zip(args.prompt, out.tolist()):
+        completion = tokenizer.decode(runtime.until_eos(tokens, tokenizer.eos_token_id), skip_special_tokens=True)
+        print(f"{p!r} -> {completion!r}")
+    print(f"{len(rows)} prompt(s), up to {args.new_tokens} tokens each in {seconds:.2f} s "
+          f"({torch.get_num_threads()} CPU threads)", file=sys.stderr)
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -444,10 +480,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation prompt")
     e.add_argument("--new-tokens", type=int, default=32, help="tokens generated to time generation")
     e.add_argument("--baseline", help="a second model evaluated the same way, e.g. 'smollm2'")
-    e.add_argument("--compile", action="store_true", help="also time generation under torch.compile")
+    e.add_argument("--compile", action="store_true",
+                   help="also time transformers' generate with the model's forward under torch.compile")
     e.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     add_load_args(e)
     e.set_defaults(fn=cmd_eval)
+
+    gen = sub.add_parser("generate", help="greedy completions through the static-cache decode loop",
+                         formatter_class=_Formatter)
+    gen.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"model folder or {DEFAULT_MODEL!r}")
+    gen.add_argument("--prompt", action="append", required=True,
+                     help="a prompt (repeatable: the prompts are decoded together as one batch)")
+    gen.add_argument("--new-tokens", type=int, default=64, help="tokens generated per prompt at most")
+    gen.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    gen.set_defaults(fn=cmd_generate)
 
     c = sub.add_parser("compare", help="memboost's formats against bitsandbytes and HQQ on SmolLM2, two texts",
                        formatter_class=_Formatter)

@@ -23,6 +23,7 @@ LAYERS = [
     ["memboost.nn"],
     ["memboost.model"],
     ["memboost.io"],
+    ["memboost.runtime"],
     ["memboost.train", "memboost.integrations"],
     ["memboost.tritter", "memboost.testbed", "memboost.compare", "memboost.cli", "memboost.__main__", "memboost"],
 ]

@@ -1,0 +1,215 @@
+"""memboost.runtime: the static-cache decode loop gives transformers' eager
+greedy tokens, for every format and family, one prompt or many at once."""
+
+import pytest
+import torch
+
+import memboost
+from memboost.runtime import Decoder
+
+from conftest import tiny_llama_with_tokenizer
+
+VOCAB = 64
+FAMILIES = ["llama", "qwen2", "mistral", "gemma"]
+# Every format on every family, the quantizer arguments sized for 64-wide layers.
+FORMATS = {
+    "float": None,
+    "mixed": dict(ratio_4bit=0.5, group_size=32),
+    "mixed-act8": dict(ratio_4bit=0.5, group_size=32, act_bits=8),
+    "nf4": dict(block_size=64),
+    "ternary": dict(),
+    "lort": dict(rank=8, iters=2),
+}
+
+
+def tiny_model(family: str, seed: int = 0):
+    """A tiny random model of `family` (seeded): two layers, grouped-query attention."""
+    import transformers
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+    }[family]
+    extra = {"head_dim": 16} if family == "gemma" else {}
+    torch.manual_seed(seed)
+    model = model_cls(config(**common, **extra)).eval()
+    model.generation_config.eos_token_id = None  # no end of sequence: exactly max_new_tokens from generate
+    if family == "qwen2":  # its q/k/v biases start at zero: make them count
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model
+
+
+def quantized(family: str, fmt: str):
+    model = tiny_model(family)
+    params = FORMATS[fmt]
+    if params is not None:
+        method = fmt.split("-")[0]
+        report = memboost.quantize_model(model, method, progress=False, **params)
+        assert len(report.replaced) == 14, report.summary()
+    return model
+
+
+def prompt(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
+
+
+def eager(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """transformers' eager greedy generate, one prompt, new_tokens tokens (the models here have no eos)."""
+    with torch.inference_mode():
+        out = model.generate(ids.unsqueeze(0), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=new_tokens, do_sample=False)
+    assert out.shape[1] == len(ids) + new_tokens
+    return out[0, len(ids):]
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokens_equal_eager_generate(family, fmt):
+    model = quantized(family, fmt)
+    decoder = Decoder(model, max_batch=1, max_length=96)
+    for seed, length in ((1, 7), (2, 12)):
+        ids = prompt(length, seed)
+        ref = eager(model, ids, 64)
+        out = decoder.generate(ids, max_new_tokens=64)
+        assert out.shape == (1, 64)
+        assert torch.equal(out[0], ref), (family, fmt, seed)
+
+
+@pytest.mark.parametrize("batch", [8, 16])
+@pytest.mark.parametrize("family,fmt", [("llama", "mixed"), ("qwen2", "float"), ("gemma", "nf4")])
+def test_batch_equals_eager_per_prompt(family, fmt, batch):
+    model = quantized(family, fmt)
+    decoder = Decoder(model, max_batch=16, max_length=64)
+    prompts = [prompt(1 + (5 * i) % 13, 100 + i) for i in range(batch)]  # lengths 1..13, left-padded
+    out = decoder.generate(prompts, max_new_tokens=24)
+    assert out.shape == (batch, 24)
+    for i, ids in enumerate(prompts):
+        assert torch.equal(out[i], eager(model, ids, 24)), (family, fmt, i, len(ids))
+
+
+def test_static_cache_reused_across_prompt_lengths():
+    model = quantized("llama", "mixed")
+    decoder = Decoder(model, max_batch=2, max_length=48)
+    pointers = [t.data_ptr() for t in decoder.keys + decoder.values]
+    # long, short, long again, then a batch: stale keys of a longer earlier prompt must never be attended
+    for ids in (prompt(20, 5), prompt(3, 6), prompt(20, 7)):
+        assert torch.equal(decoder.generate(ids, max_new_tokens=28)[0], eager(model, ids, 28))
+    pair = [prompt(4, 8), prompt(11, 9)]
+    out = decoder.generate(pair, max_new_tokens=20)
+    for i, ids in enumerate(pair):
+        assert torch.equal(out[i], eager(model, ids, 20))
+    assert decoder.generate(prompt(3, 6), max_new_tokens=28).tolist() == [eager(model, prompt(3, 6), 28).tolist()]
+    assert [t.data_ptr() for t in decoder.keys + decoder.values] == pointers
+
+
+def test_generate_strings_with_eos_like_transformers():
+    model, tokenizer = tiny_llama_with_tokenizer()
+    memboost.quantize_model(model, "mixed", ratio_4bit=0.5, group_size=32, progress=False)
+    texts = ["It was the best of", "the age of wisdom, it was the age of foolishness", "times"]
+    completions = memboost.generate(model, texts, max_new_tokens=20, tokenizer=tokenizer)
+    for text, completion in zip(texts, completions):
+        inputs = tokenizer(text, return_tensors="pt")
+        with torch.inference_mode():
+            ref = model.generate(**inputs, max_new_tokens=20, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        assert completion == tokenizer.decode(ref, skip_special_tokens=True)
+    assert memboost.generate(model, texts[0], max_new_tokens=20, tokenizer=tokenizer) == completions[0]
+    # ids in, ids out; the decoder kept for the model grows when a call needs more room
+    ids = tokenizer(texts[1])["input_ids"]
+    out = memboost.generate(model, [ids] * 3, max_new_tokens=100)
+    assert out.shape == (3, 100)
+    with torch.inference_mode():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=100, min_new_tokens=100, do_sample=False)
+    assert torch.equal(out[0], ref[0, len(ids):]) and torch.equal(out[0], out[2])
+
+
+def test_errors_name_the_argument():
+    model = quantized("llama", "float")
+    decoder = Decoder(model, max_batch=2, max_length=32)
+    with pytest.raises(memboost.MemboostError, match="max_length=32"):
+        decoder.generate(prompt(30, 1), max_new_tokens=8)
+    with pytest.raises(memboost.MemboostError, match="'prompts' holds 3 prompts.*max_batch=2"):
+        decoder.generate([prompt(3, 1)] * 3, max_new_tokens=4)
+    with pytest.raises(memboost.MemboostError, match="'max_new_tokens'"):
+        decoder.generate(prompt(3, 1), max_new_tokens=0)
+    with pytest.raises(memboost.MemboostError, match="'prompts' holds an empty prompt"):
+        decoder.generate([[]], max_new_tokens=4)
+    with pytest.raises(memboost.MemboostTypeError, match="'prompts'"):
+        decoder.generate(torch.zeros(1, 3), max_new_tokens=4)
+    with pytest.raises(memboost.MemboostError, match="'max_length'.*max_position_embeddings"):
+        Decoder(model, max_length=1000)
+    with pytest.raises(memboost.MemboostError, match="'max_batch'"):
+        Decoder(model, max_batch=0)
+    with pytest.raises(memboost.MemboostError, match="'tokenizer'"):
+        memboost.generate(model, "a prompt")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB)).eval()
+    with pytest.raises(memboost.MemboostError, match="'model' must be a causal LM of the llama"):
+        Decoder(gpt2)
+    mistral = tiny_model("mistral")
+    mistral.config.sliding_window = 16
+    with pytest.raises(memboost.MemboostError, match="'max_length' \\(32\\) exceeds the model's sliding_window"):
+        Decoder(mistral, max_length=32)
+
+
+def test_cli_generate_decodes_the_prompts_together(tmp_path, capsys):
+    from memboost import cli
+
+    model, tokenizer = tiny_llama_with_tokenizer()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    prompts = ["It was the best of", "the age of wisdom, it was", "times"]
+    threads = torch.get_num_threads()
+    try:
+        argv = ["generate", str(tmp_path), "--new-tokens", "12", "--threads", "1"]
+        assert cli.main(argv + [a for p in prompts for a in ("--prompt", p)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out.splitlines()
+    expected = memboost.generate(model, prompts, max_new_tokens=12, tokenizer=tokenizer)
+    assert printed == [f"{p!r} -> {c!r}" for p, c in zip(prompts, expected)]
+    assert cli.main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_padded_tensor_with_attention_mask_and_the_kept_decoder_lets_the_model_go():
+    import gc
+    import weakref
+
+    from memboost.runtime import decode
+
+    model = quantized("mistral", "ternary")
+    rows = [prompt(4, 21), prompt(9, 22)]
+    padded = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for i, r in enumerate(rows):  # left padding with token 0, which is also a real token id
+        padded[i, 9 - len(r):], mask[i, 9 - len(r):] = r, 1
+    out = memboost.generate(model, padded, max_new_tokens=16, attention_mask=mask)
+    assert torch.equal(out, memboost.generate(model, rows, max_new_tokens=16))
+    assert torch.equal(out[0], eager(model, rows[0], 16)) and torch.equal(out[1], eager(model, rows[1], 16))
+    with pytest.raises(memboost.MemboostError, match="'attention_mask'"):
+        memboost.generate(model, padded, max_new_tokens=4, attention_mask=mask[:, 1:])
+    gone = weakref.ref(model)
+    assert len(decode._decoders) >= 1
+    del model
+    gc.collect()
+    assert gone() is None  # the Decoder kept for it (its KV cache) did not keep it alive
+
+
+def test_decoder_follows_layers_replaced_after_it_was_built():
+    model = tiny_model("llama")
+    decoder = Decoder(model, max_length=40)
+    ids = prompt(6, 31)
+    float_tokens = decoder.generate(ids, max_new_tokens=24)[0]
+    assert torch.equal(float_tokens, eager(model, ids, 24))
+    memboost.quantize_model(model, "ternary", progress=False)  # replaces the projections in place
+    quantized_tokens = decoder.generate(ids, max_new_tokens=24)[0]
+    assert torch.equal(quantized_tokens, eager(model, ids, 24))
+    assert not torch.equal(quantized_tokens, float_tokens)
