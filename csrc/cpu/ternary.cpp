@@ -476,7 +476,17 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, con
       if (isa != cpu::Isa::Portable) {
         // x padded to whole chunks with zeros, so whole chunks can be read
         const int64_t padded = trits::padded_cols(d.cols);
-        const auto xp_t = padded == d.cols ? xf : at::constant_pad_nd(xf, {0, padded - d.cols}, 0.0);
+        // (by hand: at::constant_pad_nd costs more than a small layer's kernel)
+        at::Tensor xp_t = xf;
+        if (padded != d.cols) {
+          xp_t = at::empty({m_rows, padded}, xf.options());
+          const float* src = xf.data_ptr<float>();
+          float* dst = xp_t.data_ptr<float>();
+          for (int64_t m = 0; m < m_rows; ++m) {
+            std::copy(src + m * d.cols, src + (m + 1) * d.cols, dst + m * padded);
+            std::fill(dst + m * padded + d.cols, dst + (m + 1) * padded, 0.f);
+          }
+        }
         const float* xp = xp_t.data_ptr<float>();
         at::parallel_for(0, (d.rows + kRowTile - 1) / kRowTile, std::max<int64_t>(1, grain / kRowTile),
                          [&](int64_t b0, int64_t b1) {
