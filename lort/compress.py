@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import torch
 
 from memboost._threads import _single_threaded_ops
-from memboost.errors import MemboostError
+from memboost.errors import MemboostError, check_device as check_device_of
 from memboost.formats.lort import decompose, resolve_rank
 
 from .fileformat import LortWriter
@@ -158,13 +158,24 @@ class RssSampler:
         self.peak = max(self.peak, self.current_mib())
 
 
+def check_device(device: str) -> str:
+    """`device` ('cpu', 'cuda', 'cuda:N') if this machine has it, else a clear error."""
+    if check_device_of(device, "--device").type not in ("cpu", "cuda"):
+        raise MemboostError(f"'--device' must be cpu, cuda, cuda:N or auto, got {device!r}")
+    return device
+
+
 def compress(spec: Optional[str], output: str, rank=64, max_bits: Optional[float] = None, iters: int = 10,
              min_dim: int = 128, skip=DEFAULT_SKIP, per_row_alpha: bool = True, device: str = "auto",
              raw_dtype: Optional[torch.dtype] = torch.float16, progress: bool = True) -> dict:
     """Compresses a model into `output`; returns the summary (also what the command prints).
     raw_dtype: the dtype the uncompressed floating tensors are stored in (None: as they are)."""
+    from memboost.io.serialization import check_output_path
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = check_device(device)
+    check_output_path(output)   # before any work: a bad path fails now, not after the compression
     source, config, tok_files, description = open_model(spec)
     try:
         plan, raw = [], []

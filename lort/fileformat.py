@@ -6,7 +6,8 @@ filling the gap, so the reader can map each block as a tensor in place.
 
     header
       "LORT"             4 bytes, the magic (the seed's)
-      u32 version        2 (version 1 was the seed's file, which never stored A and B)
+      u32 version        3 (2: the same without the checksums, still read; 1 was the
+                         seed's file, which never stored A and B)
       u32 layer_count    LoRT layers that follow (the seed's field)
       u32 tensor_count   uncompressed tensors after the layers
       u64 meta_length    then meta_length bytes of UTF-8 JSON: {"config": the
@@ -18,6 +19,8 @@ filling the gap, so the reader can map each block as a tensor in place.
       u32 flags          bit 0: one alpha per row (else one for the matrix)
       u32 out, u32 in, u32 rank
       u64 packed_length  out * ceil(in / 128) * 32
+      u32 crc32          (version 3) zlib's CRC-32 of the bytes of alpha, A, B and T
+                         in that order (the padding between them not included)
       [align 64] alpha   f32 x (out if per-row else 1)
       [align 64] A       f16 [out, rank], row-major
       [align 64] B       f16 [in, rank], row-major
@@ -32,6 +35,7 @@ filling the gap, so the reader can map each block as a tensor in place.
       u32 name_length, UTF-8 name
       u32 dtype, u32 ndim, ndim x u64 dims
       u64 nbytes         = product(dims) * itemsize
+      u32 crc32          (version 3) zlib's CRC-32 of the data's nbytes bytes
       [align 64] data
     end of file: nothing may follow the last block.
 
@@ -42,6 +46,8 @@ without touching the file) and checks every length against the bytes left
 before it maps anything, so a truncated or hostile file raises a
 LortFileError (a memboost.MemboostError, a ValueError) naming the file, the
 record and what is wrong; never a crash or an allocation beyond the file.
+By default it also checks each record's CRC-32 (version 3), so damaged bytes
+are named rather than computed with (load(path, verify=False) skips that).
 The writer streams records to a temporary file next to the target, fsyncs
 it and renames it into place (memboost.io.serialization.atomic_write).
 """
@@ -50,6 +56,7 @@ import json
 import mmap
 import os
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -62,7 +69,8 @@ from memboost.io.serialization import atomic_write
 from memboost.formats.tensor import dtype_name
 
 MAGIC = b"LORT"
-VERSION = 2
+VERSION = 3
+READ_VERSIONS = (2, 3)  # version 2 files (before checksums) still load, unchecked
 ALIGN = 64
 MAX_NAME_BYTES = 4096
 MAX_NDIM = 8
@@ -100,6 +108,12 @@ def _pad(offset: int) -> int:
     return -offset % ALIGN
 
 
+def _raw_bytes(t: torch.Tensor):
+    """A tensor's bytes (contiguous, on the CPU) as a buffer, without a copy where it already is one."""
+    t = t.detach().contiguous().cpu()
+    return t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
+
+
 # -- writing -------------------------------------------------------------------
 class LortWriter:
     """Streams a .lort file: the counts are declared up front (they are in the
@@ -110,7 +124,12 @@ class LortWriter:
             w.add_layer("a.weight", q1); w.add_layer("b.weight", q2); w.add_tensor("norm", t)
     """
 
-    def __init__(self, path: str, layer_count: int, tensor_count: int, meta: Optional[dict] = None):
+    def __init__(self, path: str, layer_count: int, tensor_count: int, meta: Optional[dict] = None,
+                 version: int = VERSION):
+        # version=2 writes the file of lort before checksums (what older readers read)
+        if version not in READ_VERSIONS:
+            raise MemboostError(f"'version' must be one of {READ_VERSIONS}, got {version!r}")
+        self.version = version
         meta_bytes = json.dumps(meta or {}, sort_keys=True).encode("utf-8")
         if len(meta_bytes) > MAX_META_BYTES:
             raise MemboostError(f"'meta' is {len(meta_bytes)} bytes of JSON, more than a .lort file holds "
@@ -124,7 +143,7 @@ class LortWriter:
         try:
             self._f = open(tmp, "wb")
             self._offset = 0
-            self._write(MAGIC + struct.pack("<IIIQ", VERSION, layer_count, tensor_count, len(meta_bytes)))
+            self._write(MAGIC + struct.pack("<IIIQ", version, layer_count, tensor_count, len(meta_bytes)))
             self._write(meta_bytes)
         except BaseException as exc:
             self._abort(exc)
@@ -134,11 +153,18 @@ class LortWriter:
         self._f.write(data)
         self._offset += len(data)
 
-    def _block(self, t: torch.Tensor) -> None:
+    def _block(self, data) -> None:
         self._write(b"\0" * _pad(self._offset))
-        t = t.detach().contiguous().cpu()
-        if t.numel():
-            self._write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._write(data)
+
+    def _crc(self, blocks) -> bytes:
+        """The record's u32 CRC-32 field (nothing in a version 2 file)."""
+        if self.version < 3:
+            return b""
+        crc = 0
+        for data in blocks:
+            crc = zlib.crc32(data, crc)
+        return struct.pack("<I", crc)
 
     def _name(self, name: str) -> None:
         if not isinstance(name, str) or name in self._names:
@@ -156,11 +182,12 @@ class LortWriter:
             raise MemboostError(f"layer {name!r}: all {self._expected[0]} declared layers come before the tensors")
         n, k = q.shape
         t = q.tensors
+        blocks = [_raw_bytes(t[key]) for key in ("alpha", "A", "B", "packed")]
         self._name(name)
         self._write(struct.pack("<IIIIIQ", DTYPE_CODES[q.dtype], int(q.per_row_alpha), n, k, q.rank,
-                                t["packed"].numel()))
-        for key in ("alpha", "A", "B", "packed"):
-            self._block(t[key])
+                                t["packed"].numel()) + self._crc(blocks))
+        for data in blocks:
+            self._block(data)
         self._written[0] += 1
 
     def add_tensor(self, name: str, t: torch.Tensor) -> None:
@@ -171,10 +198,11 @@ class LortWriter:
             got = f"{t.dtype}, {t.dim()}-D" if isinstance(t, torch.Tensor) else type(t).__name__
             raise MemboostError(f"tensor {name!r}: a .lort file stores tensors of {sorted(map(str, DTYPE_CODES))} "
                                 f"with at most {MAX_NDIM} dimensions, got {got}")
+        data = _raw_bytes(t)
         self._name(name)
         self._write(struct.pack("<II", DTYPE_CODES[t.dtype], t.dim()) + struct.pack(f"<{t.dim()}Q", *t.shape)
-                    + struct.pack("<Q", t.numel() * t.element_size()))
-        self._block(t)
+                    + struct.pack("<Q", t.numel() * t.element_size()) + self._crc([data]))
+        self._block(data)
         self._written[1] += 1
 
     def close(self) -> None:
@@ -217,6 +245,8 @@ class _Cursor:
     def __init__(self, path: str, buf, size: int):
         self.path, self.buf, self.size, self.pos = path, buf, size, 0
         self.record = "header"
+        self.verify = False  # set when the file has checksums and they are checked
+        self.crc = 0  # CRC-32 of the data blocks read since the last reset (record by record)
 
     def fail(self, what: str) -> "LortFileError":
         return LortFileError(f"{self.path!r}: {self.record}: {what}")
@@ -256,6 +286,8 @@ class _Cursor:
             t = torch.empty(shape, dtype=dtype)
         else:
             t = torch.frombuffer(self.buf, dtype=torch.uint8, count=count * itemsize, offset=self.pos)
+            if self.verify:
+                self.crc = zlib.crc32(t.numpy(), self.crc)
             if dtype == torch.bool and bool((t > 1).any()):
                 raise self.fail(f"{what}: bool values must be bytes 0 or 1")
             t = t.view(dtype).reshape(shape)
@@ -263,9 +295,20 @@ class _Cursor:
         return t
 
 
-def load(path: str) -> LortFile:
+    def check_crc(self, expected: Optional[int]) -> None:
+        """The record's data blocks against its saved CRC-32 (when verifying)."""
+        if self.verify and self.crc != expected:
+            raise self.fail(f"damaged: its bytes do not match the checksum saved with them (CRC-32 {self.crc:08x}, "
+                            f"saved {expected:08x}); restore the file from a good copy (load(path, verify=False) / "
+                            "--no-verify reads it anyway)")
+        self.crc = 0
+
+
+def load(path: str, verify: bool = True) -> LortFile:
     """Reads a .lort file, memory-mapped: the tensors share the mapping's pages
-    (copy-on-write) and are checked before anything is built from them."""
+    (copy-on-write) and are checked before anything is built from them.
+    `verify` checks each record's CRC-32 (version 3 files): one pass over the
+    bytes, which also brings them into memory; False skips it."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise LortFileError(f"{path!r} is not a file")
@@ -282,11 +325,12 @@ def load(path: str) -> LortFile:
         raise LortFileError(f"{path!r}: not a .lort file (starts with {magic!r}, expected {MAGIC!r})")
     cur.pos = 4
     version, layer_count, tensor_count, meta_length = cur.unpack("<IIIQ", "header")
-    if version != VERSION:
+    if version not in READ_VERSIONS:
         why = ("version 1 was the seed's file, which stored neither A nor B"
                if version == 1 else "upgrade lort" if version > VERSION else "unknown version")
-        raise LortFileError(f"{path!r}: .lort version {version} is not supported (this reader reads version "
-                            f"{VERSION}; {why})")
+        raise LortFileError(f"{path!r}: .lort version {version} is not supported (this reader reads versions "
+                            f"{', '.join(map(str, READ_VERSIONS))}; {why})")
+    cur.verify = verify and version >= 3
     if meta_length > MAX_META_BYTES:
         raise cur.fail(f"metadata length {meta_length} exceeds {MAX_META_BYTES}")
     cur.need(meta_length, "metadata")
@@ -309,6 +353,7 @@ def load(path: str) -> LortFile:
         if name in out.layers:
             raise cur.fail("a layer of this name came before")
         dtype_code, flags, n, k, rank, packed_len = cur.unpack("<IIIIIQ", "layer header")
+        (crc,) = cur.unpack("<I", "checksum") if version >= 3 else (None,)
         if DTYPES.get(dtype_code) not in _LORT_WEIGHT_DTYPES:
             raise cur.fail(f"weight dtype code {dtype_code} is not one of float32 (0), float16 (1), bfloat16 (2)")
         if flags & ~1:
@@ -324,6 +369,7 @@ def load(path: str) -> LortFile:
         a = cur.tensor(torch.float16, (n, rank), "A")
         b = cur.tensor(torch.float16, (k, rank), "B")
         packed = cur.tensor(torch.uint8, (n, row_bytes), "packed trits")
+        cur.check_crc(crc)
         try:
             out.layers[name] = LoRTQuantizedTensor({"packed": packed, "alpha": alpha, "A": a, "B": b},
                                                    {"shape": [n, k], "dtype": dtype_name(DTYPES[dtype_code])})
@@ -342,6 +388,7 @@ def load(path: str) -> LortFile:
             raise cur.fail(f"{ndim} dimensions (at most {MAX_NDIM})")
         shape = cur.unpack(f"<{ndim}Q", "dimensions")
         (nbytes,) = cur.unpack("<Q", "byte count")
+        (crc,) = cur.unpack("<I", "checksum") if version >= 3 else (None,)
         itemsize = torch.empty((), dtype=DTYPES[dtype_code]).element_size()
         count = 1
         for s in shape:
@@ -350,6 +397,7 @@ def load(path: str) -> LortFile:
             raise cur.fail(f"byte count {nbytes} disagrees with shape {list(shape)} of "
                            f"{dtype_name(DTYPES[dtype_code])}")
         out.tensors[name] = cur.tensor(DTYPES[dtype_code], tuple(shape), "data")
+        cur.check_crc(crc)
     cur.record = "end of file"
     if cur.pos != size:
         raise cur.fail(f"{size - cur.pos} unexpected bytes after the last record")

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="compute dtype (embeddings and norms are cast to it; LoRT layers never are)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    ap.add_argument("--no-verify", action="store_true", help="skip checking the file's checksums (faster load)")
     return ap
 
 
@@ -82,11 +83,13 @@ def main(argv: Optional[list] = None) -> int:
     try:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
         start = time.perf_counter()
-        model, tokenizer = load_model(args.file, getattr(torch, args.dtype))
+        model, tokenizer = load_model(args.file, getattr(torch, args.dtype), verify=not args.no_verify)
         layers = sum(isinstance(m, LoRTLinear) for m in model.modules())
         print(f"{args.file}: {layers} LoRT layers, rebuilt in {time.perf_counter() - start:.1f} s")
-        if (args.prompt is not None or args.text) and tokenizer is None:
-            raise MemboostError(f"{args.file!r} holds no tokenizer: only --bench can run")
+        generate = args.prompt is not None or not (args.text or args.bench)   # the default action
+        if (generate or args.text) and tokenizer is None:
+            raise MemboostError(f"{args.file!r} holds no tokenizer: only --bench can run (generation and "
+                                "--text need one)")
         if args.text:
             from memboost.cli import read_text
             from memboost.testbed import perplexity
@@ -101,7 +104,7 @@ def main(argv: Optional[list] = None) -> int:
             for r in rows:
                 print(f"| {r['layer']} | {r['count']} | {r['shape'][0]}x{r['shape'][1]} | {r['rank']} | "
                       f"{r['lort_ms']:.3f} | {r['linear_ms']:.3f} | {r['speedup']:.2f}x |")
-        if args.prompt is not None or not (args.text or args.bench):
+        if generate:
             prompt = args.prompt if args.prompt is not None else "The capital of France is"
             from memboost.cli import generation_speed
 

@@ -107,13 +107,15 @@ def build_tokenizer(lort_file: LortFile, path: str = ""):
             raise MemboostError(f"{path!r}: the stored tokenizer cannot be loaded: {exc}") from None
 
 
-def load_model(path: str, dtype: Optional[torch.dtype] = torch.float32) -> Tuple[torch.nn.Module, object]:
+def load_model(path: str, dtype: Optional[torch.dtype] = torch.float32,
+               verify: bool = True) -> Tuple[torch.nn.Module, object]:
     """(model, tokenizer or None) rebuilt from a .lort file alone; `dtype` is
     the compute dtype (the stored embeddings and norms are cast to it; the
-    LoRT layers never are). None keeps the stored dtypes."""
+    LoRT layers never are). None keeps the stored dtypes. `verify` checks the
+    file's checksums (lort.fileformat.load)."""
     from .fileformat import load
 
-    lort_file = load(path)
+    lort_file = load(path, verify=verify)
     model = build_model(lort_file, path, dtype)
     tokenizer = build_tokenizer(lort_file, path) if lort_file.tokenizer_files else None
     return model, tokenizer

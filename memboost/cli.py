@@ -1,6 +1,6 @@
 """The `memboost` command.
 
-    memboost quantize MODEL OUT [--method mixed] [--ratio-4bit 0.1 | --bits 2.9] [--calibrate TEXT [--sequential]]
+    memboost quantize MODEL OUT [--method mixed] [--ratio-4bit 1.0 | --bits 3.5] [--calibrate TEXT [--sequential]]
     memboost eval MODEL [--text TEXT] [--prompt P] [--compile]
     memboost info DIR
     memboost compare [--quick] [--plot compare.png]
@@ -27,16 +27,31 @@ DEFAULT_MODEL = "smollm2"
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    def _get_help_string(self, action):
+        # An option left at None means "not given" (its default depends on
+        # other options and is stated in its help), not a value to show.
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
-def load_model(source: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from `smollm2`, a memboost directory or a plain Hugging Face folder."""
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def load_model(source: str, dtype="auto", verify: bool = True):
+    """(model, tokenizer) from `smollm2`, a memboost directory or a plain
+    Hugging Face folder. `dtype` (a torch dtype or its name): the dtype the
+    model is loaded in; "auto" the checkpoint's own (a plain folder: its
+    config's dtype; a memboost folder: the dtypes it stores; smollm2: float32,
+    what transformers' GGUF loader gives). `verify`: check a memboost folder's
+    checksums."""
     from .io import checkpoint
     from . import testbed
 
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype not in DTYPES:
+            raise MemboostError(f"'dtype' must be one of {list(DTYPES)}, got {dtype!r}")
+        dtype = getattr(torch, dtype)
     if source == DEFAULT_MODEL:
-        return testbed.load_smollm2(dtype)
+        return testbed.load_smollm2(torch.float32 if dtype == "auto" else dtype)
     if not os.path.exists(source):
         raise MemboostError(f"model {source!r} not found: give a local model folder or {DEFAULT_MODEL!r} "
                             "(models are not downloaded)")
@@ -47,8 +62,8 @@ def load_model(source: str, dtype: torch.dtype = torch.float32):
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise MemboostError(f"{source!r} has no usable tokenizer: {exc}") from None
+    except (OSError, ValueError, KeyError):
+        tokenizer = None  # only the steps that read text need one (need_tokenizer)
     config_path = os.path.join(source, checkpoint.CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise MemboostError(f"{source!r} has no config.json: not a model folder")
@@ -60,14 +75,32 @@ def load_model(source: str, dtype: torch.dtype = torch.float32):
         except ValueError as exc:
             raise MemboostError(f"{config_path!r} is not valid JSON: {exc}") from None
     if quantized:
-        return checkpoint.load_quantized(source, dtype=dtype), tokenizer
+        return checkpoint.load_quantized(source, dtype=None if dtype == "auto" else dtype, verify=verify), tokenizer
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    from ._progress import bars_shown
+
+    # transformers' own "Loading weights" bar follows memboost's rule (a terminal, or MEMBOOST_PROGRESS)
+    hide_bar = hf_logging.is_progress_bar_enabled() and not bars_shown()
+    if hide_bar:
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, dtype=dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise MemboostError(f"cannot load {source!r}: {exc}") from None
+    finally:
+        if hide_bar:
+            hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
+
+
+def need_tokenizer(tokenizer, source: str, what: str):
+    """`tokenizer`, or a clear error saying that `what` needs one that `source` lacks."""
+    if tokenizer is None:
+        raise MemboostError(f"{what} needs the model's tokenizer, and {source!r} has none that loads (a "
+                            "tokenizer.json, or tokenizer.model with the sentencepiece package installed)")
+    return tokenizer
 
 
 def read_text(source: str) -> str:
@@ -81,6 +114,16 @@ def read_text(source: str) -> str:
         return f.read()
 
 
+def add_load_args(parser) -> None:
+    """--dtype and --no-verify: how load_model loads the model."""
+    parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                        help="dtype the model is loaded in; auto: the checkpoint's own (config.json's dtype; a "
+                             "memboost folder: the dtypes it stores; smollm2: float32, what transformers' GGUF loader "
+                             "gives)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="skip checking a memboost folder's checksums (a faster load)")
+
+
 def add_calibration_args(parser, help_text: str, tokens: int) -> None:
     """--calibrate TEXT, --calib-tokens, --calib-skip: what calibration_windows reads."""
     parser.add_argument("--calibrate", metavar="TEXT", help=help_text)
@@ -89,9 +132,10 @@ def add_calibration_args(parser, help_text: str, tokens: int) -> None:
                         help="tokens skipped at the start of the calibration text")
 
 
-def calibration_windows(args, tokenizer):
-    """The token windows of --calibrate's text, per --calib-tokens / --calib-skip."""
-    return token_windows(tokenizer, read_text(args.calibrate), args.calib_tokens, skip=args.calib_skip)
+def calibration_windows(args, tokenizer, text: Optional[str] = None):
+    """The token windows of --calibrate's text (`text` when already read), per --calib-tokens / --calib-skip."""
+    text = read_text(args.calibrate) if text is None else text
+    return token_windows(tokenizer, text, args.calib_tokens, skip=args.calib_skip)
 
 
 def token_windows(tokenizer, text: str, tokens: int, skip: int = 0, window: int = 256):
@@ -140,41 +184,114 @@ def parse_params(items) -> dict:
     return params
 
 
-def cmd_quantize(args) -> int:
-    from . import allocate_ratio_4bit, calibrate, quantize_model, save_quantized
+# The command line's default keeps the model: every group 4-bit, groups of
+# 32 (4.44 bits per weight; SmolLM2-135M uncalibrated: perplexity 39.8 on
+# the fortunes and 34.5 on GPL-3 against 32.2 and 28.4 in float32, within
+# 1.3x on both, where groups of 64 (4.31 bits) gave 1.37x on GPL-3).
+# memboost.quantize's own default (ratio_4bit=0.1, 2.6 bits) stays the
+# seed's. --ratio-4bit, --group-size and --outlier-fraction apply to the
+# mixed format only.
+MIXED_DEFAULTS = {"ratio_4bit": 1.0, "group_size": 32, "outlier_fraction": 0.002}
+PROBE_TOKENS = 512      # tokens of the perplexity probe after calibrated quantization
+PROBE_MAX_RATIO = 1.5   # quantized / float perplexity above which the probe warns
 
-    params = {}
-    if args.method == "mixed":
-        params = dict(ratio_4bit=args.ratio_4bit, group_size=args.group_size,
-                      outlier_fraction=args.outlier_fraction)
-    params.update(parse_params(args.param))
-    model, tokenizer = load_model(args.model)
-    stats = windows = None
-    start = time.perf_counter()
+
+def _quantize_params(args) -> dict:
+    """The quantizer arguments of `memboost quantize`, every option that does not apply refused."""
+    mixed_only = {"--ratio-4bit": args.ratio_4bit is not None, "--group-size": args.group_size is not None,
+                  "--outlier-fraction": args.outlier_fraction is not None, "--bits": args.bits is not None,
+                  "--hessian": args.hessian}
+    given = [flag for flag, on in mixed_only.items() if on]
+    if args.method != "mixed" and given:
+        raise MemboostError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to --method mixed only; "
+                            f"give {args.method}'s own arguments with --param NAME=VALUE")
     if args.sequential and not args.calibrate:
         raise MemboostError("--sequential needs --calibrate TEXT")
-    if args.bits is not None and (args.method != "mixed" or not args.calibrate):
+    if args.hessian and not args.calibrate:
+        raise MemboostError("--hessian needs --calibrate TEXT (it measures the layers' inputs on that text)")
+    if args.bits is not None and not args.calibrate:
         raise MemboostError("--bits chooses the mixed format's ratio_4bit per layer: it needs --method mixed and "
                             "--calibrate TEXT")
+    if args.bits is not None and args.ratio_4bit is not None:
+        raise MemboostError("give --ratio-4bit (the same in every layer) or --bits (chosen per layer), not both")
+    params = {}
+    if args.method == "mixed":
+        params = {name: default if getattr(args, name) is None else getattr(args, name)
+                  for name, default in MIXED_DEFAULTS.items()}
+    params.update(parse_params(args.param))
+    from .model.quantize import check_params
+
+    check_params(args.method, params, calibrated=bool(args.calibrate))
+    return params
+
+
+def _windows_perplexity(model, windows) -> float:
+    """exp(mean next-token NLL) over [1, n] token windows (as memboost.testbed.perplexity scores a text)."""
+    nll, predicted = 0.0, 0
+    with torch.inference_mode():
+        for window in windows:
+            if window.shape[1] < 2:
+                continue
+            logits = model(window).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum"))
+            predicted += window.shape[1] - 1
+    return math.exp(nll / predicted)
+
+
+def _probe_windows(args, tokenizer, text: str):
+    """(windows, description) of the perplexity probe: PROBE_TOKENS tokens
+    of the calibration text after the calibrated ones when it has them, else
+    its first ones (calibrated on: an optimistic probe)."""
+    skip = args.calib_skip + args.calib_tokens
+    try:
+        return token_windows(tokenizer, text, PROBE_TOKENS, skip=skip), f"{args.calibrate} after the calibration tokens"
+    except MemboostError:
+        return token_windows(tokenizer, text, PROBE_TOKENS, skip=args.calib_skip), \
+            f"{args.calibrate} (the calibration tokens themselves)"
+
+
+def cmd_quantize(args) -> int:
+    from . import allocate_ratio_4bit, calibrate, quantize_model, save_quantized
+    from .io.serialization import check_output_path
+
+    params = _quantize_params(args)
+    check_output_path(args.out, folder=True)
+    text = read_text(args.calibrate) if args.calibrate else None
+    model, tokenizer = load_model(args.model, args.dtype, verify=not args.no_verify)
+    progress = False if args.quiet else None  # bars on a terminal, or as MEMBOOST_PROGRESS says
+    stats = windows = probe = None
+    start = time.perf_counter()
     if args.calibrate:
-        windows = calibration_windows(args, tokenizer)
+        windows = calibration_windows(args, need_tokenizer(tokenizer, args.model, "--calibrate"), text)
+        probe_windows, probe_text = _probe_windows(args, tokenizer, text)
+        probe = (_windows_perplexity(model, probe_windows), probe_windows, probe_text)
         if not args.sequential:
-            stats = calibrate(model, windows, hessian=args.hessian)
+            stats = calibrate(model, windows, hessian=args.hessian, progress=progress)
         if args.bits is not None:
             params["ratio_4bit"] = allocate_ratio_4bit(model, windows, args.bits, calibration=stats,
                                                        group_size=params["group_size"],
-                                                       outlier_fraction=params["outlier_fraction"])
+                                                       outlier_fraction=params["outlier_fraction"], progress=progress)
     if args.sequential:
         report = quantize_model(model, args.method, calibration_batches=windows, hessian=args.hessian,
-                                progress=not args.quiet, **params)
+                                progress=progress, **params)
     else:
-        report = quantize_model(model, args.method, calibration=stats, progress=not args.quiet, **params)
+        report = quantize_model(model, args.method, calibration=stats, progress=progress, **params)
+    if probe is not None:
+        before, probe_windows, probe_text = probe
+        after = _windows_perplexity(model, probe_windows)
+        print(f"perplexity probe on {sum(w.shape[1] for w in probe_windows)} tokens of {probe_text}: "
+              f"{before:.2f} float, {after:.2f} quantized ({after / before:.2f}x)")
+        if not after <= PROBE_MAX_RATIO * before:
+            report.warnings.append(
+                f"the quick perplexity probe rose {after / before:.2f}x (more than {PROBE_MAX_RATIO}x): this setting "
+                "damages the model; give it more bits (e.g. --ratio-4bit 1.0) or, for mixed, --hessian / --bits")
     seconds = time.perf_counter() - start
     print(report.summary())
     if args.verbose:
         print(report.table())
     print(f"quantized in {seconds:.1f} s{' (calibration included)' if windows else ''}")
-    save_quantized(model, args.out, tokenizer=tokenizer)
+    save_quantized(model, args.out, tokenizer=tokenizer,
+                   dtype="auto" if args.save_dtype == "auto" else getattr(torch, args.save_dtype))
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"saved to {args.out} ({size / 2**20:.1f} MiB)")
     return 0
@@ -183,7 +300,8 @@ def cmd_quantize(args) -> int:
 def _evaluate(name: str, args, text: str) -> dict:
     from .testbed import perplexity
 
-    model, tokenizer = load_model(name)
+    model, tokenizer = load_model(name, args.dtype, verify=not args.no_verify)
+    need_tokenizer(tokenizer, name, "memboost eval")
     start = time.perf_counter()
     ppl = perplexity(model, tokenizer, text, context=args.window, max_tokens=args.tokens)
     ppl_seconds = time.perf_counter() - start
@@ -220,7 +338,7 @@ def cmd_info(args) -> int:
 
     if not os.path.isdir(args.directory):
         raise MemboostError(f"{args.directory!r} is not a folder")
-    state = checkpoint.load_state(args.directory)
+    state = checkpoint.load_state(args.directory, verify=not args.no_verify)
     prefixes = sorted(k[:-len(FORMAT_INFO_KEY)] for k in state if k.endswith("." + FORMAT_INFO_KEY))
     if not prefixes:
         raise MemboostError(f"{args.directory!r} holds no memboost-quantized tensor")
@@ -234,8 +352,11 @@ def cmd_info(args) -> int:
         print(f"| {prefix[:-len('.weight.')]} | {q.format} | {q.shape[0]}x{q.shape[1]} | {q.avg_bits:.3f} | {fields} |")
         total_bits += 8 * q.nbytes
         total_weights += q.numel()
-    other = sum(v.numel() * v.element_size() for k, v in state.items()
-                if not any(k.startswith(p) for p in prefixes))
+    others = {}  # a tied tensor (lm_head and the embedding) is stored, and counted, once
+    for k, v in state.items():
+        if not any(k.startswith(p) for p in prefixes):
+            others[(v.data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)] = v.numel() * v.element_size()
+    other = sum(others.values())
     print(f"\n{len(prefixes)} quantized layers, {total_bits / total_weights:.3f} bits per weight; "
           f"{other / 2**20:.1f} MiB of other tensors (embeddings, norms, biases)")
     return 0
@@ -265,13 +386,11 @@ def cmd_gguf(args) -> int:
     from . import calibrate
     from .io.gguf.export import export_gguf
 
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.dtype, verify=not args.no_verify)
     stats = None
     if args.calibrate:
-        if tokenizer is None:
-            raise MemboostError(f"--calibrate needs the model's tokenizer; {args.model!r} has none")
-        windows = calibration_windows(args, tokenizer)
-        stats = calibrate(model, windows)
+        windows = calibration_windows(args, need_tokenizer(tokenizer, args.model, "--calibrate"))
+        stats = calibrate(model, windows, progress=False if args.quiet else None)
     report = export_gguf(model, args.out, weight_type=args.type, tokenizer=tokenizer, output_type=args.output_type,
                          calibration=stats, progress=False if args.quiet else None, verbose=False)
     if args.verbose:
@@ -288,19 +407,30 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help=f"model folder or {DEFAULT_MODEL!r}")
     q.add_argument("out", help="output folder (replaced as a whole)")
     q.add_argument("--method", default="mixed", help="format (memboost.nn.QuantizedLinear.for_format)")
-    q.add_argument("--ratio-4bit", type=float, default=0.1, help="mixed: fraction of 4-bit groups per row")
+    q.add_argument("--ratio-4bit", type=float,
+                   help=f"mixed: fraction of 4-bit groups per row (default: {MIXED_DEFAULTS['ratio_4bit']}: with "
+                        "groups of 32, 4.44 bits per weight; lower values cost perplexity, see README 'Results')")
     q.add_argument("--bits", type=float, help="mixed: bits per weight for the whole model; ratio_4bit is then "
                                               "chosen per layer (memboost.allocate_ratio_4bit; needs --calibrate)")
-    q.add_argument("--group-size", type=int, default=64, help="mixed: input columns per group")
-    q.add_argument("--outlier-fraction", type=float, default=0.002, help="mixed: fraction kept as 16-bit outliers")
+    q.add_argument("--group-size", type=int,
+                   help=f"mixed: input columns per group (default: {MIXED_DEFAULTS['group_size']})")
+    q.add_argument("--outlier-fraction", type=float,
+                   help=f"mixed: fraction kept as 16-bit outliers (default: {MIXED_DEFAULTS['outlier_fraction']})")
     q.add_argument("--param", action="append", metavar="NAME=VALUE",
                    help="a quantizer argument of the method (repeatable), e.g. --param act_bits=8")
-    add_calibration_args(q, "calibrate on a text file, or 'fortunes'", tokens=1024)
+    add_calibration_args(q, "calibrate on a text file, or 'fortunes' (mixed only; a quick perplexity probe on "
+                         f"{PROBE_TOKENS} further tokens of it then compares the quantized model with the float one)",
+                         tokens=1024)
     q.add_argument("--hessian", action="store_true",
-                   help="mixed: collect full input second moments and quantize with error compensation (GPTQ-style)")
+                   help="mixed: collect full input second moments and quantize with error compensation "
+                        "(GPTQ-style); needs --calibrate")
     q.add_argument("--sequential", action="store_true",
                    help="calibrate stage by stage on the outputs of the already quantized layers "
                         "(quantize_model(calibration_batches=...)); needs --calibrate")
+    add_load_args(q)
+    q.add_argument("--save-dtype", default="auto", choices=DTYPES,
+                   help="dtype of the unquantized tensors (embeddings, norms) in OUT; auto: the model's own when it is "
+                        "16-bit (bfloat16 for smollm2), else as loaded")
     q.add_argument("--verbose", action="store_true", help="print the per-layer table")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(fn=cmd_quantize)
@@ -316,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--baseline", help="a second model evaluated the same way, e.g. 'smollm2'")
     e.add_argument("--compile", action="store_true", help="also time generation under torch.compile")
     e.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    add_load_args(e)
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("compare", help="memboost's formats against bitsandbytes and HQQ on SmolLM2, two texts",
@@ -330,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="formats and bits per layer of a saved model", formatter_class=_Formatter)
     i.add_argument("directory")
+    i.add_argument("--no-verify", action="store_true", help="skip checking the folder's checksums")
     i.set_defaults(fn=cmd_info)
 
     g = sub.add_parser("gguf", help="export to one GGUF file for llama.cpp", formatter_class=_Formatter)
@@ -342,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(llama.cpp's importance matrix)", tokens=4096)
     g.add_argument("--verbose", action="store_true", help="print the per-tensor table")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_load_args(g)
     g.set_defaults(fn=cmd_gguf)
     return ap
 

@@ -30,3 +30,20 @@ def check_float_weight(w, name: str = "w") -> None:
         raise MemboostError(f"'{name}' is empty (shape {tuple(w.shape)})")
     if not bool(torch.isfinite(w).all()):
         raise MemboostError(f"'{name}' contains NaN or Inf values")
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """torch.device(device) when this machine has that device; else a
+    MemboostError naming `name` (say, no GPU for 'cuda') before any work."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise MemboostError(f"'{name}' must be a device such as 'cpu', 'cuda' or 'cuda:1', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MemboostError(f"'{name}' is {str(device)!r}, but this machine has no usable CUDA GPU "
+                                "(torch.cuda.is_available() is False); use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MemboostError(f"'{name}' is {str(device)!r}, but this machine has {torch.cuda.device_count()} "
+                                "CUDA device(s)")
+    return dev

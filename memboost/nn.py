@@ -14,8 +14,9 @@ weight is used or saved. A cast changes only the compute dtype, which
 follows the input (bitsandbytes' and torchao's layers behave the same).
 """
 
+import math
 import operator
-from typing import Dict, Optional, Type
+from typing import Dict, List, Optional, Type
 
 import torch
 from torch import nn
@@ -173,6 +174,12 @@ class QuantizedLinear(nn.Module):
         return None
 
     @classmethod
+    def fitting_hint(cls, in_features: List[int], **params) -> str:
+        """What would fit layers of these input sizes when skip_reason refused
+        them all with `params` ('' when there is nothing to suggest)."""
+        return ""
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, *, act_bits: Optional[int] = None,
                     compute_dtype: Optional[torch.dtype] = None, **params) -> "QuantizedLinear":
         """Quantizes `linear`'s weight with the format's quantizer (its keyword
@@ -252,6 +259,14 @@ class MixedLinear(QuantizedLinear):
         if isinstance(group_size, int) and group_size > 0 and in_features % group_size:
             return f"group_size {group_size} does not divide in_features {in_features}"
         return None
+
+    @classmethod
+    def fitting_hint(cls, in_features: List[int], **params) -> str:
+        common = math.gcd(*in_features)
+        sizes = [g for g in range(16, common + 1, 16) if common % g == 0]
+        if not sizes:
+            return f"no group_size fits every layer (a multiple of 16 dividing in_features {sorted(set(in_features))})"
+        return f"group sizes that fit every layer: {', '.join(map(str, sizes))}"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, ratio_4bit: float = 0.1, group_size: int = 64,

@@ -10,6 +10,7 @@ Needs the `hf` extra (transformers, gguf, sentencepiece). Nothing is
 downloaded and nothing is cached on disk.
 """
 
+import functools
 import importlib.util
 import math
 import os
@@ -37,10 +38,16 @@ def smollm2_gguf_path() -> str:
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) of SmolLM2-135M-Instruct, model in eval mode, offline."""
+    """(model, tokenizer) of SmolLM2-135M-Instruct, model in eval mode, offline.
+    `dtype` is the dtype of the dequantized weights (float32: what
+    transformers' GGUF loader gives). The config's dtype says bfloat16, the
+    dtype SmolLM2 was released in: save_quantized stores the unquantized
+    tensors (embedding, norms) in it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    from .io.checkpoint import _parameters_on_meta
 
     path = smollm2_gguf_path()
     folder, filename = os.path.split(path)
@@ -48,15 +55,29 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     # AutoModelForCausalLM.from_pretrained(folder, gguf_file=...) insists on
     # the `accelerate` package; building the model from the GGUF's config and
     # loading transformers' own dequantized tensors gives the same weights
-    # without that dependency.
+    # without that dependency. The parameters are built on the meta device and
+    # the tensors assigned: no randomly initialised copy of the model is made.
     config = AutoConfig.from_pretrained(folder, gguf_file=filename, local_files_only=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model, torch_dtype=dtype)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # transformers' loader shows its own progress bar over the GGUF tensors,
+    # unrelated to what memboost is doing: hidden.
+    progress_bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(progress_bar, disable=True)
+    try:
+        tensors = gguf_utils.load_gguf_checkpoint(path, return_tensors=True, model_to_load=model,
+                                                  torch_dtype=dtype)["tensors"]
+    finally:
+        gguf_utils.tqdm = progress_bar
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
     # lm_head is tied to the embedding, so the GGUF holds no copy of it.
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise RuntimeError(f"{filename} does not fit the model: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise RuntimeError(f"{filename}: parameters left unloaded: "
+                           f"{[n for n, p in model.named_parameters() if p.device.type == 'meta'][:3]}")
+    model.config.dtype = torch.bfloat16
     return model.eval(), tokenizer
 
 
@@ -88,10 +109,14 @@ def english_text(max_chars: Optional[int] = None) -> str:
     return text if max_chars is None else text[:max_chars]
 
 
-def perplexity(model, tokenizer, text: str, context: int = 256, max_tokens: int = 4096) -> float:
+def perplexity(model, tokenizer, text: str, context: int = 256, max_tokens: int = 4096,
+               progress: Optional[bool] = None) -> float:
     """exp(mean next-token NLL) over the first `max_tokens` tokens of `text`,
     cut into non-overlapping windows of `context` tokens (the first token of
-    each window is context only, never predicted)."""
+    each window is context only, never predicted). A progress bar runs over
+    the windows: progress=True always, False never, None on a terminal."""
+    from ._progress import progress_bar
+
     # verbose=False: the whole text may be longer than the model's context,
     # which is fine here since it is evaluated in windows.
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
@@ -101,7 +126,7 @@ def perplexity(model, tokenizer, text: str, context: int = 256, max_tokens: int 
     ids = torch.tensor(ids, device=device)
     nll, predicted = 0.0, 0
     with torch.inference_mode():
-        for start in range(0, len(ids), context):
+        for start in progress_bar(range(0, len(ids), context), "perplexity", unit="window", progress=progress):
             window = ids[start:start + context]
             if len(window) < 2:
                 break

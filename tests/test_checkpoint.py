@@ -185,3 +185,14 @@ def test_failed_save_keeps_the_previous_directory(tmp_path, monkeypatch):
         memboost.save_quantized(tiny_model("llama"), tmp_path / "plain")
     with pytest.raises(memboost.MemboostError, match="'max_shard_size'"):
         memboost.save_quantized(model, tmp_path / "x", max_shard_size="lots")
+
+
+def test_load_onto_a_gpu_this_machine_lacks_says_so(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    memboost.quantize_model(model, "nf4", progress=False)
+    memboost.save_quantized(model, tmp_path / "m")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(memboost.MemboostError, match=r"^'device' is 'cuda', but this machine has no usable CUDA GPU"):
+        memboost.load_quantized(tmp_path / "m", device="cuda")
+    with pytest.raises(memboost.MemboostError, match=r"^'device' must be a device such as 'cpu'"):
+        memboost.load_quantized(tmp_path / "m", device="gpu0")

@@ -292,3 +292,24 @@ def test_registration_when_transformers_is_already_loaded(monkeypatch):
     monkeypatch.setitem(AUTO_QUANTIZATION_CONFIG_MAPPING, "memboost", Other)
     with pytest.raises(memboost.MemboostError, match="already has a 'memboost' quantization registered"):
         integration.register()
+
+
+def test_a_config_edited_to_another_format_is_refused_by_both_loaders(tmp_path):
+    """load_quantized and from_pretrained read the same folder the same way:
+    a config whose 'modules' no longer describe the weights is refused by name."""
+    def to_nf4(config):
+        q = config["quantization_config"]
+        q.update(method="nf4", format_versions={"nf4": memboost.nf4.NF4QuantizedTensor.version},
+                 modules={name: "nf4" for name in q["modules"]})
+    directory = _saved(tmp_path)
+    _edit_config(directory, to_nf4)
+    for load in (memboost.load_quantized, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(memboost.MemboostError, match=r"layer 'model\.layers\.\d\.[a-z_.]+' holds a "
+                                                         r"mixed weight.*: the weights do not fit the config"):
+            load(directory)
+    directory = _saved(tmp_path)   # a layer dropped from 'modules'
+    _edit_config(directory, lambda c: c["quantization_config"]["modules"].pop("model.layers.1.mlp.up_proj"))
+    for load in (memboost.load_quantized, AutoModelForCausalLM.from_pretrained):
+        with pytest.raises(memboost.MemboostError, match="'model.layers.1.mlp.up_proj', which quantization_config's "
+                                                         "'modules' does not list"):
+            load(directory)

@@ -16,8 +16,8 @@ PACKAGE = os.path.join(ROOT, "memboost")
 
 # Lowest first. A module may import from its own layer and the ones before it.
 LAYERS = [
-    ["memboost._version", "memboost.errors", "memboost._native", "memboost._threads", "memboost._build_info",
-     "memboost._C"],
+    ["memboost._version", "memboost.errors", "memboost._native", "memboost._threads", "memboost._progress",
+     "memboost._build_info", "memboost._C"],
     ["memboost.ops", "memboost.reference"],
     ["memboost.formats"],
     ["memboost.nn"],
@@ -97,6 +97,14 @@ def test_no_module_imports_from_a_layer_above_it():
                 violations.append(f"{importer}:{lineno} imports {target} (layer {layer_of(target)} > "
                                   f"{layer_of(importer)})")
     assert not violations, "\n".join(violations)
+
+
+def test_every_import_of_a_memboost_module_resolves():
+    """Function-level imports run only when called: check that each names a module that exists."""
+    known = _memboost_submodules() | NATIVE
+    broken = [f"{module_name(path)}:{lineno} imports {target}" for path in python_files()
+              for lineno, target in imported_modules(path) if target not in known]
+    assert not broken, "\n".join(broken)
 
 
 def readme_names():

@@ -160,3 +160,39 @@ def test_compress_embedded_smollm2_and_generate(tmp_path, capsys):
     assert "| 210 |" in printed
     code, printed, err = _run(infer.main, [out, "--prompt", "The capital of France is", "--new-tokens", "8"], capsys)
     assert code == 0 and "tokens/s" in printed, err
+
+
+def test_infer_without_tokenizer_refuses_the_default_action_in_one_line(model_dir, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in os.listdir(model_dir / "single"):
+        if not name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(model_dir / "single" / name, bare / name)
+    out = str(tmp_path / "bare.lort")
+    assert _run(compress.main, ["-m", str(bare), "-o", out, "--min-dim", "32", "--rank", "2", "--iters", "1",
+                                "--quiet"], capsys)[0] == 0
+    code, _, err = _run(infer.main, [out], capsys)   # the default action generates text
+    assert code == 2 and err.startswith("lort-infer: error:") and err.count("\n") == 1
+    assert "holds no tokenizer: only --bench can run" in err
+    code, printed, _ = _run(infer.main, [out, "--bench", "--threads", "1"], capsys)
+    assert code == 0 and "| q_proj |" in printed
+
+
+def test_device_and_output_are_checked_before_the_work(model_dir, tmp_path, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was opened before the arguments were checked")
+    monkeypatch.setattr(compress, "open_model", no_work)
+    single = str(model_dir / "single")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cases = [
+        (["--device", "cuda"], "'--device' is 'cuda', but this machine has no usable CUDA GPU"),
+        (["--device", "tpu"], "'--device' must be a device such as 'cpu', 'cuda' or 'cuda:1', got 'tpu'"),
+        (["--device", "meta"], "'--device' must be cpu, cuda, cuda:N or auto, got 'meta'"),
+        (["-o", str(tmp_path)], f"cannot write {str(tmp_path)!r}: it is a folder; give a file name"),
+        (["-o", str(tmp_path / "no" / "x.lort")], "does not exist"),
+    ]
+    for argv, message in cases:
+        code, _, err = _run(compress.main, ["-m", single, "--quiet"] + argv, capsys)
+        assert code == 2 and err.startswith("lort-compress: error:") and err.count("\n") == 1, err
+        assert message in err, (message, err)
+    assert os.listdir(tmp_path) == []

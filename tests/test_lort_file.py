@@ -52,7 +52,7 @@ def test_round_trip_is_exact_and_memory_mapped(good_file):
 def test_header_keeps_the_seed_fields(good_file):
     with open(good_file, "rb") as fh:
         magic, version, layers, tensors = struct.unpack("<4sIII", fh.read(16))
-    assert (magic, version, layers, tensors) == (b"LORT", 2, 2, 5)
+    assert (magic, version, layers, tensors) == (b"LORT", 3, 2, 5)
 
 
 def test_writer_is_atomic_and_checks_its_counts(tmp_path, good_file):
@@ -86,7 +86,7 @@ def test_hostile_headers_are_named(tmp_path, good_file):
     cases = [
         (b"PK\x03\x04" + data[4:], "not a .lort file"),
         (data[:4] + struct.pack("<I", 1) + data[8:], "version 1 is not supported .*seed's file"),
-        (data[:4] + struct.pack("<I", 3) + data[8:], "version 3 is not supported .*upgrade"),
+        (data[:4] + struct.pack("<I", 4) + data[8:], "version 4 is not supported .*upgrade"),
         (data[:8] + struct.pack("<I", 2**31) + data[12:], "cannot fit"),
         (data[:16] + struct.pack("<Q", 2**60) + data[24:], "metadata length"),
         (data[:16] + struct.pack("<Q", 2**20) + data[24:], "truncated: metadata"),

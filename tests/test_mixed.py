@@ -332,12 +332,13 @@ def test_corrupt_state_is_refused_on_every_device(device):
 
 
 def test_native_ops_accept_one_dtype_set(device):
-    # float64 is refused by the CPU and CUDA kernels and by the fake kernel alike.
+    # float64 is refused by the CPU and CUDA kernels and by the fake kernel alike
+    # (q.linear computes a float64 input in float32: test_formats_compute_float64_in_float32).
     q = _quantize(device, shape=(16, 128), ratio_4bit=0.25)
     with pytest.raises(ValueError, match="'dtype' must be torch.float16, torch.bfloat16 or torch.float32, got torch.float64"):
         ops.mixed_dequantize(q.tensors, q.group_size, torch.float64)
     with pytest.raises(ValueError, match="'x' must be torch.float16"):
-        q.linear(torch.randn(2, 128, dtype=torch.float64, device=device))
+        ops.mixed_linear(torch.randn(2, 128, dtype=torch.float64, device=device), q.tensors, None, q.group_size, 0)
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode() as mode:
         fake = {k: mode.from_tensor(v) for k, v in q.tensors.items()}

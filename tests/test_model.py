@@ -140,11 +140,46 @@ def test_quantize_model_reports_replaced_and_skipped_layers(device):
     assert "1 layers replaced, 2 skipped" in text and "| mlp.0 | skipped: group_size 256" in text
 
 
-def test_quantize_model_warns_when_nothing_is_replaced():
+def test_quantize_model_refuses_parameters_that_fit_no_layer():
     model = _model("cpu")
-    with pytest.warns(UserWarning, match="replaced no layer .*group_size 48 does not divide"):
-        report = memboost.quantize_model(model, "mixed", group_size=48)
+    with pytest.raises(memboost.MemboostError, match="fits none of the 2 layers .*group_size 48 does not divide "
+                                                     ".*group sizes that fit every layer: 16, 32, 64, 128$"):
+        memboost.quantize_model(model, "mixed", group_size=48)
+    assert type(model.mlp[0]) is nn.Linear and type(model.mlp[2]) is nn.Linear
+    # every layer skipped by name is not a parameter problem: a warning, the model unchanged
+    with pytest.warns(UserWarning, match="replaced no layer .*name matches skip"):
+        report = memboost.quantize_model(model, "mixed", skip=("mlp", "lm_head"))
     assert not report.replaced and type(model.mlp[0]) is nn.Linear
+
+
+def test_quantize_model_refuses_arguments_its_method_does_not_take():
+    model = _model("cpu")
+    with pytest.raises(memboost.MemboostError, match="method 'mixed' takes no parameter 'foo'; its parameters are "
+                                                     "ratio_4bit, group_size, .*act_bits, compute_dtype"):
+        memboost.quantize_model(model, "mixed", foo=1)
+    with pytest.raises(memboost.MemboostError, match="method 'nf4' takes no parameter 'ratio_4bit'"):
+        memboost.quantize_model(model, "nf4", ratio_4bit=0.5)
+    stats = memboost.calibrate(model, _inputs("cpu"))
+    with pytest.raises(memboost.MemboostError, match="method 'nf4' does not use calibration statistics "
+                                                     "\\(only mixed does\\)"):
+        memboost.quantize_model(model, "nf4", calibration=stats)
+    assert type(model.mlp[0]) is nn.Linear and type(model.mlp[2]) is nn.Linear
+
+
+def test_report_warns_about_settings_that_damage_the_model():
+    report = memboost.quantize_model(_model("cpu"), "mixed", ratio_4bit=0.1, progress=False)
+    assert len(report.warnings) == 1 and "and no calibration usually damages a model" in report.warnings[0]
+    assert "warning: mixed with 0% of the groups in 4 bits" in report.summary() and "raise ratio_4bit" in report.summary()
+    # calibrated, the same bits are still below the calibrated threshold; 4-bit groups everywhere are not
+    model = _model("cpu")
+    report = memboost.quantize_model(model, "mixed", ratio_4bit=0.1, calibration=memboost.calibrate(model, _inputs("cpu")))
+    assert len(report.warnings) == 1 and "no calibration" not in report.warnings[0]
+    assert not memboost.quantize_model(_model("cpu"), "mixed", ratio_4bit=1.0, group_size=32).warnings
+    assert not memboost.quantize_model(_model("cpu"), "nf4").warnings
+    for method, params in (("ternary", {}), ("lort", {"rank": 4, "iters": 1})):
+        report = memboost.quantize_model(_model("cpu"), method, **params)
+        assert len(report.warnings) == 1 and "unless it is trained afterwards" in report.warnings[0]
+        assert report.summary().splitlines()[1].startswith(f"warning: {method} weights")
 
 
 def test_quantize_model_error_leaves_the_model_unchanged():
@@ -259,7 +294,7 @@ def test_sequential_quantization_by_blocks_equals_running_the_whole_model(monkey
     """Running each decoder block alone on its captured inputs measures what
     the whole model's forward passes measure (and quantizes the same)."""
     pytest.importorskip("transformers")
-    from memboost import model as model_mod
+    from memboost.model import quantize as model_mod
 
     batches = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     by_blocks, whole = _tiny_llama(), _tiny_llama()

@@ -219,3 +219,36 @@ def test_call_without_grad_equals_call_with_grad(fmt, act_bits):
         torch.testing.assert_close(y.detach(), y_no_grad, rtol=0, atol=0)
     y_grad.sum().backward()
     assert xg.grad is not None and xg.grad.shape == x.shape and xg.grad.abs().sum() > 0
+
+
+def _every_format_weight(w):
+    from memboost import lort, nf4, ternary
+    from memboost.formats import mixed
+    return {"mixed": mixed.quantize(w), "nf4": nf4.quantize(w), "ternary": ternary.quantize(w),
+            "lort": lort.decompose(w, rank=4, iters=1)[0]}
+
+
+def test_every_format_names_x_and_in_features_for_a_wrong_input():
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    for fmt, q in _every_format_weight(w).items():
+        with pytest.raises(memboost.MemboostError, match=r"^'x' must have last dimension in_features=128, got "
+                                                         r"shape \[4, 500\]$"):
+            q.linear(torch.randn(4, 500))
+        layer = memboost.nn.QuantizedLinear.for_format(fmt).from_quantized(q)
+        with pytest.raises(memboost.MemboostError, match=r"'x' must have last dimension in_features=128"):
+            layer(torch.randn(2, 3, 500))
+
+
+def test_formats_compute_float64_in_float32_and_return_float64():
+    """One behaviour for a float64 input: q.linear and the layers compute in
+    float32 and return float64 (bitsandbytes' Linear4bit casts to its compute
+    dtype and back the same way)."""
+    g = torch.Generator().manual_seed(1)
+    w, x, bias = torch.randn(64, 128, generator=g), torch.randn(3, 128, generator=g), torch.randn(64, generator=g)
+    for fmt, q in _every_format_weight(w).items():
+        expected = q.linear(x, bias)
+        y = q.linear(x.double(), bias.double())
+        assert y.dtype == torch.float64 and torch.equal(y, expected.double()), fmt
+        layer = memboost.nn.QuantizedLinear.for_format(fmt).from_quantized(q, bias)
+        y = layer(x.double())
+        assert y.dtype == torch.float64 and torch.equal(y, expected.double()), fmt

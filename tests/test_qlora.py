@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import memboost
 import memboost.train.qlora as qlora
 from memboost.nn import NF4Linear, QLoRALinear
 
@@ -100,6 +101,19 @@ def test_prepare_count_merge_unmerge():
         assert 0 < rel_err(y_merged, y) < 1.5 * quantization_error
         qlora.unmerge_adapters(model)
         assert torch.equal(model(ids).logits, y)  # the original NF4 weights are restored
+
+
+def test_prepare_model_twice_is_refused_and_changes_nothing():
+    model = _tiny()
+    qlora.prepare_model(model, r=4, alpha=8, dropout=0.0)
+    before = {name: type(m) for name, m in model.named_modules()}
+    with pytest.raises(memboost.MemboostError, match=r"'model' already has 14 QLoRA layers \(e.g. "
+                                                     r"'model.layers.0.self_attn.q_proj'\): prepare_model was called"):
+        qlora.prepare_model(model, r=4, alpha=8, dropout=0.0)
+    assert {name: type(m) for name, m in model.named_modules()} == before
+    ids = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
 
 
 def test_peft_reads_our_adapter_and_we_read_peft(tmp_path):

@@ -328,12 +328,16 @@ def test_seed_compatible_wrappers_numpy_and_tensor():
     assert isinstance(c_t, torch.Tensor) and torch.equal(c_t, torch.from_numpy(compressed))
     r_t = decompress_gradients_vsa(c_t, len(g), 42)
     assert isinstance(r_t, torch.Tensor) and torch.equal(r_t, torch.from_numpy(restored))
-    # float64 numpy in, float64 out, and a ratio whose k is not a round share of n
+    # float64 numpy in, float32 out as documented (count_sketch's float64 sums rounded once),
+    # and a ratio whose k is not a round share of n
     g64 = g[:777].astype(np.float64)
     c64, _ = compress_gradients_vsa(g64, 0.3, 1)
-    assert c64.dtype == np.float64 and c64.shape == (sketch_size(777, 0.3),)
+    assert c64.dtype == np.float32 and c64.shape == (sketch_size(777, 0.3),)
+    assert np.array_equal(c64, count_sketch(torch.from_numpy(g64), 0.3, 1).float().numpy())
     np.testing.assert_allclose(decompress_gradients_vsa(c64, 777, 1),
                                count_unsketch(torch.from_numpy(c64), 777, 0.3, 1).numpy())
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        assert compress_gradients_vsa(torch.from_numpy(g).to(dtype), 0.1, 42)[0].dtype == torch.float32
 
 
 def test_seed_compatible_wrappers_bad_input():

@@ -2,6 +2,7 @@
 to. A quantized weight is a dict of plain tensors plus small JSON metadata,
 so its state_dict is safe for safetensors and torch.load(weights_only=True)."""
 
+import functools
 import json
 from typing import Dict, Optional, Type
 
@@ -69,6 +70,8 @@ class QuantizedTensor:
         super().__init_subclass__(**kwargs)
         if cls.format:
             QuantizedTensor._formats[cls.format] = cls
+        if "linear" in cls.__dict__:
+            cls.linear = _checked_linear(cls.__dict__["linear"])
 
     def __init__(self, tensors: Dict[str, torch.Tensor], meta: dict):
         self.tensors = dict(tensors)
@@ -186,6 +189,26 @@ class QuantizedTensor:
 
     def _repr_fields(self) -> dict:
         return {}
+
+
+def _checked_linear(linear):
+    """Every format's linear(x, bias, ...) behind the same two rules: an x
+    whose last dimension is not in_features is refused by name, and a
+    float64 x is computed in float32 and returned as float64, as the layers
+    (memboost.nn.QuantizedLinear) and bitsandbytes' Linear4bit do (the
+    input cast to the compute dtype, the output cast back)."""
+    @functools.wraps(linear)
+    def checked(self, x, bias=None, *args, **kwargs):
+        if isinstance(x, torch.Tensor):
+            shape = self.meta["shape"]  # a list: self.shape builds a torch.Size, on every call of every layer
+            if len(shape) == 2 and (x.dim() == 0 or x.shape[-1] != shape[1]):
+                raise MemboostError(f"'x' must have last dimension in_features={shape[1]}, got shape "
+                                    f"{list(x.shape)}")
+            if x.dtype == torch.float64:
+                bias = bias.float() if isinstance(bias, torch.Tensor) and bias.dtype == torch.float64 else bias
+                return linear(self, x.float(), bias, *args, **kwargs).double()
+        return linear(self, x, bias, *args, **kwargs)
+    return checked
 
 
 def _parse_to_args(args, kwargs):

@@ -17,6 +17,12 @@ installs it, as QuantizedWeight.load_state_dict would. The checkpoint's
 headers are checked against the model first, so a layer whose shape or
 format disagrees with the config is refused by name before anything loads.
 
+Integrity: before anything loads, every tensor of the checkpoint's files is
+checked against the CRC-32 save_quantized recorded with it (a damaged one is
+named, file and tensor); transformers then reads the same bytes. The
+environment variable MEMBOOST_VERIFY=0 skips this extra read (from_pretrained
+has no argument that reaches a quantizer).
+
 On-the-fly quantization loads the float weights as usual, then runs
 memboost.quantize_model with the config's method, params and skip.
 """
@@ -297,8 +303,14 @@ class MemboostHfQuantizer(HfQuantizer):
         """Every quantized weight the files hold must fit its layer (format and shape), and every layer must have one."""
         import os
 
+        from ..io.serialization import FileChecksums
+
         where = os.path.dirname(str(checkpoint_files[0]))
-        infos = _read_format_infos(checkpoint_files)
+        infos = _read_format_infos(checkpoint_files)  # checks each file's header first
+        if os.environ.get("MEMBOOST_VERIFY", "1") != "0":
+            for path in checkpoint_files:
+                if str(path).endswith(".safetensors"):
+                    FileChecksums(str(path)).verify()
         found = set()
         for key, info in infos.items():
             saved_name = key[:-len(f".weight.{FORMAT_INFO_KEY}")]

@@ -22,11 +22,11 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
-from ..errors import MemboostError, MemboostTypeError
+from ..errors import MemboostError, MemboostTypeError, check_device
 from ..model.quantize import load_quantized_
 from ..nn import QuantizedLinear
-from .serialization import (ALIASES_KEY, INDEX_NAME, _split_aliases, load_safetensors, read_safetensors_index,
-                            save_safetensors)
+from .serialization import (ALIASES_KEY, INDEX_NAME, _split_aliases, apply_umask, check_output_path,
+                            load_safetensors, read_safetensors_index, save_safetensors)
 from ..formats.tensor import QuantizedTensor
 
 QUANT_METHOD = "memboost"
@@ -112,18 +112,15 @@ def _shards(state: Dict[str, torch.Tensor], max_bytes: int):
 def _replace_directory(directory: str):
     """Yields a fresh folder next to `directory`; on success it replaces
     `directory` (which keeps its old contents until then), on error it is
-    removed and `directory` is untouched."""
-    directory = os.path.abspath(os.fspath(directory))
+    removed and `directory` is untouched. The folder gets the user's umask."""
+    directory = check_output_path(directory, folder=True)
     parent = os.path.dirname(directory)
-    if not os.path.isdir(parent):
-        raise MemboostError(f"cannot write {directory!r}: folder {parent!r} does not exist")
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise MemboostError(f"cannot write {directory!r}: it exists and is not a folder")
     try:
         staging = tempfile.mkdtemp(prefix="." + os.path.basename(directory) + ".", dir=parent)
     except OSError as exc:
         raise MemboostError(f"cannot write {directory!r}: {exc.strerror}") from exc
     try:
+        apply_umask(staging, folder=True)
         yield staging
         if os.path.isdir(directory):
             old = tempfile.mkdtemp(prefix="." + os.path.basename(directory) + ".old.", dir=parent)
@@ -138,12 +135,34 @@ def _replace_directory(directory: str):
         raise
 
 
+_STORAGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _own_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The model's own 16-bit dtype (its config's `dtype`, that of the
+    checkpoint it came from) or None when that is not bfloat16/float16."""
+    config_dtype = getattr(getattr(model, "config", None), "dtype", None)
+    if isinstance(config_dtype, str):
+        config_dtype = getattr(torch, config_dtype, None)
+    return config_dtype if config_dtype in (torch.bfloat16, torch.float16) else None
+
+
 def save_quantized(model: nn.Module, directory: str, max_shard_size: Union[int, str] = "2GB",
-                   tokenizer=None) -> None:
+                   tokenizer=None, dtype: Union[str, torch.dtype, None] = "auto") -> None:
     """Saves a model that quantize_model changed to `directory` (created or
-    replaced as a whole: an error leaves the previous one as it was)."""
+    replaced as a whole: an error leaves the previous one as it was).
+
+    `dtype` is the dtype the unquantized floating-point tensors (embeddings,
+    norms, biases) are stored in: "auto" (default) the model's own dtype when
+    it is 16-bit (model.config.dtype: bfloat16 or float16, the dtype of the
+    checkpoint it was loaded from), else as they are; None keeps them as they
+    are (e.g. float32); or torch.float32 / bfloat16 / float16. The quantized
+    weights are stored as their format defines, whatever this says."""
     if not isinstance(model, nn.Module):
         raise MemboostTypeError(f"'model' must be an nn.Module, got {type(model).__name__}")
+    if not (dtype is None or dtype == "auto" or dtype in _STORAGE_DTYPES):
+        raise MemboostError(f"'dtype' must be 'auto', None or one of {[str(d) for d in _STORAGE_DTYPES]}, "
+                            f"got {dtype!r}")
     max_bytes = _parse_size(max_shard_size)
     qconfig = quantization_config(model)
     config = getattr(model, "config", None)
@@ -152,6 +171,14 @@ def save_quantized(model: nn.Module, directory: str, max_shard_size: Union[int, 
                             "memboost.save_safetensors instead")
     state = {k: v for k, v in model.state_dict().items()}
     stored, aliases = _split_aliases(state)
+    storage_dtype = _own_dtype(model) if dtype == "auto" else dtype
+    if storage_dtype is not None:
+        quantized = tuple(f"{name}.weight." for name, module in model.named_modules()
+                          if isinstance(module, QuantizedLinear))
+        stored = {k: v.to(storage_dtype) if v.is_floating_point() and not k.startswith(quantized) else v
+                  for k, v in stored.items()}
+        # the aliases name the very same (cast) tensor, so the files still hold it once
+        state = {**stored, **{alias: stored[name] for alias, name in aliases.items()}}
     with _replace_directory(directory) as staging:
         config_dict = config.to_dict()
         config_dict["quantization_config"] = qconfig
@@ -178,8 +205,9 @@ def save_quantized(model: nn.Module, directory: str, max_shard_size: Union[int, 
             tokenizer.save_pretrained(staging)
 
 
-def load_state(directory: str, device="cpu") -> Dict[str, torch.Tensor]:
-    """Every tensor of a saved directory (one file or shards), tied names restored."""
+def load_state(directory: str, device="cpu", verify: bool = True) -> Dict[str, torch.Tensor]:
+    """Every tensor of a saved directory (one file or shards), tied names
+    restored; `verify` checks the CRC-32s saved with them (load_safetensors)."""
     directory = os.fspath(directory)
     index_path = os.path.join(directory, INDEX_NAME)
     single = os.path.join(directory, WEIGHTS_NAME)
@@ -188,7 +216,7 @@ def load_state(directory: str, device="cpu") -> Dict[str, torch.Tensor]:
         paths, weight_map, aliases = index
         state: Dict[str, torch.Tensor] = {}
         for path in paths:
-            state.update(load_safetensors(path, device=device))
+            state.update(load_safetensors(path, device=device, verify=verify))
         missing = sorted(set(weight_map) - set(state))
         if missing:
             raise MemboostError(f"{index_path!r} lists tensors its shards do not hold, e.g. {missing[:3]}")
@@ -198,7 +226,7 @@ def load_state(directory: str, device="cpu") -> Dict[str, torch.Tensor]:
             state.setdefault(alias, state[name])
         return state
     if os.path.isfile(single):
-        return load_safetensors(single, device=device)
+        return load_safetensors(single, device=device, verify=verify)
     raise MemboostError(f"{directory!r} holds no {WEIGHTS_NAME} or {INDEX_NAME}")
 
 
@@ -220,15 +248,19 @@ def _parameters_on_meta():
         nn.Module.register_parameter = register
 
 
-def load_quantized(directory: str, device="cpu", dtype: Optional[torch.dtype] = None):
+def load_quantized(directory: str, device="cpu", dtype: Optional[torch.dtype] = None, verify: bool = True):
     """The model saved by save_quantized, rebuilt from its config with
     transformers' AutoModelForCausalLM and loaded with assign=True, in eval
     mode, on `device`. `dtype` casts the unquantized tensors (norms,
-    embeddings) and sets the compute dtype; quantized weights never change."""
+    embeddings) and sets the compute dtype; quantized weights never change.
+    `verify` checks every tensor against the CRC-32 saved with it and names a
+    damaged one (folders saved before checksums load unchecked); False skips
+    that extra read of the files."""
     directory = os.fspath(directory)
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isdir(directory):
         raise MemboostError(f"'directory' {directory!r} is not a folder")
+    check_device(device)   # no GPU: said so, not a file error from the loader
     if not os.path.isfile(config_path):
         raise MemboostError(f"{directory!r} has no {CONFIG_NAME}: not a saved model")
     try:
@@ -248,7 +280,7 @@ def load_quantized(directory: str, device="cpu", dtype: Optional[torch.dtype] = 
         raise MemboostError(f"{config_path!r}: transformers cannot build this architecture: {exc}") from None
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # ours: transformers must not try to apply it while building
-    state = load_state(directory, device=device)
+    state = load_state(directory, device=device, verify=verify)
     with _parameters_on_meta():
         try:
             model = AutoModelForCausalLM.from_config(config)
@@ -263,12 +295,36 @@ def load_quantized(directory: str, device="cpu", dtype: Optional[torch.dtype] = 
         raise MemboostError(f"{directory!r} does not fit its config: missing {missing[:5]}, unexpected "
                             f"{unexpected[:5]}")
     qconfig = config_dict["quantization_config"]
+    _check_modules(model, qconfig.get("modules"), directory)
     model.config.quantization_config = qconfig
     _restore_layer_options(model, qconfig)
     model = model.to(device)
     if dtype is not None:
         model = model.to(dtype)  # quantized weights are never cast (memboost.nn)
     return model.eval()
+
+
+def _check_modules(model: nn.Module, modules, directory: str) -> None:
+    """The layers the files made must be the ones quantization_config's
+    'modules' lists, in its formats, as transformers' from_pretrained
+    (memboost.integrations) requires: an edited config is refused by name."""
+    if modules is None:
+        return
+    if not isinstance(modules, dict):
+        raise MemboostError(f"{directory!r}: quantization_config 'modules' must map layer names to formats, "
+                            f"got {modules!r}")
+    loaded = {name: m.format for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    for name, fmt in loaded.items():
+        if name not in modules:
+            raise MemboostError(f"{directory!r}: the checkpoint holds a quantized weight for layer {name!r}, "
+                                "which quantization_config's 'modules' does not list")
+        if modules[name] != fmt:
+            raise MemboostError(f"{directory!r}: layer {name!r} holds a {fmt} weight, but quantization_config's "
+                                f"'modules' makes it {modules[name]!r}: the weights do not fit the config")
+    missing = sorted(set(modules) - set(loaded))
+    if missing:
+        raise MemboostError(f"{directory!r}: quantization_config lists {len(missing)} quantized layer(s) the "
+                            f"checkpoint has no weight for, e.g. {missing[:3]}")
 
 
 def _is_tied_alias(model: nn.Module, key: str) -> bool:

@@ -9,6 +9,11 @@ not safetensors at all).
 Tied weights (a model whose lm_head shares the embedding's tensor) are saved
 once: the other names are recorded as aliases in the file's metadata and
 restored, as the same tensor, on load.
+
+Every file save_safetensors writes also records a CRC-32 of each tensor's
+bytes in its metadata (CHECKSUMS_KEY); loads check them by default
+(verify=False skips it) and name the damaged tensor and file. A file written
+before checksums existed (no such key) loads unchecked.
 """
 
 import contextlib
@@ -17,6 +22,7 @@ import os
 import re
 import struct
 import tempfile
+import zlib
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -24,17 +30,55 @@ import torch
 from ..errors import MemboostError, MemboostTypeError
 
 ALIASES_KEY = "memboost.aliases"  # safetensors metadata: JSON {alias name: stored name}
+CHECKSUMS_KEY = "memboost.crc32"  # safetensors metadata: JSON {stored name: CRC-32 of its bytes, 8 hex digits}
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only set it)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str, folder: bool = False) -> None:
+    """Gives a file (or folder) that tempfile created, 0600 (0700), the mode a
+    plain open() (os.mkdir) would have: 0666 (0777) less the user's umask,
+    before it is renamed into place."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def check_output_path(path: str, folder: bool = False) -> str:
+    """The absolute form of `path` if a file (folder=True: a folder, replaced
+    as a whole) can be written there: its parent folder exists and is
+    writable, and it is not something of the other kind. What atomic_write
+    and save_quantized check; a command checks it before any long work."""
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise MemboostError(f"cannot write {path!r}: folder {parent!r} does not exist")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise MemboostError(f"cannot write {path!r}: it exists and is not a folder")
+    if not folder and os.path.isdir(path):
+        raise MemboostError(f"cannot write {path!r}: it is a folder; give a file name (e.g. "
+                            f"{os.path.join(path, 'model' + (os.path.splitext(path)[1] or '.out'))!r})")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MemboostError(f"cannot write {path!r}: folder {parent!r} is not writable")
+    return path
 
 
 @contextlib.contextmanager
 def atomic_write(path: str, mode: str = "wb") -> Iterator[str]:
     """Yields a temporary path next to `path`; when the block completes, the
     file there is fsync'ed and renamed over `path` (and the folder fsync'ed).
-    On any error the temporary file is removed and `path` is untouched."""
+    On any error the temporary file is removed and `path` is untouched. The
+    file gets the user's umask, as open() would give it."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise MemboostError(f"cannot write {path!r}: folder {folder!r} does not exist")
+    folder = os.path.dirname(check_output_path(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     except OSError as exc:
@@ -42,6 +86,7 @@ def atomic_write(path: str, mode: str = "wb") -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        apply_umask(tmp)  # after the block: a writer may have replaced the file mkstemp made
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -80,9 +125,18 @@ def _split_aliases(state: Dict[str, torch.Tensor]):
     return stored, aliases
 
 
+def tensor_crc32(t: torch.Tensor) -> int:
+    """CRC-32 (zlib's) of a tensor's bytes as safetensors stores them (contiguous, little-endian)."""
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return 0
+    return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy())
+
+
 def save_safetensors(state: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
     """Writes `state` (a flat dict of tensors, e.g. a model's state_dict with
-    quantized layers) to `path` atomically. Tied tensors are stored once."""
+    quantized layers) to `path` atomically. Tied tensors are stored once; each
+    stored tensor's CRC-32 goes into the metadata (CHECKSUMS_KEY)."""
     from safetensors.torch import save_file
 
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -94,8 +148,86 @@ def save_safetensors(state: Dict[str, torch.Tensor], path: str, metadata: Option
     metadata = dict(metadata or {})
     if aliases:
         metadata[ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
+    stored = {k: v.detach().contiguous().cpu() for k, v in stored.items()}
+    metadata[CHECKSUMS_KEY] = json.dumps({k: f"{tensor_crc32(v):08x}" for k, v in stored.items()}, sort_keys=True)
     with atomic_write(path) as tmp:
-        save_file({k: v.contiguous() for k, v in stored.items()}, tmp, metadata=metadata or None)
+        save_file(stored, tmp, metadata=metadata)
+
+
+_CRC_CHUNK = 16 << 20  # bytes read at a time while checking a tensor
+
+
+class FileChecksums:
+    """The CRC-32s a safetensors file's metadata records (CHECKSUMS_KEY) and
+    where each tensor's bytes lie, read from its header; `verify(names)`
+    reads those bytes back and raises MemboostError naming the first tensor
+    whose bytes changed. `recorded` is False for a file written without
+    checksums (verify then checks nothing). Call it on a file whose header
+    check_safetensors_header (or safetensors) accepted."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        self.ranges: Dict[str, Tuple[int, int, int]] = {}  # name -> (start, end in the file, crc)
+        with open(self.path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            try:
+                header = json.loads(f.read(header_len))
+            except (ValueError, RecursionError) as exc:
+                raise MemboostError(f"{self.path!r} is not a safetensors file: its header is not JSON "
+                                    f"({exc})") from None
+        size = os.path.getsize(self.path)
+        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        text = metadata.get(CHECKSUMS_KEY) if isinstance(metadata, dict) else None
+        self.recorded = text is not None
+        if not self.recorded:
+            return
+        try:
+            checksums = json.loads(text)
+            ok = isinstance(checksums, dict) and all(isinstance(v, str) and len(v) == 8 for v in checksums.values())
+            checksums = {k: int(v, 16) for k, v in checksums.items()} if ok else None
+        except (ValueError, TypeError, RecursionError):
+            checksums = None
+        if checksums is None:
+            raise MemboostError(f"{self.path!r}: metadata '{CHECKSUMS_KEY}' must map tensor names to 8 hex digits "
+                                "(damaged header?)")
+        data_start = 8 + header_len
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if name not in checksums:
+                raise MemboostError(f"{self.path!r}: tensor {name!r} has no checksum in '{CHECKSUMS_KEY}' (damaged "
+                                    "header?)")
+            offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                    and 0 <= offsets[0] <= offsets[1] <= size - data_start):
+                raise MemboostError(f"{self.path!r}: tensor {name!r} has invalid data_offsets {offsets!r}")
+            self.ranges[name] = (data_start + offsets[0], data_start + offsets[1], checksums.pop(name))
+        if checksums:
+            raise MemboostError(f"{self.path!r}: '{CHECKSUMS_KEY}' lists tensor(s) the file does not hold, e.g. "
+                                f"{sorted(checksums)[:3]} (damaged header?)")
+
+    def verify(self, names: Optional[List[str]] = None) -> None:
+        """Checks the named tensors (all when None) against their recorded CRC-32."""
+        if not self.recorded:
+            return
+        buf = bytearray(min(_CRC_CHUNK, max((e - s for s, e, _ in self.ranges.values()), default=0)))
+        view = memoryview(buf)
+        with open(self.path, "rb") as f:
+            for name in self.ranges if names is None else names:
+                start, end, expected = self.ranges[name]
+                f.seek(start)
+                crc, left = 0, end - start
+                while left:
+                    n = f.readinto(view[:min(left, len(buf))])
+                    if not n:
+                        raise MemboostError(f"{self.path!r}: tensor {name!r} is truncated")
+                    crc = zlib.crc32(view[:n], crc)
+                    left -= n
+                if crc != expected:
+                    raise MemboostError(f"{self.path!r}: tensor {name!r} is damaged: its bytes do not match the "
+                                        f"checksum saved with them (CRC-32 {crc:08x}, saved {expected:08x}); "
+                                        "restore the file from a good copy (verify=False / --no-verify loads it "
+                                        "anyway)")
 
 
 def check_safetensors_header(path: str) -> int:
@@ -139,12 +271,16 @@ def open_safetensors(path: str, device: str = "cpu"):
         raise MemboostError(f"{path!r} is not a complete safetensors file (truncated or corrupt?): {exc}") from exc
 
 
-def load_safetensors(path: str, device: str = "cpu") -> Dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, on `device` (tied names restored)."""
+def load_safetensors(path: str, device: str = "cpu", verify: bool = True) -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, on `device` (tied names restored).
+    `verify` checks each tensor's bytes against the CRC-32 saved with them
+    (MemboostError naming a damaged tensor); False skips that read."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise MemboostError(f"'path' {path!r} is not a file")
     with open_safetensors(path, device) as f:
+        if verify:
+            FileChecksums(path).verify()
         metadata = f.metadata() or {}
         state = {name: f.get_tensor(name) for name in f.keys()}
     if ALIASES_KEY in metadata:
@@ -173,7 +309,9 @@ class SafetensorsSource:
     tensor by tensor): one file, a folder with `model.safetensors`, or a
     folder of shards `model-0000N-of-0000M.safetensors` found through
     `model.safetensors.index.json` (or, without an index, as a complete set).
-    Tied names recorded by save_safetensors/save_quantized are restored.
+    Tied names recorded by save_safetensors/save_quantized are restored, and
+    with `verify` each tensor's saved CRC-32 (if the file has them) is checked
+    when get() reads it.
 
         with SafetensorsSource("model_dir") as src:
             for name in src.names():
@@ -181,7 +319,7 @@ class SafetensorsSource:
                 t = src.get(name)
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, verify: bool = True):
         from safetensors import SafetensorError
 
         self._error = SafetensorError
@@ -191,9 +329,12 @@ class SafetensorsSource:
         self._stack = contextlib.ExitStack()
         self._handles = {}
         self._where: Dict[str, str] = {}
+        self._checksums: Dict[str, FileChecksums] = {}
         self.aliases: Dict[str, str] = {}
         for file in self.files:
             handle = self._open(file)
+            if verify:  # each tensor is checked when get() reads it
+                self._checksums[file] = FileChecksums(file)
             for name in handle.keys():
                 self._where.setdefault(name, file)
             metadata = handle.metadata() or {}
@@ -233,6 +374,9 @@ class SafetensorsSource:
     def get(self, name: str, device: str = "cpu") -> torch.Tensor:
         name = self.aliases.get(name, name)
         self._slice(name)  # names the tensor when it is missing
+        checksums = self._checksums.get(self._where[name])
+        if checksums is not None:
+            checksums.verify([name])
         try:
             t = self._handles[self._where[name]].get_tensor(name)
         except (self._error, OSError, RuntimeError) as exc:

@@ -22,20 +22,22 @@ from typing import Dict, Iterable, List, Mapping, Optional
 import torch
 from torch import nn
 
+from .._progress import progress_bar
 from ..errors import MemboostError, MemboostTypeError
 from ..formats.mixed import quantize
 from .quantize import _as_linear, _check_batches, _linears, _skipped_by_name, calibrate
 
 
-def output_sensitivity(model: nn.Module, batches: Iterable,
-                       skip: Iterable[str] = ("lm_head",)) -> Dict[str, torch.Tensor]:
+def output_sensitivity(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_head",),
+                       progress: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     """{layer name: E[(dL/dy)^2] per output channel (float32 [out_features])}
     for every linear layer not named in `skip`, with L the model's loss on
     each batch summed over its predicted tokens (so each token's gradient
     counts once). A batch is a tensor of token ids (the model is called with
     labels=batch: next-token cross-entropy for a causal LM) or a dict of
     model inputs (labels=input_ids unless it has 'labels'). Parameters get no
-    .grad; the model's requires_grad flags are put back."""
+    .grad; the model's requires_grad flags are put back. A progress bar runs
+    over the batches: progress=True always, False never, None on a terminal."""
     _check_batches(batches)
     if isinstance(skip, str):
         skip = (skip,)
@@ -56,7 +58,7 @@ def output_sensitivity(model: nn.Module, batches: Iterable,
     try:
         for p in model.parameters():  # the layers' outputs must be part of the graph
             p.requires_grad_(True)
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(progress_bar(batches, "gradients", unit="batch", progress=progress)):
             outputs.clear()
             if isinstance(batch, torch.Tensor):
                 kwargs = {"input_ids": batch, "labels": batch}
@@ -122,7 +124,8 @@ def _group_costs(weight: torch.Tensor, diag: torch.Tensor, sens: torch.Tensor, g
 
 def allocate_ratio_4bit(model: nn.Module, batches: Iterable, bits: float, calibration: Optional[Mapping] = None,
                         sensitivity: Optional[Mapping] = None, skip: Iterable[str] = ("lm_head",),
-                        group_size: int = 64, outlier_fraction: float = 0.002) -> Dict[str, float]:
+                        group_size: int = 64, outlier_fraction: float = 0.002,
+                        progress: Optional[bool] = None) -> Dict[str, float]:
     """{layer name: ratio_4bit} for every linear layer not named in `skip`
     whose in_features group_size divides, such that the layers together
     store at most `bits` bits per weight (every scale, zero and outlier
@@ -135,7 +138,9 @@ def allocate_ratio_4bit(model: nn.Module, batches: Iterable, bits: float, calibr
 
     `calibration` (from calibrate(); measured here when omitted, a Hessian's
     diagonal used when given 2-D) and `sensitivity` (from output_sensitivity();
-    measured here when omitted) come from the float model and `batches`."""
+    measured here when omitted) come from the float model and `batches`.
+    Progress bars run over those passes and the layers: progress=True always,
+    False never, None on a terminal."""
     if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits) or bits <= 0:
         raise MemboostError(f"'bits' must be a positive number of bits per weight, got {bits!r}")
     if isinstance(skip, str):
@@ -149,9 +154,9 @@ def allocate_ratio_4bit(model: nn.Module, batches: Iterable, bits: float, calibr
     if not layers:
         raise MemboostError(f"'model' has no linear layer whose in_features group_size={group_size} divides")
     if calibration is None:
-        calibration = calibrate(model, batches, skip=skip)
+        calibration = calibrate(model, batches, skip=skip, progress=progress)
     if sensitivity is None:
-        sensitivity = output_sensitivity(model, batches, skip=skip)
+        sensitivity = output_sensitivity(model, batches, skip=skip, progress=progress)
     for what, stats in (("calibration", calibration), ("sensitivity", sensitivity)):
         missing = [name for name in layers if name not in stats]
         if missing:
@@ -159,7 +164,8 @@ def allocate_ratio_4bit(model: nn.Module, batches: Iterable, bits: float, calibr
 
     choices = {}
     weights = 0
-    for name, linear in layers.items():
+    for name, linear in progress_bar(layers.items(), "bits plan", unit="layer", total=len(layers),
+                                     progress=progress):
         diag = calibration[name]
         diag = (diag.diagonal() if diag.dim() == 2 else diag).clamp_min(0).float().to(linear.weight.device)
         costs, stored = _group_costs(linear.weight, diag, sensitivity[name].to(linear.weight.device), group_size,

@@ -2,6 +2,7 @@
 eligible linear layer of a model in place with a quantized one (torchao's
 quantize_ style), with a report of what was done."""
 
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -9,6 +10,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Uni
 import torch
 from torch import nn
 
+from .._progress import progress_bar
 from ..errors import MemboostError, MemboostTypeError
 from ..nn import QuantizedLinear
 from ..formats.tensor import FORMAT_INFO_KEY, QuantizedTensor
@@ -64,6 +66,9 @@ class QuantizationReport:
     method: str
     replaced: List[LayerReport] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
+    # Settings expected to damage the model, each saying what to change
+    # (quantize_model's rules; the command line adds its perplexity probe).
+    warnings: List[str] = field(default_factory=list)
 
     @property
     def bytes_before(self) -> int:
@@ -80,10 +85,12 @@ class QuantizationReport:
 
     def summary(self) -> str:
         if not self.replaced:
-            return f"memboost {self.method}: no layer replaced ({len(self.skipped)} skipped)"
-        return (f"memboost {self.method}: {len(self.replaced)} layers replaced, {len(self.skipped)} skipped; "
-                f"{self.bits_per_weight:.3f} bits per weight; {self.bytes_before / 2**20:.1f} MiB -> "
-                f"{self.bytes_after / 2**20:.1f} MiB")
+            line = f"memboost {self.method}: no layer replaced ({len(self.skipped)} skipped)"
+        else:
+            line = (f"memboost {self.method}: {len(self.replaced)} layers replaced, {len(self.skipped)} skipped; "
+                    f"{self.bits_per_weight:.3f} bits per weight; {self.bytes_before / 2**20:.1f} MiB -> "
+                    f"{self.bytes_after / 2**20:.1f} MiB")
+        return "\n".join([line] + [f"warning: {w}" for w in self.warnings])
 
     def table(self) -> str:
         """A Markdown table: one row per layer replaced, then the skipped ones."""
@@ -115,9 +122,9 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the layers being measured have their inputs."""
 
 
-def _run_batches(model: nn.Module, batches: List) -> None:
+def _run_batches(model: nn.Module, batches: List, progress: Optional[bool] = False, desc: str = "") -> None:
     with torch.no_grad():
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(progress_bar(batches, desc, unit="batch", progress=progress)):
             if not isinstance(batch, (torch.Tensor, Mapping)):
                 raise MemboostTypeError(f"batch {i} of 'batches' must be a tensor of model inputs or a dict of "
                                         f"keyword inputs, got {type(batch).__name__}")
@@ -158,7 +165,7 @@ def _input_moments(run: Callable[[], None], layers: Mapping[str, nn.Module], hes
 
 
 def calibrate(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_head",),
-              hessian: bool = False) -> Dict[str, torch.Tensor]:
+              hessian: bool = False, progress: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     """Runs `model` on each batch (a tensor: model(batch); a dict: model(**batch))
     without gradients and returns, for every linear layer not named in `skip`,
     the mean of x**2 over all its input rows, per input channel (float32
@@ -166,11 +173,13 @@ def calibrate(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_he
     which is what quantize(..., calibration=) and quantize_model take.
     hessian=True returns the full second moment X^T X / rows instead
     (float32 [in_features, in_features], accumulated on the layer's device),
-    with which the mixed format quantizes GPTQ-style."""
+    with which the mixed format quantizes GPTQ-style. A progress bar runs over
+    the batches: progress=True always, False never, None on a terminal."""
     _check_batches(batches)
     layers = {full: child for full, _, _, child in _linears(model) if _skipped_by_name(full, skip) is None}
     batches = list(batches)
-    stats = _input_moments(lambda: _run_batches(model, batches), layers, hessian)
+    desc = "calibration (Hessians)" if hessian else "calibration"
+    stats = _input_moments(lambda: _run_batches(model, batches, progress, desc), layers, hessian)
     if not stats:
         raise MemboostError("'batches' ran no input through any linear layer (empty, or every layer skipped)")
     return stats
@@ -293,6 +302,59 @@ def _sequential_runs(model: nn.Module, batches: List, stages: List[List[str]]):
             inputs = _block_outputs(blocks[i], inputs)
 
 
+# Below these fractions of 4-bit groups the mixed format costs a model much
+# of its quality (SmolLM2-135M, README "Results": uncalibrated, ratio_4bit
+# 0.5 (3.45 bits per weight) gave 3.2x the float perplexity and 0.1 (2.6
+# bits) 17x; calibrated, 0.25 (2.8 bits) gave 2.7x, 2.9 bits planned with
+# the Hessian 1.8x). Judged on the realised fraction rather than bits per
+# weight, which small layers' per-row scales inflate.
+MIXED_SAFE_RATIO_4BIT = {False: 1.0, True: 0.5}   # {calibrated: least ratio_4bit without a warning}
+
+
+def damage_warnings(method: str, report: "QuantizationReport", calibrated: bool) -> List[str]:
+    """Why the setting that produced `report` is expected to damage a
+    float-trained model, and what to change (empty when it is not): the
+    rules behind QuantizationReport.warnings."""
+    if method == "mixed":
+        weights = sum(r.shape[0] * r.shape[1] for r in report.replaced)
+        ratio = sum(r.details.get("ratio_4bit", 1.0) * r.shape[0] * r.shape[1] for r in report.replaced) / weights
+        if ratio < MIXED_SAFE_RATIO_4BIT[calibrated] - 1e-6:
+            how = ("calibrate (memboost.calibrate; memboost quantize --calibrate TEXT, best with --hessian or "
+                   "--bits), or raise ratio_4bit (1.0 with group_size 32: 4.44 bits, within 1.3x)" if not calibrated
+                   else "raise ratio_4bit or --bits, or add --hessian")
+            return [f"mixed with {ratio:.0%} of the groups in 4 bits ({report.bits_per_weight:.2f} bits per weight)"
+                    f"{'' if calibrated else ' and no calibration'} usually damages a model badly (SmolLM2-135M: "
+                    f"{'perplexity 538 against 32 at ratio_4bit 0.1' if not calibrated else '2.7x its perplexity at ratio_4bit 0.25'}); "
+                    f"{how}"]
+    if method in ("ternary", "lort"):
+        return [f"{method} weights of a model trained in float lose the model (SmolLM2-135M: perplexity over "
+                f"{'600 million' if method == 'ternary' else '70,000'} against 32) unless it is trained "
+                "afterwards (healing, as BitNet models are trained ternary); for a model to use as it is, choose "
+                "mixed (ratio_4bit 1.0) or nf4"]
+    return []
+
+
+def check_params(method: str, params: Mapping, calibrated: bool = False):
+    """The layer class of `method` (memboost.nn.QuantizedLinear.for_format)
+    after checking that its quantizer takes every name in `params` and, when
+    `calibrated`, calibration statistics: what quantize_model checks before
+    any work, and what a command checks before loading the model."""
+    layer_cls = QuantizedLinear.for_format(method)
+    signature = inspect.signature(layer_cls.from_linear)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        accepted = [n for n in signature.parameters if n not in ("linear", "calibration")]
+        unknown = [k for k in params if k not in accepted]
+        if unknown:
+            raise MemboostError(f"method {method!r} takes no parameter {unknown[0]!r}; its parameters are "
+                                f"{', '.join(accepted)}")
+        if calibrated and "calibration" not in signature.parameters:
+            takes = sorted(name for name, cls in QuantizedLinear._layers.items()
+                           if "calibration" in inspect.signature(cls.from_linear).parameters)
+            raise MemboostError(f"method {method!r} does not use calibration statistics (only {', '.join(takes)} "
+                                "does): quantize without them")
+    return layer_cls
+
+
 def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] = ("lm_head",),
                    calibration: Optional[Mapping[str, torch.Tensor]] = None,
                    filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, verbose: bool = False,
@@ -311,8 +373,8 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     Returns a QuantizationReport (layers replaced with their realised
     parameters and bits, layers skipped and why, bytes before and after),
     printed when verbose=True; warns when no layer was replaced. A progress
-    bar runs over the layers unless progress=False (default: when there are
-    more than 8).
+    bar runs over the layers: progress=True always, False never, None (the
+    default) when stderr is a terminal (memboost._progress).
 
     calibration_batches (instead of `calibration`): batches of model inputs
     (as for calibrate()); the model is then calibrated and quantized
@@ -329,10 +391,11 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     already replaced are put back."""
     if not isinstance(model, nn.Module):
         raise MemboostTypeError(f"'model' must be an nn.Module, got {type(model).__name__}")
-    layer_cls = QuantizedLinear.for_format(method)
+    layer_cls = check_params(method, params, calibrated=calibration is not None or calibration_batches is not None)
     if isinstance(skip, str):
         skip = (skip,)
     report = QuantizationReport(method)
+    refused = []   # (in_features, why) of the layers the format cannot take with these parameters
     targets = []
     per_layer = {k for k, v in params.items() if isinstance(v, Mapping)}
 
@@ -348,11 +411,18 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
         linear = _as_linear(child)
         why = (_skipped_by_name(full, skip)
                or (None if filter_fn is None or filter_fn(full, child) else "filter_fn returned False"))
-        why = why or layer_cls.skip_reason(linear.in_features, linear.out_features, **params_of(full))
+        if not why:
+            why = layer_cls.skip_reason(linear.in_features, linear.out_features, **params_of(full))
+            if why:
+                refused.append((linear.in_features, why))
         if why:
             report.skipped.append((full, why))
         else:
             targets.append((full, parent, child_name, linear))
+    if refused and not targets:
+        hint = layer_cls.fitting_hint([k for k, _ in refused], **params)
+        raise MemboostError(f"method {method!r} fits none of the {len(refused)} layers with these parameters "
+                            f"({refused[0][1]}){'; ' + hint if hint else ''}")
     if calibration is not None and calibration_batches is not None:
         raise MemboostError("give 'calibration' (statistics from calibrate) or 'calibration_batches', not both")
     if calibration is not None:
@@ -374,13 +444,7 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
         return layer
 
     def bar(items, unit, total=None):
-        if progress or (progress is None and len(targets) > 8):
-            try:
-                from tqdm.auto import tqdm
-                return tqdm(items, desc=f"memboost {method}", unit=unit, leave=False, total=total)
-            except ImportError:  # tqdm is optional
-                pass
-        return items
+        return progress_bar(items, f"memboost {method}", unit=unit, total=total, progress=progress)
 
     if calibration_batches is not None:
         _check_batches(calibration_batches)
@@ -412,6 +476,9 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
             replacements.append((parent, child_name, quantize_one(full, linear, stats)))
         for parent, child_name, layer in replacements:
             setattr(parent, child_name, layer)
+    if report.replaced:
+        report.warnings.extend(damage_warnings(method, report,
+                                               calibration is not None or calibration_batches is not None))
     if report.replaced:  # what save_quantized writes into quantization_config
         plain = {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str))}
         calls = list(getattr(model, "memboost_quantization", []))

@@ -48,6 +48,11 @@ def prepare_model(model: nn.Module, r: int = 16, alpha: float = 32, dropout: flo
     if target_modules is not None and (isinstance(target_modules, str) or
                                        not all(isinstance(t, str) for t in target_modules)):
         raise MemboostTypeError("'target_modules' must be a list of module names or name suffixes")
+    prepared = qlora_layers(model)
+    if prepared:
+        # Again, it would wrap the adapters' own nn.Linear layers (lora_A, lora_B).
+        raise MemboostError(f"'model' already has {len(prepared)} QLoRA layers (e.g. {next(iter(prepared))!r}): "
+                            "prepare_model was called on it before; call it once, on a model of nn.Linear layers")
     chosen = [(name, m) for name, m in model.named_modules()
               if isinstance(m, nn.Linear) and (_matches(name, target_modules) if target_modules is not None
                                                else name.split(".")[-1] != "lm_head")]

@@ -425,10 +425,11 @@ def _as_tensor(a, name: str):
 def compress_gradients_vsa(gradients, ratio: float, seed: int):
     """Seed-system call shape: `compressed, seed = compress_gradients_vsa(g, 0.1, 42)`.
     A count sketch (see count_sketch) of the flattened gradients:
-    ceil(ratio * n) float32 values, a numpy array or a tensor as given."""
+    ceil(ratio * n) float32 values whatever the input's float dtype (the
+    sketch is what goes over the wire), a numpy array or a tensor as given."""
     t, back = _as_tensor(gradients, "gradients")
     _check_seed(seed)
-    return back(count_sketch(t, ratio, seed)), seed
+    return back(count_sketch(t, ratio, seed).to(torch.float32)), seed
 
 
 def decompress_gradients_vsa(compressed, dim: int, seed: int):

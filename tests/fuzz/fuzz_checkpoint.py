@@ -1,6 +1,8 @@
 """memboost.load_quantized on folders save_quantized wrote (a tiny random
 Llama: mixed in one file; NF4 and ternary layers in shards with an index),
-one file replaced by the fuzz input (mutate.FolderInputs)."""
+one file replaced by the fuzz input (mutate.FolderInputs). The checksums are
+not checked (verify=False; fuzz_safetensors covers that check): a hostile
+folder can carry matching ones, and the mutated bytes should reach the loader."""
 
 import functools
 import os
@@ -37,5 +39,5 @@ def seeds():
 
 
 def target(data: bytes) -> None:
-    model = memboost.load_quantized(_folders().apply(data))
+    model = memboost.load_quantized(_folders().apply(data), verify=False)
     model(torch.tensor([[1, 2, 3]]))

@@ -4,7 +4,10 @@ memboost's HfQuantizer), one file replaced by the fuzz input
 (mutate.FolderInputs). transformers reads config.json and the safetensors
 headers itself: an input it refuses before any memboost code runs (its own
 OSError, JSON or safetensors error, raised from frames outside memboost) is
-Skip; whatever reaches memboost must load or raise MemboostError."""
+Skip; whatever reaches memboost must load or raise MemboostError. The
+checksums are not checked (MEMBOOST_VERIFY=0; fuzz_safetensors covers that
+check): a hostile folder can carry matching ones, and the mutated bytes should
+reach the loader."""
 
 import functools
 import os
@@ -54,6 +57,8 @@ def target(data: bytes) -> None:
     from transformers import AutoModelForCausalLM
 
     folder = _folders().apply(data)
+    verify = os.environ.get("MEMBOOST_VERIFY")
+    os.environ["MEMBOOST_VERIFY"] = "0"  # set only while loading: the test process imports this module too
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     except memboost.MemboostError:
@@ -62,4 +67,9 @@ def target(data: bytes) -> None:
         if not _reached_memboost(sys.exc_info()[2]):
             raise Skip("refused by transformers before memboost's loader ran") from None
         raise
+    finally:
+        if verify is None:
+            del os.environ["MEMBOOST_VERIFY"]
+        else:
+            os.environ["MEMBOOST_VERIFY"] = verify
     model(torch.tensor([[1, 2, 3]]))
