@@ -15,6 +15,7 @@ follows the input (bitsandbytes' and torchao's layers behave the same).
 """
 
 import math
+import operator
 from typing import Dict, List, Optional, Type
 
 import torch
@@ -40,6 +41,7 @@ class QuantizedWeight(nn.Module):
         self.register_state_dict_post_hook(QuantizedWeight._float_views_in_state_dict)
 
     def _set(self, qtensor: QuantizedTensor) -> None:
+        self._view = None
         self._format_cls = type(qtensor)
         self._meta = dict(qtensor.meta)
         self._float_dtypes: Dict[str, torch.dtype] = {}
@@ -62,9 +64,24 @@ class QuantizedWeight(nn.Module):
                 state_dict[key] = state_dict[key].view(dtype)
 
     def tensor(self) -> QuantizedTensor:
-        """The QuantizedTensor view of the buffers (no copy, no re-validation)."""
+        """The QuantizedTensor view of the buffers (no copy, no re-validation).
+        A layer's forward reads it on every call, and reading the buffers
+        through nn.Module's attribute lookup costs microseconds, so the view
+        is kept with the buffer objects it was built from and rebuilt only
+        when one of them was replaced (`.to()`, load_state_dict, assignment,
+        or a loader writing `_buffers` directly)."""
+        buffers = tuple(self._buffers.values())
+        cached = self._view
+        if cached is not None and len(cached[0]) == len(buffers) and all(map(operator.is_, cached[0], buffers)):
+            return cached[1]
         cls = self._format_cls
-        return cls._wrap({name: self._stored(name) for name in cls.tensor_names}, self._meta)
+        view = cls._wrap({name: self._stored(name) for name in cls.tensor_names}, self._meta)
+        self._view = (buffers, view)
+        return view
+
+    def _apply(self, fn, recurse=True):
+        self._view = None  # holds the old buffers: drop them with the move
+        return super()._apply(fn, recurse)
 
     @property
     def shape(self) -> torch.Size:

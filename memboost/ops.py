@@ -69,6 +69,20 @@ _register_fake("unpack_4bit")(_fake_unpack(8))
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what every op computes in and returns
 
 
+def _call_linear(op, args, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """op(*args) for a *_linear op, below the autograd layer when no gradient
+    can flow. The ops' autograd kernels (register_autograd) are Python: on
+    every call, even under no_grad, they cost more than the kernel itself
+    does on a small layer at batch 1. The quantized weight never requires
+    grad, so the product is differentiable only through x and bias; under
+    torch.compile the plain call is traced."""
+    if (not torch.is_grad_enabled() or not (x.requires_grad or (bias is not None and bias.requires_grad))) \
+            and not torch.compiler.is_compiling():
+        with torch._C._AutoDispatchBelowADInplaceOrView():
+            return op(*args)
+    return op(*args)
+
+
 @_register_fake("mixed_dequantize")
 def _(plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals, group_size, dtype):
     torch._check_value(dtype in _FLOAT_DTYPES, lambda: f"'dtype' must be float16, bfloat16 or float32, got {dtype}")
@@ -111,10 +125,10 @@ def mixed_dequantize(tensors: dict, group_size: int, dtype: torch.dtype) -> torc
 def mixed_linear(x: torch.Tensor, tensors: dict, bias: Optional[torch.Tensor], group_size: int,
                  act_bits: int = 0) -> torch.Tensor:
     t = tensors
-    return _ops.mixed_linear.default(
+    return _call_linear(_ops.mixed_linear.default, (
         x, t["plane2"], t["lowbits"], t["meta"], t["mask"], t["row_scale"],
         t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], bias, group_size, act_bits,
-    )
+    ), x, bias)
 
 
 def _mixed_linear_setup_context(ctx, inputs, output):
@@ -195,7 +209,7 @@ def ternary_dequantize(packed: torch.Tensor, scales: torch.Tensor, cols: int, gr
 
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor],
                    cols: int, group_size: int, act_bits: int = 0) -> torch.Tensor:
-    return _ops.ternary_linear.default(x, packed, scales, bias, cols, group_size, act_bits)
+    return _call_linear(_ops.ternary_linear.default, (x, packed, scales, bias, cols, group_size, act_bits), x, bias)
 
 
 def _ternary_linear_setup_context(ctx, inputs, output):
@@ -274,8 +288,8 @@ def nf4_dequantize(tensors: dict, numel: int, block_size: int, nested_block_size
 
 def nf4_linear(x: torch.Tensor, tensors: dict, out_features: int, block_size: int, nested_block_size: int,
                bias: Optional[torch.Tensor] = None, act_bits: int = 0) -> torch.Tensor:
-    return _ops.nf4_linear.default(x, *(tensors[k] for k in _NF4_STATE), out_features, block_size,
-                                   nested_block_size, bias, act_bits)
+    return _call_linear(_ops.nf4_linear.default, (x, *(tensors[k] for k in _NF4_STATE), out_features, block_size,
+                                                   nested_block_size, bias, act_bits), x, bias)
 
 
 def _nf4_linear_setup_context(ctx, inputs, output):

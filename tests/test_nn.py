@@ -173,6 +173,54 @@ def test_torch_compile_fullgraph_equals_eager(fmt):
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fmt", _every_format_layer())
+def test_forward_sees_replaced_weight_buffers(fmt):
+    # forward keeps the QuantizedTensor view of the buffers between calls: a
+    # weight loaded with load_state_dict, or written into _buffers directly
+    # (as accelerate's loaders do), must be what the next call uses.
+    from memboost.nn import QuantizedLinear
+
+    cls = QuantizedLinear.for_format(fmt)
+    torch.manual_seed(0)
+    a, b, c = (cls.from_linear(nn.Linear(256, 128)) for _ in range(3))
+    x = torch.randn(3, 256)
+    ya, yb = a(x), b(x)
+    assert (ya - yb).abs().max() > 1e-3
+    a.load_state_dict(b.state_dict())
+    torch.testing.assert_close(a(x), yb, rtol=0, atol=0)
+    c(x)
+    for name, t in b.weight._buffers.items():
+        c.weight._buffers[name] = t
+    c.bias = b.bias
+    torch.testing.assert_close(c(x), yb, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fmt", _every_format_layer())
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_call_without_grad_equals_call_with_grad(fmt, act_bits):
+    # Without a gradient to track, the ops are called below the autograd
+    # layer (its Python kernel costs more than a small layer's product):
+    # the same values, no graph; with one, the graph as before.
+    from memboost.nn import QuantizedLinear
+
+    cls = QuantizedLinear.for_format(fmt)
+    torch.manual_seed(0)
+    layer = cls.from_linear(nn.Linear(256, 128), act_bits=act_bits)
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        y_no_grad = layer(x)
+    with torch.inference_mode():
+        y_inference = layer(x)
+    y_plain = layer(x)
+    xg = x.clone().requires_grad_()
+    y_grad = layer(xg)
+    assert y_no_grad.grad_fn is None and y_plain.grad_fn is None and y_grad.grad_fn is not None
+    for y in (y_inference, y_plain, y_grad):
+        torch.testing.assert_close(y.detach(), y_no_grad, rtol=0, atol=0)
+    y_grad.sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape and xg.grad.abs().sum() > 0
+
+
 def _every_format_weight(w):
     from memboost import lort, nf4, ternary
     from memboost.formats import mixed

@@ -19,6 +19,7 @@
 #include "cpu/int8/act_quant.h"
 #include "cpu/int8/dot.h"
 #include "cpu/int8/isa.h"
+#include "cpu/linear_io.h"
 
 namespace memboost {
 namespace mixed {
@@ -644,17 +645,15 @@ void int8_rows_x86(bool vnni, const MixedView& v, int64_t begin, int64_t end, co
 }
 #endif
 
-// Rows per parallel task: at least ~half a million weights each, so a small
-// layer runs on one thread (a fork/join costs more than it saves there, and
-// far more when another process holds a core).
-inline int64_t row_grain(const MixedDims& d) { return std::max<int64_t>(16, (int64_t(1) << 19) / d.cols); }
+// Rows per parallel task (cpu/linear_io.h): a small layer runs on the calling thread.
+inline int64_t row_grain(const MixedDims& d, int64_t m_rows) { return cpu::task_grain(d.cols * m_rows, 16); }
 
 void linear_int8(const MixedView& v, const at::Tensor& xf, float* y) {
   const Int8Rows a = quantize_activations_pairs(xf, v.d);
   const float* xp = xf.data_ptr<float>();
   const int64_t m_rows = xf.size(0);
   const cpu::Isa isa = cpu::active_isa();
-  at::parallel_for(0, v.d.rows, row_grain(v.d), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, v.d.rows, row_grain(v.d, m_rows), [&](int64_t begin, int64_t end) {
 #if MB_HAVE_X86_KERNELS
     if (isa != cpu::Isa::Portable) return int8_rows_x86(isa == cpu::Isa::Avx512Vnni, v, begin, end, a, xp, m_rows, y);
 #endif
@@ -957,9 +956,9 @@ at::Tensor mixed_linear_cpu(const at::Tensor& x, const at::Tensor& plane2, const
   const MixedDims d = check_mixed_args(plane2, lowbits, meta, mask, row_scale, rowptr, cols, vals, group_size);
   check_activation(x, d, bias, plane2);
   MB_CHECK(act_bits == 0 || act_bits == 8, "'act_bits' must be 0 (exact float) or 8, got ", act_bits);
-  const auto xf = x.reshape({-1, d.cols}).to(at::kFloat).contiguous();
+  const auto xf = cpu::float_rows(x, d.cols);
   const int64_t m_rows = xf.size(0);
-  auto y = at::empty({m_rows, d.rows}, x.options().dtype(at::kFloat));
+  auto y = at::empty({m_rows, d.rows}, xf.options());
   if (m_rows > 0 && d.rows > 0) {
     const MixedView v = make_view(plane2, lowbits, meta, mask, row_scale, rowptr, cols, vals, d);
     const float* xp = xf.data_ptr<float>();
@@ -986,18 +985,18 @@ at::Tensor mixed_linear_cpu(const at::Tensor& x, const at::Tensor& plane2, const
         xsum[i] = s;
       }
       const float* sp = xsum.data();
-      at::parallel_for(0, d.rows, row_grain(d), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, d.rows, row_grain(d, m_rows), [&](int64_t begin, int64_t end) {
         linear_rows_avx2(v, begin, end, xp, sp, m_rows, yp);
       });
 #endif
     } else {
-      at::parallel_for(0, d.rows, row_grain(d), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, d.rows, row_grain(d, m_rows), [&](int64_t begin, int64_t end) {
         linear_rows_generic(v, begin, end, xp, m_rows, yp);
       });
     }
   }
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
-  return y.to(x.scalar_type()).reshape(linear_output_shape(x, d.rows));
+  return cpu::linear_result(y, x, d.rows);
 }
 
 }  // namespace

@@ -26,6 +26,7 @@
 #include "cpu/int8/act_quant.h"
 #include "cpu/int8/dot.h"
 #include "cpu/int8/isa.h"
+#include "cpu/linear_io.h"
 
 namespace memboost {
 namespace nf4 {
@@ -212,9 +213,19 @@ void linear_rows_generic(const View& v, int64_t k, int64_t begin, int64_t end, c
 
 // x [m, k] reordered per chunk of `chunk` elements: its even elements, then
 // its odd ones (the order of the high and low nibbles of its codes).
+// A plain loop: view + transpose + contiguous cost more, through the
+// dispatcher and TensorIterator, than the kernel on a small layer at batch 1.
 at::Tensor even_odd_order(const at::Tensor& xf, int64_t chunk) {
-  const int64_t m = xf.size(0), k = xf.size(1);
-  return xf.view({m, k / chunk, chunk / 2, 2}).transpose(2, 3).contiguous().view({m, k});
+  const int64_t n = xf.numel(), half = chunk / 2;
+  auto out = at::empty_like(xf);
+  const float* src = xf.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t c = 0; c < n; c += chunk)
+    for (int64_t j = 0; j < half; ++j) {
+      dst[c + j] = src[c + 2 * j];
+      dst[c + half + j] = src[c + 2 * j + 1];
+    }
+  return out;
 }
 
 #if MB_HAVE_X86_KERNELS
@@ -433,7 +444,7 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   const Nf4Dims d = check_nf4_state(codes, absmax, nested_absmax, nested_map, nested_offset, out_features * k,
                                     block_size, nested_block_size);
   check_nf4_activation(x, out_features, d, bias, codes);
-  const auto xf = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  const auto xf = cpu::float_rows(x, k);
   const int64_t m_rows = xf.size(0), n_rows = out_features;
   auto y = at::empty({m_rows, n_rows}, xf.options());
   const auto c = codes.contiguous(), a = absmax.contiguous(), na = nested_absmax.contiguous(),
@@ -441,6 +452,8 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
   const View v = make_view(c, a, na, nm, nested_offset, d);
   const cpu::Isa isa = cpu::active_isa();
   float* yp = y.data_ptr<float>();
+  // Rows per parallel task (cpu/linear_io.h): a small layer runs on the calling thread.
+  const int64_t grain = cpu::task_grain(k * m_rows, 16);
   if (m_rows == 0 || n_rows == 0) {
     // nothing to compute
   } else if (m_rows >= kGemmMinRows && act_bits == 0) {
@@ -450,7 +463,7 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
       const cpu::Int8Activations act = cpu::quantize_activations(xf, k);
       const int8_t* xq = act.values.data_ptr<int8_t>();
       const float* xs = act.scales.data_ptr<float>();
-      at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
         linear_int8_portable(v, k, begin, end, xq, xs, m_rows, n_rows, yp);
       });
     } else {
@@ -461,7 +474,7 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
       const int32_t* sums = act.sums.data_ptr<int32_t>();
       const float* xs = act.scales.data_ptr<float>();
       const int64_t sum_blocks = k / cpu::kActBlock;
-      at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
         for_row_tiles(m_rows, [&](auto mt, int64_t m0) {
           constexpr int MT = decltype(mt)::value;
           if (isa == cpu::Isa::Avx512Vnni)
@@ -477,7 +490,7 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
 #if MB_HAVE_X86_KERNELS
     const auto xd = even_odd_order(xf, 32);
     const float* xp = xd.data_ptr<float>();
-    at::parallel_for(0, n_rows, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
       for_row_tiles(m_rows, [&](auto mt, int64_t m0) {
         if (isa == cpu::Isa::Avx512Vnni)
           linear_float_avx512<decltype(mt)::value>(v, k, begin, end, xp + m0 * k, n_rows, yp + m0 * n_rows);
@@ -488,12 +501,12 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
 #endif
   } else {
     const float* xp = xf.data_ptr<float>();
-    at::parallel_for(0, n_rows, 8, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
       linear_rows_generic(v, k, begin, end, xp, m_rows, n_rows, yp);
     });
   }
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
-  return y.to(x.scalar_type()).reshape(linear_output_shape(x, n_rows));
+  return cpu::linear_result(y, x, n_rows);
 }
 
 }  // namespace

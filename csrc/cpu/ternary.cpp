@@ -28,6 +28,7 @@
 #include "cpu/int8/act_quant.h"
 #include "cpu/int8/dot.h"
 #include "cpu/int8/isa.h"
+#include "cpu/linear_io.h"
 
 namespace memboost {
 namespace ternary {
@@ -438,15 +439,15 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, con
   const TernaryDims d = check_ternary_args(packed, scales, cols, group_size);
   check_activation(x, d, bias, packed);
   check_act_bits(act_bits);
-  const auto xf = x.reshape({-1, d.cols}).to(at::kFloat).contiguous();
+  const auto xf = cpu::float_rows(x, d.cols);
   const int64_t m_rows = xf.size(0);
-  auto y = at::empty({m_rows, d.rows}, x.options().dtype(at::kFloat));
+  auto y = at::empty({m_rows, d.rows}, xf.options());
   if (m_rows > 0 && d.rows > 0) {
     const WeightView v = make_view(packed, scales, d);
     float* yp = y.data_ptr<float>();
     const cpu::Isa isa = cpu::active_isa();
-    // Blocks of kRowTile rows per task; small layers stay on one thread.
-    const int64_t grain = std::max<int64_t>(kRowTile, (int64_t(1) << 16) / std::max<int64_t>(1, d.cols * m_rows));
+    // Blocks of kRowTile rows per task; small layers stay on the calling thread (cpu/linear_io.h).
+    const int64_t grain = cpu::task_grain(d.cols * m_rows, kRowTile);
     if (act_bits == 8) {
       const auto acts = cpu::quantize_activations(xf, trits::padded_cols(d.cols));
       // Per-group sums of q from the 32-column block sums.
@@ -475,7 +476,17 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, con
       if (isa != cpu::Isa::Portable) {
         // x padded to whole chunks with zeros, so whole chunks can be read
         const int64_t padded = trits::padded_cols(d.cols);
-        const auto xp_t = padded == d.cols ? xf : at::constant_pad_nd(xf, {0, padded - d.cols}, 0.0);
+        // (by hand: at::constant_pad_nd costs more than a small layer's kernel)
+        at::Tensor xp_t = xf;
+        if (padded != d.cols) {
+          xp_t = at::empty({m_rows, padded}, xf.options());
+          const float* src = xf.data_ptr<float>();
+          float* dst = xp_t.data_ptr<float>();
+          for (int64_t m = 0; m < m_rows; ++m) {
+            std::copy(src + m * d.cols, src + (m + 1) * d.cols, dst + m * padded);
+            std::fill(dst + m * padded + d.cols, dst + (m + 1) * padded, 0.f);
+          }
+        }
         const float* xp = xp_t.data_ptr<float>();
         at::parallel_for(0, (d.rows + kRowTile - 1) / kRowTile, std::max<int64_t>(1, grain / kRowTile),
                          [&](int64_t b0, int64_t b1) {
@@ -492,7 +503,7 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, con
     }
   }
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
-  return y.to(x.scalar_type()).reshape(linear_output_shape(x, d.rows));
+  return cpu::linear_result(y, x, d.rows);
 }
 
 }  // namespace

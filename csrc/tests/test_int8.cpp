@@ -33,6 +33,19 @@ TEST(Int8Activations, RowScaleRoundingPaddingAndBlockSums) {
   }
 }
 
+TEST(Int8Activations, RoundingEqualsNearbyintTiesToEven) {
+  // every quarter in the int8 range (ties included), then random values
+  for (float v = -128.f; v <= 128.f; v += 0.25f) EXPECT_EQ(round_half_even_small(v), std::nearbyint(v)) << v;
+  EXPECT_EQ(round_half_even_small(2.5f), 2.f);
+  EXPECT_EQ(round_half_even_small(-3.5f), -4.f);
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> uniform(-127.f, 127.f);
+  for (int i = 0; i < 100000; ++i) {
+    const float v = uniform(rng);
+    ASSERT_EQ(round_half_even_small(v), std::nearbyint(v)) << v;
+  }
+}
+
 TEST(Int8Activations, ZeroRowHasZeroScale) {
   std::vector<float> x(32, 0.f);
   std::vector<int8_t> q(32);

@@ -89,11 +89,16 @@ class LoRTQuantizedTensor(QuantizedTensor):
         int8 activations with act_bits=8) writes the output, then the low-rank
         path (x @ B, then @ A.T; two small GEMMs in x's dtype) is added into it."""
         t = self.tensors
-        n, k = self.shape
+        n, k = self.meta["shape"]
         y = ops.ternary_linear(x, t["packed"], t["alpha"], bias, k, 0, _ACT_BITS[check_act_bits(act_bits)])
         if self.rank:
-            xb = x.reshape(-1, k) @ t["B"].to(x.dtype)
-            y.view(-1, n).addmm_(xb, t["A"].to(x.dtype).T)
+            # no cast or view where none is needed: each is a dispatcher call,
+            # a measurable part of a batch-1 call on a small layer
+            a, b = t["A"], t["B"]
+            if b.dtype != x.dtype:
+                a, b = a.to(x.dtype), b.to(x.dtype)
+            x2, y2 = (x, y) if x.dim() == 2 else (x.reshape(-1, k), y.view(-1, n))
+            y2.addmm_(x2 @ b, a.T)
         return y
 
     def _repr_fields(self) -> dict:

@@ -200,8 +200,9 @@ def _checked_linear(linear):
     @functools.wraps(linear)
     def checked(self, x, bias=None, *args, **kwargs):
         if isinstance(x, torch.Tensor):
-            if len(self.shape) == 2 and (x.dim() == 0 or x.shape[-1] != self.shape[1]):
-                raise MemboostError(f"'x' must have last dimension in_features={self.shape[1]}, got shape "
+            shape = self.meta["shape"]  # a list: self.shape builds a torch.Size, on every call of every layer
+            if len(shape) == 2 and (x.dim() == 0 or x.shape[-1] != shape[1]):
+                raise MemboostError(f"'x' must have last dimension in_features={shape[1]}, got shape "
                                     f"{list(x.shape)}")
             if x.dtype == torch.float64:
                 bias = bias.float() if isinstance(bias, torch.Tensor) and bias.dtype == torch.float64 else bias

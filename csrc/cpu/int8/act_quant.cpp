@@ -29,7 +29,8 @@ Int8Activations quantize_activations(const at::Tensor& x, int64_t padded, int64_
   float* sp = a.scales.data_ptr<float>();
   int32_t* bp = a.sums.data_ptr<int32_t>();
   const int64_t cols = a.cols, blocks = padded / kActBlock;
-  at::parallel_for(0, a.rows, 4, [&](int64_t begin, int64_t end) {
+  // a few operations per value: parallel only from about a million values
+  at::parallel_for(0, a.rows, std::max<int64_t>(4, (int64_t(1) << 20) / std::max<int64_t>(1, cols)), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (block == 0) {
         sp[r] = quantize_row_int8(xp + r * cols, cols, padded, qp + r * padded, bp + r * blocks);

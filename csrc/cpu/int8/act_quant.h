@@ -18,12 +18,24 @@ constexpr int64_t kActBlock = 32;  // block of the int32 sums
 // Quantizes x[0, cols) into q[0, padded) (zero-padded; padded a multiple of
 // kActBlock, >= cols) and sums[0, padded / kActBlock); returns the scale.
 // An all-zero row gets scale 0 and zero codes.
+// Round to nearest, ties to even (nearbyint in the default rounding mode)
+// for |v| < 2^22, in two float additions: std::nearbyint and std::fmax are
+// library calls without SSE4.1 (this file builds for baseline x86-64), and
+// per value they cost more than the rest of a small layer's call.
+inline float round_half_even_small(float v) {
+  constexpr float kMagic = 12582912.f;  // 1.5 * 2^23: the sum's ulp is 1
+  return (v + kMagic) - kMagic;
+}
+
 inline float quantize_row_int8(const float* x, int64_t cols, int64_t padded, int8_t* q, int32_t* sums) {
   float amax = 0.f;
-  for (int64_t i = 0; i < cols; ++i) amax = std::fmax(amax, std::fabs(x[i]));
+  for (int64_t i = 0; i < cols; ++i) {
+    const float a = std::fabs(x[i]);
+    amax = a > amax ? a : amax;  // a NaN is skipped, as std::fmax skips it
+  }
   const float scale = amax / 127.f;
   const float inv = amax > 0.f ? 127.f / amax : 0.f;
-  for (int64_t i = 0; i < cols; ++i) q[i] = static_cast<int8_t>(std::nearbyint(x[i] * inv));
+  for (int64_t i = 0; i < cols; ++i) q[i] = static_cast<int8_t>(round_half_even_small(x[i] * inv));
   for (int64_t i = cols; i < padded; ++i) q[i] = 0;
   for (int64_t b = 0; b < padded / kActBlock; ++b) {
     int32_t s = 0;
