@@ -55,6 +55,7 @@ DEMO_DIR ?= build/demo/smollm2-mixed
 # ones; see the README for why this setting), then compare it with float32: perplexity,
 # generation speed and a completion of each.
 demo: system-deps build-demo
+	mkdir -p $(dir $(DEMO_DIR))
 	$(VENV)/bin/memboost quantize smollm2 $(DEMO_DIR) --bits 3.5 --group-size 32 --hessian --calibrate fortunes \
 		--calib-skip 2048 --calib-tokens 4096
 	$(VENV)/bin/memboost info $(DEMO_DIR) | tail -n 1
