@@ -73,6 +73,14 @@ def test_bytes_equal_bitsandbytes(dtype, shape, double_quant):
     assert torch.equal(bnbF.dequantize_4bit(sd["weight"], st2), q.dequantize())
 
 
+def _bnb_default_dequantize_4bit(packed, st, block_size):
+    """bitsandbytes' pure-PyTorch dequantize_4bit (its reference backend)."""
+    absmax = st.absmax if st.state2 is None else bnbF.dequantize_blockwise(st.absmax, st.state2) + st.offset
+    op = torch.ops.bitsandbytes.dequantize_4bit.default
+    return op._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, packed, absmax, block_size, "nf4", st.shape,
+                     st.dtype)
+
+
 def _heavy_tailed(shape, seed, dtype):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(*shape, generator=g) * torch.randn(*shape, generator=g).abs().pow(3).clamp(max=50)
@@ -100,7 +108,11 @@ def test_double_quant_equals_bitsandbytes_kernel(block_size, dtype):
             assert torch.equal(t["absmax"], st.absmax), (seed, shape)
             assert torch.equal(t["nested_absmax"], st.state2.absmax), (seed, shape)
             assert float(t["nested_offset"]) == float(st.offset)
-            assert torch.equal(q.dequantize(), bnbF.dequantize_4bit(packed, st)), (seed, shape)
+            # dequantized: equal to bitsandbytes' own reference decoder. (Its
+            # 0.50.2 CPU dequantize kernel disagrees with that reference for
+            # blocks of 128 and more in several shapes, a 1-D weight among
+            # them, on the same stored data: a bitsandbytes bug, not a code.)
+            assert torch.equal(q.dequantize(), _bnb_default_dequantize_4bit(packed, st, block_size)), (seed, shape)
             plain = nf4.quantize(w, block_size, False).tensors["absmax"]
             nearest = _bnb_default_blockwise(plain - st.offset, bnbF.create_dynamic_map(), 256)[0]
             differs_from_nearest += int((nearest != st.absmax).sum())
