@@ -59,7 +59,7 @@ def test_nf4_quantize_on_gpu_is_ieee(double_quant):
 @cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,k", [(16, 256), (3, 96)])  # batch > 8; K % 32 != 0
+@pytest.mark.parametrize("m,k", [(16, 256), (3, 80)])  # batch > 8; K % 32 != 0
 def test_nf4_linear_outside_gemv_rounds_once(dtype, m, k):
     # (3) the GEMM path dequantized to the input's 16-bit dtype and multiplied
     # there; CPU, reference, mixed and ternary compute in float32 and round once
@@ -89,9 +89,10 @@ def test_ternary_int8_gemv_signed_dot():
     y = qc.linear(x.cuda(), act_bits=8)
     want = reference.ternary_linear(x, q.tensors["packed"], q.tensors["scales"], None, 8192, 256, 8)
     scale = want.square().mean().sqrt()
-    assert float((y.cpu() - want).abs().max() / scale) < 1e-6
+    # (emulated in float32: the old formula is off by about 3e-5 here, the signed dot by 4e-7)
+    assert float((y.cpu() - want).abs().max() / scale) < 3e-6
     # and the CPU kernel meets the same bound
-    assert float((q.linear(x, act_bits=8) - want).abs().max() / scale) < 1e-6
+    assert float((q.linear(x, act_bits=8) - want).abs().max() / scale) < 3e-6
 
 
 def _mixed_with_duplicate_outliers(device):
