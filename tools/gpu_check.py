@@ -21,7 +21,6 @@ Written without a GPU: no NVIDIA machine has run it yet.
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
