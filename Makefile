@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup system-deps toolchain llama-cpp build build-demo demo test pytest cpptest test-slow ptxas bench clean fuzz test-asan
+.PHONY: setup system-deps toolchain llama-cpp build build-demo demo test pytest cpptest test-slow ptxas bench clean fuzz test-asan gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -84,6 +84,15 @@ ptxas: build
 	cmake --build build/ptxas --clean-first > build/ptxas/build.log 2>&1 || (tail -20 build/ptxas/build.log; false)
 	$(PY) tools/ptxas_report.py build/ptxas/build.log > build/ptxas/report.md; status=$$?; \
 		cat build/ptxas/report.md; exit $$status
+
+# The one command for a machine with an NVIDIA GPU (after `make build`; no
+# GPU has run it yet): preflight, a CUDA build for this GPU in build/gpu,
+# every CUDA test, compute-sanitizer memcheck and racecheck over the CUDA op
+# tests, the GPU benchmark (bytes/s against a device-to-device copy), one
+# table; 8 minutes at most. Without a GPU it stops in seconds, exit status
+# 2, saying what is missing (tools/gpu_check.py).
+gpu-check:
+	$(PY) tools/gpu_check.py
 
 bench:
 	$(PY) benchmarks/bench_mixed_speed.py

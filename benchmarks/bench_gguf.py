@@ -1,7 +1,8 @@
 """GGUF export of SmolLM2-135M-Instruct, judged by llama.cpp.
 
 For each GGUF type: memboost.export_gguf of the model (float weights, and an
-NF4-quantized copy to IQ4_NL); Q4_0 and IQ4_NL again with a calibration
+NF4-quantized copy to IQ4_NL, the size-first export, and Q5_0, the export
+that keeps the NF4 model's behaviour: --nf4-types); Q4_0 and IQ4_NL again with a calibration
 (memboost.calibrate on --calib-tokens fortune tokens, not the evaluated
 text: what calibration buys); then llama.cpp's own quantizer
 (llama_cpp.llama_model_quantize, no importance matrix) applied to our F16
@@ -20,7 +21,8 @@ token embedding included). Text: Debian's GPL-3 (English prose that is not
 fortunes), the first --tokens tokens in windows of 256, the first token of
 each window context only (memboost.testbed.perplexity's convention).
 
-    python benchmarks/bench_gguf.py [--tokens 2048] [--json benchmarks/results/gguf_cpu.json]
+    python benchmarks/bench_gguf.py [--tokens 2048] [--types ...] [--nf4-types IQ4_NL,Q5_0]
+                                    [--json benchmarks/results/gguf_cpu.json]
 """
 
 import argparse
@@ -41,8 +43,8 @@ from memboost.io.gguf.export import export_gguf, gguf_state_dict  # noqa: E402
 from common import print_table, write_json  # noqa: E402
 
 TEXT = "/usr/share/common-licenses/GPL-3"
-OURS = ["F16", "Q8_0", "Q4_0", "IQ4_NL", "Q4_K", "Q3_K", "Q2_K"]
-LLAMA_CPP = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
+OURS = ["F16", "Q8_0", "Q5_0", "Q4_0", "IQ4_NL", "Q4_K", "Q3_K", "Q2_K"]
+LLAMA_CPP = {"Q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "Q5_0": "LLAMA_FTYPE_MOSTLY_Q5_0", "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
              "IQ4_NL": "LLAMA_FTYPE_MOSTLY_IQ4_NL", "Q4_K": "LLAMA_FTYPE_MOSTLY_Q4_K_S",
              "Q3_K": "LLAMA_FTYPE_MOSTLY_Q3_K_S", "Q2_K": "LLAMA_FTYPE_MOSTLY_Q2_K"}
 
@@ -100,6 +102,9 @@ def main():
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--types", default=",".join(OURS))
     ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--nf4-types", default="IQ4_NL,Q5_0",
+                    help="GGUF types of the NF4 model's exports (Q5_K runs in llama.cpp only where it does not "
+                         "crash: llama-cpp-python 0.3.36 segfaults on Q5_K files on some Xeons)")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
@@ -160,12 +165,15 @@ def main():
         rows.append({"source": "nf4", "by": "PyTorch", "type": "NF4 (decoder linears)", "MiB": None,
                      "bits/weight": None, "ppl llama.cpp": None, "ppl memboost": ppl_torch(nf4, wins),
                      "export s": None})
-        if "IQ4_NL" in types:
-            path = os.path.join(tmp, "nf4-IQ4_NL.gguf")
+        # the NF4 model's exports: IQ4_NL (size first, 4.5 bits) and Q5_0 (5.5
+        # bits, its behaviour kept); --nf4-types picks them
+        for qtype in args.nf4_types.split(","):
+            path = os.path.join(tmp, f"nf4-{qtype}.gguf")
             start = time.perf_counter()
-            export_gguf(nf4, path, "IQ4_NL", tokenizer, verbose=False, progress=False)
-            rows.append(score(path, "nf4", "memboost", "IQ4_NL", nf4, float_model, wins,
+            export_gguf(nf4, path, qtype, tokenizer, verbose=False, progress=False)
+            rows.append(score(path, "nf4", "memboost", qtype, nf4, float_model, wins,
                               time.perf_counter() - start, numel))
+            os.unlink(path)
     columns = ["source", "by", "type", "MiB", "bits/weight", "ppl llama.cpp", "ppl memboost", "export s"]
     print_table(rows, columns, title=f"SmolLM2-135M GGUF: perplexity on {sum(len(w) for w in wins)} tokens of "
                                      f"GPL-3 (windows of 256), {torch.get_num_threads()} threads")

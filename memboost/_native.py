@@ -32,6 +32,8 @@ def build_info() -> dict:
         "cuda_kernels": bool(_build_info.WITH_CUDA),
         "cuda_archs": archs,
         "cuda_compiler": _build_info.CUDA_COMPILER_VERSION or None,
+        # the nvcc flags of the CUDA kernels (recorded by CPU-only builds too)
+        "cuda_flags": getattr(_build_info, "CUDA_FLAGS", "").split(),
         "cuda_available": torch.cuda.is_available(),
     }
 

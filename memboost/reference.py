@@ -213,6 +213,7 @@ NF4_CODEBOOK = (
 )
 NF4_ZERO_CODE = 7
 NF4_NESTED_BLOCK_SIZE = 256
+NF4_NESTED_GRID_POINTS = 65536  # bitsandbytes' CPU kernel snaps to this grid (csrc/common/nf4.h)
 
 
 def nf4_codebook(device=None) -> torch.Tensor:
@@ -265,13 +266,22 @@ def nf4_quantize(w: torch.Tensor, block_size: int):
 
 
 def nf4_quantize_absmax(absmax: torch.Tensor, offset: torch.Tensor, nested_map: torch.Tensor, block_size: int):
-    """Double quantization: (absmax - offset) blockwise to the nearest entry of
-    nested_map -> (codes uint8 [len], nested_absmax float32)."""
+    """Double quantization: (absmax - offset) blockwise to an entry of
+    nested_map, chosen as bitsandbytes' CPU kernel chooses it (csrc/common/nf4.h,
+    nested_map_code): the scaled value is snapped to the nearest of 65,536 evenly
+    spaced points of [-1, 1] first, then the entry nearest to that point is
+    taken (ties low); an all-zero block takes code 0.
+    -> (codes uint8 [len], nested_absmax float32)."""
     centred = absmax.float() - offset.float().reshape(())
     n = centred.numel()
     nested = _blockwise_absmax(centred, block_size)
-    scaled = torch.clamp(centred * _per_element(1.0 / nested.clamp(min=1e-38), n, block_size), -1, 1)
-    codes = torch.bucketize(scaled, (nested_map[:-1] + nested_map[1:]) / 2).to(torch.uint8)
+    inv = torch.where(nested > 0, 1.0 / nested, torch.zeros_like(nested))
+    scaled = torch.clamp(centred * _per_element(inv, n, block_size), -1, 1)
+    # each step a separate float32 op (rounded, no fused multiply-add), as in the kernel
+    index = ((scaled + 1.0) * 0.5 * (NF4_NESTED_GRID_POINTS - 1) + 0.5).to(torch.int32)
+    point = -1.0 + (2.0 * index.float()) / (NF4_NESTED_GRID_POINTS - 1)
+    codes = torch.bucketize(point, 0.5 * (nested_map[:-1] + nested_map[1:])).to(torch.uint8)
+    codes[_per_element(inv, n, block_size) == 0] = 0
     return codes, nested
 
 
@@ -299,12 +309,18 @@ def nf4_dequantize(codes, absmax, nested_absmax, nested_map, nested_offset, nume
 
 def nf4_linear(x, codes, absmax, nested_absmax, nested_map, nested_offset, out_features: int, block_size: int,
                nested_block_size: int, bias: Optional[torch.Tensor], act_bits: int) -> torch.Tensor:
-    """act_bits 0: x @ W.T in float32. act_bits 8: what the integer path
-    computes: W with the int8 codebook (/127), x rounded per row to int8."""
+    """act_bits 0: x @ W.T in float32. act_bits 8 where the CPU kernel has its
+    integer path (CPU; k and block_size multiples of 64, k a multiple of
+    block_size): W with the int8 codebook (/127), x rounded per row to int8.
+    Elsewhere (the GPU, other shapes) the kernels compute act_bits 8 exactly."""
+    if act_bits not in (0, 8):
+        raise ValueError(f"'act_bits' must be 0 or 8, got {act_bits}")
     k = x.shape[-1]
     n = out_features * k
     xf = x.reshape(-1, k).float()
-    if act_bits == 8:
+    integer_path = (act_bits == 8 and x.device.type == "cpu" and k % 64 == 0 and block_size % 64 == 0
+                    and k % block_size == 0)
+    if integer_path:
         scales = nf4_block_scales(absmax, nested_absmax, nested_map, nested_offset, nested_block_size)
         values = nf4_codebook_int8(codes.device).float()[nf4_unpack_codes(codes, n)] / 127
         w = (values * _per_element(scales, n, block_size)).view(out_features, k)

@@ -158,7 +158,8 @@ def test_passes_print_nothing_by_default_and_a_bar_when_asked(monkeypatch, capfd
     memboost.model.plan.output_sensitivity(model, _batches())
     perplexity(model, tokenizer, TINY_TEXT, context=32, max_tokens=128)
     err = capfd.readouterr().err
-    assert "calibration (Hessians)" in err and "gradients" in err and "perplexity" in err and "3/3" in err
+    # the bars (leave=False) clear themselves; what they showed names each pass
+    assert "calibration (Hessians)" in err and "gradients" in err and "perplexity" in err
     monkeypatch.setenv("MEMBOOST_PROGRESS", "0")
     memboost.calibrate(model, _batches())
     assert capfd.readouterr().err == ""

@@ -56,30 +56,85 @@ def test_bytes_equal_bitsandbytes(dtype, shape, double_quant):
         assert float(q.tensors["nested_offset"]) == float(st.offset)
         assert torch.equal(q.tensors["nested_absmax"], st.state2.absmax)
         assert torch.equal(q.tensors["nested_map"], st.state2.code)
-        # Byte for byte with bitsandbytes' reference (pure PyTorch) backend ...
+        # byte for byte with bitsandbytes' native CPU kernel (what quantize_4bit
+        # runs on CPU tensors), which snaps to a 65,536-point grid before it
+        # picks the map entry ...
+        assert torch.equal(q.tensors["absmax"], st.absmax)
+        # ... where its pure-PyTorch backend takes the nearest entry instead
+        # (the two differ on a few codes; ours follows the kernel).
         plain = nf4.quantize(w, 64, False).tensors["absmax"]
         ref_codes, ref_nested = _bnb_default_blockwise(plain - st.offset, bnbF.create_dynamic_map(), 256)
-        assert torch.equal(q.tensors["absmax"], ref_codes)
-        # (that backend stores 1e-38 instead of 0 for an all-zero short last block; its CPU kernel stores 0)
-        assert torch.equal(q.tensors["nested_absmax"].clamp(min=1e-38), ref_nested.clamp(min=1e-38))
-        # ... and its native CPU kernel, whose table search is not always
-        # nearest: where the codes differ, ours is the nearer map entry.
-        # (a 256-block whose absmax values all equal the offset has nested
-        # absmax 0: every code then decodes to the offset.)
-        nested = st.state2.absmax.repeat_interleave(256)[: plain.numel()]
-        differ = (q.tensors["absmax"] != st.absmax) & (nested > 0)
-        if differ.any():
-            x = ((plain - st.offset) / nested)[differ]
-            m = st.state2.code
-            assert bool(((m[q.tensors["absmax"][differ].long()] - x).abs()
-                         <= (m[st.absmax[differ].long()] - x).abs()).all())
-            assert int(differ.sum()) <= max(1, plain.numel() // 200)
+        assert int((q.tensors["absmax"] != ref_codes).sum()) <= max(1, plain.numel() // 100)
     # each side dequantizes the other's data to the same values
     ours_from_bnb = nf4.from_bitsandbytes(_bnb_state_dict(packed, st))
     assert torch.equal(ours_from_bnb.dequantize(), bnbF.dequantize_4bit(packed, st))
     sd = nf4.to_bitsandbytes(q)
     st2 = bnbF.QuantState.from_dict({k[len("weight."):]: v for k, v in sd.items() if k != "weight"}, device="cpu")
     assert torch.equal(bnbF.dequantize_4bit(sd["weight"], st2), q.dequantize())
+
+
+def _bnb_default_dequantize_4bit(packed, st, block_size):
+    """bitsandbytes' pure-PyTorch dequantize_4bit (its reference backend)."""
+    absmax = st.absmax if st.state2 is None else bnbF.dequantize_blockwise(st.absmax, st.state2) + st.offset
+    op = torch.ops.bitsandbytes.dequantize_4bit.default
+    return op._op_dk(torch._C.DispatchKey.CompositeExplicitAutograd, packed, absmax, block_size, "nf4", st.shape,
+                     st.dtype)
+
+
+def _heavy_tailed(shape, seed, dtype):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=g) * torch.randn(*shape, generator=g).abs().pow(3).clamp(max=50)
+    return w.to(dtype)
+
+
+# Many seeds, shapes, dtypes and block sizes: the double-quantized absmax
+# codes (and everything else) equal what bitsandbytes' native CPU kernel
+# writes. 512x1024 heavy-tailed with blocks of 64 is the case where the
+# nearest-entry rule differed on 31 of 8,192 codes.
+@pytest.mark.slow
+@pytest.mark.parametrize("block_size", [32, 64, 128, 256, 1024])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_double_quant_equals_bitsandbytes_kernel(block_size, dtype):
+    shapes = [(512, 1024), (300, 700), (257, 1031), (64, 64), (3, 5)]
+    differs_from_nearest = 0
+    for seed in range(3):
+        for shape in shapes:
+            w = _heavy_tailed(shape, seed, dtype) if seed % 2 else \
+                (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.02).to(dtype)
+            q = nf4.quantize(w, block_size, True)
+            packed, st = bnbF.quantize_4bit(w, blocksize=block_size, compress_statistics=True, quant_type="nf4")
+            t = q.tensors
+            assert torch.equal(t["codes"], packed.reshape(-1)), (seed, shape)
+            assert torch.equal(t["absmax"], st.absmax), (seed, shape)
+            assert torch.equal(t["nested_absmax"], st.state2.absmax), (seed, shape)
+            assert float(t["nested_offset"]) == float(st.offset)
+            # dequantized: equal to bitsandbytes' own reference decoder. (Its
+            # 0.50.2 CPU dequantize kernel disagrees with that reference for
+            # blocks of 128 and more in several shapes, a 1-D weight among
+            # them, on the same stored data: a bitsandbytes bug, not a code.)
+            assert torch.equal(q.dequantize(), _bnb_default_dequantize_4bit(packed, st, block_size)), (seed, shape)
+            plain = nf4.quantize(w, block_size, False).tensors["absmax"]
+            nearest = _bnb_default_blockwise(plain - st.offset, bnbF.create_dynamic_map(), 256)[0]
+            differs_from_nearest += int((nearest != st.absmax).sum())
+    assert differs_from_nearest > 0  # the grid rule was exercised where it matters
+
+
+def test_nested_codes_at_map_entries_and_midpoints_equal_bitsandbytes_kernel():
+    """Values placed on every map entry, every float32 midpoint and one ulp
+    either side: the cases a search gets wrong first."""
+    m = bnbF.create_dynamic_map()
+    mids = 0.5 * (m[:-1] + m[1:])
+    vals = torch.cat([m, mids, torch.nextafter(mids, torch.ones_like(mids)),
+                      torch.nextafter(mids, -torch.ones_like(mids)), torch.linspace(-1, 1, 20001)])
+    offset = torch.zeros(1)
+    x = torch.cat([torch.ones(1), vals])  # the leading 1.0 makes the block's absmax 1: values stay as they are
+    got = memboost.ops.nf4_quantize_absmax(x, offset, m, x.numel())
+    want = torch.ops.bitsandbytes.quantize_blockwise(x, m, x.numel())
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(reference.nf4_quantize_absmax(x, offset, m, x.numel())[0], want[0])
+    zeros = torch.zeros(300)  # an all-zero nested block: bitsandbytes writes code 0
+    assert torch.equal(memboost.ops.nf4_quantize_absmax(zeros, offset, m, 256)[0],
+                       torch.ops.bitsandbytes.quantize_blockwise(zeros, m, 256)[0])
 
 
 def _bnb_state_dict(packed, st, prefix="weight"):
@@ -145,8 +200,8 @@ def test_linear_every_isa(monkeypatch, isa, shape, block_size):
         # int8 path: equal to its reference up to float summation order; the
         # int8 rounding of x and of the codebook costs about 1% vs exact.
         y8 = q.linear(x, bias, act_bits=8)
-        if k % 64 == 0 and block_size % 64 == 0:
-            assert rel_err(y8, reference.nf4_linear(x, *_state(q), n, block_size, 256, bias, 8)) < 1e-5
+        # (the reference takes the int8 path exactly where the kernel does: k = 200 stays exact)
+        assert rel_err(y8, reference.nf4_linear(x, *_state(q), n, block_size, 256, bias, 8)) < 1e-5
         assert rel_err(y8, exact) < 0.03
 
 

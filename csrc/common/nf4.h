@@ -18,11 +18,11 @@
 // mean(absmax) and (absmax - offset) is quantized again in blocks of 256 with
 // the signed 8-bit "dynamic" map (256 sorted values in [-1, 1], built in
 // memboost/reference.py exactly as bitsandbytes builds it and stored with the
-// weight): nested_absmax = max |absmax - offset| per 256-block, code = the
-// nearest map value to (absmax - offset) / nested_absmax, ties to the lower
-// code. A block's scale is then map[code] * nested_absmax + offset, rounded
-// after the product and after the sum (no fused multiply-add), as
-// bitsandbytes computes it.
+// weight): nested_absmax = max |absmax - offset| per 256-block, and the code
+// is chosen as bitsandbytes' CPU kernel chooses it (nested_map_code below).
+// A block's scale is then map[code] * nested_absmax + offset, rounded after
+// the product and after the sum (no fused multiply-add), as bitsandbytes
+// computes it.
 #pragma once
 #include <cstdint>
 
@@ -119,17 +119,64 @@ MB_HD uint8_t pack_pair(uint8_t even_code, uint8_t odd_code) {
 MB_HD int64_t num_blocks(int64_t n, int64_t block_size) { return (n + block_size - 1) / block_size; }
 MB_HD int64_t packed_bytes(int64_t n) { return (n + 1) / 2; }
 
-// Nearest entry of a sorted map of kNestedMapSize floats to x (already
-// scaled into [-1, 1]), by the same midpoint rule as the NF4 codes: the
-// number of float32 midpoints strictly below x.
-MB_HD uint8_t nearest_map_code(const float* map, float x) {
-  int lo = 0, hi = kNestedMapSize - 1;  // first index with map[i] >= x, or the last
+// Double quantization's code choice, exactly as bitsandbytes' CPU kernel
+// makes it (csrc/cpu_ops.cpp, quantize_cpu_impl; checked against 0.50.2 by
+// tests/test_nf4_bnb_kernels.py): with z = (absmax - offset) * (1 / nested)
+// clamped to [-1, 1], i = uint16((z + 1) * 0.5 * 65535 + 0.5) picks one of
+// 65,536 evenly spaced points v_i = -1 + 2i / 65535 (every operation rounded
+// to float32), and the code is the number of map midpoints
+// 0.5 * (map[j] + map[j + 1]) strictly below v_i. This is not always the
+// entry nearest to z (bitsandbytes' pure-PyTorch path takes that one): z is
+// first snapped to the 65,536-point grid. A block whose values are all zero
+// takes code 0 (nested_inverse returns 0 for it).
+constexpr int kNestedGridPoints = 65536;
+
+// 1 / nested_absmax, or 0 for an all-zero block (bitsandbytes writes code 0 there).
+MB_HD float nested_inverse(float nested_absmax) {
+#if defined(__CUDA_ARCH__)
+  return nested_absmax > 0.0f ? __fdiv_rn(1.0f, nested_absmax) : 0.0f;
+#else
+  return nested_absmax > 0.0f ? 1.0f / nested_absmax : 0.0f;
+#endif
+}
+
+// Grid index of z (rounded after every operation, no fused multiply-add).
+MB_HD int nested_grid_index(float z) {
+  const float c = z < -1.0f ? -1.0f : (z > 1.0f ? 1.0f : z);
+#if defined(__CUDA_ARCH__)
+  const float t = __fmul_rn(__fadd_rn(c, 1.0f), 0.5f);
+  return static_cast<int>(__fadd_rn(__fmul_rn(t, 65535.0f), 0.5f));
+#else
+  const float t = (c + 1.0f) * 0.5f;
+  volatile float p = t * 65535.0f;  // volatile: the compiler may not contract into an FMA
+  return static_cast<int>(p + 0.5f);
+#endif
+}
+
+// Grid point i: -1 + (2 * i) / 65535 in float32.
+MB_HD float nested_grid_value(int i) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(-1.0f, __fdiv_rn(2.0f * static_cast<float>(i), 65535.0f));
+#else
+  return -1.0f + (2.0f * static_cast<float>(i)) / 65535.0f;
+#endif
+}
+
+// Code of one centred absmax: `inv` is nested_inverse of its nested block.
+MB_HD uint8_t nested_map_code(const float* map, float centred, float inv) {
+  if (inv == 0.0f) return 0;
+#if defined(__CUDA_ARCH__)
+  const float z = __fmul_rn(centred, inv);
+#else
+  const float z = centred * inv;
+#endif
+  const float v = nested_grid_value(nested_grid_index(z));
+  int lo = 0, hi = kNestedMapSize - 1;  // the first midpoint not below v, or 255
   while (lo < hi) {
     const int mid = (lo + hi) >> 1;
-    if (map[mid] < x) lo = mid + 1;
+    if (0.5f * (map[mid] + map[mid + 1]) < v) lo = mid + 1;
     else hi = mid;
   }
-  if (lo > 0 && !(x > (map[lo - 1] + map[lo]) / 2.0f)) --lo;
   return static_cast<uint8_t>(lo);
 }
 

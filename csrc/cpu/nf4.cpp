@@ -159,12 +159,8 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_absmax_cpu(const at::Tensor& abs
       float m = 0.f;
       for (int64_t e = begin; e < end; ++e) m = std::max(m, std::fabs(ap[e] - off));
       np[b] = m;
-      const float inv = inverse_absmax(m);
-      for (int64_t e = begin; e < end; ++e) {
-        float s = (ap[e] - off) * inv;
-        s = s < -1.f ? -1.f : (s > 1.f ? 1.f : s);
-        cp[e] = nearest_map_code(map, s);
-      }
+      const float inv = nested_inverse(m);
+      for (int64_t e = begin; e < end; ++e) cp[e] = nested_map_code(map, ap[e] - off, inv);
     }
   });
   return {codes, nested};

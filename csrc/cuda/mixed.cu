@@ -234,21 +234,31 @@ __global__ void mixed_dequant_kernel(DeviceView v, T* __restrict__ out) {
   }
 }
 
-// A warp per row adds that row's outliers (each position appears once). The
-// base weight is decoded again in float32, so an fp16/bf16 output is rounded
-// once (base + outlier), as in the reference, not twice.
+// A warp per row adds that row's outliers. The base weight is decoded again
+// in float32, so an fp16/bf16 output is rounded once (base + outliers), as in
+// the reference, not twice. A column may appear more than once in a row (the
+// op is public; only checkpoint validation refuses it): its first entry's
+// lane adds all of them in entry order, as the CPU and the reference do, and
+// the others write nothing, so no two lanes store to one position.
 template <typename T>
 __global__ void add_outliers_kernel(DeviceView v, T* __restrict__ out) {
   const int lane = threadIdx.x & 31;
   const int64_t K = v.plane_words * kWeightsPerWord;
   for (int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5; row < v.rows;
        row += (int64_t(gridDim.x) * blockDim.x) >> 5) {
-    for (int32_t e = v.rowptr[row] + lane; e < v.rowptr[row + 1]; e += 32) {
-      const int64_t col = v.cols[e];
+    const int32_t begin = v.rowptr[row], end = v.rowptr[row + 1];
+    for (int32_t e = begin + lane; e < end; e += 32) {
+      const uint16_t col = v.cols[e];
+      bool first = true;
+      for (int32_t p = begin; p < e && first; ++p) first = v.cols[p] != col;
+      if (!first) continue;
       const int64_t word_index = col / kWeightsPerWord;
       DecodedWord dw;
       decode_word(v, row, word_index, __ldg(v.plane2 + row * v.plane_words + word_index), v.row_scale[row], dw);
-      out[row * K + col] = from_float<T>(dw.weight(static_cast<int>(col % kWeightsPerWord)) + __half2float(v.vals[e]));
+      float w = dw.weight(static_cast<int>(col % kWeightsPerWord));
+      for (int32_t p = e; p < end; ++p)
+        if (v.cols[p] == col) w += __half2float(v.vals[p]);
+      out[row * K + col] = from_float<T>(w);
     }
   }
 }

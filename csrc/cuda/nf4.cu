@@ -136,12 +136,9 @@ __global__ void quantize_absmax_kernel(const float* __restrict__ absmax, int64_t
     float block_max = 0.f;
     for (int i = 0; i < int(blockDim.x / 32); ++i) block_max = fmaxf(block_max, warp_max[i]);
     if (threadIdx.x == 0) nested[b] = block_max;
-    const float inv = inverse_absmax(block_max);
-    for (int64_t e = begin + threadIdx.x; e < end; e += blockDim.x) {
-      float s = __fmul_rn(__fsub_rn(absmax[e], off), inv);
-      s = fminf(1.f, fmaxf(-1.f, s));
-      codes[e] = nearest_map_code(smap, s);
-    }
+    const float inv = nested_inverse(block_max);
+    for (int64_t e = begin + threadIdx.x; e < end; e += blockDim.x)
+      codes[e] = nested_map_code(smap, __fsub_rn(absmax[e], off), inv);
   }
 }
 
@@ -175,12 +172,17 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_absmax_cuda(const at::Tensor& ab
 // -------------------------------------------------------------- dequantize
 template <typename T>
 __global__ void dequantize_kernel(DeviceView v, T* __restrict__ out) {
+  // The codebook in shared memory: indexed by data, a local array would live
+  // in local memory.
+  __shared__ float cb[kNumCodes];
+  if (threadIdx.x < kNumCodes) cb[threadIdx.x] = codebook(threadIdx.x);
+  __syncthreads();
   const int64_t bytes = packed_bytes(v.numel);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < bytes; i += int64_t(gridDim.x) * blockDim.x) {
     const uint8_t byte = v.codes[i];
     const int64_t e0 = 2 * i;
-    out[e0] = from_float<T>(__fmul_rn(codebook(byte >> 4), v.scale(e0 / v.block_size)));
-    if (e0 + 1 < v.numel) out[e0 + 1] = from_float<T>(__fmul_rn(codebook(byte & 0xF), v.scale((e0 + 1) / v.block_size)));
+    out[e0] = from_float<T>(__fmul_rn(cb[byte >> 4], v.scale(e0 / v.block_size)));
+    if (e0 + 1 < v.numel) out[e0 + 1] = from_float<T>(__fmul_rn(cb[byte & 0xF], v.scale((e0 + 1) / v.block_size)));
   }
 }
 
@@ -281,7 +283,9 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const a
   const int64_t m_rows = x2.size(0);
   at::Tensor y;
   if (m_rows <= kMaxGemvBatch && k % 32 == 0 && block_size % 32 == 0 && m_rows > 0 && out_features > 0) {
-    const auto xf = x2.to(at::kFloat).contiguous();
+    // float4 loads: a float32 input that is a view at an odd offset comes back
+    // from .to().contiguous() unchanged, so it is copied when misaligned.
+    const auto xf = aligned(x2.to(at::kFloat).contiguous(), 16);
     auto yf = at::empty({m_rows, out_features}, xf.options());
     const auto stream = at::cuda::getCurrentCUDAStream();
     const float* xp = xf.data_ptr<float>();
@@ -299,10 +303,13 @@ at::Tensor nf4_linear_cuda(const at::Tensor& x, const at::Tensor& codes, const a
     if (bias.has_value()) yf.add_(bias->to(at::kFloat));
     y = yf.to(x.scalar_type());
   } else {
-    const auto w = dequantize_impl(v, x.scalar_type(), codes.options()).view({out_features, k});
+    // Compute-bound regime: one dequantization in float32 (a 16-bit copy
+    // would round the weight again), the product in float32 and one rounding
+    // to x's dtype, as the CPU kernel and the reference do.
+    const auto w = dequantize_impl(v, at::kFloat, codes.options()).view({out_features, k});
     c10::optional<at::Tensor> b;
-    if (bias.has_value()) b = bias->to(x.scalar_type());
-    y = at::linear(x2, w, b);
+    if (bias.has_value()) b = bias->to(at::kFloat);
+    y = at::linear(x2.to(at::kFloat), w, b).to(x.scalar_type());
   }
   return y.reshape(linear_output_shape(x, out_features));
 }

@@ -7,9 +7,12 @@
 // columns at each of the four shifts, so activations are read as 16
 // consecutive values too. act_bits=0 multiplies floats (t = code - 1);
 // act_bits=8 takes the activations as int8 (quantized per row as the CPU
-// does) and multiplies four codes by four int8 values with one __dp4a: the
-// word (w >> 2s) & 0x03030303 already is four unsigned codes; the code offset
-// is removed with the per-group activation sums. Activations are copied into
+// does) and multiplies four trits by four int8 values with one signed __dp4a:
+// the word (w >> 2s) & 0x03030303 is four codes t + 1, and a bytewise
+// subtraction of 0x01010101 (__vsub4, no borrow between bytes) turns them
+// into the signed trits. The dot is then exact in int32, as on the CPU;
+// multiplying the codes and subtracting s * sum(q) in float after the
+// reduction cancelled two large sums. Activations are copied into
 // a zero-padded float32 (or int8) buffer of whole chunks first, so loads are
 // aligned and the padding trits meet zeros.
 // Larger batches dequantize once and use cuBLAS through at::linear (the int8
@@ -55,11 +58,16 @@ __device__ __forceinline__ uint32_t piece_byte(const uint4& w, int j) {
 
 __device__ __forceinline__ uint32_t piece_word(const uint4& w, int i) { return i == 0 ? w.x : i == 1 ? w.y : i == 2 ? w.z : w.w; }
 
+// The four trits at shift `sh` of a packed word as four signed bytes (-1, 0, +1).
+__device__ __forceinline__ int signed_trits(uint32_t word, int sh) {
+  return static_cast<int>(__vsub4((word >> (2 * sh)) & 0x03030303u, 0x01010101u));
+}
+
 // x: float32 [m_rows, padded] (act_bits 0) or int8 [m_rows, padded] (act_bits 8).
 template <int BT, bool INT8>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     ternary_gemv_kernel(DeviceView v, const void* __restrict__ x, int64_t padded, const float* __restrict__ xscale,
-                        const int32_t* __restrict__ gsum, int64_t m_rows, float* __restrict__ y) {
+                        int64_t m_rows, float* __restrict__ y) {
   constexpr int R = kRowsPerWarp;
   const int lane = threadIdx.x & 31;
   const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
@@ -105,7 +113,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
           for (int r = 0; r < R; ++r)
 #pragma unroll
             for (int i = 0; i < 4; ++i)
-              dot[r] = __dp4a(static_cast<int>((piece_word(w[r], i) >> (2 * sh)) & 0x03030303u), qv[i], dot[r]);
+              dot[r] = __dp4a(signed_trits(piece_word(w[r], i), sh), qv[i], dot[r]);
         }
 #pragma unroll
         for (int r = 0; r < R; ++r) acc[r][b] += s[r] * static_cast<float>(dot[r]);
@@ -137,17 +145,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     for (int b = 0; b < BT; ++b) {
       const float total = warp_sum(acc[r][b]);
       const int64_t row = row0 + r;
-      if (lane == 0 && row < v.rows && b < bt) {
-        float out = total;
-        if constexpr (INT8) {
-          // the code offset: sum over groups of s_g * (sum of q over the group)
-          float offset = 0.f;
-          for (int64_t g = 0; g < v.groups; ++g)
-            offset += row_scale(v, row, g) * static_cast<float>(gsum[(m0 + b) * v.groups + g]);
-          out = xscale[m0 + b] * (total - offset);
-        }
-        y[(m0 + b) * v.rows + row] = out;
-      }
+      if (lane == 0 && row < v.rows && b < bt) y[(m0 + b) * v.rows + row] = INT8 ? xscale[m0 + b] * total : total;
     }
   }
 }
@@ -245,39 +243,35 @@ struct DeviceInt8 {
   at::Tensor q;       // int8 [M, padded], zero past cols
   at::Tensor qf;      // the same values as float32
   at::Tensor scale;   // float32 [M]
-  at::Tensor gsum;    // int32 [M, groups]
 };
 
-DeviceInt8 quantize_activations_cuda(const at::Tensor& xpad, const TernaryDims& d) {
+DeviceInt8 quantize_activations_cuda(const at::Tensor& xpad) {
   DeviceInt8 a;
   const auto amax = xpad.abs().amax(1, /*keepdim=*/true);
   const auto inv = at::where(amax > 0, at::full_like(amax, 127.f).div(amax), at::zeros_like(amax));
   a.qf = xpad.mul(inv).round();
   a.q = a.qf.to(at::kChar);
   a.scale = amax.div(127.f).reshape({-1}).contiguous();
-  const int64_t span = d.chunks_per_group * trits::kChunkTrits;
-  const auto qg = at::constant_pad_nd(a.qf, {0, d.groups * span - xpad.size(1)}, 0.0);
-  a.gsum = qg.reshape({xpad.size(0), d.groups, span}).sum(-1).to(at::kInt).contiguous();
   return a;
 }
 
 template <int BT, bool INT8>
-void launch_gemv(const DeviceView& v, const void* x, int64_t padded, const float* xscale, const int32_t* gsum,
-                 int64_t m_rows, float* y, cudaStream_t stream) {
+void launch_gemv(const DeviceView& v, const void* x, int64_t padded, const float* xscale, int64_t m_rows, float* y,
+                 cudaStream_t stream) {
   const int64_t warps = (v.rows + kRowsPerWarp - 1) / kRowsPerWarp;
   const dim3 grid(static_cast<unsigned>((warps + kWarpsPerBlock - 1) / kWarpsPerBlock),
                   static_cast<unsigned>((m_rows + BT - 1) / BT));
-  ternary_gemv_kernel<BT, INT8><<<grid, kWarpsPerBlock * 32, 0, stream>>>(v, x, padded, xscale, gsum, m_rows, y);
+  ternary_gemv_kernel<BT, INT8><<<grid, kWarpsPerBlock * 32, 0, stream>>>(v, x, padded, xscale, m_rows, y);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <bool INT8>
-void gemv(const DeviceView& v, const void* x, int64_t padded, const float* xscale, const int32_t* gsum,
-          int64_t m_rows, float* y, cudaStream_t stream) {
-  if (m_rows == 1) launch_gemv<1, INT8>(v, x, padded, xscale, gsum, m_rows, y, stream);
-  else if (m_rows <= 2) launch_gemv<2, INT8>(v, x, padded, xscale, gsum, m_rows, y, stream);
-  else if (m_rows <= 4) launch_gemv<4, INT8>(v, x, padded, xscale, gsum, m_rows, y, stream);
-  else launch_gemv<8, INT8>(v, x, padded, xscale, gsum, m_rows, y, stream);
+void gemv(const DeviceView& v, const void* x, int64_t padded, const float* xscale, int64_t m_rows, float* y,
+          cudaStream_t stream) {
+  if (m_rows == 1) launch_gemv<1, INT8>(v, x, padded, xscale, m_rows, y, stream);
+  else if (m_rows <= 2) launch_gemv<2, INT8>(v, x, padded, xscale, m_rows, y, stream);
+  else if (m_rows <= 4) launch_gemv<4, INT8>(v, x, padded, xscale, m_rows, y, stream);
+  else launch_gemv<8, INT8>(v, x, padded, xscale, m_rows, y, stream);
 }
 
 at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
@@ -298,7 +292,7 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
     // rounded again), then cuBLAS.
     const auto w = ternary_dequantize_cuda(packed, scales, cols, group_size, at::kFloat);
     if (act_bits == 8) {
-      const DeviceInt8 a = quantize_activations_cuda(xpad, d);
+      const DeviceInt8 a = quantize_activations_cuda(xpad);
       y = at::linear(a.qf.narrow(1, 0, d.cols), w).mul(a.scale.unsqueeze(1));
     } else {
       y = at::linear(xpad.narrow(1, 0, d.cols), w);
@@ -309,11 +303,10 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
     const DeviceView v = make_view(packed16, scales, d);
     const auto stream = at::cuda::getCurrentCUDAStream();
     if (act_bits == 8) {
-      const DeviceInt8 a = quantize_activations_cuda(xpad, d);
-      gemv<true>(v, a.q.data_ptr(), padded, a.scale.data_ptr<float>(), a.gsum.data_ptr<int32_t>(), m_rows,
-                 y.data_ptr<float>(), stream);
+      const DeviceInt8 a = quantize_activations_cuda(xpad);
+      gemv<true>(v, a.q.data_ptr(), padded, a.scale.data_ptr<float>(), m_rows, y.data_ptr<float>(), stream);
     } else {
-      gemv<false>(v, xpad.data_ptr(), padded, nullptr, nullptr, m_rows, y.data_ptr<float>(), stream);
+      gemv<false>(v, xpad.data_ptr(), padded, nullptr, m_rows, y.data_ptr<float>(), stream);
     }
   }
   if (bias.has_value()) y = y.add(bias->to(at::kFloat));

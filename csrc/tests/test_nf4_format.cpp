@@ -41,15 +41,48 @@ TEST(Nf4Format, NibbleOrderEvenElementHigh) {
   EXPECT_EQ(num_blocks(130, 64), 3);
 }
 
-TEST(Nf4Format, NearestMapCodeOnASortedMap) {
+TEST(Nf4Format, NestedGrid) {
+  EXPECT_EQ(nested_grid_index(-1.0f), 0);
+  EXPECT_EQ(nested_grid_index(-5.0f), 0);  // clamped
+  EXPECT_EQ(nested_grid_index(0.0f), kNestedGridPoints / 2);
+  EXPECT_EQ(nested_grid_index(1.0f), kNestedGridPoints - 1);
+  EXPECT_EQ(nested_grid_value(0), -1.0f);
+  EXPECT_EQ(nested_grid_value(kNestedGridPoints - 1), 1.0f);
+  EXPECT_EQ(nested_inverse(0.0f), 0.0f);
+  EXPECT_EQ(nested_inverse(4.0f), 0.25f);
+}
+
+TEST(Nf4Format, NestedMapCodeSnapsToTheGridFirst) {
   std::vector<float> map(kNestedMapSize);
-  for (int i = 0; i < kNestedMapSize; ++i) map[i] = -1.0f + 2.0f * i / (kNestedMapSize - 1);
-  for (int i = 0; i < kNestedMapSize; ++i) EXPECT_EQ(nearest_map_code(map.data(), map[i]), i);
-  const float mid = (map[10] + map[11]) / 2.0f;
-  EXPECT_EQ(nearest_map_code(map.data(), mid), 10);
-  EXPECT_EQ(nearest_map_code(map.data(), std::nextafter(mid, 2.0f)), 11);
-  EXPECT_EQ(nearest_map_code(map.data(), -1.0f), 0);
-  EXPECT_EQ(nearest_map_code(map.data(), 1.0f), kNestedMapSize - 1);
+  // irregular spacing (an evenly spaced map's midpoints fall exactly halfway between grid points)
+  for (int i = 0; i < kNestedMapSize; ++i) map[i] = std::sin(1.5707963f * (-1.0f + 2.0f * i / (kNestedMapSize - 1)));
+  map[0] = -1.0f;
+  map[kNestedMapSize - 1] = 1.0f;
+  // map entries are far apart on the grid (spacing 2/255 against 2/65535): each finds itself
+  for (int i = 0; i < kNestedMapSize; ++i) EXPECT_EQ(nested_map_code(map.data(), map[i], 1.0f), i);
+  EXPECT_EQ(nested_map_code(map.data(), -1.0f, 1.0f), 0);
+  EXPECT_EQ(nested_map_code(map.data(), 1.0f, 1.0f), kNestedMapSize - 1);
+  EXPECT_EQ(nested_map_code(map.data(), 0.9f, 0.0f), 0) << "an all-zero block writes code 0";
+  // Just past a midpoint whose nearest grid point lies below it, the grid
+  // keeps the lower code although the upper entry is nearer (and the mirror
+  // case below a midpoint): bitsandbytes' kernel, not the nearest entry.
+  int above = 0, below = 0;
+  for (int i = 0; i + 1 < kNestedMapSize; ++i) {
+    const float mid = 0.5f * (map[i] + map[i + 1]);
+    const float up = std::nextafter(mid, 2.0f), down = std::nextafter(mid, -2.0f);
+    const float v_up = nested_grid_value(nested_grid_index(up));
+    const float v_down = nested_grid_value(nested_grid_index(down));
+    if (v_up < mid && double(map[i + 1]) - up < up - double(map[i])) {  // map[i + 1] is nearer
+      EXPECT_EQ(nested_map_code(map.data(), up, 1.0f), i);
+      ++above;
+    }
+    if (v_down > mid && down - double(map[i]) < double(map[i + 1]) - down) {  // map[i] is nearer
+      EXPECT_EQ(nested_map_code(map.data(), down, 1.0f), i + 1);
+      ++below;
+    }
+  }
+  EXPECT_GT(above, 10);
+  EXPECT_GT(below, 10);
 }
 
 TEST(Nf4Format, NestedScaleIsUnfused) {
