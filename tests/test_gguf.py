@@ -559,7 +559,7 @@ def test_missing_hyper_parameter(llama, tmp_path):
 
 def test_bad_type_and_path(llama, tmp_path):
     with pytest.raises(memboost.MemboostError, match="'weight_type' must be one of"):
-        export_gguf(llama, tmp_path / "x.gguf", "Q5_K")
+        export_gguf(llama, tmp_path / "x.gguf", "Q7_X")
     with pytest.raises(memboost.MemboostTypeError):
         export_gguf(llama, tmp_path / "x.gguf", 4)
     with pytest.raises(memboost.MemboostError, match="does not exist"):
