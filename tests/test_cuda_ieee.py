@@ -31,8 +31,11 @@ def _ptx(tmp_path, flags):
     src = tmp_path / "quantizer.cu"
     src.write_text(KERNEL)
     out = tmp_path / "quantizer.ptx"
+    # nvcc is not ours to sanitize: under make test-asan the sanitizer runtime
+    # is preloaded into every process, and nvcc crashes with it
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS")}
     subprocess.run([NVCC, *flags, "-arch=sm_80", "-ptx", f"-I{CSRC}", str(src), "-o", str(out)], check=True,
-                   capture_output=True, text=True)
+                   capture_output=True, text=True, env=env)
     return out.read_text()
 
 
