@@ -131,11 +131,16 @@ def llama_cpp_rate(path: str, rows, args) -> float:
     llm = llama_cpp.Llama(model_path=path, n_ctx=max(map(len, rows)) + args.tokens + 8, n_batch=64,
                           n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(), verbose=False)
 
+    vocab = llm.n_vocab()
+
+    def greedy() -> int:  # llama-cpp-python keeps no logits without logits_all: read the context's last row
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))))
+
     def run():  # the prompt, then tokens - 1 steps: `tokens` greedy tokens, as memboost and transformers count
         llm.reset()
         llm.eval(rows[0])
         for _ in range(args.tokens - 1):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            llm.eval([greedy()])
     rate = best_rate(run, args.tokens, args.repeats)
     llm.close()
     return rate
