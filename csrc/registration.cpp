@@ -65,5 +65,10 @@ TORCH_LIBRARY(memboost, m) {
       "nf4_linear(Tensor x, Tensor codes, Tensor absmax, Tensor nested_absmax, Tensor nested_map, "
       "Tensor nested_offset, int out_features, int block_size, int nested_block_size, Tensor? bias, "
       "int act_bits) -> Tensor");
+  // RMSNorm over the last dimension as transformers' modules compute it
+  // (rounding rules in csrc/common/rms_norm.h): x float16/bfloat16/float32
+  // [..., n], weight [n] of x's dtype; weight_offset: scale by (1 + weight)
+  // in float32 (Gemma) instead of weight times the rounded normalized value.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, bool weight_offset) -> Tensor");
 }
 

@@ -223,6 +223,20 @@ class QuantizedLinear(nn.Module):
         y = self._linear(self.weight.tensor(), xc, bias)
         return y if y.dtype == x.dtype else y.to(x.dtype)
 
+    def linear_bound(self, dtype: torch.dtype):
+        """x -> self(x) for inputs of `dtype`, to be called under
+        torch.inference_mode (memboost.runtime's decode loop): the format's op
+        with every argument but x bound (QuantizedTensor.linear_bound) where
+        forward would only pass x through; the layer itself where it has work
+        of its own: casts to a compute dtype, a LoRA branch (_linear
+        overridden), hooks."""
+        compute = self.compute_dtype or (dtype if dtype in _INT_VIEW else torch.float32)
+        bias = self.bias
+        if (type(self)._linear is not QuantizedLinear._linear or compute != dtype
+                or (bias is not None and bias.dtype != dtype) or self._forward_hooks or self._forward_pre_hooks):
+            return self
+        return self.weight.tensor().linear_bound(bias, self.act_bits)
+
     def _linear(self, qtensor: QuantizedTensor, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """The format's fused product; a layer with options of its own (a LoRA
         branch) overrides this, not forward."""

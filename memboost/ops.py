@@ -83,6 +83,16 @@ def _call_linear(op, args, x: torch.Tensor, bias: Optional[torch.Tensor]) -> tor
     return op(*args)
 
 
+def _bound_linear(op, rest: tuple):
+    """x -> op(x, *rest): a *_linear op with every argument but x bound, for
+    inference (torch.inference_mode, where the dispatcher skips the autograd
+    kernels): the per-call Python between a decode loop and the kernel is
+    this one closure."""
+    def call(x: torch.Tensor) -> torch.Tensor:
+        return op(x, *rest)
+    return call
+
+
 @_register_fake("mixed_dequantize")
 def _(plane2, lowbits, meta, mask, row_scale, outlier_rowptr, outlier_cols, outlier_vals, group_size, dtype):
     torch._check_value(dtype in _FLOAT_DTYPES, lambda: f"'dtype' must be float16, bfloat16 or float32, got {dtype}")
@@ -122,13 +132,20 @@ def mixed_dequantize(tensors: dict, group_size: int, dtype: torch.dtype) -> torc
     )
 
 
+def _mixed_linear_rest(t: dict, bias: Optional[torch.Tensor], group_size: int, act_bits: int) -> tuple:
+    return (t["plane2"], t["lowbits"], t["meta"], t["mask"], t["row_scale"], t["outlier_rowptr"],
+            t["outlier_cols"], t["outlier_vals"], bias, group_size, act_bits)
+
+
 def mixed_linear(x: torch.Tensor, tensors: dict, bias: Optional[torch.Tensor], group_size: int,
                  act_bits: int = 0) -> torch.Tensor:
-    t = tensors
-    return _call_linear(_ops.mixed_linear.default, (
-        x, t["plane2"], t["lowbits"], t["meta"], t["mask"], t["row_scale"],
-        t["outlier_rowptr"], t["outlier_cols"], t["outlier_vals"], bias, group_size, act_bits,
-    ), x, bias)
+    return _call_linear(_ops.mixed_linear.default, (x, *_mixed_linear_rest(tensors, bias, group_size, act_bits)),
+                        x, bias)
+
+
+def mixed_linear_bound(tensors: dict, bias: Optional[torch.Tensor], group_size: int, act_bits: int = 0):
+    """mixed_linear with everything but x bound (see _bound_linear)."""
+    return _bound_linear(_ops.mixed_linear.default, _mixed_linear_rest(tensors, bias, group_size, act_bits))
 
 
 def _mixed_linear_setup_context(ctx, inputs, output):
@@ -212,6 +229,12 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
     return _call_linear(_ops.ternary_linear.default, (x, packed, scales, bias, cols, group_size, act_bits), x, bias)
 
 
+def ternary_linear_bound(packed: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor], cols: int,
+                         group_size: int, act_bits: int = 0):
+    """ternary_linear with everything but x bound (see _bound_linear)."""
+    return _bound_linear(_ops.ternary_linear.default, (packed, scales, bias, cols, group_size, act_bits))
+
+
 def _ternary_linear_setup_context(ctx, inputs, output):
     x, packed, scales, bias, cols, group_size, act_bits = inputs
     ctx.weight = (packed, scales, cols, group_size)
@@ -292,6 +315,13 @@ def nf4_linear(x: torch.Tensor, tensors: dict, out_features: int, block_size: in
                                                    nested_block_size, bias, act_bits), x, bias)
 
 
+def nf4_linear_bound(tensors: dict, out_features: int, block_size: int, nested_block_size: int,
+                     bias: Optional[torch.Tensor] = None, act_bits: int = 0):
+    """nf4_linear with everything but x bound (see _bound_linear)."""
+    return _bound_linear(_ops.nf4_linear.default, (*(tensors[k] for k in _NF4_STATE), out_features, block_size,
+                                                   nested_block_size, bias, act_bits))
+
+
 def _nf4_linear_setup_context(ctx, inputs, output):
     x, codes, absmax, nested_absmax, nested_map, nested_offset, out_features, block_size, nested_block_size, bias, \
         _act_bits = inputs
@@ -312,3 +342,21 @@ def _nf4_linear_backward(ctx, grad):
 
 
 torch.library.register_autograd("memboost::nf4_linear", _nf4_linear_backward, setup_context=_nf4_linear_setup_context)
+
+
+@_register_fake("rms_norm")
+def _(x, weight, eps, weight_offset):
+    torch._check_value(x.dtype in _FLOAT_DTYPES, lambda: f"'x' must be float16, bfloat16 or float32, got {x.dtype}")
+    torch._check_value(weight.dtype == x.dtype, lambda: f"'weight' must have x's dtype {x.dtype}, got {weight.dtype}")
+    torch._check_value(weight.dim() == 1 and weight.shape[0] == x.shape[-1],
+                       lambda: "'weight' must have shape [n] with n x's last dimension")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: bool = False) -> torch.Tensor:
+    """RMSNorm over x's last dimension as transformers' Llama-family modules
+    compute it (weight_offset=False: weight * (normalized rounded to x's
+    dtype)) or Gemma's (True: normalized * (1 + weight), rounded once).
+    Inference only (no autograd formula): the decode loop's norm."""
+    return _ops.rms_norm.default(x, weight, float(eps), bool(weight_offset))
+

@@ -333,3 +333,14 @@ def nf4_linear(x, codes, absmax, nested_absmax, nested_map, nested_offset, out_f
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: bool = False) -> torch.Tensor:
+    """memboost::rms_norm in plain PyTorch: transformers' LlamaRMSNorm
+    (weight_offset=False) and GemmaRMSNorm (True) forward."""
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight_offset:
+        return (normed * (1.0 + weight.float())).to(x.dtype)
+    return weight * normed.to(x.dtype)
+

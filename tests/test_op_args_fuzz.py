@@ -105,13 +105,16 @@ def build(draw, op):
             return [*t, n * k, bs, q.nested_block_size, draw(st.sampled_from(FLOATS))]
         x = _x(draw, k)
         return [x, *t, n, bs, q.nested_block_size, _bias(draw, n, x.dtype), draw(st.sampled_from([0, 8]))]
+    if op == "rms_norm":
+        x = _x(draw, draw(st.sampled_from([1, 7, 64, 100])))
+        return [x, torch.randn(x.shape[-1]).to(x.dtype), draw(st.sampled_from([0.0, 1e-6, 1e-5])), draw(st.booleans())]
     raise KeyError(op)
 
 
 REFERENCES = {name: getattr(reference, name) for name in
               ("pack_2bit", "unpack_2bit", "pack_4bit", "unpack_4bit", "mixed_dequantize", "mixed_linear",
                "ternary_pack", "ternary_unpack", "ternary_dequantize", "ternary_linear", "nf4_quantize",
-               "nf4_quantize_absmax", "nf4_dequantize", "nf4_linear")}
+               "nf4_quantize_absmax", "nf4_dequantize", "nf4_linear", "rms_norm")}
 
 
 def test_every_op_is_fuzzed():

@@ -213,3 +213,56 @@ def test_decoder_follows_layers_replaced_after_it_was_built():
     quantized_tokens = decoder.generate(ids, max_new_tokens=24)[0]
     assert torch.equal(quantized_tokens, eager(model, ids, 24))
     assert not torch.equal(quantized_tokens, float_tokens)
+
+
+@pytest.mark.parametrize("fmt", ["mixed", "mixed-act8", "nf4", "ternary", "lort"])
+def test_bound_linear_equals_the_layer(fmt):
+    """QuantizedLinear.linear_bound (the decode loop's call: the op with the weight bound) gives exactly
+    what the layer gives, with and without bias, at batch 1 and 3."""
+    from memboost.nn import QuantizedLinear
+
+    model = quantized("qwen2", fmt)  # qwen2: q/k/v carry biases
+    attn = model.model.layers[0].self_attn
+    for layer in (attn.q_proj, attn.o_proj):
+        assert isinstance(layer, QuantizedLinear)
+        assert not layer.training  # quantize_model keeps the replaced layer's mode (the model is in eval())
+        bound = layer.linear_bound(torch.float32)
+        assert bound is not layer
+        for shape in ((1, 1, 64), (3, 2, 64)):
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape)))
+            with torch.inference_mode():
+                assert torch.equal(bound(x), layer(x))
+
+
+def test_bound_linear_keeps_the_layer_where_it_has_work_of_its_own():
+    from memboost.nn import QuantizedLinear
+
+    model = quantized("llama", "nf4")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, QuantizedLinear)
+    layer.compute_dtype = torch.float32
+    assert layer.linear_bound(torch.bfloat16) is layer  # bfloat16 x is cast to the layer's compute dtype
+    layer.compute_dtype = None
+    handle = layer.register_forward_hook(lambda *args: None)
+    assert layer.linear_bound(torch.float32) is layer
+    handle.remove()
+    assert layer.linear_bound(torch.float32) is not layer
+
+
+def test_decoder_rebinds_a_moved_weight():
+    """A bound call holds the weight's tensors: when they are replaced (as .to() does) the next generate binds
+    the new ones."""
+    from memboost.nn import TernaryLinear
+
+    model = quantized("llama", "ternary")
+    decoder = Decoder(model, max_length=32)
+    ids = prompt(5, 3)
+    before = decoder.generate(ids, max_new_tokens=8)[0]
+    model._apply(lambda t: t.clone())  # new storage for every tensor, as a device move gives
+    with torch.no_grad():  # then new values in the new storage only: a stale binding would miss them
+        for module in model.modules():
+            if isinstance(module, TernaryLinear):
+                module.weight._buffers["scales"].view(torch.float32).mul_(25)
+    after = decoder.generate(ids, max_new_tokens=8)[0]
+    assert torch.equal(after, eager(model, ids, 8))
+    assert not torch.equal(after, before)

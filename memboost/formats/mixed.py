@@ -91,6 +91,11 @@ class MixedQuantizedTensor(QuantizedTensor):
         the exact product); None computes exactly in float."""
         return ops.mixed_linear(x, self.tensors, bias, self.group_size, 0 if act_bits is None else act_bits)
 
+    def linear_bound(self, bias: Optional[torch.Tensor] = None, act_bits: Optional[int] = None):
+        if act_bits not in (None, 0, 8):
+            raise MemboostError(f"'act_bits' must be None (exact) or 8, got {act_bits!r}")
+        return ops.mixed_linear_bound(self.tensors, bias, self.group_size, act_bits or 0)
+
     def _repr_fields(self) -> dict:
         return {"group_size": self.group_size, "ratio_4bit": round(self.ratio_4bit, 4), "outliers": self.num_outliers}
 

@@ -78,6 +78,12 @@ class NF4QuantizedTensor(QuantizedTensor):
         return ops.nf4_linear(x, self.tensors, self.shape[0], self.block_size, self.nested_block_size, bias,
                               act_bits or 0)
 
+    def linear_bound(self, bias: Optional[torch.Tensor] = None, act_bits: Optional[int] = None):
+        if act_bits not in (None, 0, 8):
+            raise MemboostError(f"'act_bits' must be None (exact) or 8, got {act_bits!r}")
+        return ops.nf4_linear_bound(self.tensors, self.shape[0], self.block_size, self.nested_block_size, bias,
+                                    act_bits or 0)
+
     def _repr_fields(self) -> dict:
         return {"block_size": self.block_size, "double_quant": self.double_quant}
 

@@ -124,6 +124,17 @@ class QuantizedTensor:
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement linear()")
 
+    def linear_bound(self, bias: Optional[torch.Tensor] = None, act_bits: Optional[int] = None):
+        """x -> self.linear(x, bias, act_bits) for inference: call it under
+        torch.inference_mode. Formats whose product is one op bind it with
+        every argument but x (no per-call checks or wrappers: the decode
+        loop's path); x must be what linear would pass on: its last dimension
+        in_features, a float dtype the op takes."""
+        linear = self.linear
+        if act_bits is None:
+            return lambda x: linear(x, bias)
+        return lambda x: linear(x, bias, act_bits=act_bits)
+
     def _validate(self) -> None:
         """Raises MemboostError unless the tensors and metadata form a valid
         weight of this format, wherever the tensors live: the kernels index

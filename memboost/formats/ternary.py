@@ -102,6 +102,10 @@ class TernaryQuantizedTensor(QuantizedTensor):
         return ops.ternary_linear(x, self.tensors["packed"], self.tensors["scales"], bias, self.shape[1],
                                   self.group_size, _ACT_BITS[check_act_bits(act_bits)])
 
+    def linear_bound(self, bias: Optional[torch.Tensor] = None, act_bits: Optional[int] = None):
+        return ops.ternary_linear_bound(self.tensors["packed"], self.tensors["scales"], bias, self.shape[1],
+                                        self.group_size, _ACT_BITS[check_act_bits(act_bits)])
+
     def _repr_fields(self) -> dict:
         fields = {"scales": self.granularity}
         if "method" in self.meta:

@@ -437,6 +437,7 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
             layer = layer_cls.from_linear(linear, **params_of(full), **extra)
         except MemboostError as exc:
             raise type(exc)(f"{full}: {exc}") from None
+        layer.train(linear.training)  # the replaced layer's mode: a model in eval() stays in eval()
         q = layer.weight.tensor()
         report.replaced.append(LayerReport(
             full, (linear.out_features, linear.in_features), q.avg_bits,

@@ -16,14 +16,18 @@ Several prompts decode at once, left-padded: each row keeps its own positions,
 and a key mask (allocated with the cache) hides the padding.
 """
 
+import functools
 import sys
 import weakref
 from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .. import ops
 from ..errors import MemboostError, MemboostTypeError
+from ..nn import QuantizedLinear
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gemma")
 # RoPE types whose inverse frequencies do not depend on the sequence length, so a table computed once is exact.
@@ -91,30 +95,42 @@ class Decoder:
             cos, sin = inner.rotary_emb(torch.empty(0, dtype=dtype, device=device), positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]
 
+    @staticmethod
+    def _modules(model) -> list:
+        """Every module the bound callables depend on."""
+        inner = model.model
+        modules = [inner.embed_tokens, inner.norm, model.lm_head]
+        for layer in inner.layers[: model.config.num_hidden_layers]:
+            attn, mlp = layer.self_attn, layer.mlp
+            modules += [layer.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                        layer.post_attention_layernorm, mlp]
+            modules += [getattr(mlp, name) for name in _GATED_MLP if isinstance(getattr(mlp, name, None), nn.Module)]
+        return modules
+
     def _bind(self, model) -> None:
         """Per layer, the callables the loop runs: each module's forward itself (skipping nn.Module.__call__'s
-        hook machinery, a good part of the per-token Python) unless it has hooks."""
+        hook machinery, a good part of the per-token Python) unless it has hooks, and for memboost's
+        quantized layers their op with the weight bound (QuantizedLinear.linear_bound)."""
         inner = model.model
+        dtype = inner.embed_tokens.weight.dtype
         self.layers = list(inner.layers[: model.config.num_hidden_layers])
-        modules = [inner.embed_tokens, inner.norm, model.lm_head]
         self._steps = []
         for layer in self.layers:
             attn = layer.self_attn
-            parts = (layer.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                     layer.post_attention_layernorm, layer.mlp)
-            modules += parts
-            self._steps.append(tuple(_callable(m) for m in parts) + (attn.scaling,))
-        self._embed, self._norm, self._lm_head = (_callable(m) for m in modules[:3])
-        self._bound = [id(m) for m in modules] + [bool(m._forward_hooks or m._forward_pre_hooks) for m in modules]
+            self._steps.append((_norm_callable(layer.input_layernorm, dtype),
+                                *(_linear_callable(m, dtype) for m in (attn.q_proj, attn.k_proj, attn.v_proj,
+                                                                        attn.o_proj)),
+                                _norm_callable(layer.post_attention_layernorm, dtype), _mlp_callable(layer.mlp, dtype),
+                                attn.scaling))
+        self._embed, self._norm, self._lm_head = (_callable(inner.embed_tokens), _norm_callable(inner.norm, dtype),
+                                                  _linear_callable(model.lm_head, dtype))
+        self._bound = [_binding_key(m) for m in self._modules(model)]
 
     def _rebind_if_changed(self, model) -> None:
-        """Binds the model's modules again if any was replaced (e.g. quantize_model after this was built)
-        or got hooks since."""
-        probe = Decoder.__new__(Decoder)
-        probe._bind(model)
-        if probe._bound != self._bound:
-            self.layers, self._steps, self._bound = probe.layers, probe._steps, probe._bound
-            self._embed, self._norm, self._lm_head = probe._embed, probe._norm, probe._lm_head
+        """Binds the model's modules again if any was replaced (e.g. quantize_model after this was built),
+        moved, or got hooks since."""
+        if [_binding_key(m) for m in self._modules(model)] != self._bound:
+            self._bind(model)
 
     @property
     def model(self):
@@ -208,6 +224,76 @@ class Decoder:
             logits = self._forward(token.unsqueeze(1), next_pos, cur, step_mask)
             next_pos = next_pos + 1
         return out
+
+
+def _binding_key(module) -> tuple:
+    """What a bound callable depends on: the module, its hooks, and for a quantized layer the storage of its
+    weight and bias (moved or replaced tensors must be bound again)."""
+    key = (id(module), bool(module._forward_hooks or module._forward_pre_hooks), module.training)
+    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+    if isinstance(module, QuantizedLinear):
+        tensors += list(module.weight.tensor().tensors.values())
+    return key + tuple((t.data_ptr(), t.device, t.dtype) for t in tensors)
+
+
+def _norm_callable(module, dtype: torch.dtype):
+    """x -> module(x) through memboost's fused rms_norm op when the module is an RMSNorm it reproduces (the
+    Llama family's rounding or Gemma's 1 + weight, told apart on a probe input; the op sums in another order,
+    so agreement is within a few units in the last place of `dtype`), else _callable(module)."""
+    weight = getattr(module, "weight", None)
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if (_callable(module) is module or not isinstance(weight, torch.Tensor) or weight.dim() != 1
+            or weight.dtype != dtype or not isinstance(eps, float) or dtype not in (torch.float32, torch.float16,
+                                                                                     torch.bfloat16)):
+        return _callable(module)
+    probe = torch.randn(4, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight.device, dtype)
+    tolerance = (16 if dtype == torch.float32 else 2) * torch.finfo(dtype).eps  # as tests/test_rms_norm.py
+    with torch.inference_mode():
+        expected = module(probe)
+        for offset in (False, True):
+            got = ops.rms_norm(probe, weight, eps, offset)
+            if got.dtype == expected.dtype and torch.allclose(got.float(), expected.float(), rtol=tolerance,
+                                                             atol=tolerance * float(expected.abs().max())):
+                return functools.partial(ops.rms_norm, weight=weight, eps=eps, weight_offset=offset)
+    return _callable(module)
+
+
+def _linear_callable(module, dtype: torch.dtype):
+    """x -> module(x) for inputs of `dtype` under inference mode: a quantized layer's bound op where it has
+    no work of its own (QuantizedLinear.linear_bound), else as _callable."""
+    from torch.nn.modules import module as torch_module
+
+    if isinstance(module, QuantizedLinear) and not any(
+            (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks,
+             getattr(torch_module, "_global_forward_hooks_always_called", {}))):
+        return module.linear_bound(dtype)
+    return _callable(module)
+
+
+# The gated MLP every supported family uses: down_proj(act_fn(gate_proj(x)) * up_proj(x)).
+_GATED_MLP = ("gate_proj", "up_proj", "down_proj", "act_fn")
+
+
+def _mlp_callable(mlp, dtype: torch.dtype):
+    """mlp's forward with its projections bound (_linear_callable) when it is the gated MLP and the bound
+    version gives exactly what the module gives on a probe input; else _callable(mlp). The module stays the
+    source of truth: a family whose MLP differs keeps its own forward."""
+    if _callable(mlp) is mlp or not all(hasattr(mlp, name) for name in _GATED_MLP):
+        return _callable(mlp)
+    gate, up, down = (_linear_callable(getattr(mlp, name), dtype) for name in _GATED_MLP[:3])
+    act = _callable(mlp.act_fn) if isinstance(mlp.act_fn, nn.Module) else mlp.act_fn
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return down(act(gate(x)) * up(x))
+
+    weight = next((p for p in mlp.parameters()), None)
+    device = weight.device if weight is not None else torch.device("cpu")
+    hidden = mlp.gate_proj.in_features
+    probe = torch.randn(2, 1, hidden, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    with torch.inference_mode():
+        if not torch.equal(run(probe), mlp(probe)):
+            return _callable(mlp)
+    return run
 
 
 def _callable(module):
