@@ -70,5 +70,17 @@ TORCH_LIBRARY(memboost, m) {
   // [..., n], weight [n] of x's dtype; weight_offset: scale by (1 + weight)
   // in float32 (Gemma) instead of weight times the rounded normalized value.
   m.def("rms_norm(Tensor x, Tensor weight, float eps, bool weight_offset) -> Tensor");
+  // One decode step of attention over a static KV cache (memboost.runtime):
+  // q [B, 1, H*D], k and v [B, 1, KV*D] as the projections give them, cos and
+  // sin [B, 1, D] at each row's position. Rotates q and k (transformers'
+  // rotate_half convention, csrc/common/decode_attention.h), writes k and v to
+  // the caches [Bmax, KV, Lmax, D] at position start, and attends each of the
+  // H heads (grouped: head h reads key/value head h / (H / KV)) over keys
+  // 0..start where key_mask [>= B, >= start+1] is true (all when none), in
+  // float32 with softmax(scale * q.k). Returns [B, 1, H*D] in q's dtype; a row
+  // that sees no key gets NaN, as scaled_dot_product_attention gives.
+  m.def(
+      "decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) key_cache, "
+      "Tensor(b!) value_cache, int start, Tensor? key_mask, float scale) -> Tensor");
 }
 

@@ -360,3 +360,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: b
     Inference only (no autograd formula): the decode loop's norm."""
     return _ops.rms_norm.default(x, weight, float(eps), bool(weight_offset))
 
+
+@_register_fake("decode_attention")
+def _(q, k, v, cos, sin, key_cache, value_cache, start, key_mask, scale):
+    torch._check_value(q.dtype in _FLOAT_DTYPES, lambda: f"'q' must be float16, bfloat16 or float32, got {q.dtype}")
+    torch._check_value(q.dim() == 3 and q.shape[1] == 1, lambda: "'q' must have shape [batch, 1, heads * head_dim]")
+    torch._check_value(key_cache.dim() == 4 and value_cache.shape == key_cache.shape,
+                       lambda: "'key_cache' and 'value_cache' must have one shape [max_batch, kv_heads, length, dim]")
+    return q.new_empty(q.shape)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     key_cache: torch.Tensor, value_cache: torch.Tensor, start: int,
+                     key_mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """One decode step of attention over a static KV cache (csrc/registration.cpp
+    states the contract): rotary on q and k, k and v written to the caches at
+    `start`, each head attending keys 0..start. Inference only."""
+    return _ops.decode_attention.default(q, k, v, cos, sin, key_cache, value_cache, start, key_mask, float(scale))
+

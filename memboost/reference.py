@@ -344,3 +344,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: b
         return (normed * (1.0 + weight.float())).to(x.dtype)
     return weight * normed.to(x.dtype)
 
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def decode_attention(q, k, v, cos, sin, key_cache, value_cache, start: int, key_mask, scale: float) -> torch.Tensor:
+    """memboost::decode_attention in plain PyTorch: transformers' rotary
+    (apply_rotary_pos_emb with rotate_half), the cache writes, then grouped
+    attention over keys 0..start in float32. Writes the caches in place."""
+    batch, dim = q.shape[0], cos.shape[-1]
+    kv_heads = key_cache.shape[1]
+    heads = q.shape[-1] // dim
+    c, s = cos.float().view(batch, 1, dim), sin.float().view(batch, 1, dim)
+    qh = q.float().view(batch, heads, dim)
+    kh = k.float().view(batch, kv_heads, dim)
+    qr = qh * c + _rotate_half(qh) * s
+    kr = kh * c + _rotate_half(kh) * s
+    key_cache[:batch, :, start] = kr.to(key_cache.dtype)
+    value_cache[:batch, :, start] = v.view(batch, kv_heads, dim)
+    keys = key_cache[:batch, :, :start + 1].float().repeat_interleave(heads // kv_heads, dim=1)
+    values = value_cache[:batch, :, :start + 1].float().repeat_interleave(heads // kv_heads, dim=1)
+    scores = torch.einsum("bhd,bhjd->bhj", qr, keys) * scale
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:batch, None, :start + 1], float("-inf"))
+    out = torch.einsum("bhj,bhjd->bhd", torch.softmax(scores, dim=-1), values)
+    return out.reshape(batch, 1, heads * dim).to(q.dtype)
+

@@ -105,6 +105,20 @@ def build(draw, op):
             return [*t, n * k, bs, q.nested_block_size, draw(st.sampled_from(FLOATS))]
         x = _x(draw, k)
         return [x, *t, n, bs, q.nested_block_size, _bias(draw, n, x.dtype), draw(st.sampled_from([0, 8]))]
+    if op == "decode_attention":
+        batch, kv_heads = draw(st.integers(0, 3)), draw(st.integers(1, 2))
+        heads, dim, length = kv_heads * draw(st.integers(1, 3)), draw(st.sampled_from([2, 16, 40])), draw(st.integers(1, 9))
+        dtype = draw(st.sampled_from(FLOATS))
+        angles = torch.rand(batch, 1, dim // 2).repeat(1, 1, 2) * 6
+        start = draw(st.integers(0, length - 1))
+        mask = torch.rand(batch + 1, length) < 0.8 if draw(st.booleans()) else None
+        if mask is not None:
+            mask[:, start] = True  # every row sees a key (else NaN, as SDPA gives: tests/test_decode_attention.py)
+        return [torch.randn(batch, 1, heads * dim).to(dtype), torch.randn(batch, 1, kv_heads * dim).to(dtype),
+                torch.randn(batch, 1, kv_heads * dim).to(dtype), angles.cos().to(dtype), angles.sin().to(dtype),
+                torch.randn(batch + 1, kv_heads, length, dim).to(dtype),
+                torch.randn(batch + 1, kv_heads, length, dim).to(dtype), start, mask,
+                dim ** -0.5]
     if op == "rms_norm":
         x = _x(draw, draw(st.sampled_from([1, 7, 64, 100])))
         return [x, torch.randn(x.shape[-1]).to(x.dtype), draw(st.sampled_from([0.0, 1e-6, 1e-5])), draw(st.booleans())]
@@ -114,7 +128,7 @@ def build(draw, op):
 REFERENCES = {name: getattr(reference, name) for name in
               ("pack_2bit", "unpack_2bit", "pack_4bit", "unpack_4bit", "mixed_dequantize", "mixed_linear",
                "ternary_pack", "ternary_unpack", "ternary_dequantize", "ternary_linear", "nf4_quantize",
-               "nf4_quantize_absmax", "nf4_dequantize", "nf4_linear", "rms_norm")}
+               "nf4_quantize_absmax", "nf4_dequantize", "nf4_linear", "rms_norm", "decode_attention")}
 
 
 def test_every_op_is_fuzzed():

@@ -94,6 +94,10 @@ class Decoder:
             positions = torch.arange(max_length, device=device).unsqueeze(0)
             cos, sin = inner.rotary_emb(torch.empty(0, dtype=dtype, device=device), positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]
+        self._group = config.num_attention_heads // kv_heads
+        # Decode steps (one new token per row) through memboost's decode_attention op where it reproduces
+        # the attention above; prompts always take the modules' path.
+        self.fused_attention = self._fused_attention_matches()
 
     @staticmethod
     def _modules(model) -> list:
@@ -136,6 +140,51 @@ class Decoder:
     def model(self):
         """The model this Decoder runs (None once it is gone)."""
         return self._model()
+
+    def _fused_attention_matches(self) -> bool:
+        """Whether memboost's decode_attention op reproduces this loop's attention step (the modeling module's
+        apply_rotary_pos_emb, the cache writes, scaled_dot_product_attention) on a probe, within a few units in
+        the last place of the cache dtype: the op computes in float32 and sums in another order."""
+        cache, dtype = self.keys[0], self.keys[0].dtype
+        kv_heads, dim = cache.shape[1], self.head_dim
+        heads = kv_heads * self._group
+        g = torch.Generator().manual_seed(0)
+
+        def rand(*shape):
+            return torch.randn(shape, generator=g).to(cache.device, dtype)
+
+        batch, length, start = 2, 6, 4
+        q, k, v = rand(batch, 1, heads * dim), rand(batch, 1, kv_heads * dim), rand(batch, 1, kv_heads * dim)
+        angles = torch.rand(batch, 1, dim // 2, generator=g).repeat(1, 1, 2) * 6
+        cos, sin = angles.cos().to(cache.device, dtype), angles.sin().to(cache.device, dtype)
+        keys, values = rand(batch, kv_heads, length, dim), rand(batch, kv_heads, length, dim)
+        mask = torch.tensor([[True] * length, [False, True, True, True, True, True]], device=cache.device)
+        scale = self._steps[0][-1]
+        with torch.inference_mode():
+            got = ops.decode_attention(q, k, v, cos, sin, keys.clone(), values.clone(), start, mask, scale)
+            qs, ks = self._apply_rotary(q.view(batch, 1, heads, dim).transpose(1, 2),
+                                        k.view(batch, 1, kv_heads, dim).transpose(1, 2), cos, sin)
+            keys[:, :, start:start + 1], values[:, :, start:start + 1] = ks, v.view(batch, 1, kv_heads, dim).transpose(1, 2)
+            want = F.scaled_dot_product_attention(qs, keys[:, :, :start + 1], values[:, :, :start + 1],
+                                                  attn_mask=mask[:, None, None, :start + 1], scale=scale,
+                                                  enable_gqa=True).transpose(1, 2).reshape(batch, 1, -1)
+        tolerance = (16 if dtype == torch.float32 else 4) * torch.finfo(dtype).eps
+        return bool(torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance * float(want.abs().max())))
+
+    def _step(self, ids: torch.Tensor, positions: torch.Tensor, start: int, padded: bool) -> torch.Tensor:
+        """_forward for one new token per row through the fused decode_attention op: logits [batch, vocab]."""
+        batch = ids.shape[0]
+        cos, sin = self.cos[positions], self.sin[positions]
+        mask = self.key_valid if padded else None
+        attend = ops.decode_attention
+        h = self._embed(ids)
+        for (norm1, q_proj, k_proj, v_proj, o_proj, norm2, mlp, scaling), key_cache, value_cache in zip(
+                self._steps, self.keys, self.values):
+            x = norm1(h)
+            h = h + o_proj(attend(q_proj(x), k_proj(x), v_proj(x), cos, sin, key_cache, value_cache, start, mask,
+                                  scaling))
+            h = h + mlp(norm2(h))
+        return self._lm_head(self._norm(h[:, -1])).float()
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int,
                  mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -220,8 +269,11 @@ class Decoder:
                 break
             cur = width + t
             valid[:, cur] = True
-            step_mask = valid[:, None, None, :cur + 1] if padded else None
-            logits = self._forward(token.unsqueeze(1), next_pos, cur, step_mask)
+            if self.fused_attention:
+                logits = self._step(token.unsqueeze(1), next_pos, cur, padded)
+            else:
+                step_mask = valid[:, None, None, :cur + 1] if padded else None
+                logits = self._forward(token.unsqueeze(1), next_pos, cur, step_mask)
             next_pos = next_pos + 1
         return out
 
