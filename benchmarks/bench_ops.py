@@ -8,7 +8,9 @@ cache, as a decode step reads every layer once), batch 1 and 8.
 Each streamed row also shows the weight-reading floor (the layer's bytes at
 the read bandwidth this script measures first) and the call's time above it:
 the fixed cost of a call is what remains when the weights are hot or the
-floor is subtracted. Goals (issue 23): at most 5 µs above the floor, and
+floor is subtracted. `bound_hot_us` is the call the decode loop makes (the
+op with the weight bound, QuantizedLinear.linear_bound; F.linear for
+float32), hot. Goals (issue 23): at most 5 µs above the floor, and
 every shape at least as fast as float32 F.linear with hot weights.
 
     python benchmarks/bench_ops.py [--threads 2] [--json benchmarks/results/ops_cpu.json]
@@ -16,6 +18,7 @@ every shape at least as fast as float32 F.linear with hot weights.
 """
 
 import argparse
+import functools
 import os
 import sys
 
@@ -97,17 +100,23 @@ def main() -> None:
                 for batch in args.batches:
                     x = torch.randn(batch, in_f)
                     hot = time_cpu(lambda: layer(x), min_time=args.min_time)
+                    # what the decode loop calls: the op with the weight bound (F.linear itself for float32)
+                    call = (functools.partial(F.linear, weight=layer.weight)
+                            if isinstance(layer, torch.nn.Linear) else layer.linear_bound(x.dtype))
+                    bound = time_cpu(lambda: call(x), min_time=args.min_time)
                     streamed = time_cpu(lambda: [c(x) for c in copies], min_time=0.0, warmup=1) / len(copies)
                     floor = nbytes / bandwidth
                     rows.append({"shape": shape, "format": name, "mode": mode, "batch": batch, "weight_KiB": nbytes / 1024,
-                                 "hot_us": hot * 1e6, "streamed_us": streamed * 1e6, "floor_us": floor * 1e6,
+                                 "hot_us": hot * 1e6, "bound_hot_us": bound * 1e6, "streamed_us": streamed * 1e6, "floor_us": floor * 1e6,
                                  "over_floor_us": (streamed - floor) * 1e6})
                 del copies
     baseline = {(r["shape"], r["batch"]): r["hot_us"] for r in rows if r["format"] == "float32 F.linear"}
+    bound_baseline = {(r["shape"], r["batch"]): r["bound_hot_us"] for r in rows if r["format"] == "float32 F.linear"}
     for r in rows:
         r["hot_vs_float32"] = baseline[(r["shape"], r["batch"])] / r["hot_us"]
-    print_table(rows, ["shape", "format", "mode", "batch", "weight_KiB", "hot_us", "hot_vs_float32", "streamed_us",
-                       "floor_us", "over_floor_us"],
+        r["bound_vs_float32"] = bound_baseline[(r["shape"], r["batch"])] / r["bound_hot_us"]
+    print_table(rows, ["shape", "format", "mode", "batch", "weight_KiB", "hot_us", "hot_vs_float32", "bound_hot_us",
+                       "bound_vs_float32", "streamed_us", "floor_us", "over_floor_us"],
                 f"µs per call, {args.threads} threads (hot_vs_float32 > 1: faster than F.linear on float32)")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     write_json(args.json, {"threads": args.threads, "stream_bytes": stream_bytes, "read_bandwidth_Bps": bandwidth,
