@@ -22,7 +22,13 @@ fortunes), the first --tokens tokens in windows of 256, the first token of
 each window context only (memboost.testbed.perplexity's convention).
 
     python benchmarks/bench_gguf.py [--tokens 2048] [--types ...] [--nf4-types IQ4_NL,Q5_0]
+                                    [--nf4-calibrated-types Q5_0] [--threads N]
                                     [--json benchmarks/results/gguf_cpu.json]
+
+The NF4 rows also give the decoder matrices' bits per weight and llama.cpp's
+perplexity over the NF4 model's own ("llama.cpp vs source %"); --types ""
+runs only the NF4 model's rows (README's NF4 table:
+--types "" --nf4-types IQ4_NL,Q5_0 --nf4-calibrated-types Q5_0,IQ4_NL --threads 1).
 """
 
 import argparse
