@@ -22,7 +22,13 @@ fortunes), the first --tokens tokens in windows of 256, the first token of
 each window context only (memboost.testbed.perplexity's convention).
 
     python benchmarks/bench_gguf.py [--tokens 2048] [--types ...] [--nf4-types IQ4_NL,Q5_0]
+                                    [--nf4-calibrated-types Q5_0] [--threads N]
                                     [--json benchmarks/results/gguf_cpu.json]
+
+The NF4 rows also give the decoder matrices' bits per weight and llama.cpp's
+perplexity over the NF4 model's own ("llama.cpp vs source %"); --types ""
+runs only the NF4 model's rows (README's NF4 table:
+--types "" --nf4-types IQ4_NL,Q5_0 --nf4-calibrated-types Q5_0,IQ4_NL --threads 1).
 """
 
 import argparse
@@ -60,10 +66,10 @@ def nll(logits: torch.Tensor, ids) -> float:
     return float(torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:]), reduction="sum"))
 
 
-def ppl_llama_cpp(path: str, wins) -> float:
+def ppl_llama_cpp(path: str, wins, threads: int) -> float:
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=path, logits_all=True, n_ctx=256, n_batch=256, n_threads=os.cpu_count(),
+    llm = llama_cpp.Llama(model_path=path, logits_all=True, n_ctx=256, n_batch=256, n_threads=threads,
                           verbose=False)
     total = count = 0
     try:
@@ -86,13 +92,33 @@ def ppl_torch(model, wins) -> float:
     return math.exp(total / count)
 
 
-def score(path, source, producer, qtype, model, float_model, wins, seconds, numel):
+def matrix_bits(path: str) -> float:
+    """Stored bits per weight of the decoder's matrices (blk.*, 2-D): the
+    weights a memboost format such as NF4 quantizes, without the token
+    embedding / output matrix, norms and biases."""
+    import gguf
+
+    tensors = [t for t in gguf.GGUFReader(path).tensors if t.name.startswith("blk.") and len(t.shape) == 2]
+    return 8.0 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
+
+
+def nf4_bits(model) -> float:
+    """Stored bits per weight of a memboost-quantized model's quantized matrices (codes and scales)."""
+    from memboost.nn import QuantizedLinear
+
+    tensors = [m.weight.tensor() for m in model.modules() if isinstance(m, QuantizedLinear)]
+    return 8.0 * sum(t.nbytes for t in tensors) / sum(t.numel() for t in tensors)
+
+
+def score(path, source, producer, qtype, model, float_model, wins, seconds, numel, threads, reference=None):
     float_model.load_state_dict(gguf_state_dict(path, model), strict=False)
     float_model.tie_weights()
     size = os.path.getsize(path)
     row = {"source": source, "by": producer, "type": qtype, "MiB": size / 2**20, "bits/weight": 8 * size / numel,
-           "ppl llama.cpp": ppl_llama_cpp(path, wins), "ppl memboost": ppl_torch(float_model, wins),
-           "export s": seconds}
+           "bits/weight matrices": matrix_bits(path), "ppl llama.cpp": ppl_llama_cpp(path, wins, threads),
+           "ppl memboost": ppl_torch(float_model, wins), "export s": seconds}
+    if reference:   # the model the file was exported from, run by PyTorch: what the export costs
+        row["llama.cpp vs source %"] = 100.0 * (row["ppl llama.cpp"] / reference - 1.0)
     print(row, flush=True)
     return row
 
@@ -105,9 +131,14 @@ def main():
     ap.add_argument("--nf4-types", default="IQ4_NL,Q5_0",
                     help="GGUF types of the NF4 model's exports (Q5_K runs in llama.cpp only where it does not "
                          "crash: llama-cpp-python 0.3.36 segfaults on Q5_K files on some Xeons)")
+    ap.add_argument("--nf4-calibrated-types", default="Q5_0",
+                    help="GGUF types of the NF4 model's exports with a calibration (memboost.calibrate of the NF4 "
+                         "model itself, quantized=True, on --calib-tokens fortune tokens): the export that keeps "
+                         "its behaviour is Q5_0 calibrated")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of llama.cpp and PyTorch")
     ap.add_argument("--json", default="")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.threads)
     import llama_cpp
 
     model, tokenizer = memboost.testbed.load_smollm2()
@@ -116,7 +147,8 @@ def main():
     float_model = copy.deepcopy(model)
     rows = [{"source": "float32", "by": "PyTorch", "type": "F32", "MiB": 4 * numel / 2**20, "bits/weight": 32.0,
              "ppl llama.cpp": None, "ppl memboost": ppl_torch(model, wins), "export s": None}]
-    types = args.types.split(",")
+    types = [t for t in args.types.split(",") if t]
+    threads = args.threads
     with tempfile.TemporaryDirectory(prefix="bench-gguf-") as tmp:
         f16 = os.path.join(tmp, "F16.gguf")
         for qtype in types:
@@ -124,7 +156,7 @@ def main():
             start = time.perf_counter()
             export_gguf(model, path, qtype, tokenizer, verbose=False, progress=False)
             rows.append(score(path, "float", "memboost", qtype, model, float_model, wins,
-                              time.perf_counter() - start, numel))
+                              time.perf_counter() - start, numel, threads))
             if qtype != "F16":
                 os.unlink(path)
         calibrated = [t for t in types if t in memboost.gguf_quants.IMPORTANCE_TYPES]
@@ -137,9 +169,9 @@ def main():
                 start = time.perf_counter()
                 export_gguf(model, path, qtype, tokenizer, calibration=stats, verbose=False, progress=False)
                 rows.append(score(path, f"float, calibrated ({args.calib_tokens} fortune tokens)", "memboost",
-                                  qtype, model, float_model, wins, time.perf_counter() - start, numel))
+                                  qtype, model, float_model, wins, time.perf_counter() - start, numel, threads))
                 os.unlink(path)
-        if "F16" not in types:
+        if "F16" not in types and any(t in LLAMA_CPP for t in types):
             export_gguf(model, f16, "F16", tokenizer, verbose=False, progress=False)
         for qtype in types:
             if qtype not in LLAMA_CPP:
@@ -148,7 +180,7 @@ def main():
                 path = os.path.join(tmp, f"llama-{qtype}.gguf")
                 params = llama_cpp.llama_model_quantize_default_params()
                 params.ftype = getattr(llama_cpp, LLAMA_CPP[qtype])
-                params.nthread = os.cpu_count()
+                params.nthread = threads
                 params.pure = pure
                 if pure:   # the output matrix (the tied token embedding) in Q8_0, as ours
                     params.token_embedding_type = params.output_tensor_type = llama_cpp.GGML_TYPE_Q8_0
@@ -157,24 +189,35 @@ def main():
                     raise RuntimeError(f"llama_model_quantize failed for {qtype}")
                 name = LLAMA_CPP[qtype][len("LLAMA_FTYPE_MOSTLY_"):] + (" pure" if pure else "")
                 rows.append(score(path, "F16 export", "llama.cpp", name, model, float_model, wins,
-                                  time.perf_counter() - start, numel))
+                                  time.perf_counter() - start, numel, threads))
                 os.unlink(path)
         # a memboost-quantized model: NF4 (bitsandbytes' format) to IQ4_NL, and to F16 for its own quality
         nf4 = copy.deepcopy(model)
         memboost.quantize_model(nf4, "nf4", progress=False)
+        nf4_ppl = ppl_torch(nf4, wins)
         rows.append({"source": "nf4", "by": "PyTorch", "type": "NF4 (decoder linears)", "MiB": None,
-                     "bits/weight": None, "ppl llama.cpp": None, "ppl memboost": ppl_torch(nf4, wins),
-                     "export s": None})
+                     "bits/weight": None, "bits/weight matrices": nf4_bits(nf4),
+                     "ppl llama.cpp": None, "ppl memboost": nf4_ppl, "export s": None})
         # the NF4 model's exports: IQ4_NL (size first, 4.5 bits) and Q5_0 (5.5
         # bits, its behaviour kept); --nf4-types picks them
-        for qtype in args.nf4_types.split(","):
+        nf4_stats = None
+        if args.nf4_calibrated_types:
+            from memboost.cli import read_text, token_windows
+
+            nf4_stats = memboost.calibrate(nf4, token_windows(tokenizer, read_text("fortunes"), args.calib_tokens),
+                                           progress=False, quantized=True)
+        runs = [(t, None) for t in args.nf4_types.split(",") if t]
+        runs += [(t, nf4_stats) for t in args.nf4_calibrated_types.split(",") if t]
+        for qtype, stats in runs:
             path = os.path.join(tmp, f"nf4-{qtype}.gguf")
             start = time.perf_counter()
-            export_gguf(nf4, path, qtype, tokenizer, verbose=False, progress=False)
-            rows.append(score(path, "nf4", "memboost", qtype, nf4, float_model, wins,
-                              time.perf_counter() - start, numel))
+            export_gguf(nf4, path, qtype, tokenizer, calibration=stats, verbose=False, progress=False)
+            source = "nf4" if stats is None else f"nf4, calibrated ({args.calib_tokens} fortune tokens)"
+            rows.append(score(path, source, "memboost", qtype, nf4, float_model, wins,
+                              time.perf_counter() - start, numel, threads, reference=nf4_ppl))
             os.unlink(path)
-    columns = ["source", "by", "type", "MiB", "bits/weight", "ppl llama.cpp", "ppl memboost", "export s"]
+    columns = ["source", "by", "type", "MiB", "bits/weight", "bits/weight matrices", "ppl llama.cpp",
+               "llama.cpp vs source %", "ppl memboost", "export s"]
     print_table(rows, columns, title=f"SmolLM2-135M GGUF: perplexity on {sum(len(w) for w in wins)} tokens of "
                                      f"GPL-3 (windows of 256), {torch.get_num_threads()} threads")
     write_json(args.json, {"model": "SmolLM2-135M-Instruct", "text": TEXT, "tokens": args.tokens, "window": 256,

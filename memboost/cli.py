@@ -426,7 +426,7 @@ def cmd_gguf(args) -> int:
     stats = None
     if args.calibrate:
         windows = calibration_windows(args, need_tokenizer(tokenizer, args.model, "--calibrate"))
-        stats = calibrate(model, windows, progress=False if args.quiet else None)
+        stats = calibrate(model, windows, progress=False if args.quiet else None, quantized=True)
     report = export_gguf(model, args.out, weight_type=args.type, tokenizer=tokenizer, output_type=args.output_type,
                          calibration=stats, progress=False if args.quiet else None, verbose=False)
     if args.verbose:
@@ -514,11 +514,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("model", help=f"model folder (plain or saved by memboost) or {DEFAULT_MODEL!r}")
     g.add_argument("out", help="the .gguf file to write")
     g.add_argument("--type", default="F16", help="GGUF type of the weight matrices: F32 F16 BF16 Q4_0 Q5_0 Q8_0 "
-                   "IQ4_NL TQ1_0 TQ2_0 Q2_K Q3_K Q4_K Q5_K (an NF4 model: Q5_0 keeps its behaviour, IQ4_NL is "
-                   "smaller) (rule: memboost.io.gguf.export.gguf_type_for)")
+                   "IQ4_NL TQ1_0 TQ2_0 Q2_K Q3_K Q4_K Q5_K (an NF4 model, with --calibrate: Q5_0 keeps its behaviour, "
+                   "IQ4_NL is smaller) (rule: memboost.io.gguf.export.gguf_type_for)")
     g.add_argument("--output-type", help="type of the output matrix (default: Q8_0 below 8 bits, else --type)")
-    add_calibration_args(g, "weigh the Q4_0 / IQ4_NL scale searches by activations on a text file, or 'fortunes' "
-                         "(llama.cpp's importance matrix)", tokens=4096)
+    add_calibration_args(g, "weigh the Q4_0 / Q5_0 / IQ4_NL scale searches by activations on a text file, or "
+                         "'fortunes' (llama.cpp's importance matrix)", tokens=4096)
     g.add_argument("--verbose", action="store_true", help="print the per-tensor table")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     add_load_args(g)

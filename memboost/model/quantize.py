@@ -165,7 +165,8 @@ def _input_moments(run: Callable[[], None], layers: Mapping[str, nn.Module], hes
 
 
 def calibrate(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_head",),
-              hessian: bool = False, progress: Optional[bool] = None) -> Dict[str, torch.Tensor]:
+              hessian: bool = False, progress: Optional[bool] = None,
+              quantized: bool = False) -> Dict[str, torch.Tensor]:
     """Runs `model` on each batch (a tensor: model(batch); a dict: model(**batch))
     without gradients and returns, for every linear layer not named in `skip`,
     the mean of x**2 over all its input rows, per input channel (float32
@@ -174,9 +175,15 @@ def calibrate(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_he
     hessian=True returns the full second moment X^T X / rows instead
     (float32 [in_features, in_features], accumulated on the layer's device),
     with which the mixed format quantizes GPTQ-style. A progress bar runs over
-    the batches: progress=True always, False never, None on a terminal."""
+    the batches: progress=True always, False never, None on a terminal.
+    quantized=True also measures the layers memboost has already quantized
+    (QuantizedLinear): the activations an NF4 model's own layers see, which
+    export_gguf weighs its scale searches by."""
     _check_batches(batches)
     layers = {full: child for full, _, _, child in _linears(model) if _skipped_by_name(full, skip) is None}
+    if quantized:
+        layers.update((name, module) for name, module in model.named_modules()
+                      if isinstance(module, QuantizedLinear) and _skipped_by_name(name, skip) is None)
     batches = list(batches)
     desc = "calibration (Hessians)" if hessian else "calibration"
     stats = _input_moments(lambda: _run_batches(model, batches, progress, desc), layers, hessian)
