@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "common/nf4_args.h"
@@ -240,15 +241,16 @@ void with_row_scales(const View& v, int64_t blocks_per_row, int64_t begin, int64
                      Kernel&& kernel) {
   if (!v.d.double_quant) return kernel(begin, end, v.absmax_f + begin * blocks_per_row);
   const int64_t run = std::max<int64_t>(1, kScaleBuffer / std::max<int64_t>(1, blocks_per_row));
-  std::vector<float> buffer(std::min(run, end - begin) * blocks_per_row);
+  // (not a std::vector: zero-filling 8 KiB per call costs more than decoding the scales)
+  const auto buffer = std::make_unique_for_overwrite<float[]>(std::min(run, end - begin) * blocks_per_row);
   for (int64_t r0 = begin; r0 < end; r0 += run) {
     const int64_t r1 = std::min(end, r0 + run);
 #if MB_HAVE_X86_KERNELS
-    if (isa != cpu::Isa::Portable) decode_scales_avx2(v, r0 * blocks_per_row, (r1 - r0) * blocks_per_row, buffer.data());
+    if (isa != cpu::Isa::Portable) decode_scales_avx2(v, r0 * blocks_per_row, (r1 - r0) * blocks_per_row, buffer.get());
     else
 #endif
-      decode_scales_scalar(v, r0 * blocks_per_row, (r1 - r0) * blocks_per_row, buffer.data());
-    kernel(r0, r1, static_cast<const float*>(buffer.data()));
+      decode_scales_scalar(v, r0 * blocks_per_row, (r1 - r0) * blocks_per_row, buffer.get());
+    kernel(r0, r1, static_cast<const float*>(buffer.get()));
   }
 }
 
@@ -407,21 +409,29 @@ MB_TARGET_AVX512 void block_offsets_vnni(const int8_t* xq, int64_t rows, int64_t
 // products (started from the block offsets) over the block's 64-chunks, then
 // one float FMA with the block scale.
 template <int MT>
-MB_TARGET_AVX512 inline __attribute__((always_inline)) void block_vnni(const uint8_t* row, int64_t b, int64_t bs,
-                                                                       __m512i tab, __m512i low4, const int8_t* xq,
-                                                                       int64_t k, const int32_t* offsets,
-                                                                       int64_t offset_stride, float scale,
-                                                                       __m512 (&acc)[MT]) {
+MB_TARGET_AVX512 inline __attribute__((always_inline)) void chunk_vnni(const uint8_t* wp, const int8_t* xp, int64_t k,
+                                                                       __m512i tab, __m512i low4, __m512i (&dot)[MT]) {
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+  // high nibbles (even elements) in the lower half, low nibbles in the upper half
+  const __m512i idx =
+      _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(bytes, 4)), bytes, 1), low4);
+  const __m512i w = _mm512_shuffle_epi8(tab, idx);  // codebook_int8 + 128, unsigned
+  for (int i = 0; i < MT; ++i) dot[i] = cpu::dpbusd_vnni512(dot[i], w, _mm512_loadu_si512(xp + i * k));
+}
+
+// One weight block (chunks_per_block chunks of 64 at wp, activations at xp)
+// for MT activation rows: int32 dot products started from the block offsets,
+// then one float FMA with the block scale.
+template <int MT>
+MB_TARGET_AVX512 inline __attribute__((always_inline)) void block_vnni(const uint8_t* wp, const int8_t* xp,
+                                                                       int64_t chunks_per_block, __m512i tab,
+                                                                       __m512i low4, int64_t k,
+                                                                       const int32_t* offsets, int64_t offset_stride,
+                                                                       float scale, __m512 (&acc)[MT]) {
   __m512i dot[MT];
-  for (int i = 0; i < MT; ++i) dot[i] = _mm512_loadu_si512(offsets + i * offset_stride + b * 16);
-  for (int64_t c = b * bs; c < (b + 1) * bs; c += 64) {
-    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c / 2));
-    // high nibbles (even elements) in the lower half, low nibbles in the upper half
-    const __m512i idx =
-        _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(bytes, 4)), bytes, 1), low4);
-    const __m512i w = _mm512_shuffle_epi8(tab, idx);  // codebook_int8 + 128, unsigned
-    for (int i = 0; i < MT; ++i) dot[i] = cpu::dpbusd_vnni512(dot[i], w, _mm512_loadu_si512(xq + i * k + c));
-  }
+  for (int i = 0; i < MT; ++i) dot[i] = _mm512_loadu_si512(offsets + i * offset_stride);
+  chunk_vnni<MT>(wp, xp, k, tab, low4, dot);  // every block has one chunk; most (block_size 64) only one
+  for (int64_t j = 1; j < chunks_per_block; ++j) chunk_vnni<MT>(wp + 32 * j, xp + 64 * j, k, tab, low4, dot);
   const __m512 s = _mm512_set1_ps(scale);
   for (int i = 0; i < MT; ++i) acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), s, acc[i]);
 }
@@ -444,20 +454,40 @@ MB_TARGET_AVX512 void linear_int8_avx512(const View& v, int64_t k, int64_t begin
     const float* rs = scales + (r - begin) * blocks_per_row;
     __m512 acc0[MT], acc1[MT];
     for (int i = 0; i < MT; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+    const int64_t cpb = bs / 64, wstep = bs / 2;
     int64_t b = 0;
     for (; b + 2 <= blocks_per_row; b += 2) {
-      block_vnni<MT>(row, b, bs, tab, low4, xq, k, offsets, offset_stride, rs[b], acc0);
-      block_vnni<MT>(row, b + 1, bs, tab, low4, xq, k, offsets, offset_stride, rs[b + 1], acc1);
+      block_vnni<MT>(row + b * wstep, xq + b * bs, cpb, tab, low4, k, offsets + b * 16, offset_stride, rs[b], acc0);
+      block_vnni<MT>(row + (b + 1) * wstep, xq + (b + 1) * bs, cpb, tab, low4, k, offsets + (b + 1) * 16,
+                     offset_stride, rs[b + 1], acc1);
     }
-    if (b < blocks_per_row) block_vnni<MT>(row, b, bs, tab, low4, xq, k, offsets, offset_stride, rs[b], acc0);
+    if (b < blocks_per_row)
+      block_vnni<MT>(row + b * wstep, xq + b * bs, cpb, tab, low4, k, offsets + b * 16, offset_stride, rs[b], acc0);
     for (int i = 0; i < MT; ++i)
       y[i * n_rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i])) * (xscale[i] * kInv127);
   }
 }
 
 // Integer path, AVX2: signed x signed through the sign trick (|w| and
-// sign(w) * x), which keeps maddubs exact (|w| <= 127). The int32 sums of a
-// block's 64-chunks meet the block scale in one FMA.
+// sign(w) * x), which keeps maddubs exact (|w| <= 127). 64 weights (32
+// bytes at wp, activations at xp) per chunk, int32 sums into dot.
+template <int MT>
+MB_TARGET_AVX2 inline __attribute__((always_inline)) void chunk_avx2(const uint8_t* wp, const int8_t* xp, int64_t k,
+                                                                     __m256i tab, __m256i low4, __m256i (&dot)[MT]) {
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+  const __m256i w_even = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4));
+  const __m256i w_odd = _mm256_shuffle_epi8(tab, _mm256_and_si256(bytes, low4));
+  const __m256i abs_even = _mm256_sign_epi8(w_even, w_even), abs_odd = _mm256_sign_epi8(w_odd, w_odd);
+  for (int i = 0; i < MT; ++i) {
+    const int8_t* xc = xp + i * k;
+    dot[i] = cpu::dpbusd_avx2(dot[i], abs_even,
+                              _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc)), w_even));
+    dot[i] = cpu::dpbusd_avx2(dot[i], abs_odd,
+                              _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + 32)), w_odd));
+  }
+}
+
+// The int32 sums of a block's chunks meet the block scale in one FMA.
 template <int MT>
 MB_TARGET_AVX2 void linear_int8_avx2(const View& v, int64_t k, int64_t begin, int64_t end, const float* scales,
                                      const int8_t* xq, const float* xscale, int64_t n_rows, float* y) {
@@ -465,28 +495,20 @@ MB_TARGET_AVX2 void linear_int8_avx2(const View& v, int64_t k, int64_t begin, in
   for (int i = 0; i < 16; ++i) table[i] = codebook_int8(i);
   const __m256i tab = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(table)));
   const __m256i low4 = _mm256_set1_epi8(0xF);
-  const int64_t bs = v.d.block_size, blocks_per_row = k / bs;
+  const int64_t bs = v.d.block_size, blocks_per_row = k / bs, cpb = bs / 64;
   for (int64_t r = begin; r < end; ++r) {
-    const uint8_t* row = v.codes + r * k / 2;
+    const uint8_t* wp = v.codes + r * k / 2;
+    const int8_t* xp = xq;
     const float* rs = scales + (r - begin) * blocks_per_row;
     __m256 acc[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks_per_row; ++b) {
       __m256i dot[MT];
       for (int i = 0; i < MT; ++i) dot[i] = _mm256_setzero_si256();
-      for (int64_t c = b * bs; c < (b + 1) * bs; c += 64) {
-        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c / 2));
-        const __m256i w_even = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4));
-        const __m256i w_odd = _mm256_shuffle_epi8(tab, _mm256_and_si256(bytes, low4));
-        const __m256i abs_even = _mm256_sign_epi8(w_even, w_even), abs_odd = _mm256_sign_epi8(w_odd, w_odd);
-        for (int i = 0; i < MT; ++i) {
-          const int8_t* xc = xq + i * k + c;
-          dot[i] = cpu::dpbusd_avx2(dot[i], abs_even,
-                                    _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc)), w_even));
-          dot[i] = cpu::dpbusd_avx2(dot[i], abs_odd,
-                                    _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + 32)), w_odd));
-        }
-      }
+      chunk_avx2<MT>(wp, xp, k, tab, low4, dot);  // every block has one chunk; most (block_size 64) only one
+      for (int64_t j = 1; j < cpb; ++j) chunk_avx2<MT>(wp + 32 * j, xp + 64 * j, k, tab, low4, dot);
+      wp += 32 * cpb;
+      xp += 64 * cpb;
       const __m256 sv = _mm256_set1_ps(rs[b]);
       for (int i = 0; i < MT; ++i) acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i]), sv, acc[i]);
     }
