@@ -12,7 +12,10 @@
 //    in a register and pshufb looks 32 (AVX2) or 64 (AVX-512) nibbles up at
 //    once; AVX2 multiplies signed by signed with the sign trick + maddubs,
 //    AVX-512 VNNI offsets the codebook by 128 to unsigned for vpdpbusd and
-//    removes 128 * sum(x) per block with the activation block sums.
+//    starts each block's int32 dot product from -128 * sum(x) per lane
+//    (block_offsets_vnni, once per call), so the offset costs nothing per weight.
+//  - both: block scales (double quantization decoded) come from a small
+//    buffer filled 8 at a time per run of rows (with_row_scales).
 // From kGemmMinRows rows on, blocks of weight rows are decoded into a
 // cache-sized float buffer and multiplied with ATen's GEMM.
 #include <ATen/ATen.h>
