@@ -307,15 +307,15 @@ MB_TARGET_AVX512 void linear_float_avx512(const View& v, int64_t k, int64_t begi
   const __m512i low4 = _mm512_set1_epi32(0xF);
   const int64_t bs = v.d.block_size, blocks_per_row = k / bs;
   for (int64_t r = begin; r < end; ++r) {
-    const uint8_t* row = v.codes + r * k / 2;
+    const uint8_t* wp = v.codes + r * k / 2;  // the code bytes of the step, walked along the row
     const float* rs = scales + (r - begin) * blocks_per_row;
     __m512 acc[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks_per_row; ++b) {
       __m512 part[MT];
       for (int i = 0; i < MT; ++i) part[i] = _mm512_setzero_ps();
-      for (int64_t c = b * bs; c < (b + 1) * bs; c += 32) {
-        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));
+      for (int64_t c = b * bs; c < (b + 1) * bs; c += 32, wp += 16) {
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp)));
         const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), cb);
         const __m512 w_odd = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), cb);
         for (int i = 0; i < MT; ++i) {
@@ -347,17 +347,16 @@ MB_TARGET_AVX2 void linear_float_avx2(const View& v, int64_t k, int64_t begin, i
   const __m256i low4 = _mm256_set1_epi32(0xF);
   const int64_t bs = v.d.block_size, blocks_per_row = k / bs;
   for (int64_t r = begin; r < end; ++r) {
-    const uint8_t* row = v.codes + r * k / 2;
+    const uint8_t* wp = v.codes + r * k / 2;  // the code bytes of the step, walked along the row
     const float* rs = scales + (r - begin) * blocks_per_row;
     __m256 acc[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks_per_row; ++b) {
       __m256 part[MT];
       for (int i = 0; i < MT; ++i) part[i] = _mm256_setzero_ps();
-      for (int64_t c = b * bs; c < (b + 1) * bs; c += 32) {
+      for (int64_t c = b * bs; c < (b + 1) * bs; c += 32, wp += 16) {
         for (int h = 0; h < 2; ++h) {  // bytes 8h..8h+7 of the chunk: x even/odd elements 8h..8h+7
-          const __m256i bytes =
-              _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c / 2 + 8 * h)));
+          const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wp + 8 * h)));
           const __m256 w_even = lookup16_avx2(_mm256_srli_epi32(bytes, 4), lo_tab, hi_tab);
           const __m256 w_odd = lookup16_avx2(_mm256_and_si256(bytes, low4), lo_tab, hi_tab);
           for (int i = 0; i < MT; ++i) {
