@@ -205,6 +205,22 @@ def test_linear_every_isa(monkeypatch, isa, shape, block_size):
         assert rel_err(y8, exact) < 0.03
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_linear_block_scales_every_isa(monkeypatch, isa, double_quant):
+    # 300 x 576: 2700 blocks, so the kernels' runs of decoded block scales
+    # (2048 at most) start mid-row and an 8-scale step crosses a nested block
+    # (256 blocks) edge; plain absmax is read in place
+    monkeypatch.setenv("MEMBOOST_CPU_ISA", isa)
+    n, k = 300, 576
+    q = nf4.quantize(llm_like_weight(n, k), 64, double_quant)
+    for m in (1, 5):
+        x = torch.randn(m, k)
+        for act_bits, tol in ((0, 2e-6), (8, 1e-5)):
+            want = reference.nf4_linear(x, *_state(q), n, 64, 256, None, act_bits)
+            assert rel_err(q.linear(x, act_bits=act_bits), want) < tol, (m, act_bits)
+
+
 def test_linear_batch_shapes_dtypes_and_autograd(device):
     q = nf4.quantize(llm_like_weight(32, 128).to(device))
     for dtype in DTYPES:

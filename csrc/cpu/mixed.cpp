@@ -240,29 +240,68 @@ struct Int8Rows {
   int64_t padded = 0, pairs = 0;
 };
 
-Int8Rows quantize_activations_pairs(const at::Tensor& xf, const MixedDims& d) {
+#if MB_HAVE_X86_KERNELS
+// The pair order of one activation row on AVX2: per half of a pair, a
+// byte shuffle per 16 (4 x 4 bytes to s-major), a dword unpack and permute
+// (4 x 4 dwords across the four 16-byte lanes), then the two halves' 16-byte
+// runs are interleaved. The block scales' lane pattern is one permute per pair.
+MB_TARGET_AVX2 void pair_order_avx2(const int8_t* src, const float* sc, int64_t pairs, int8_t* dst, float* pattern) {
+  const __m256i s_major = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,  //
+                                           0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m256i k_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  const __m256i block_lanes = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m256i* in = reinterpret_cast<const __m256i*>(src + p * kPair);
+    __m256i r01[2], r23[2];  // per half h: [D_0 | D_1], [D_2 | D_3], D_s = elements 64h + 4k + s, k = 0..15
+    for (int h = 0; h < 2; ++h) {
+      const __m256i a = _mm256_shuffle_epi8(_mm256_loadu_si256(in + 2 * h), s_major);
+      const __m256i b = _mm256_shuffle_epi8(_mm256_loadu_si256(in + 2 * h + 1), s_major);
+      r01[h] = _mm256_permutevar8x32_epi32(_mm256_unpacklo_epi32(a, b), k_order);
+      r23[h] = _mm256_permutevar8x32_epi32(_mm256_unpackhi_epi32(a, b), k_order);
+    }
+    __m256i* out = reinterpret_cast<__m256i*>(dst + p * kPair);
+    _mm256_storeu_si256(out, _mm256_permute2x128_si256(r01[0], r01[1], 0x20));
+    _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(r01[0], r01[1], 0x31));
+    _mm256_storeu_si256(out + 2, _mm256_permute2x128_si256(r23[0], r23[1], 0x20));
+    _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(r23[0], r23[1], 0x31));
+    _mm256_storeu_ps(pattern + p * 8,
+                     _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(sc + 4 * p)), block_lanes));
+  }
+}
+#endif
+
+Int8Rows quantize_activations_pairs(const at::Tensor& xf, const MixedDims& d, cpu::Isa isa) {
   const int64_t m_rows = xf.size(0), padded = (d.cols + kPair - 1) / kPair * kPair;
-  const cpu::Int8Activations a = cpu::quantize_activations(xf, padded, cpu::kActBlock);
+  const int64_t blocks = padded / cpu::kActBlock;
+  // plain buffers: at batch 1 three at::empty cost more than quantizing the row
+  std::vector<int8_t> q(m_rows * padded);
+  std::vector<float> scales(m_rows * blocks);
+  std::vector<int32_t> sums(m_rows * blocks);
+  cpu::quantize_activations_into(isa != cpu::Isa::Portable, xf.data_ptr<float>(), m_rows, d.cols, padded,
+                                 cpu::kActBlock, q.data(), scales.data(), sums.data());
   Int8Rows out;
   out.padded = padded;
   out.pairs = padded / kPair;
   out.x.resize(m_rows * padded);
   out.pattern.resize(m_rows * out.pairs * 8);
   out.gsum.assign(m_rows * d.groups, 0.f);
-  const int8_t* q = a.values.data_ptr<int8_t>();
-  const float* scales = a.scales.data_ptr<float>();
-  const int32_t* sums = a.sums.data_ptr<int32_t>();
-  const int64_t blocks = padded / cpu::kActBlock;
   for (int64_t i = 0; i < m_rows; ++i) {
-    const int8_t* src = q + i * padded;
+    const int8_t* src = q.data() + i * padded;
     int8_t* dst = out.x.data() + i * padded;
-    for (int64_t p = 0; p < out.pairs; ++p)
-      for (int s = 0; s < 4; ++s)
-        for (int h = 0; h < 2; ++h)
-          for (int k = 0; k < 16; ++k) dst[p * kPair + 32 * s + 16 * h + k] = src[p * kPair + 64 * h + 4 * k + s];
-    const float* sc = scales + i * blocks;
-    for (int64_t p = 0; p < out.pairs; ++p)
-      for (int l = 0; l < 8; ++l) out.pattern[(i * out.pairs + p) * 8 + l] = sc[4 * p + 2 * (l >> 2) + ((l >> 1) & 1)];
+    const float* sc = scales.data() + i * blocks;
+#if MB_HAVE_X86_KERNELS
+    if (isa != cpu::Isa::Portable) {
+      pair_order_avx2(src, sc, out.pairs, dst, out.pattern.data() + i * out.pairs * 8);
+    } else
+#endif
+    {
+      for (int64_t p = 0; p < out.pairs; ++p)
+        for (int s = 0; s < 4; ++s)
+          for (int h = 0; h < 2; ++h)
+            for (int k = 0; k < 16; ++k) dst[p * kPair + 32 * s + 16 * h + k] = src[p * kPair + 64 * h + 4 * k + s];
+      for (int64_t p = 0; p < out.pairs; ++p)
+        for (int l = 0; l < 8; ++l) out.pattern[(i * out.pairs + p) * 8 + l] = sc[4 * p + 2 * (l >> 2) + ((l >> 1) & 1)];
+    }
     for (int64_t b = 0; b < d.cols / cpu::kActBlock; ++b)
       out.gsum[i * d.groups + b * cpu::kActBlock / d.group_size] += sc[b] * static_cast<float>(sums[i * blocks + b]);
   }
@@ -649,10 +688,10 @@ void int8_rows_x86(bool vnni, const MixedView& v, int64_t begin, int64_t end, co
 inline int64_t row_grain(const MixedDims& d, int64_t m_rows) { return cpu::task_grain(d.cols * m_rows, 16); }
 
 void linear_int8(const MixedView& v, const at::Tensor& xf, float* y) {
-  const Int8Rows a = quantize_activations_pairs(xf, v.d);
+  const cpu::Isa isa = cpu::active_isa();
+  const Int8Rows a = quantize_activations_pairs(xf, v.d, isa);
   const float* xp = xf.data_ptr<float>();
   const int64_t m_rows = xf.size(0);
-  const cpu::Isa isa = cpu::active_isa();
   at::parallel_for(0, v.d.rows, row_grain(v.d, m_rows), [&](int64_t begin, int64_t end) {
 #if MB_HAVE_X86_KERNELS
     if (isa != cpu::Isa::Portable) return int8_rows_x86(isa == cpu::Isa::Avx512Vnni, v, begin, end, a, xp, m_rows, y);

@@ -12,7 +12,10 @@
 //    in a register and pshufb looks 32 (AVX2) or 64 (AVX-512) nibbles up at
 //    once; AVX2 multiplies signed by signed with the sign trick + maddubs,
 //    AVX-512 VNNI offsets the codebook by 128 to unsigned for vpdpbusd and
-//    removes 128 * sum(x) per block with the activation block sums.
+//    starts each block's int32 dot product from -128 * sum(x) per lane
+//    (block_offsets_vnni, once per call), so the offset costs nothing per weight.
+//  - both: block scales (double quantization decoded) come from a small
+//    buffer filled 8 at a time per run of rows (with_row_scales).
 // From kGemmMinRows rows on, blocks of weight rows are decoded into a
 // cache-sized float buffer and multiplied with ATen's GEMM.
 #include <ATen/ATen.h>
@@ -20,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 #include "common/nf4_args.h"
@@ -196,6 +200,63 @@ float dot_float(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// Block scales [b0, b0 + count) as float32 (double quantization decoded):
+// the same float operations as View::scale (a product, rounded, then a sum).
+void decode_scales_scalar(const View& v, int64_t b0, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = v.scale(b0 + i);
+}
+
+#if MB_HAVE_X86_KERNELS
+// Eight scales per step: the nested-map codes gathered, the outer absmax
+// broadcast (a run of eight blocks shares it except at a nested block edge).
+MB_TARGET_AVX2 void decode_scales_avx2(const View& v, int64_t b0, int64_t count, float* out) {
+  const __m256 offset = _mm256_set1_ps(v.offset);
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const int64_t b = b0 + i;
+    const __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(v.absmax_q + b)));
+    const __m256 mapped = _mm256_i32gather_ps(v.map, code, 4);
+    const int64_t first = v.nested_shift >= 0 ? b >> v.nested_shift : b / v.d.nested_block_size;
+    const int64_t last = v.nested_shift >= 0 ? (b + 7) >> v.nested_shift : (b + 7) / v.d.nested_block_size;
+    __m256 product;
+    if (first == last) {
+      product = _mm256_mul_ps(mapped, _mm256_set1_ps(v.nested[first]));
+    } else {
+      alignas(32) float nested[8];
+      for (int j = 0; j < 8; ++j)
+        nested[j] = v.nested[v.nested_shift >= 0 ? (b + j) >> v.nested_shift : (b + j) / v.d.nested_block_size];
+      product = _mm256_mul_ps(mapped, _mm256_load_ps(nested));
+    }
+    __asm__("" : "+x"(product));  // keeps the product rounded on its own (no FMA contraction)
+    _mm256_storeu_ps(out + i, _mm256_add_ps(product, offset));
+  }
+  decode_scales_scalar(v, b0 + i, count - i, out + i);
+}
+#endif
+
+// Runs kernel(r0, r1, scales) over rows [begin, end) in runs whose block
+// scales fit a small buffer; scales[(r - r0) * blocks_per_row + b] is block b
+// of row r. Without double quantization the stored absmax is used in place.
+constexpr int64_t kScaleBuffer = 2048;
+
+template <typename Kernel>
+void with_row_scales(const View& v, int64_t blocks_per_row, int64_t begin, int64_t end, cpu::Isa isa,
+                     Kernel&& kernel) {
+  if (!v.d.double_quant) return kernel(begin, end, v.absmax_f + begin * blocks_per_row);
+  const int64_t run = std::max<int64_t>(1, kScaleBuffer / std::max<int64_t>(1, blocks_per_row));
+  // (not a std::vector: zero-filling 8 KiB per call costs more than decoding the scales)
+  const auto buffer = std::make_unique_for_overwrite<float[]>(std::min(run, end - begin) * blocks_per_row);
+  for (int64_t r0 = begin; r0 < end; r0 += run) {
+    const int64_t r1 = std::min(end, r0 + run);
+#if MB_HAVE_X86_KERNELS
+    if (isa != cpu::Isa::Portable) decode_scales_avx2(v, r0 * blocks_per_row, (r1 - r0) * blocks_per_row, buffer.get());
+    else
+#endif
+      decode_scales_scalar(v, r0 * blocks_per_row, (r1 - r0) * blocks_per_row, buffer.get());
+    kernel(r0, r1, static_cast<const float*>(buffer.get()));
+  }
+}
+
 // Any shape (blocks may straddle rows, odd rows start mid-byte): each weight
 // row is decoded once into a buffer and reused for every activation row.
 void linear_rows_generic(const View& v, int64_t k, int64_t begin, int64_t end, const float* x, int64_t m_rows,
@@ -209,13 +270,13 @@ void linear_rows_generic(const View& v, int64_t k, int64_t begin, int64_t end, c
 
 // x [m, k] reordered per chunk of `chunk` elements: its even elements, then
 // its odd ones (the order of the high and low nibbles of its codes).
-// A plain loop: view + transpose + contiguous cost more, through the
-// dispatcher and TensorIterator, than the kernel on a small layer at batch 1.
-at::Tensor even_odd_order(const at::Tensor& xf, int64_t chunk) {
-  const int64_t n = xf.numel(), half = chunk / 2;
-  auto out = at::empty_like(xf);
-  const float* src = xf.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
+// A plain loop into a plain buffer: view + transpose + contiguous (or just an
+// at::empty) cost more, through the dispatcher and TensorIterator, than the
+// kernel on a small layer at batch 1.
+std::vector<float> even_odd_order(const float* src, int64_t n, int64_t chunk) {
+  const int64_t half = chunk / 2;
+  std::vector<float> out(n);
+  float* dst = out.data();
   for (int64_t c = 0; c < n; c += chunk)
     for (int64_t j = 0; j < half; ++j) {
       dst[c + j] = src[c + 2 * j];
@@ -232,24 +293,29 @@ MB_TARGET_AVX2 inline float hsum_ps256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Kernel arguments: weight rows [begin, end), their block scales (row r's at
+// scales + (r - begin) * blocks_per_row, see with_row_scales), MT activation
+// rows of k values each.
+
 // Exact float path, AVX-512: 32 weights (16 bytes) per step.
 template <int MT>
-MB_TARGET_AVX512 void linear_float_avx512(const View& v, int64_t k, int64_t begin, int64_t end, const float* xd,
-                                          int64_t n_rows, float* y) {
+MB_TARGET_AVX512 void linear_float_avx512(const View& v, int64_t k, int64_t begin, int64_t end, const float* scales,
+                                          const float* xd, int64_t n_rows, float* y) {
   alignas(64) float table[16];
   for (int i = 0; i < 16; ++i) table[i] = codebook(i);
   const __m512 cb = _mm512_load_ps(table);
   const __m512i low4 = _mm512_set1_epi32(0xF);
   const int64_t bs = v.d.block_size, blocks_per_row = k / bs;
   for (int64_t r = begin; r < end; ++r) {
-    const uint8_t* row = v.codes + r * k / 2;
+    const uint8_t* wp = v.codes + r * k / 2;  // the code bytes of the step, walked along the row
+    const float* rs = scales + (r - begin) * blocks_per_row;
     __m512 acc[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks_per_row; ++b) {
       __m512 part[MT];
       for (int i = 0; i < MT; ++i) part[i] = _mm512_setzero_ps();
-      for (int64_t c = b * bs; c < (b + 1) * bs; c += 32) {
-        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c / 2)));
+      for (int64_t c = b * bs; c < (b + 1) * bs; c += 32, wp += 16) {
+        const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp)));
         const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), cb);
         const __m512 w_odd = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), cb);
         for (int i = 0; i < MT; ++i) {
@@ -258,7 +324,7 @@ MB_TARGET_AVX512 void linear_float_avx512(const View& v, int64_t k, int64_t begi
           part[i] = _mm512_fmadd_ps(w_odd, _mm512_loadu_ps(xc + 16), part[i]);
         }
       }
-      const __m512 s = _mm512_set1_ps(v.scale(r * blocks_per_row + b));
+      const __m512 s = _mm512_set1_ps(rs[b]);
       for (int i = 0; i < MT; ++i) acc[i] = _mm512_fmadd_ps(part[i], s, acc[i]);
     }
     for (int i = 0; i < MT; ++i) y[i * n_rows + r] = _mm512_reduce_add_ps(acc[i]);
@@ -273,24 +339,24 @@ MB_TARGET_AVX2 inline __m256 lookup16_avx2(__m256i idx, __m256 lo_tab, __m256 hi
 }
 
 template <int MT>
-MB_TARGET_AVX2 void linear_float_avx2(const View& v, int64_t k, int64_t begin, int64_t end, const float* xd,
-                                      int64_t n_rows, float* y) {
+MB_TARGET_AVX2 void linear_float_avx2(const View& v, int64_t k, int64_t begin, int64_t end, const float* scales,
+                                      const float* xd, int64_t n_rows, float* y) {
   alignas(32) float table[16];
   for (int i = 0; i < 16; ++i) table[i] = codebook(i);
   const __m256 lo_tab = _mm256_load_ps(table), hi_tab = _mm256_load_ps(table + 8);
   const __m256i low4 = _mm256_set1_epi32(0xF);
   const int64_t bs = v.d.block_size, blocks_per_row = k / bs;
   for (int64_t r = begin; r < end; ++r) {
-    const uint8_t* row = v.codes + r * k / 2;
+    const uint8_t* wp = v.codes + r * k / 2;  // the code bytes of the step, walked along the row
+    const float* rs = scales + (r - begin) * blocks_per_row;
     __m256 acc[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks_per_row; ++b) {
       __m256 part[MT];
       for (int i = 0; i < MT; ++i) part[i] = _mm256_setzero_ps();
-      for (int64_t c = b * bs; c < (b + 1) * bs; c += 32) {
+      for (int64_t c = b * bs; c < (b + 1) * bs; c += 32, wp += 16) {
         for (int h = 0; h < 2; ++h) {  // bytes 8h..8h+7 of the chunk: x even/odd elements 8h..8h+7
-          const __m256i bytes =
-              _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + c / 2 + 8 * h)));
+          const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wp + 8 * h)));
           const __m256 w_even = lookup16_avx2(_mm256_srli_epi32(bytes, 4), lo_tab, hi_tab);
           const __m256 w_odd = lookup16_avx2(_mm256_and_si256(bytes, low4), lo_tab, hi_tab);
           for (int i = 0; i < MT; ++i) {
@@ -300,80 +366,153 @@ MB_TARGET_AVX2 void linear_float_avx2(const View& v, int64_t k, int64_t begin, i
           }
         }
       }
-      const __m256 s = _mm256_set1_ps(v.scale(r * blocks_per_row + b));
+      const __m256 s = _mm256_set1_ps(rs[b]);
       for (int i = 0; i < MT; ++i) acc[i] = _mm256_fmadd_ps(part[i], s, acc[i]);
     }
     for (int i = 0; i < MT; ++i) y[i * n_rows + r] = hsum_ps256(acc[i]);
   }
 }
 
-// Integer path, AVX-512 VNNI: 64 weights (32 bytes) per step; xq is x's int8
-// codes in even/odd order per 64-chunk, sums its int32 sums per 32.
+// int8 codes of x [rows, k] (natural order, k a multiple of 64) reordered in
+// place per 64-chunk into its 32 even elements, then its 32 odd ones: the
+// high and low nibbles of the chunk's 32 code bytes.
+MB_TARGET_AVX2 void even_odd_order_int8(int8_t* q, int64_t chunks) {
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,  //
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m256i* p = reinterpret_cast<__m256i*>(q + 64 * c);
+    // per 16 values: 8 even, 8 odd; then [even 0-15 | odd 0-15] per 32 values
+    const __m256i a = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(_mm256_loadu_si256(p), split), 0xD8);
+    const __m256i b = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(_mm256_loadu_si256(p + 1), split), 0xD8);
+    _mm256_storeu_si256(p, _mm256_permute2x128_si256(a, b, 0x20));
+    _mm256_storeu_si256(p + 1, _mm256_permute2x128_si256(a, b, 0x31));
+  }
+}
+
+// The VNNI kernel multiplies unsigned codes (codebook + 128) by x, so each
+// block's dot product carries 128 * sum(x over the block). offsets gets, per
+// activation row and weight block, 16 int32 lanes holding -128 * (the lane's
+// four x codes summed over the block's chunks): loaded as the block's dot
+// product accumulator, they cancel that term in the int32 domain, exactly.
+MB_TARGET_AVX512 void block_offsets_vnni(const int8_t* xq, int64_t rows, int64_t k, int64_t block_size,
+                                         int32_t* offsets) {
+  const __m512i u128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t blocks = k / block_size;
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m512i sum = _mm512_setzero_si512();
+      for (int64_t c = b * block_size; c < (b + 1) * block_size; c += 64)
+        sum = cpu::dpbusd_vnni512(sum, u128, _mm512_loadu_si512(xq + i * k + c));
+      _mm512_storeu_si512(offsets + (i * blocks + b) * 16, _mm512_sub_epi32(_mm512_setzero_si512(), sum));
+    }
+}
+
+// One weight block of the VNNI kernel for MT activation rows: int32 dot
+// products (started from the block offsets) over the block's 64-chunks, then
+// one float FMA with the block scale.
 template <int MT>
-MB_TARGET_AVX512 void linear_int8_avx512(const View& v, int64_t k, int64_t begin, int64_t end, const int8_t* xq,
-                                         const int32_t* sums, const float* xscale, int64_t n_rows, float* y) {
+MB_TARGET_AVX512 inline __attribute__((always_inline)) void chunk_vnni(const uint8_t* wp, const int8_t* xp, int64_t k,
+                                                                       __m512i tab, __m512i low4, __m512i (&dot)[MT]) {
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+  // high nibbles (even elements) in the lower half, low nibbles in the upper half
+  const __m512i idx =
+      _mm512_and_si512(_mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(bytes, 4)), bytes, 1), low4);
+  const __m512i w = _mm512_shuffle_epi8(tab, idx);  // codebook_int8 + 128, unsigned
+  for (int i = 0; i < MT; ++i) dot[i] = cpu::dpbusd_vnni512(dot[i], w, _mm512_loadu_si512(xp + i * k));
+}
+
+// One weight block (chunks_per_block chunks of 64 at wp, activations at xp)
+// for MT activation rows: int32 dot products started from the block offsets,
+// then one float FMA with the block scale.
+template <int MT>
+MB_TARGET_AVX512 inline __attribute__((always_inline)) void block_vnni(const uint8_t* wp, const int8_t* xp,
+                                                                       int64_t chunks_per_block, __m512i tab,
+                                                                       __m512i low4, int64_t k,
+                                                                       const int32_t* offsets, int64_t offset_stride,
+                                                                       float scale, __m512 (&acc)[MT]) {
+  __m512i dot[MT];
+  for (int i = 0; i < MT; ++i) dot[i] = _mm512_loadu_si512(offsets + i * offset_stride);
+  chunk_vnni<MT>(wp, xp, k, tab, low4, dot);  // every block has one chunk; most (block_size 64) only one
+  for (int64_t j = 1; j < chunks_per_block; ++j) chunk_vnni<MT>(wp + 32 * j, xp + 64 * j, k, tab, low4, dot);
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int i = 0; i < MT; ++i) acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), s, acc[i]);
+}
+
+// Integer path, AVX-512 VNNI: 64 weights (32 bytes) per step; xq is x's int8
+// codes in even/odd order per 64-chunk, offsets from block_offsets_vnni.
+// Two accumulators per activation row (even and odd blocks) keep consecutive
+// FMAs off each other's latency.
+template <int MT>
+MB_TARGET_AVX512 void linear_int8_avx512(const View& v, int64_t k, int64_t begin, int64_t end, const float* scales,
+                                         const int8_t* xq, const int32_t* offsets, const float* xscale,
+                                         int64_t n_rows, float* y) {
   alignas(16) uint8_t table[16];
   for (int i = 0; i < 16; ++i) table[i] = static_cast<uint8_t>(codebook_int8(i) + 128);
   const __m512i tab = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(table)));
-  const __m256i low4 = _mm256_set1_epi8(0xF);
-  const int64_t bs = v.d.block_size, blocks_per_row = k / bs, sum_blocks = k / cpu::kActBlock;
+  const __m512i low4 = _mm512_set1_epi8(0xF);
+  const int64_t bs = v.d.block_size, blocks_per_row = k / bs, offset_stride = blocks_per_row * 16;
   for (int64_t r = begin; r < end; ++r) {
     const uint8_t* row = v.codes + r * k / 2;
-    __m512 acc[MT];
-    float corr[MT];
-    for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps(), corr[i] = 0.f;
-    for (int64_t b = 0; b < blocks_per_row; ++b) {
-      const float s = v.scale(r * blocks_per_row + b);
-      const __m512 sv = _mm512_set1_ps(s);
-      for (int64_t c = b * bs; c < (b + 1) * bs; c += 64) {
-        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c / 2));
-        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4);
-        const __m256i lo = _mm256_and_si256(bytes, low4);
-        const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(hi), lo, 1);
-        const __m512i w = _mm512_shuffle_epi8(tab, idx);  // codebook_int8 + 128, unsigned
-        for (int i = 0; i < MT; ++i) {
-          const __m512i xv = _mm512_loadu_si512(xq + i * k + c);
-          const __m512i dot = cpu::dpbusd_vnni512(_mm512_setzero_si512(), w, xv);
-          acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv, acc[i]);
-          const int32_t* sb = sums + i * sum_blocks + c / cpu::kActBlock;
-          corr[i] += s * static_cast<float>(128 * (sb[0] + sb[1]));
-        }
-      }
+    const float* rs = scales + (r - begin) * blocks_per_row;
+    __m512 acc0[MT], acc1[MT];
+    for (int i = 0; i < MT; ++i) acc0[i] = acc1[i] = _mm512_setzero_ps();
+    const int64_t cpb = bs / 64, wstep = bs / 2;
+    int64_t b = 0;
+    for (; b + 2 <= blocks_per_row; b += 2) {
+      block_vnni<MT>(row + b * wstep, xq + b * bs, cpb, tab, low4, k, offsets + b * 16, offset_stride, rs[b], acc0);
+      block_vnni<MT>(row + (b + 1) * wstep, xq + (b + 1) * bs, cpb, tab, low4, k, offsets + (b + 1) * 16,
+                     offset_stride, rs[b + 1], acc1);
     }
-    for (int i = 0; i < MT; ++i) y[i * n_rows + r] = (_mm512_reduce_add_ps(acc[i]) - corr[i]) * (xscale[i] * kInv127);
+    if (b < blocks_per_row)
+      block_vnni<MT>(row + b * wstep, xq + b * bs, cpb, tab, low4, k, offsets + b * 16, offset_stride, rs[b], acc0);
+    for (int i = 0; i < MT; ++i)
+      y[i * n_rows + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[i], acc1[i])) * (xscale[i] * kInv127);
   }
 }
 
 // Integer path, AVX2: signed x signed through the sign trick (|w| and
-// sign(w) * x), which keeps maddubs exact (|w| <= 127).
+// sign(w) * x), which keeps maddubs exact (|w| <= 127). 64 weights (32
+// bytes at wp, activations at xp) per chunk, int32 sums into dot.
 template <int MT>
-MB_TARGET_AVX2 void linear_int8_avx2(const View& v, int64_t k, int64_t begin, int64_t end, const int8_t* xq,
-                                     const float* xscale, int64_t n_rows, float* y) {
+MB_TARGET_AVX2 inline __attribute__((always_inline)) void chunk_avx2(const uint8_t* wp, const int8_t* xp, int64_t k,
+                                                                     __m256i tab, __m256i low4, __m256i (&dot)[MT]) {
+  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+  const __m256i w_even = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4));
+  const __m256i w_odd = _mm256_shuffle_epi8(tab, _mm256_and_si256(bytes, low4));
+  const __m256i abs_even = _mm256_sign_epi8(w_even, w_even), abs_odd = _mm256_sign_epi8(w_odd, w_odd);
+  for (int i = 0; i < MT; ++i) {
+    const int8_t* xc = xp + i * k;
+    dot[i] = cpu::dpbusd_avx2(dot[i], abs_even,
+                              _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc)), w_even));
+    dot[i] = cpu::dpbusd_avx2(dot[i], abs_odd,
+                              _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + 32)), w_odd));
+  }
+}
+
+// The int32 sums of a block's chunks meet the block scale in one FMA.
+template <int MT>
+MB_TARGET_AVX2 void linear_int8_avx2(const View& v, int64_t k, int64_t begin, int64_t end, const float* scales,
+                                     const int8_t* xq, const float* xscale, int64_t n_rows, float* y) {
   alignas(16) int8_t table[16];
   for (int i = 0; i < 16; ++i) table[i] = codebook_int8(i);
   const __m256i tab = _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(table)));
   const __m256i low4 = _mm256_set1_epi8(0xF);
-  const int64_t bs = v.d.block_size, blocks_per_row = k / bs;
+  const int64_t bs = v.d.block_size, blocks_per_row = k / bs, cpb = bs / 64;
   for (int64_t r = begin; r < end; ++r) {
-    const uint8_t* row = v.codes + r * k / 2;
+    const uint8_t* wp = v.codes + r * k / 2;
+    const int8_t* xp = xq;
+    const float* rs = scales + (r - begin) * blocks_per_row;
     __m256 acc[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks_per_row; ++b) {
-      const __m256 sv = _mm256_set1_ps(v.scale(r * blocks_per_row + b));
-      for (int64_t c = b * bs; c < (b + 1) * bs; c += 64) {
-        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c / 2));
-        const __m256i w_even = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4));
-        const __m256i w_odd = _mm256_shuffle_epi8(tab, _mm256_and_si256(bytes, low4));
-        const __m256i abs_even = _mm256_sign_epi8(w_even, w_even), abs_odd = _mm256_sign_epi8(w_odd, w_odd);
-        for (int i = 0; i < MT; ++i) {
-          const int8_t* xc = xq + i * k + c;
-          __m256i dot = cpu::dpbusd_avx2(_mm256_setzero_si256(), abs_even,
-                                         _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc)), w_even));
-          dot = cpu::dpbusd_avx2(dot, abs_odd,
-                                 _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + 32)), w_odd));
-          acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sv, acc[i]);
-        }
-      }
+      __m256i dot[MT];
+      for (int i = 0; i < MT; ++i) dot[i] = _mm256_setzero_si256();
+      chunk_avx2<MT>(wp, xp, k, tab, low4, dot);  // every block has one chunk; most (block_size 64) only one
+      for (int64_t j = 1; j < cpb; ++j) chunk_avx2<MT>(wp + 32 * j, xp + 64 * j, k, tab, low4, dot);
+      wp += 32 * cpb;
+      xp += 64 * cpb;
+      const __m256 sv = _mm256_set1_ps(rs[b]);
+      for (int i = 0; i < MT; ++i) acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[i]), sv, acc[i]);
     }
     for (int i = 0; i < MT; ++i) y[i * n_rows + r] = hsum_ps256(acc[i]) * (xscale[i] * kInv127);
   }
@@ -464,34 +603,48 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at
       });
     } else {
 #if MB_HAVE_X86_KERNELS
-      const auto xd = even_odd_order(xf, 64);
-      const cpu::Int8Activations act = cpu::quantize_activations(xd, k);
-      const int8_t* xq = act.values.data_ptr<int8_t>();
-      const int32_t* sums = act.sums.data_ptr<int32_t>();
-      const float* xs = act.scales.data_ptr<float>();
-      const int64_t sum_blocks = k / cpu::kActBlock;
+      // Plain buffers, not tensors: at batch 1 an at::empty costs about as
+      // much as quantizing the row.
+      const int64_t blocks_per_row = k / block_size;
+      std::vector<int8_t> xq(m_rows * k);
+      std::vector<float> xs(m_rows);
+      std::vector<int32_t> sums(m_rows * k / cpu::kActBlock);
+      cpu::quantize_activations_into(true, xf.data_ptr<float>(), m_rows, k, k, 0, xq.data(), xs.data(), sums.data());
+      even_odd_order_int8(xq.data(), m_rows * k / 64);
+      std::vector<int32_t> offsets;
+      if (isa == cpu::Isa::Avx512Vnni) {
+        offsets.resize(m_rows * blocks_per_row * 16);
+        block_offsets_vnni(xq.data(), m_rows, k, block_size, offsets.data());
+      }
       at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
-        for_row_tiles(m_rows, [&](auto mt, int64_t m0) {
-          constexpr int MT = decltype(mt)::value;
-          if (isa == cpu::Isa::Avx512Vnni)
-            linear_int8_avx512<MT>(v, k, begin, end, xq + m0 * k, sums + m0 * sum_blocks, xs + m0, n_rows,
+        with_row_scales(v, blocks_per_row, begin, end, isa, [&](int64_t r0, int64_t r1, const float* scales) {
+          for_row_tiles(m_rows, [&](auto mt, int64_t m0) {
+            constexpr int MT = decltype(mt)::value;
+            if (isa == cpu::Isa::Avx512Vnni)
+              linear_int8_avx512<MT>(v, k, r0, r1, scales, xq.data() + m0 * k,
+                                     offsets.data() + m0 * blocks_per_row * 16, xs.data() + m0, n_rows,
+                                     yp + m0 * n_rows);
+            else
+              linear_int8_avx2<MT>(v, k, r0, r1, scales, xq.data() + m0 * k, xs.data() + m0, n_rows,
                                    yp + m0 * n_rows);
-          else
-            linear_int8_avx2<MT>(v, k, begin, end, xq + m0 * k, xs + m0, n_rows, yp + m0 * n_rows);
+          });
         });
       });
 #endif
     }
   } else if (isa != cpu::Isa::Portable && k % block_size == 0 && block_size % 32 == 0) {
 #if MB_HAVE_X86_KERNELS
-    const auto xd = even_odd_order(xf, 32);
-    const float* xp = xd.data_ptr<float>();
+    const int64_t blocks_per_row = k / block_size;
+    const std::vector<float> xd = even_odd_order(xf.data_ptr<float>(), m_rows * k, 32);
+    const float* xp = xd.data();
     at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
-      for_row_tiles(m_rows, [&](auto mt, int64_t m0) {
-        if (isa == cpu::Isa::Avx512Vnni)
-          linear_float_avx512<decltype(mt)::value>(v, k, begin, end, xp + m0 * k, n_rows, yp + m0 * n_rows);
-        else
-          linear_float_avx2<decltype(mt)::value>(v, k, begin, end, xp + m0 * k, n_rows, yp + m0 * n_rows);
+      with_row_scales(v, blocks_per_row, begin, end, isa, [&](int64_t r0, int64_t r1, const float* scales) {
+        for_row_tiles(m_rows, [&](auto mt, int64_t m0) {
+          if (isa == cpu::Isa::Avx512Vnni)
+            linear_float_avx512<decltype(mt)::value>(v, k, r0, r1, scales, xp + m0 * k, n_rows, yp + m0 * n_rows);
+          else
+            linear_float_avx2<decltype(mt)::value>(v, k, r0, r1, scales, xp + m0 * k, n_rows, yp + m0 * n_rows);
+        });
       });
     });
 #endif

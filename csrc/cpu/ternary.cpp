@@ -449,15 +449,19 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, con
     // Blocks of kRowTile rows per task; small layers stay on the calling thread (cpu/linear_io.h).
     const int64_t grain = cpu::task_grain(d.cols * m_rows, kRowTile);
     if (act_bits == 8) {
-      const auto acts = cpu::quantize_activations(xf, trits::padded_cols(d.cols));
+      // Plain buffers: at batch 1 three at::empty cost more than quantizing the row.
+      const int64_t padded = trits::padded_cols(d.cols), blocks = padded / cpu::kActBlock;
+      std::vector<int8_t> q(m_rows * padded);
+      std::vector<float> xs(m_rows);
+      std::vector<int32_t> sums(m_rows * blocks);
+      cpu::quantize_activations_into(isa != cpu::Isa::Portable, xf.data_ptr<float>(), m_rows, d.cols, padded, 0,
+                                     q.data(), xs.data(), sums.data());
       // Per-group sums of q from the 32-column block sums.
       std::vector<int32_t> gsum(m_rows * d.groups, 0);
-      const int64_t blocks = acts.padded / cpu::kActBlock;
       const int64_t blocks_per_group = d.chunks_per_group * (trits::kChunkTrits / cpu::kActBlock);
-      const int32_t* bs = acts.sums.data_ptr<int32_t>();
       for (int64_t m = 0; m < m_rows; ++m)
-        for (int64_t b = 0; b < blocks; ++b) gsum[m * d.groups + b / blocks_per_group] += bs[m * blocks + b];
-      const Int8Acts a{acts.values.data_ptr<int8_t>(), acts.scales.data_ptr<float>(), gsum.data(), acts.padded, m_rows};
+        for (int64_t b = 0; b < blocks; ++b) gsum[m * d.groups + b / blocks_per_group] += sums[m * blocks + b];
+      const Int8Acts a{q.data(), xs.data(), gsum.data(), padded, m_rows};
       at::parallel_for(0, (d.rows + kRowTile - 1) / kRowTile, std::max<int64_t>(1, grain / kRowTile),
                        [&](int64_t b0, int64_t b1) {
         const int64_t begin = b0 * kRowTile, end = std::min(d.rows, b1 * kRowTile);

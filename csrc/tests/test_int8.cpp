@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -90,6 +91,34 @@ TEST(Int8Dot, SimdMatchesPortable) {
     if (vnni) {
       EXPECT_EQ(dot32_vnni(u, s), dot_u8s8(u, s, 32));
       EXPECT_EQ(dot64_vnni(u, s), dot_u8s8(u, s, 64));
+    }
+  }
+}
+
+// The AVX2 activation quantizer gives the scalar one's scale, codes and sums
+// bit for bit: odd lengths (vector body + scalar tail), ties, a NaN, an inf row.
+TEST(Int8Activations, Avx2RowEqualsScalar) {
+  if (!__builtin_cpu_supports("avx2")) GTEST_SKIP() << "this CPU has no AVX2";
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.f, 1.5f);
+  for (int64_t cols : {1, 7, 31, 32, 33, 70, 576, 1000}) {
+    const int64_t padded = (cols + kActBlock - 1) / kActBlock * kActBlock + kActBlock;
+    for (int trial = 0; trial < 4; ++trial) {
+      std::vector<float> x(cols);
+      for (auto& v : x) v = normal(rng);
+      if (trial == 1) {  // ties: amax 127 makes x * inv the value itself
+        for (int64_t i = 0; i < cols; ++i) x[i] = 0.5f * static_cast<float>(static_cast<int>(i % 255) - 127);
+        x[0] = 127.f;
+      }
+      if (trial == 2) x[cols / 2] = std::nanf("");
+      if (trial == 3) x[cols - 1] = INFINITY;
+      std::vector<int8_t> q0(padded, 9), q1(padded, 9);
+      std::vector<int32_t> s0(padded / kActBlock), s1(padded / kActBlock);
+      const float a = quantize_row_int8(x.data(), cols, padded, q0.data(), s0.data());
+      const float b = quantize_row_int8_avx2(x.data(), cols, padded, q1.data(), s1.data());
+      EXPECT_EQ(std::memcmp(&a, &b, sizeof a), 0) << cols << " " << trial;
+      EXPECT_EQ(q0, q1) << cols << " " << trial;
+      EXPECT_EQ(s0, s1) << cols << " " << trial;
     }
   }
 }
