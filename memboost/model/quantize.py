@@ -277,14 +277,14 @@ def _block_outputs(block: nn.Module, inputs: List[Tuple[tuple, dict]]) -> List[T
     return nxt
 
 
-def _sequential_runs(model: nn.Module, batches: List, stages: List[List[str]]):
+def _sequential_runs(model: nn.Module, batches: List, stages: List[List[str]], name_prefix: str = ""):
     """Yields (stage, run) in order, where run() makes the forward passes
     that reach the stage's layers; the caller replaces the stage's layers
     before asking for the next. When every stage lies in a decoder's blocks,
     each block's inputs are captured once (from the block before it, already
     quantized) and run() runs that block alone: one pass per stage over one
     block instead of the model up to it (GPTQ implementations do the same)."""
-    found = _decoder_blocks(model, [name for stage in stages for name in stage])
+    found = _decoder_blocks(model, [name[len(name_prefix):] for stage in stages for name in stage])
     if found is None:
         for stage in stages:
             yield stage, lambda: _run_batches(model, batches)
@@ -292,7 +292,7 @@ def _sequential_runs(model: nn.Module, batches: List, stages: List[List[str]]):
     blocks, prefix = found
     per_block: Dict[int, List[List[str]]] = {}
     for stage in stages:
-        per_block.setdefault(int(stage[0][len(prefix):].split(".", 1)[0]), []).append(stage)
+        per_block.setdefault(int(stage[0][len(name_prefix) + len(prefix):].split(".", 1)[0]), []).append(stage)
     first, last = min(per_block), max(per_block)
     inputs = _block_inputs(model, blocks[first], batches)
     for i in range(first, last + 1):
@@ -355,11 +355,18 @@ def check_params(method: str, params: Mapping, calibrated: bool = False):
     return layer_cls
 
 
+def quantize_call(method: str, params: Mapping, skip: Iterable[str], calibrated: bool, layers: int) -> dict:
+    """The record of one quantize_model call that save_quantized writes into
+    quantization_config's 'quantize_calls' (plain parameters only)."""
+    plain = {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str))}
+    return {"method": method, "params": plain, "skip": list(skip), "calibrated": calibrated, "layers": layers}
+
+
 def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] = ("lm_head",),
                    calibration: Optional[Mapping[str, torch.Tensor]] = None,
                    filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, verbose: bool = False,
                    progress: Optional[bool] = None, *, calibration_batches: Optional[Iterable] = None,
-                   hessian: bool = False, **params) -> QuantizationReport:
+                   hessian: bool = False, name_prefix: str = "", **params) -> QuantizationReport:
     """Replaces, in place, every nn.Linear (and GPT-2 Conv1D) of `model` not
     named in `skip` and accepted by `filter_fn` with the drop-in layer of
     `method` (memboost.nn.QuantizedLinear.for_format), quantized with
@@ -388,7 +395,12 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     blocks of a decoder (the entries of one nn.ModuleList, as a Hugging Face
     model's layers), each block's inputs are captured once, from the
     quantized block before it, and the block is run alone. If a layer fails, the layers
-    already replaced are put back."""
+    already replaced are put back.
+
+    name_prefix: prepended to every layer name (skip, filter_fn, per-layer
+    params, calibration, the report) when `model` is one block of a larger
+    model, e.g. "model.layers.3." (memboost.io.streaming quantizes a model
+    block by block so)."""
     if not isinstance(model, nn.Module):
         raise MemboostTypeError(f"'model' must be an nn.Module, got {type(model).__name__}")
     layer_cls = check_params(method, params, calibrated=calibration is not None or calibration_batches is not None)
@@ -407,7 +419,8 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
             raise MemboostError(f"'{missing[0]}' is given per layer but has no value for layer {full!r}")
         return {k: params[k][full] if k in per_layer else v for k, v in params.items()}
 
-    for full, parent, child_name, child in _linears(model):
+    for name, parent, child_name, child in _linears(model):
+        full = name_prefix + name
         linear = _as_linear(child)
         why = (_skipped_by_name(full, skip)
                or (None if filter_fn is None or filter_fn(full, child) else "filter_fn returned False"))
@@ -456,7 +469,7 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
         done = []   # (parent, child_name, original module): put back if a later stage fails
         try:
             stages = _stages(model, batches[0], modules)
-            for stage, run in bar(_sequential_runs(model, batches, stages), "stage", total=len(stages)):
+            for stage, run in bar(_sequential_runs(model, batches, stages, name_prefix), "stage", total=len(stages)):
                 stats = _input_moments(run, {n: modules[n] for n in stage}, hessian, stop_at=modules[stage[-1]])
                 for full in stage:
                     parent, child_name, linear = by_name[full]
@@ -480,11 +493,9 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
         report.warnings.extend(damage_warnings(method, report,
                                                calibration is not None or calibration_batches is not None))
     if report.replaced:  # what save_quantized writes into quantization_config
-        plain = {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str))}
         calls = list(getattr(model, "memboost_quantization", []))
-        calls.append({"method": method, "params": plain, "skip": list(skip),
-                      "calibrated": calibration is not None or calibration_batches is not None,
-                      "layers": len(report.replaced)})
+        calls.append(quantize_call(method, params, skip, calibration is not None or calibration_batches is not None,
+                                   len(report.replaced)))
         model.memboost_quantization = calls
     if not report.replaced:
         reasons = sorted({why for _, why in report.skipped})
