@@ -37,7 +37,7 @@ from .._progress import progress_bar
 from ..errors import MemboostError, MemboostTypeError
 from ..model.quantize import (QuantizationReport, _block_inputs, _block_outputs, _check_batches, _input_moments,
                               _is_conv1d, _linears, _run_batches, _skipped_by_name, check_params, damage_warnings,
-                              quantize_call, quantize_model)
+                              quantize_call, quantize_model, select_layers)
 from .checkpoint import (CONFIG_NAME, ShardWriter, _own_dtype, _parameters_on_meta, cast_for_storage,
                          quantization_config_of, quantized_formats, replace_directory, write_config)
 from .serialization import SafetensorsSource, _split_aliases, check_output_path
@@ -209,8 +209,10 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
             with contextlib.suppress(OSError, ValueError):
                 model.generation_config = GenerationConfig.from_pretrained(source, local_files_only=True)
         blocks, blocks_prefix = decoder_blocks(model)
-        outside = [name for name, *_ in _linears(model)
-                   if not name.startswith(blocks_prefix) and _skipped_by_name(name, skip) is None]
+        targets = select_layers(model, method, skip, **params)  # the whole model checked before any work
+        if not targets:
+            raise MemboostError(f"no layer of {source!r} is left to quantize: every one is skipped")
+        outside = [name for name, *_ in targets if not name.startswith(blocks_prefix)]
         if calibrated and outside:
             raise MemboostError(f"calibrated quantization block by block covers the decoder blocks only; layer "
                                 f"{outside[0]!r} lies outside them: add it to 'skip' (e.g. skip=('lm_head',))")
@@ -273,10 +275,6 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
         stored, aliases = _split_aliases(rest)
         writer.add(cast_for_storage(stored, rest_formats, storage_dtype))
         del rest, stored
-        if not formats:
-            reasons = sorted({why for _, why in report.skipped})
-            raise MemboostError(f"no layer of {source!r} was quantized ({len(report.skipped)} skipped: "
-                                f"{'; '.join(reasons[:3])})")
         writer.close(aliases)
         calls = [quantize_call(method, params, skip, calibrated, len(report.replaced))]
         write_config(staging, model.config, quantization_config_of(formats, calls), model.generation_config)

@@ -362,6 +362,50 @@ def quantize_call(method: str, params: Mapping, skip: Iterable[str], calibrated:
     return {"method": method, "params": plain, "skip": list(skip), "calibrated": calibrated, "layers": layers}
 
 
+def _params_of(params: Mapping, full: str) -> Mapping:
+    """The quantizer arguments of layer `full`: those given per layer ({layer name: value}) resolved."""
+    per_layer = [k for k, v in params.items() if isinstance(v, Mapping)]
+    if not per_layer:
+        return params
+    missing = [k for k in per_layer if full not in params[k]]
+    if missing:
+        raise MemboostError(f"'{missing[0]}' is given per layer but has no value for layer {full!r}")
+    return {k: params[k][full] if k in per_layer else v for k, v in params.items()}
+
+
+def select_layers(model: nn.Module, method: str, skip: Iterable[str] = ("lm_head",),
+                  filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, name_prefix: str = "",
+                  skipped: Optional[List[Tuple[str, str]]] = None, **params):
+    """The (qualified name, parent, attribute, nn.Linear view) of every layer
+    of `model` that quantize_model would quantize with these arguments; the
+    others go to `skipped` as (name, why). Raises when the format fits none
+    of the layers it was not told to skip. Only shapes are read: `model`'s
+    parameters may be on the meta device (memboost.io.streaming checks a
+    whole model so before quantizing any block)."""
+    layer_cls = QuantizedLinear.for_format(method)
+    skipped = [] if skipped is None else skipped
+    refused = []   # (in_features, why) of the layers the format cannot take with these parameters
+    targets = []
+    for name, parent, child_name, child in _linears(model):
+        full = name_prefix + name
+        linear = _as_linear(child)
+        why = (_skipped_by_name(full, skip)
+               or (None if filter_fn is None or filter_fn(full, child) else "filter_fn returned False"))
+        if not why:
+            why = layer_cls.skip_reason(linear.in_features, linear.out_features, **_params_of(params, full))
+            if why:
+                refused.append((linear.in_features, why))
+        if why:
+            skipped.append((full, why))
+        else:
+            targets.append((full, parent, child_name, linear))
+    if refused and not targets:
+        hint = layer_cls.fitting_hint([k for k, _ in refused], **params)
+        raise MemboostError(f"method {method!r} fits none of the {len(refused)} layers with these parameters "
+                            f"({refused[0][1]}){'; ' + hint if hint else ''}")
+    return targets
+
+
 def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] = ("lm_head",),
                    calibration: Optional[Mapping[str, torch.Tensor]] = None,
                    filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, verbose: bool = False,
@@ -407,35 +451,7 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     if isinstance(skip, str):
         skip = (skip,)
     report = QuantizationReport(method)
-    refused = []   # (in_features, why) of the layers the format cannot take with these parameters
-    targets = []
-    per_layer = {k for k, v in params.items() if isinstance(v, Mapping)}
-
-    def params_of(full):
-        if not per_layer:
-            return params
-        missing = [k for k in per_layer if full not in params[k]]
-        if missing:
-            raise MemboostError(f"'{missing[0]}' is given per layer but has no value for layer {full!r}")
-        return {k: params[k][full] if k in per_layer else v for k, v in params.items()}
-
-    for name, parent, child_name, child in _linears(model):
-        full = name_prefix + name
-        linear = _as_linear(child)
-        why = (_skipped_by_name(full, skip)
-               or (None if filter_fn is None or filter_fn(full, child) else "filter_fn returned False"))
-        if not why:
-            why = layer_cls.skip_reason(linear.in_features, linear.out_features, **params_of(full))
-            if why:
-                refused.append((linear.in_features, why))
-        if why:
-            report.skipped.append((full, why))
-        else:
-            targets.append((full, parent, child_name, linear))
-    if refused and not targets:
-        hint = layer_cls.fitting_hint([k for k, _ in refused], **params)
-        raise MemboostError(f"method {method!r} fits none of the {len(refused)} layers with these parameters "
-                            f"({refused[0][1]}){'; ' + hint if hint else ''}")
+    targets = select_layers(model, method, skip, filter_fn, name_prefix, report.skipped, **params)
     if calibration is not None and calibration_batches is not None:
         raise MemboostError("give 'calibration' (statistics from calibrate) or 'calibration_batches', not both")
     if calibration is not None:
@@ -447,7 +463,7 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     def quantize_one(full, linear, stats):
         extra = {} if stats is None else {"calibration": stats}
         try:
-            layer = layer_cls.from_linear(linear, **params_of(full), **extra)
+            layer = layer_cls.from_linear(linear, **_params_of(params, full), **extra)
         except MemboostError as exc:
             raise type(exc)(f"{full}: {exc}") from None
         q = layer.weight.tensor()
