@@ -141,17 +141,21 @@ def add_load_args(parser) -> None:
 
 
 def add_calibration_args(parser, help_text: str, tokens: int) -> None:
-    """--calibrate TEXT, --calib-tokens, --calib-skip: what calibration_windows reads."""
+    """--calibrate TEXT, --calib-tokens, --calib-skip, --calib-window: what calibration_windows reads."""
     parser.add_argument("--calibrate", metavar="TEXT", help=help_text)
     parser.add_argument("--calib-tokens", type=int, default=tokens, help="tokens of the calibration text used")
     parser.add_argument("--calib-skip", type=int, default=0,
                         help="tokens skipped at the start of the calibration text")
+    parser.add_argument("--calib-window", type=int, default=256,
+                        help="tokens per calibration sequence (--calib-tokens are cut into sequences of this length)")
 
 
 def calibration_windows(args, tokenizer, text: Optional[str] = None):
     """The token windows of --calibrate's text (`text` when already read), per --calib-tokens / --calib-skip."""
     text = read_text(args.calibrate) if text is None else text
-    return token_windows(tokenizer, text, args.calib_tokens, skip=args.calib_skip)
+    if args.calib_window < 2:
+        raise MemboostError(f"--calib-window must be at least 2 tokens, got {args.calib_window}")
+    return token_windows(tokenizer, text, args.calib_tokens, skip=args.calib_skip, window=args.calib_window)
 
 
 def token_windows(tokenizer, text: str, tokens: int, skip: int = 0, window: int = 256):
