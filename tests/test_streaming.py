@@ -61,10 +61,8 @@ def _assert_same_state(a_dir, b_dir):
     for name in a:
         assert a[name].dtype == b[name].dtype, name
         assert torch.equal(a[name], b[name]), name
-    qa = json.load(open(os.path.join(a_dir, "config.json")))["quantization_config"]
-    qb = json.load(open(os.path.join(b_dir, "config.json")))["quantization_config"]
-    assert qa["modules"] == qb["modules"]
-    assert qa["quantize_calls"] == qb["quantize_calls"]
+    for name in ("config.json", "generation_config.json"):
+        assert json.load(open(os.path.join(a_dir, name))) == json.load(open(os.path.join(b_dir, name))), name
 
 
 @pytest.mark.parametrize("method", sorted(FORMATS))
@@ -112,6 +110,12 @@ def test_bfloat16_tied_model_with_tokenizer(tmp_path):
     _assert_same_state(tmp_path / "memory_cal", tmp_path / "stream_cal")
     reloaded = memboost.load_quantized(tmp_path / "stream")
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "stream").eval()
+    ids = batches[0]
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, reloaded(ids).logits)
     assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
     assert os.path.isfile(tmp_path / "stream" / "tokenizer.json")
 

@@ -47,10 +47,9 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def decoder_blocks(model: nn.Module) -> Tuple[nn.ModuleList, str]:
     """(the nn.ModuleList of a model's decoder blocks, its qualified name +
-    "."): the outermost ModuleList of more than one entry whose entries
-    hold linear layers."""
+    "."): the outermost ModuleList whose entries all hold linear layers."""
     for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and all(
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
                 any(type(m) is nn.Linear or _is_conv1d(m) for m in entry.modules()) for entry in module):
             return module, f"{name}." if name else ""
     raise MemboostError(f"{type(model).__name__} has no list of decoder blocks (an nn.ModuleList of blocks with "
