@@ -495,7 +495,13 @@ def cmd_gguf(args) -> int:
     from . import calibrate
     from .io.gguf.export import export_gguf
 
-    model, tokenizer = load_model(args.model, args.dtype, verify=not args.no_verify)
+    if args.model != DEFAULT_MODEL and os.path.isdir(args.model) and not is_quantized_folder(args.model):
+        from .io.streaming import load_mapped
+
+        # the weights memory-mapped from the folder: the export reads each once, in bounded memory
+        model, tokenizer = load_mapped(args.model, args.dtype, verify=not args.no_verify), load_tokenizer(args.model)
+    else:
+        model, tokenizer = load_model(args.model, args.dtype, verify=not args.no_verify)
     stats = None
     if args.calibrate:
         windows = calibration_windows(args, need_tokenizer(tokenizer, args.model, "--calibrate"))

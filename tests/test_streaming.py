@@ -194,3 +194,26 @@ def test_bad_arguments(float_folder, tmp_path):
     streaming.quantize_folder(float_folder, tmp_path / "q", "nf4", progress=False)
     with pytest.raises(MemboostError, match="already quantized"):
         streaming.quantize_folder(tmp_path / "q", tmp_path / "out", "nf4")
+
+
+def test_gguf_export_of_a_mapped_folder_is_the_in_memory_export(tmp_path):
+    """load_mapped's model (every tensor memory-mapped from the folder) exports the same GGUF bytes as the
+    model transformers loads, and so does a streamed memboost folder against its in-memory twin."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = tiny_llama_with_tokenizer(tie_word_embeddings=False)
+    folder = _save_folder(model, tmp_path / "float", torch.bfloat16, tokenizer)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype="auto").eval()
+    mapped = streaming.load_mapped(folder)
+    assert all(p.device.type == "cpu" for p in mapped.parameters())
+    for qtype in ("F16", "Q4_0"):
+        memboost.export_gguf(loaded, tmp_path / "a.gguf", qtype, verbose=False)
+        memboost.export_gguf(mapped, tmp_path / "b.gguf", qtype, verbose=False)
+        assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    _in_memory(folder, tmp_path / "memory", "nf4", {})
+    streaming.quantize_folder(folder, tmp_path / "stream", "nf4", progress=False)
+    for folder, gguf in (("memory", "a.gguf"), ("stream", "b.gguf")):   # name: not the folders' own names
+        memboost.export_gguf(memboost.load_quantized(tmp_path / folder), tmp_path / gguf, "Q4_0", name="tiny",
+                             verbose=False)
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["a.gguf", "b.gguf", "float", "memory", "stream"]   # no scratch left

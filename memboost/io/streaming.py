@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .._progress import progress_bar
-from ..errors import MemboostError, MemboostTypeError
+from ..errors import MemboostError
 from ..model.quantize import (QuantizationReport, _block_inputs, _block_outputs, _check_batches, _input_moments,
                               _is_conv1d, _linears, _run_batches, _skipped_by_name, check_params, damage_warnings,
                               quantize_call, quantize_model, select_layers)
@@ -144,6 +144,56 @@ def _as_keyword_inputs(inputs):
     return converted
 
 
+def _read_config(source: str):
+    """The transformers config of the plain model folder `source`, checked."""
+    source = os.fspath(source)
+    if not os.path.isdir(source):
+        raise MemboostError(f"'source' {source!r} is not a model folder")
+    config_path = os.path.join(source, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise MemboostError(f"{source!r} has no {CONFIG_NAME}: not a model folder")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise MemboostError(f"{config_path!r}: transformers cannot read this config: {exc}") from None
+    if getattr(config, "quantization_config", None) is not None:
+        raise MemboostError(f"{source!r} is already quantized (its config has a quantization_config)")
+    return config
+
+
+def _meta_model(source: str, config, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of `config` with its parameters on the meta device, in eval mode, with the folder's
+    generation config."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    with _parameters_on_meta():
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except (ValueError, KeyError) as exc:
+            raise MemboostError(f"{os.path.join(source, CONFIG_NAME)!r}: unsupported architecture: {exc}") from None
+    if os.path.isfile(os.path.join(source, "generation_config.json")):
+        with contextlib.suppress(OSError, ValueError):
+            model.generation_config = GenerationConfig.from_pretrained(source, local_files_only=True)
+    return model.eval()
+
+
+def load_mapped(source: str, dtype: Union[str, torch.dtype] = "auto", verify: bool = True) -> nn.Module:
+    """The plain Hugging Face model in the folder `source`, built on the meta
+    device and given its tensors memory-mapped from the safetensors files
+    (nothing is copied unless `dtype`, "auto": the config's, casts): its
+    pages are the files', which the kernel can drop and read again, so a
+    pass that reads each weight once (the GGUF export) runs in memory well
+    below the model's size."""
+    config = _read_config(source)
+    with SafetensorsSource(source, verify=verify) as src:
+        compute_dtype = _compute_dtype(dtype, config, src)
+        model = _meta_model(source, config, compute_dtype)
+        _materialize(model, "", src, compute_dtype)
+    return model
+
+
 def quantize_folder(source: str, directory: str, method: str = "mixed", skip: Iterable[str] = ("lm_head",), *,
                     calibration_batches: Optional[Iterable] = None, sequential: bool = True, hessian: bool = False,
                     dtype: Union[str, torch.dtype] = "auto", save_dtype: Union[str, torch.dtype, None] = "auto",
@@ -181,32 +231,12 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
         if not batches:
             raise MemboostError("'calibration_batches' holds no batch")
     source = os.fspath(source)
-    if not os.path.isdir(source):
-        raise MemboostError(f"'source' {source!r} is not a model folder")
-    config_path = os.path.join(source, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise MemboostError(f"{source!r} has no {CONFIG_NAME}: not a model folder")
+    config = _read_config(source)
     check_output_path(directory, folder=True)
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    try:
-        config = AutoConfig.from_pretrained(source, local_files_only=True)
-    except (ValueError, KeyError, OSError) as exc:
-        raise MemboostError(f"{config_path!r}: transformers cannot read this config: {exc}") from None
-    if getattr(config, "quantization_config", None) is not None:
-        raise MemboostError(f"{source!r} is already quantized (its config has a quantization_config)")
     with contextlib.ExitStack() as stack:
         src = stack.enter_context(SafetensorsSource(source, verify=verify))
         compute_dtype = _compute_dtype(dtype, config, src)
-        with _parameters_on_meta():
-            try:
-                model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-            except (ValueError, KeyError) as exc:
-                raise MemboostError(f"{config_path!r}: unsupported architecture: {exc}") from None
-        model.eval()
-        if os.path.isfile(os.path.join(source, "generation_config.json")):
-            with contextlib.suppress(OSError, ValueError):
-                model.generation_config = GenerationConfig.from_pretrained(source, local_files_only=True)
+        model = _meta_model(source, config, compute_dtype)
         blocks, blocks_prefix = decoder_blocks(model)
         targets = select_layers(model, method, skip, **params)  # the whole model checked before any work
         if not targets:
