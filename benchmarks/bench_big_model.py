@@ -14,18 +14,23 @@ sequences of --calib-len tokens of Debian's fortunes, GPTQ-style: --hessian
 - reload: `python -m memboost generate OUT --new-tokens 8` (load_quantized:
   the model built on the meta device, its tensors memory-mapped), its wall
   time and peak resident memory against the output's size, and the text.
+- gguf: `python -m memboost gguf OUT OUT.gguf --type --gguf-type` (the
+  quantized folder memory-mapped by load_quantized, each converted tensor
+  spilled to a scratch file), its time and peak resident memory, then
+  llama.cpp (llama-cpp-python) loads the file and generates 8 tokens, its
+  peak resident memory too. A last row exports the float folder itself
+  (memory-mapped by memboost.io.streaming.load_mapped).
 A baseline row gives the same interpreter's peak after importing memboost
 and transformers (what every row includes).
 Targets (issue 24): peak resident memory <= 6 GB for every format while
 quantizing the 8B shape; reload <= 1.2x the quantized size.
 
     python benchmarks/make_synthetic_model.py /data/llama3-8b-random             # once, 16 GB
-    python benchmarks/bench_big_model.py --model /data/llama3-8b-random [--formats nf4,mixed]
+    python benchmarks/bench_big_model.py --model /data/llama3-8b-random [--formats nf4,mixed] [--gguf-type Q4_0]
                                          [--json benchmarks/results/big_model_cpu.json]
     python benchmarks/bench_big_model.py --config tiny                          # a check of the script
 
-Not measured here: the GGUF export of such a folder (not streamed yet) and
---bits planning (it needs the whole model).
+Not measured here: --bits planning (it needs the whole model).
 """
 
 import argparse
@@ -94,7 +99,35 @@ def quantize_args(fmt: str, seqs: int, length: int) -> list:
             "--calib-window", str(length), "--hessian", "--sequential"]
 
 
-def bench(model: str, formats, seqs: int, length: int, work: str) -> list:
+LLAMA_CPP_SNIPPET = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=128, verbose=False)
+out = llm(sys.argv[2], max_tokens=8, temperature=0.0)
+print(repr(out["choices"][0]["text"]))
+"""
+
+
+def gguf_row(python: str, folder: str, gguf_type: str, work: str, label: str) -> dict:
+    """memboost gguf of `folder`, then llama.cpp on the file; errors are recorded, not raised."""
+    path = os.path.join(work, f"{label}.gguf")
+    row = {"format": label}
+    try:
+        g = run_sampled([python, "-m", "memboost", "gguf", folder, path, "--type", gguf_type, "--quiet"])
+        row.update(gguf_s=g["seconds"], gguf_rss_gib=g["peak_rss_gib"], gguf_anon_gib=g["peak_anon_gib"],
+                   gguf_gib=os.path.getsize(path) / 2**30)
+        c = run_sampled([python, "-c", LLAMA_CPP_SNIPPET, path, PROMPT])
+        row.update(llama_cpp_s=c["seconds"], llama_cpp_rss_gib=c["peak_rss_gib"],
+                   llama_cpp_text=c["out"].strip()[:60])
+    except SystemExit as exc:   # run_sampled's failure: the row says why
+        row["gguf_error"] = str(exc).strip().splitlines()[-1][:120]
+    finally:
+        if os.path.exists(path):
+            os.remove(path)
+    print(f"  gguf {label}: {row}", flush=True)
+    return row
+
+
+def bench(model: str, formats, seqs: int, length: int, work: str, gguf_type: str = "") -> list:
     python = sys.executable
     base = run_sampled([python, "-c", "import memboost, transformers; from transformers import LlamaForCausalLM"])
     rows = [{"format": "baseline (imports)", "peak_rss_gib": base["peak_rss_gib"],
@@ -115,26 +148,31 @@ def bench(model: str, formats, seqs: int, length: int, work: str) -> list:
                "reload_over_size": r["peak_rss_gib"] * 2**30 / size,
                "reload_above_base_over_size": (r["peak_rss_gib"] - base["peak_rss_gib"]) * 2**30 / size,
                "text": text}
-        rows.append(row)
         print(f"  {fmt}: {row}", flush=True)
+        if gguf_type:
+            row.update({k: v for k, v in gguf_row(python, out, gguf_type, work, fmt).items() if k != "format"})
+        rows.append(row)
         shutil.rmtree(out, ignore_errors=True)
+    if gguf_type:
+        rows.append(gguf_row(python, model, gguf_type, work, "float folder"))
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a model folder (make_synthetic_model.py writes one)")
-    parser.add_argument("--config", choices=("tiny",), help="write make_synthetic_model.py's tiny folder to a "
-                        "temporary folder and run on it (a check of this script; numbers mean nothing)")
+    parser.add_argument("--config", choices=("tiny", "small"), help="write make_synthetic_model.py's folder of "
+                        "that config to a temporary folder and run on it (tiny: a check of this script)")
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--calib-seqs", type=int, default=32, help="mixed: calibration sequences")
     parser.add_argument("--calib-len", type=int, default=512, help="mixed: tokens per calibration sequence")
+    parser.add_argument("--gguf-type", default="Q4_0", help="GGUF type of the exports ('' for no export)")
     parser.add_argument("--work", help="folder for the quantized outputs (default: a temporary folder)")
     parser.add_argument("--json", help="write the rows here (default benchmarks/results/big_model_cpu.json; "
                                        "none with --config tiny)")
     args = parser.parse_args(argv)
     if (args.model is None) == (args.config is None):
-        parser.error("give --model DIR or --config tiny")
+        parser.error("give --model DIR or --config tiny|small")
     formats = [f for f in args.formats.split(",") if f]
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
@@ -145,12 +183,16 @@ def main(argv=None) -> int:
             from make_synthetic_model import make
 
             model = os.path.join(work, "model")
-            make(model, args.config, shard_size="10MB")
-        rows = bench(model, formats, args.calib_seqs, args.calib_len, work)
+            make(model, args.config, shard_size="10MB" if args.config == "tiny" else "200MB")
+        rows = bench(model, formats, args.calib_seqs, args.calib_len, work, args.gguf_type)
     print_table(rows, ["format", "quantize_s", "s_per_bweights", "peak_rss_gib", "peak_anon_gib", "bits", "out_gib",
                        "reload_s", "reload_rss_gib", "reload_over_size", "reload_above_base_over_size"],
                 f"memboost quantize block by block: {args.model or args.config}")
     print_table(rows[1:], ["format", "text"], "8 tokens generated after the reload")
+    if args.gguf_type:
+        print_table(rows[1:], ["format", "gguf_s", "gguf_rss_gib", "gguf_anon_gib", "gguf_gib", "llama_cpp_s",
+                               "llama_cpp_rss_gib", "llama_cpp_text", "gguf_error"],
+                    f"GGUF export ({args.gguf_type}) and llama.cpp")
     json_path = args.json if args.json is not None else ("" if args.config else
                                                           os.path.join(ROOT, "benchmarks/results/big_model_cpu.json"))
     write_json(json_path, {"model": args.model or args.config, "calib_seqs": args.calib_seqs,

@@ -9,9 +9,10 @@ classes), then each decoder block in turn gets its float weights from the
 memory-mapped shards (SafetensorsSource), is quantized by quantize_model
 (the same quantizers as the in-memory path), written (ShardWriter) and
 dropped. With calibration batches, the inputs of the first block are captured
-with only the input embedding loaded, and each block's outputs become the next
-block's inputs: by default through the block already quantized (GPTQ's
-sequential order, as quantize_model(calibration_batches=...)), with
+with only the tensors outside the blocks mapped (the embeddings), and each
+block's outputs become the next block's inputs: by default through the block
+already quantized (GPTQ's sequential order, as
+quantize_model(calibration_batches=...)), with
 sequential=False through the float block (as calibrate() on the float model
 then quantize_model(calibration=...)). Either gives the tensors the in-memory
 path gives. The layers outside the blocks (embeddings, final norm, lm_head)
@@ -137,6 +138,10 @@ def _as_keyword_inputs(inputs):
     call the block with each as a batch of keyword inputs."""
     converted = []
     for args, kwargs in inputs:
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "meta" for t in tensors):
+            raise MemboostError("the first decoder block's inputs depend on parameters inside the blocks: this "
+                                "architecture cannot be calibrated block by block")
         if len(args) > 1:
             raise MemboostError("the decoder blocks take more than one positional input: they cannot be "
                                 "calibrated block by block")
@@ -252,10 +257,10 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
         writer = ShardWriter(staging, max_shard_size)
 
         inputs = None
-        if calibrated:  # the first block's inputs, with only the input embedding loaded
-            embedding = model.get_input_embeddings()
-            embedding_name = next(n for n, m in model.named_modules() if m is embedding)
-            loaded = _materialize(embedding, f"{embedding_name}.", src, compute_dtype)
+        if calibrated:
+            # The first block's inputs, with what lies outside the blocks mapped (embeddings; lm_head's pages
+            # are never read: the forward passes stop at the first block).
+            loaded = _materialize(model, "", src, compute_dtype, skip_prefix=blocks_prefix)
             inputs = _as_keyword_inputs(_block_inputs(model, blocks[0], batches))
             _release(loaded)
 
