@@ -106,15 +106,19 @@ class ShardWriter:
     model-0000i-of-0000n.safetensors (each at most that size, a larger
     single tensor alone) with model.safetensors.index.json. At most one
     shard's tensors are held at a time; shards are written under temporary
-    names and renamed when their count is known (close)."""
+    names and renamed when their count is known (close). spill=True keeps
+    even those out of memory: each tensor added is written at once to an
+    unnamed scratch file in `folder` and read back through a memory map
+    when its shard is written (memboost.io.streaming's bounded memory)."""
 
-    def __init__(self, folder: str, max_shard_size: Union[int, str] = "2GB"):
+    def __init__(self, folder: str, max_shard_size: Union[int, str] = "2GB", spill: bool = False):
         self.folder = folder
         self.max_bytes = _parse_size(max_shard_size)
-        self.pending: Dict[str, torch.Tensor] = {}
+        self.pending: Dict[str, object] = {}   # name -> tensor, or (offset, dtype, shape, nbytes) in the scratch file
         self.pending_bytes = 0
         self.total_bytes = 0
         self.written = []   # (temporary path, names) per shard written
+        self.scratch = tempfile.TemporaryFile(dir=folder) if spill else None
 
     def add(self, state: Dict[str, torch.Tensor]) -> None:
         """Adds tensors stored once each (aliases go to close)."""
@@ -122,23 +126,57 @@ class ShardWriter:
             nbytes = t.numel() * t.element_size()
             if self.pending and self.pending_bytes + nbytes > self.max_bytes:
                 self._flush()
+            if self.scratch is not None:
+                t = t.detach().contiguous().cpu()
+                end = self.scratch.seek(0, os.SEEK_END)
+                offset = -(-end // 64) * 64   # aligned, as each dtype's view wants
+                self.scratch.write(bytes(offset - end))
+                t.reshape(-1).view(torch.uint8).numpy().tofile(self.scratch)
+                t = (offset, t.dtype, tuple(t.shape), nbytes)
             self.pending[name] = t
             self.pending_bytes += nbytes
             self.total_bytes += nbytes
 
+    def _pending_tensors(self) -> Dict[str, torch.Tensor]:
+        if self.scratch is None:
+            return self.pending
+        import numpy as np
+
+        self.scratch.flush()
+        size = self.scratch.seek(0, os.SEEK_END)
+        # copy-on-write map: writable for torch, nothing is written back (and nothing is written at all)
+        mapped = np.memmap(self.scratch, dtype=np.uint8, mode="c", shape=(size,)) if size else None
+        return {name: (torch.from_numpy(mapped[offset:offset + nbytes]) if nbytes else
+                       torch.empty(0, dtype=torch.uint8)).view(dtype).reshape(shape)
+                for name, (offset, dtype, shape, nbytes) in self.pending.items()}
+
+    def _reset(self) -> None:
+        self.pending, self.pending_bytes = {}, 0
+        if self.scratch is not None:   # the maps of its pages are gone with the tensors written
+            self.scratch.seek(0)
+            self.scratch.truncate()
+
     def _flush(self) -> None:
         path = os.path.join(self.folder, f".shard-{len(self.written) + 1:05d}.safetensors")
-        save_safetensors(self.pending, path, {"format": "pt"})
+        save_safetensors(self._pending_tensors(), path, {"format": "pt"})
         self.written.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        self._reset()
 
     def close(self, aliases: Dict[str, str]) -> None:
         """Writes what is left and the index; `aliases` ({alias: stored name}) are the tied names."""
+        try:
+            self._close(aliases)
+        finally:
+            if self.scratch is not None:
+                self.scratch.close()
+
+    def _close(self, aliases: Dict[str, str]) -> None:
         if not self.written:  # one file: save_safetensors keeps the aliases in its metadata
-            state = dict(self.pending)
+            state = self._pending_tensors()
             state.update({alias: state[name] for alias, name in aliases.items()})
             save_safetensors(state, os.path.join(self.folder, WEIGHTS_NAME), {"format": "pt"})
-            self.pending = {}
+            del state
+            self._reset()
             return
         if self.pending:
             self._flush()

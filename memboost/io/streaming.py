@@ -20,8 +20,9 @@ come last.
 
 Memory: one block's float weights, the calibration inputs of one block
 (sequences x length x hidden, plus their outputs while the next inputs are
-computed), one stage's statistics (hessian=True: in x in float32 per layer of
-the stage), and the quantized tensors of one output shard (max_shard_size).
+computed) and one stage's statistics (hessian=True: in x in float32 per layer
+of the stage); the quantized tensors wait for their output shard in a
+scratch file (ShardWriter's spill).
 The output folder is written in a staging folder and renamed into place at
 the end: an error or interruption leaves no output folder.
 """
@@ -254,7 +255,7 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
         report = QuantizationReport(method)
         formats: Dict[str, str] = {}
         staging = stack.enter_context(replace_directory(directory))
-        writer = ShardWriter(staging, max_shard_size)
+        writer = ShardWriter(staging, max_shard_size, spill=True)
 
         inputs = None
         if calibrated:
