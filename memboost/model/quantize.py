@@ -284,14 +284,14 @@ def _block_outputs(block: nn.Module, inputs: List[Tuple[tuple, dict]]) -> List[T
     return nxt
 
 
-def _sequential_runs(model: nn.Module, batches: List, stages: List[List[str]]):
+def _sequential_runs(model: nn.Module, batches: List, stages: List[List[str]], name_prefix: str = ""):
     """Yields (stage, run) in order, where run() makes the forward passes
     that reach the stage's layers; the caller replaces the stage's layers
     before asking for the next. When every stage lies in a decoder's blocks,
     each block's inputs are captured once (from the block before it, already
     quantized) and run() runs that block alone: one pass per stage over one
     block instead of the model up to it (GPTQ implementations do the same)."""
-    found = _decoder_blocks(model, [name for stage in stages for name in stage])
+    found = _decoder_blocks(model, [name[len(name_prefix):] for stage in stages for name in stage])
     if found is None:
         for stage in stages:
             yield stage, lambda: _run_batches(model, batches)
@@ -299,7 +299,7 @@ def _sequential_runs(model: nn.Module, batches: List, stages: List[List[str]]):
     blocks, prefix = found
     per_block: Dict[int, List[List[str]]] = {}
     for stage in stages:
-        per_block.setdefault(int(stage[0][len(prefix):].split(".", 1)[0]), []).append(stage)
+        per_block.setdefault(int(stage[0][len(name_prefix) + len(prefix):].split(".", 1)[0]), []).append(stage)
     first, last = min(per_block), max(per_block)
     inputs = _block_inputs(model, blocks[first], batches)
     for i in range(first, last + 1):
@@ -362,11 +362,62 @@ def check_params(method: str, params: Mapping, calibrated: bool = False):
     return layer_cls
 
 
+def quantize_call(method: str, params: Mapping, skip: Iterable[str], calibrated: bool, layers: int) -> dict:
+    """The record of one quantize_model call that save_quantized writes into
+    quantization_config's 'quantize_calls' (plain parameters only)."""
+    plain = {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str))}
+    return {"method": method, "params": plain, "skip": list(skip), "calibrated": calibrated, "layers": layers}
+
+
+def _params_of(params: Mapping, full: str) -> Mapping:
+    """The quantizer arguments of layer `full`: those given per layer ({layer name: value}) resolved."""
+    per_layer = [k for k, v in params.items() if isinstance(v, Mapping)]
+    if not per_layer:
+        return params
+    missing = [k for k in per_layer if full not in params[k]]
+    if missing:
+        raise MemboostError(f"'{missing[0]}' is given per layer but has no value for layer {full!r}")
+    return {k: params[k][full] if k in per_layer else v for k, v in params.items()}
+
+
+def select_layers(model: nn.Module, method: str, skip: Iterable[str] = ("lm_head",),
+                  filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, name_prefix: str = "",
+                  skipped: Optional[List[Tuple[str, str]]] = None, **params):
+    """The (qualified name, parent, attribute, nn.Linear view) of every layer
+    of `model` that quantize_model would quantize with these arguments; the
+    others go to `skipped` as (name, why). Raises when the format fits none
+    of the layers it was not told to skip. Only shapes are read: `model`'s
+    parameters may be on the meta device (memboost.io.streaming checks a
+    whole model so before quantizing any block)."""
+    layer_cls = QuantizedLinear.for_format(method)
+    skipped = [] if skipped is None else skipped
+    refused = []   # (in_features, why) of the layers the format cannot take with these parameters
+    targets = []
+    for name, parent, child_name, child in _linears(model):
+        full = name_prefix + name
+        linear = _as_linear(child)
+        why = (_skipped_by_name(full, skip)
+               or (None if filter_fn is None or filter_fn(full, child) else "filter_fn returned False"))
+        if not why:
+            why = layer_cls.skip_reason(linear.in_features, linear.out_features, **_params_of(params, full))
+            if why:
+                refused.append((linear.in_features, why))
+        if why:
+            skipped.append((full, why))
+        else:
+            targets.append((full, parent, child_name, linear))
+    if refused and not targets:
+        hint = layer_cls.fitting_hint([k for k, _ in refused], **params)
+        raise MemboostError(f"method {method!r} fits none of the {len(refused)} layers with these parameters "
+                            f"({refused[0][1]}){'; ' + hint if hint else ''}")
+    return targets
+
+
 def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] = ("lm_head",),
                    calibration: Optional[Mapping[str, torch.Tensor]] = None,
                    filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, verbose: bool = False,
                    progress: Optional[bool] = None, *, calibration_batches: Optional[Iterable] = None,
-                   hessian: bool = False, **params) -> QuantizationReport:
+                   hessian: bool = False, name_prefix: str = "", **params) -> QuantizationReport:
     """Replaces, in place, every nn.Linear (and GPT-2 Conv1D) of `model` not
     named in `skip` and accepted by `filter_fn` with the drop-in layer of
     `method` (memboost.nn.QuantizedLinear.for_format), quantized with
@@ -395,41 +446,19 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     blocks of a decoder (the entries of one nn.ModuleList, as a Hugging Face
     model's layers), each block's inputs are captured once, from the
     quantized block before it, and the block is run alone. If a layer fails, the layers
-    already replaced are put back."""
+    already replaced are put back.
+
+    name_prefix: prepended to every layer name (skip, filter_fn, per-layer
+    params, calibration, the report) when `model` is one block of a larger
+    model, e.g. "model.layers.3." (memboost.io.streaming quantizes a model
+    block by block so)."""
     if not isinstance(model, nn.Module):
         raise MemboostTypeError(f"'model' must be an nn.Module, got {type(model).__name__}")
     layer_cls = check_params(method, params, calibrated=calibration is not None or calibration_batches is not None)
     if isinstance(skip, str):
         skip = (skip,)
     report = QuantizationReport(method)
-    refused = []   # (in_features, why) of the layers the format cannot take with these parameters
-    targets = []
-    per_layer = {k for k, v in params.items() if isinstance(v, Mapping)}
-
-    def params_of(full):
-        if not per_layer:
-            return params
-        missing = [k for k in per_layer if full not in params[k]]
-        if missing:
-            raise MemboostError(f"'{missing[0]}' is given per layer but has no value for layer {full!r}")
-        return {k: params[k][full] if k in per_layer else v for k, v in params.items()}
-
-    for full, parent, child_name, child in _linears(model):
-        linear = _as_linear(child)
-        why = (_skipped_by_name(full, skip)
-               or (None if filter_fn is None or filter_fn(full, child) else "filter_fn returned False"))
-        if not why:
-            why = layer_cls.skip_reason(linear.in_features, linear.out_features, **params_of(full))
-            if why:
-                refused.append((linear.in_features, why))
-        if why:
-            report.skipped.append((full, why))
-        else:
-            targets.append((full, parent, child_name, linear))
-    if refused and not targets:
-        hint = layer_cls.fitting_hint([k for k, _ in refused], **params)
-        raise MemboostError(f"method {method!r} fits none of the {len(refused)} layers with these parameters "
-                            f"({refused[0][1]}){'; ' + hint if hint else ''}")
+    targets = select_layers(model, method, skip, filter_fn, name_prefix, report.skipped, **params)
     if calibration is not None and calibration_batches is not None:
         raise MemboostError("give 'calibration' (statistics from calibrate) or 'calibration_batches', not both")
     if calibration is not None:
@@ -441,7 +470,7 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     def quantize_one(full, linear, stats):
         extra = {} if stats is None else {"calibration": stats}
         try:
-            layer = layer_cls.from_linear(linear, **params_of(full), **extra)
+            layer = layer_cls.from_linear(linear, **_params_of(params, full), **extra)
         except MemboostError as exc:
             raise type(exc)(f"{full}: {exc}") from None
         layer.train(linear.training)  # the replaced layer's mode: a model in eval() stays in eval()
@@ -464,7 +493,7 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
         done = []   # (parent, child_name, original module): put back if a later stage fails
         try:
             stages = _stages(model, batches[0], modules)
-            for stage, run in bar(_sequential_runs(model, batches, stages), "stage", total=len(stages)):
+            for stage, run in bar(_sequential_runs(model, batches, stages, name_prefix), "stage", total=len(stages)):
                 stats = _input_moments(run, {n: modules[n] for n in stage}, hessian, stop_at=modules[stage[-1]])
                 for full in stage:
                     parent, child_name, linear = by_name[full]
@@ -488,11 +517,9 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
         report.warnings.extend(damage_warnings(method, report,
                                                calibration is not None or calibration_batches is not None))
     if report.replaced:  # what save_quantized writes into quantization_config
-        plain = {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str))}
         calls = list(getattr(model, "memboost_quantization", []))
-        calls.append({"method": method, "params": plain, "skip": list(skip),
-                      "calibrated": calibration is not None or calibration_batches is not None,
-                      "layers": len(report.replaced)})
+        calls.append(quantize_call(method, params, skip, calibration is not None or calibration_batches is not None,
+                                   len(report.replaced)))
         model.memboost_quantization = calls
     if not report.replaced:
         reasons = sorted({why for _, why in report.skipped})

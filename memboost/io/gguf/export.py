@@ -569,8 +569,35 @@ def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, o
                                and lm_head.data_ptr() == embed.data_ptr())
     total = sum(math.prod(v.shape) for _, v in weights)
     show_bar = progress if progress is not None else total > 100_000_000
+
+    # Each converted tensor is spilled to an unnamed scratch file beside the
+    # output and written from there through a memory map: memory holds one
+    # tensor's conversion at a time, not the whole file (a model whose weights
+    # are memory-mapped, load_quantized's or memboost.io.streaming.load_mapped's,
+    # exports in bounded memory).
+    try:
+        scratch = tempfile.TemporaryFile(dir=folder)
+    except OSError as exc:
+        raise MemboostError(f"cannot write {path!r}: {exc.strerror or exc}") from None
+    with scratch:
+        return _export_spilled(model, path, weight_type, output_type, tokenizer, name, weights, hp, name_map,
+                               importance, tied, show_bar, verbose, scratch)
+
+
+def _spill(scratch, data: torch.Tensor, qtype: str):
+    """Appends a converted tensor's bytes to `scratch`: (offset, numpy dtype, shape) to read them back."""
+    arr = data.contiguous().numpy() if qtype in ("F32", "F16") else data.contiguous().view(torch.uint8).numpy()
+    offset = scratch.seek(0, os.SEEK_END)
+    arr.tofile(scratch)
+    return offset, arr.dtype, arr.shape
+
+
+def _export_spilled(model, path, weight_type, output_type, tokenizer, name, weights, hp, name_map, importance, tied,
+                    show_bar, verbose, scratch) -> "GGUFExportReport":
+    import numpy as np
     from tqdm.auto import tqdm
 
+    gguf = _gguf()
     converted = []
     rows: List[TensorRow] = []
     for hf_name, value in tqdm(weights, desc="GGUF export", unit="tensor", disable=not show_bar):
@@ -594,22 +621,25 @@ def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, o
         numel = math.prod(value.shape)
         nbytes = data.numel() * data.element_size()
         rows.append(TensorRow(gguf_name, source, qtype, 8.0 * nbytes / numel, err, note, numel, nbytes))
-        converted.append((gguf_name, data, qtype))
+        converted.append((gguf_name, _spill(scratch, data, qtype), qtype))
+        del data, w_src, w_out
 
     if hp.rope_scaling and hp.rope_scaling["rope_type"] == "llama3":
         factors = llama3_rope_factors(hp.head_dim, hp.rope_theta, hp.rope_scaling)
         rows.append(TensorRow("rope_freqs.weight", "config", "F32", 32.0, 0.0, "llama3 rope scaling",
                               factors.numel(), 4 * factors.numel()))
-        converted.append(("rope_freqs.weight", factors, "F32"))
+        converted.append(("rope_freqs.weight", _spill(scratch, factors, "F32"), "F32"))
 
     writer = gguf.GGUFWriter(None, hp.arch)
     _add_hparams(writer, hp, weight_type, name or getattr(model.config, "_name_or_path", "") or hp.arch)
     tok_notes = _add_tokenizer(writer, tokenizer, hp.n_vocab)
-    for gguf_name, data, qtype in converted:
+    scratch.flush()
+    spilled = np.memmap(scratch, dtype=np.uint8, mode="r") if scratch.tell() else np.empty(0, np.uint8)
+    for gguf_name, (offset, dtype, shape), qtype in converted:
+        arr = np.frombuffer(spilled, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
         if qtype in ("F32", "F16"):
-            writer.add_tensor(gguf_name, data.numpy())
+            writer.add_tensor(gguf_name, arr)
         else:
-            arr = data.contiguous().view(torch.uint8).numpy()
             writer.add_tensor(gguf_name, arr, raw_dtype=gguf.GGMLQuantizationType[qtype])
     try:
         with atomic_write(path) as tmp:

@@ -1,0 +1,319 @@
+"""Quantizing a model larger than memory: decoder block by decoder block,
+from its safetensors folder to a save_quantized folder.
+
+    report = quantize_folder("Llama-3-8B", "llama-nf4", "nf4")
+    report = quantize_folder("Llama-3-8B", "llama-mixed", "mixed", calibration_batches=windows, hessian=True)
+
+The model is built from its config on the meta device (no memory; transformers'
+classes), then each decoder block in turn gets its float weights from the
+memory-mapped shards (SafetensorsSource), is quantized by quantize_model
+(the same quantizers as the in-memory path), written (ShardWriter) and
+dropped. With calibration batches, the inputs of the first block are captured
+with only the tensors outside the blocks mapped (the embeddings), and each
+block's outputs become the next block's inputs: by default through the block
+already quantized (GPTQ's sequential order, as
+quantize_model(calibration_batches=...)), with
+sequential=False through the float block (as calibrate() on the float model
+then quantize_model(calibration=...)). Either gives the tensors the in-memory
+path gives. The layers outside the blocks (embeddings, final norm, lm_head)
+come last.
+
+Memory: one block's float weights, the calibration inputs of one block
+(sequences x length x hidden, plus their outputs while the next inputs are
+computed) and one stage's statistics (hessian=True: in x in float32 per layer
+of the stage); the quantized tensors wait for their output shard in a
+scratch file (ShardWriter's spill).
+The output folder is written in a staging folder and renamed into place at
+the end: an error or interruption leaves no output folder.
+"""
+
+import contextlib
+import os
+import warnings
+from typing import Dict, Iterable, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .._progress import progress_bar
+from ..errors import MemboostError
+from ..model.quantize import (QuantizationReport, _block_inputs, _block_outputs, _check_batches, _input_moments,
+                              _is_conv1d, _linears, _run_batches, _skipped_by_name, check_params, damage_warnings,
+                              quantize_call, quantize_model, select_layers)
+from .checkpoint import (CONFIG_NAME, ShardWriter, _own_dtype, _parameters_on_meta, cast_for_storage,
+                         quantization_config_of, quantized_formats, replace_directory, write_config)
+from .serialization import SafetensorsSource, _split_aliases, check_output_path
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def decoder_blocks(model: nn.Module) -> Tuple[nn.ModuleList, str]:
+    """(the nn.ModuleList of a model's decoder blocks, its qualified name +
+    "."): the outermost ModuleList whose entries all hold linear layers."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
+                any(type(m) is nn.Linear or _is_conv1d(m) for m in entry.modules()) for entry in module):
+            return module, f"{name}." if name else ""
+    raise MemboostError(f"{type(model).__name__} has no list of decoder blocks (an nn.ModuleList of blocks with "
+                        "linear layers): it cannot be quantized block by block")
+
+
+def _slots(module: nn.Module, prefix: str, tensors: Dict[int, List[Tuple[str, nn.Module, str, bool]]]):
+    """Collects, for each parameter and persistent buffer of `module` (one
+    entry per distinct tensor: tied ones share it), (qualified name, owning
+    module, attribute, is a parameter)."""
+    for mod_name, mod in module.named_modules(prefix=prefix.rstrip("."), remove_duplicate=False):
+        owner = f"{mod_name}." if mod_name else ""
+        for attr, p in mod._parameters.items():
+            if p is not None:
+                tensors.setdefault(id(p), []).append((owner + attr, mod, attr, True))
+        for attr, b in mod._buffers.items():
+            if b is not None and attr not in mod._non_persistent_buffers_set:
+                tensors.setdefault(id(b), []).append((owner + attr, mod, attr, False))
+    return tensors
+
+
+def _materialize(module: nn.Module, prefix: str, source: SafetensorsSource, dtype: torch.dtype,
+                 skip_prefix: Optional[str] = None) -> List[Tuple[nn.Module, str, bool, torch.Tensor]]:
+    """Gives every parameter (and persistent buffer) of `module`, named
+    `prefix` in the model, its tensor from `source` (memory-mapped; floating
+    point ones in `dtype`), tied slots the same tensor. Names under
+    `skip_prefix` (the decoder blocks, handled one by one) are left alone.
+    Returns what _release needs to put the meta tensors back."""
+    replaced = []
+    for slots in _slots(module, prefix, {}).values():
+        slots = [s for s in slots if skip_prefix is None or not s[0].startswith(skip_prefix)]
+        if not slots:
+            continue
+        stored = [s for s in slots if source.has(s[0])]
+        if not stored:
+            if all(not is_param for *_, is_param in slots):
+                continue   # a persistent buffer the checkpoint does not hold keeps its built value
+            raise MemboostError(f"{source.path!r} has no tensor {slots[0][0]!r}, which the model built from its "
+                                "config needs (a checkpoint whose names transformers converts while loading cannot "
+                                "be streamed: load it whole)")
+        name, mod, attr, _ = stored[0]
+        current = getattr(mod, attr)
+        t = source.get(name)
+        if tuple(t.shape) != tuple(current.shape):
+            raise MemboostError(f"{source.path!r}: tensor {name!r} has shape {tuple(t.shape)}, the model's config "
+                                f"makes it {tuple(current.shape)}")
+        if t.is_floating_point() and current.is_floating_point():
+            t = t.to(dtype)
+        for _, mod, attr, is_param in slots:
+            table = mod._parameters if is_param else mod._buffers
+            replaced.append((table, attr, table[attr]))
+            table[attr] = nn.Parameter(t, requires_grad=False) if is_param else t
+    return replaced
+
+
+def _release(replaced) -> None:
+    """Puts back the tensors _materialize replaced (the meta ones, tied as they were): the loaded ones are freed."""
+    for table, attr, original in reversed(replaced):
+        table[attr] = original
+
+
+def _compute_dtype(dtype, config, source: SafetensorsSource) -> torch.dtype:
+    """The dtype the float weights are quantized from and calibration runs
+    in: `dtype`, or for "auto" the config's own (as from_pretrained's
+    dtype="auto"), else the first floating-point tensor's."""
+    if dtype != "auto":
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        if dtype not in _FLOAT_DTYPES:
+            raise MemboostError(f"'dtype' must be 'auto' or one of {[str(d) for d in _FLOAT_DTYPES]}")
+        return dtype
+    own = getattr(config, "dtype", None)
+    if isinstance(own, str):
+        own = getattr(torch, own, None)
+    if own in _FLOAT_DTYPES:
+        return own
+    for name in source.names():
+        if source.torch_dtype(name) in _FLOAT_DTYPES:
+            return source.torch_dtype(name)
+    return torch.float32
+
+
+def _as_keyword_inputs(inputs):
+    """The captured (args, kwargs) of a block as ((), kwargs with hidden_states), so that quantize_model can
+    call the block with each as a batch of keyword inputs."""
+    converted = []
+    for args, kwargs in inputs:
+        tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "meta" for t in tensors):
+            raise MemboostError("the first decoder block's inputs depend on parameters inside the blocks: this "
+                                "architecture cannot be calibrated block by block")
+        if len(args) > 1:
+            raise MemboostError("the decoder blocks take more than one positional input: they cannot be "
+                                "calibrated block by block")
+        converted.append(((), dict(kwargs, hidden_states=args[0]) if args else kwargs))
+    return converted
+
+
+def _read_config(source: str):
+    """The transformers config of the plain model folder `source`, checked."""
+    source = os.fspath(source)
+    if not os.path.isdir(source):
+        raise MemboostError(f"'source' {source!r} is not a model folder")
+    config_path = os.path.join(source, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise MemboostError(f"{source!r} has no {CONFIG_NAME}: not a model folder")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise MemboostError(f"{config_path!r}: transformers cannot read this config: {exc}") from None
+    if getattr(config, "quantization_config", None) is not None:
+        raise MemboostError(f"{source!r} is already quantized (its config has a quantization_config)")
+    return config
+
+
+def _meta_model(source: str, config, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of `config` with its parameters on the meta device, in eval mode, with the folder's
+    generation config."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    with _parameters_on_meta():
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except (ValueError, KeyError) as exc:
+            raise MemboostError(f"{os.path.join(source, CONFIG_NAME)!r}: unsupported architecture: {exc}") from None
+    if os.path.isfile(os.path.join(source, "generation_config.json")):
+        with contextlib.suppress(OSError, ValueError):
+            model.generation_config = GenerationConfig.from_pretrained(source, local_files_only=True)
+    return model.eval()
+
+
+def load_mapped(source: str, dtype: Union[str, torch.dtype] = "auto", verify: bool = True) -> nn.Module:
+    """The plain Hugging Face model in the folder `source`, built on the meta
+    device and given its tensors memory-mapped from the safetensors files
+    (nothing is copied unless `dtype`, "auto": the config's, casts): its
+    pages are the files', which the kernel can drop and read again, so a
+    pass that reads each weight once (the GGUF export) runs in memory well
+    below the model's size."""
+    config = _read_config(source)
+    with SafetensorsSource(source, verify=verify) as src:
+        compute_dtype = _compute_dtype(dtype, config, src)
+        model = _meta_model(source, config, compute_dtype)
+        _materialize(model, "", src, compute_dtype)
+    return model
+
+
+def quantize_folder(source: str, directory: str, method: str = "mixed", skip: Iterable[str] = ("lm_head",), *,
+                    calibration_batches: Optional[Iterable] = None, sequential: bool = True, hessian: bool = False,
+                    dtype: Union[str, torch.dtype] = "auto", save_dtype: Union[str, torch.dtype, None] = "auto",
+                    max_shard_size: Union[int, str] = "2GB", tokenizer=None, progress: Optional[bool] = None,
+                    verify: bool = True, **params) -> QuantizationReport:
+    """Quantizes the Hugging Face model in the folder `source` (config.json
+    and safetensors weights, one file or shards) with `method` and `params`
+    (as quantize_model) into `directory`, the folder save_quantized writes
+    (created or replaced as a whole, only once everything is written),
+    decoder block by decoder block so that only one block's float weights
+    are in memory (see the module). `calibration_batches` (batches of model
+    inputs, as quantize_model takes) calibrate the layers of the decoder
+    blocks: sequential=True measures each block on the outputs of the
+    quantized blocks before it (quantize_model(calibration_batches=...)),
+    False on the float model's (calibrate() then quantize_model(calibration=
+    ...)); hessian=True collects X^T X for the mixed format's GPTQ-style
+    rounding. `dtype`: the dtype the weights are quantized from and the
+    calibration runs in ("auto": the config's); `save_dtype`: that of the
+    unquantized tensors in `directory` (save_quantized's `dtype`);
+    `tokenizer` is saved with the model. A progress bar runs over the
+    blocks (progress as quantize_model's). Returns the QuantizationReport
+    of all layers."""
+    if isinstance(skip, str):
+        skip = (skip,)
+    skip = tuple(skip)
+    calibrated = calibration_batches is not None
+    check_params(method, params, calibrated=calibrated)
+    if not (save_dtype is None or save_dtype == "auto" or save_dtype in _FLOAT_DTYPES):
+        raise MemboostError(f"'save_dtype' must be 'auto', None or one of {[str(d) for d in _FLOAT_DTYPES]}, "
+                            f"got {save_dtype!r}")
+    batches = None
+    if calibrated:
+        _check_batches(calibration_batches)
+        batches = list(calibration_batches)
+        if not batches:
+            raise MemboostError("'calibration_batches' holds no batch")
+    source = os.fspath(source)
+    config = _read_config(source)
+    check_output_path(directory, folder=True)
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(SafetensorsSource(source, verify=verify))
+        compute_dtype = _compute_dtype(dtype, config, src)
+        model = _meta_model(source, config, compute_dtype)
+        blocks, blocks_prefix = decoder_blocks(model)
+        targets = select_layers(model, method, skip, **params)  # the whole model checked before any work
+        if not targets:
+            raise MemboostError(f"no layer of {source!r} is left to quantize: every one is skipped")
+        outside = [name for name, *_ in targets if not name.startswith(blocks_prefix)]
+        if calibrated and outside:
+            raise MemboostError(f"calibrated quantization block by block covers the decoder blocks only; layer "
+                                f"{outside[0]!r} lies outside them: add it to 'skip' (e.g. skip=('lm_head',))")
+        storage_dtype = _own_dtype(model) if save_dtype == "auto" else save_dtype
+        report = QuantizationReport(method)
+        formats: Dict[str, str] = {}
+        staging = stack.enter_context(replace_directory(directory))
+        writer = ShardWriter(staging, max_shard_size, spill=True)
+
+        inputs = None
+        if calibrated:
+            # The first block's inputs, with what lies outside the blocks mapped (embeddings; lm_head's pages
+            # are never read: the forward passes stop at the first block).
+            loaded = _materialize(model, "", src, compute_dtype, skip_prefix=blocks_prefix)
+            inputs = _as_keyword_inputs(_block_inputs(model, blocks[0], batches))
+            _release(loaded)
+
+        def quantize_part(part, prefix, **extra):
+            with warnings.catch_warnings():  # a block without a layer to quantize is not worth a warning
+                warnings.filterwarnings("ignore", message="memboost.quantize_model replaced no layer")
+                part_report = quantize_model(part, method, skip=skip, progress=False, name_prefix=prefix,
+                                             **extra, **params)
+            report.replaced.extend(part_report.replaced)
+            report.skipped.extend(part_report.skipped)
+
+        bar = progress_bar(range(len(blocks)), f"memboost {method}", unit="block", total=len(blocks),
+                           progress=progress)
+        for i in bar:
+            prefix = f"{blocks_prefix}{i}."
+            block = blocks[i]
+            _materialize(block, prefix, src, compute_dtype)
+            if not calibrated:
+                quantize_part(block, prefix)
+            elif sequential:
+                quantize_part(block, prefix, hessian=hessian, calibration_batches=[kw for _, kw in inputs])
+                if i + 1 < len(blocks):
+                    inputs = _block_outputs(block, inputs)
+            else:
+                layers = {prefix + name: child for name, _, _, child in _linears(block)
+                          if _skipped_by_name(prefix + name, skip) is None}
+                stats = _input_moments(lambda: _run_batches(block, [kw for _, kw in inputs]), layers, hessian)
+                if i + 1 < len(blocks):
+                    inputs = _block_outputs(block, inputs)
+                quantize_part(block, prefix, calibration=stats)
+                del stats
+            block_formats = quantized_formats(block, prefix)
+            formats.update(block_formats)
+            state = block.state_dict(prefix=prefix)
+            writer.add(cast_for_storage(state, block_formats, storage_dtype))
+            blocks[i] = nn.Module()   # its float and quantized tensors are freed (the writer holds the latter)
+            del block, state
+        inputs = None
+
+        # What lies outside the blocks: embeddings, final norm, lm_head (quantized when not skipped).
+        _materialize(model, "", src, compute_dtype, skip_prefix=blocks_prefix)
+        quantize_part(model, "")
+        rest_formats = quantized_formats(model)
+        formats.update(rest_formats)
+        rest = {k: v for k, v in model.state_dict().items() if not k.startswith(blocks_prefix)}
+        stored, aliases = _split_aliases(rest)
+        writer.add(cast_for_storage(stored, rest_formats, storage_dtype))
+        del rest, stored
+        writer.close(aliases)
+        calls = [quantize_call(method, params, skip, calibrated, len(report.replaced))]
+        write_config(staging, model.config, quantization_config_of(formats, calls), model.generation_config)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    report.warnings.extend(damage_warnings(method, report, calibrated))
+    return report

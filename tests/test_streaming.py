@@ -1,0 +1,219 @@
+"""Block-by-block quantization from a safetensors folder (memboost.io.streaming):
+the same tensors as the in-memory path, errors that name the file, no output
+left by a failed run, and a reload that builds no float weight."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import memboost
+from memboost.errors import MemboostError
+from memboost.io import streaming
+from memboost.io.checkpoint import load_state
+
+from conftest import tiny_llama, tiny_llama_with_tokenizer
+
+FORMATS = {"nf4": {}, "ternary": {}, "lort": {"rank": 4, "iters": 2}, "mixed": {"ratio_4bit": 0.5, "group_size": 32}}
+
+
+def _save_folder(model, path, dtype=None, tokenizer=None):
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path, max_shard_size="40KB")  # several shards, as a large model has
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def float_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("float")
+    folder = _save_folder(tiny_llama(), path)
+    assert os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))
+    return folder
+
+
+def _batches(n=3, length=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (1, length), generator=g) for _ in range(n)]
+
+
+def _in_memory(folder, out, method, params, batches=None, sequential=True, hessian=False):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype="auto").eval()
+    if batches is None:
+        memboost.quantize_model(model, method, progress=False, **params)
+    elif sequential:
+        memboost.quantize_model(model, method, calibration_batches=batches, hessian=hessian, progress=False, **params)
+    else:
+        stats = memboost.calibrate(model, batches, hessian=hessian, progress=False)
+        memboost.quantize_model(model, method, calibration=stats, progress=False, **params)
+    memboost.save_quantized(model, out, max_shard_size="40KB")
+    return load_state(out)
+
+
+def _assert_same_state(a_dir, b_dir):
+    a, b = load_state(a_dir), load_state(b_dir)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name], b[name]), name
+    for name in ("config.json", "generation_config.json"):
+        assert json.load(open(os.path.join(a_dir, name))) == json.load(open(os.path.join(b_dir, name))), name
+
+
+@pytest.mark.parametrize("method", sorted(FORMATS))
+def test_streaming_gives_the_in_memory_tensors(float_folder, tmp_path, method):
+    params = FORMATS[method]
+    _in_memory(float_folder, tmp_path / "memory", method, params)
+    report = streaming.quantize_folder(float_folder, tmp_path / "stream", method, progress=False,
+                                       max_shard_size="40KB", **params)
+    assert len(report.replaced) == 14 and [n for n, _ in report.skipped] == ["lm_head"]
+    _assert_same_state(tmp_path / "memory", tmp_path / "stream")
+    assert len([f for f in os.listdir(tmp_path / "stream") if f.endswith(".safetensors")]) > 1
+
+
+@pytest.mark.parametrize("sequential,hessian", [(True, True), (True, False), (False, True)])
+def test_streaming_calibrated_mixed_gives_the_in_memory_tensors(float_folder, tmp_path, sequential, hessian):
+    params = FORMATS["mixed"]
+    batches = _batches()
+    _in_memory(float_folder, tmp_path / "memory", "mixed", params, batches, sequential, hessian)
+    streaming.quantize_folder(float_folder, tmp_path / "stream", "mixed", calibration_batches=batches,
+                              sequential=sequential, hessian=hessian, progress=False, max_shard_size="40KB", **params)
+    _assert_same_state(tmp_path / "memory", tmp_path / "stream")
+
+
+def test_calibration_changes_the_result(float_folder, tmp_path):
+    # the comparison above would also pass if the batches were ignored on both paths
+    params = FORMATS["mixed"]
+    streaming.quantize_folder(float_folder, tmp_path / "plain", "mixed", progress=False, **params)
+    streaming.quantize_folder(float_folder, tmp_path / "calib", "mixed", calibration_batches=_batches(), hessian=True,
+                              progress=False, **params)
+    a, b = load_state(tmp_path / "plain"), load_state(tmp_path / "calib")
+    assert any(not torch.equal(a[k], b[k]) for k in a if ".weight." in k)
+
+
+def test_bfloat16_tied_model_with_tokenizer(tmp_path):
+    model, tokenizer = tiny_llama_with_tokenizer(tie_word_embeddings=True)
+    folder = _save_folder(model, tmp_path / "float", torch.bfloat16, tokenizer)
+    batches = _batches(2)
+    _in_memory(folder, tmp_path / "memory", "nf4", {})
+    streaming.quantize_folder(folder, tmp_path / "stream", "nf4", tokenizer=tokenizer, progress=False,
+                              max_shard_size="40KB")
+    _assert_same_state(tmp_path / "memory", tmp_path / "stream")
+    _in_memory(folder, tmp_path / "memory_cal", "mixed", FORMATS["mixed"], batches)
+    streaming.quantize_folder(folder, tmp_path / "stream_cal", "mixed", calibration_batches=batches, progress=False,
+                              max_shard_size="40KB", **FORMATS["mixed"])
+    _assert_same_state(tmp_path / "memory_cal", tmp_path / "stream_cal")
+    reloaded = memboost.load_quantized(tmp_path / "stream")
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "stream").eval()
+    ids = batches[0]
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, reloaded(ids).logits)
+    assert reloaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert os.path.isfile(tmp_path / "stream" / "tokenizer.json")
+
+
+def test_lm_head_quantized_outside_the_blocks(float_folder, tmp_path):
+    _in_memory(float_folder, tmp_path / "memory", "nf4", {"skip": ()})
+    report = streaming.quantize_folder(float_folder, tmp_path / "stream", "nf4", skip=(), progress=False)
+    assert report.replaced[-1].name == "lm_head"
+    _assert_same_state(tmp_path / "memory", tmp_path / "stream")
+    with pytest.raises(MemboostError, match="lm_head.*skip"):
+        streaming.quantize_folder(float_folder, tmp_path / "cal", "mixed", skip=(), calibration_batches=_batches(),
+                                  progress=False)
+
+
+def test_missing_shard_is_named(float_folder, tmp_path):
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(float_folder, folder)
+    shard = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[1]
+    os.remove(folder / shard)
+    with pytest.raises(MemboostError, match=shard):
+        streaming.quantize_folder(folder, tmp_path / "out", "nf4", progress=False)
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_truncated_shard_is_named(float_folder, tmp_path, keep):
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(float_folder, folder)
+    shard = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[-1]
+    size = os.path.getsize(folder / shard)
+    with open(folder / shard, "r+b") as f:
+        f.truncate(int(size * keep))
+    with pytest.raises(MemboostError, match=shard):
+        streaming.quantize_folder(folder, tmp_path / "out", "nf4", progress=False)
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_interrupted_run_leaves_no_output(float_folder, tmp_path, monkeypatch):
+    calls = []
+    original = streaming.quantize_model
+
+    def failing(*args, **kwargs):
+        calls.append(kwargs.get("name_prefix"))
+        if len(calls) == 2:   # the second block, after the first one was written
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(streaming, "quantize_model", failing)
+    with pytest.raises(KeyboardInterrupt):
+        streaming.quantize_folder(float_folder, tmp_path / "out", "nf4", progress=False, max_shard_size="10KB")
+    assert calls == ["model.layers.0.", "model.layers.1."]
+    assert os.listdir(tmp_path) == []   # neither the output nor its staging folder
+
+
+def test_interrupted_run_keeps_the_previous_output(float_folder, tmp_path, monkeypatch):
+    streaming.quantize_folder(float_folder, tmp_path / "out", "nf4", progress=False)
+    before = load_state(tmp_path / "out")
+    monkeypatch.setattr(streaming, "_block_outputs", lambda *a: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError, match="killed"):
+        streaming.quantize_folder(float_folder, tmp_path / "out", "mixed", calibration_batches=_batches(),
+                                  progress=False)
+    after = load_state(tmp_path / "out")
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_bad_arguments(float_folder, tmp_path):
+    with pytest.raises(MemboostError, match="no config.json"):
+        streaming.quantize_folder(tmp_path, tmp_path / "out", "nf4")
+    with pytest.raises(MemboostError, match="takes no parameter 'ratio_4bit'"):
+        streaming.quantize_folder(float_folder, tmp_path / "out", "nf4", ratio_4bit=0.5)
+    streaming.quantize_folder(float_folder, tmp_path / "q", "nf4", progress=False)
+    with pytest.raises(MemboostError, match="already quantized"):
+        streaming.quantize_folder(tmp_path / "q", tmp_path / "out", "nf4")
+
+
+def test_gguf_export_of_a_mapped_folder_is_the_in_memory_export(tmp_path):
+    """load_mapped's model (every tensor memory-mapped from the folder) exports the same GGUF bytes as the
+    model transformers loads, and so does a streamed memboost folder against its in-memory twin."""
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = tiny_llama_with_tokenizer(tie_word_embeddings=False)
+    folder = _save_folder(model, tmp_path / "float", torch.bfloat16, tokenizer)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype="auto").eval()
+    mapped = streaming.load_mapped(folder)
+    assert all(p.device.type == "cpu" for p in mapped.parameters())
+    for qtype in ("F16", "Q4_0"):
+        memboost.export_gguf(loaded, tmp_path / "a.gguf", qtype, verbose=False)
+        memboost.export_gguf(mapped, tmp_path / "b.gguf", qtype, verbose=False)
+        assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    _in_memory(folder, tmp_path / "memory", "nf4", {})
+    streaming.quantize_folder(folder, tmp_path / "stream", "nf4", progress=False)
+    for folder, gguf in (("memory", "a.gguf"), ("stream", "b.gguf")):   # name: not the folders' own names
+        memboost.export_gguf(memboost.load_quantized(tmp_path / folder), tmp_path / gguf, "Q4_0", name="tiny",
+                             verbose=False)
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["a.gguf", "b.gguf", "float", "memory", "stream"]   # no scratch left
