@@ -345,7 +345,8 @@ def _restore_layer_options(model: nn.Module, qconfig: dict) -> None:
         if act_bits is None:
             continue
         for module in model.modules():
-            if isinstance(module, QuantizedLinear) and module.format == call.get("method"):
+            # the int8 output layer (quantize_model's lm_head) takes the call's act_bits too
+            if isinstance(module, QuantizedLinear) and module.format in (call.get("method"), call.get("lm_head")):
                 if act_bits not in (8,):
                     raise MemboostError(f"quantization_config: act_bits {act_bits!r} is not supported (expected 8)")
                 module.act_bits = act_bits

@@ -69,6 +69,9 @@ class QuantizationReport:
     # Settings expected to damage the model, each saying what to change
     # (quantize_model's rules; the command line adds its perplexity probe).
     warnings: List[str] = field(default_factory=list)
+    # The output layer when quantize_model's lm_head made it int8 (outside
+    # the totals below, which describe `method`'s layers).
+    output_layer: Optional[LayerReport] = None
 
     @property
     def bytes_before(self) -> int:
@@ -90,6 +93,10 @@ class QuantizationReport:
             line = (f"memboost {self.method}: {len(self.replaced)} layers replaced, {len(self.skipped)} skipped; "
                     f"{self.bits_per_weight:.3f} bits per weight; {self.bytes_before / 2**20:.1f} MiB -> "
                     f"{self.bytes_after / 2**20:.1f} MiB")
+        if self.output_layer is not None:
+            o = self.output_layer
+            line += (f"; output layer {o.name} int8 ({o.avg_bits:.2f} bits, {o.bytes_before / 2**20:.1f} MiB -> "
+                     f"{o.bytes_after / 2**20:.1f} MiB)")
         return "\n".join([line] + [f"warning: {w}" for w in self.warnings])
 
     def table(self) -> str:
@@ -100,6 +107,10 @@ class QuantizationReport:
         for r in self.replaced:
             cells = [r.name, f"{r.shape[0]}x{r.shape[1]}", f"{r.avg_bits:.3f}"] + [str(r.details.get(k, "")) for k in keys]
             lines.append("| " + " | ".join(cells) + " |")
+        if self.output_layer is not None:
+            o = self.output_layer
+            lines.append("| " + " | ".join([o.name, f"{o.shape[0]}x{o.shape[1]}", f"{o.avg_bits:.3f}"]
+                                           + ["int8 (output layer)"] + [""] * (len(keys) - 1)) + " |")
         lines += [f"| {name} | skipped: {why} |" for name, why in self.skipped]
         return "\n".join(lines)
 
@@ -359,7 +370,7 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
                    calibration: Optional[Mapping[str, torch.Tensor]] = None,
                    filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, verbose: bool = False,
                    progress: Optional[bool] = None, *, calibration_batches: Optional[Iterable] = None,
-                   hessian: bool = False, **params) -> QuantizationReport:
+                   hessian: bool = False, lm_head: Optional[str] = "int8", **params) -> QuantizationReport:
     """Replaces, in place, every nn.Linear (and GPT-2 Conv1D) of `model` not
     named in `skip` and accepted by `filter_fn` with the drop-in layer of
     `method` (memboost.nn.QuantizedLinear.for_format), quantized with
@@ -388,13 +399,28 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     blocks of a decoder (the entries of one nn.ModuleList, as a Hugging Face
     model's layers), each block's inputs are captured once, from the
     quantized block before it, and the block is run alone. If a layer fails, the layers
-    already replaced are put back."""
+    already replaced are put back.
+
+    lm_head: "int8" (default) makes the model's output layer (its
+    get_output_embeddings(), or a linear named lm_head) an int8 layer
+    (memboost.nn.Int8Linear, llama.cpp's Q8_0 layout, 8.5 bits per weight)
+    whatever `method` and `skip` say, with the act_bits the other layers get:
+    a float output layer is the largest weight a small model reads per
+    generated token. A tied input embedding stays float and is untied
+    (config.tie_word_embeddings becomes False), so a checkpoint holds the
+    float embedding once and the int8 output layer, and loading does not tie
+    them again. None keeps the output layer as `skip` decides (float by
+    default). The report lists it as `output_layer`."""
     if not isinstance(model, nn.Module):
         raise MemboostTypeError(f"'model' must be an nn.Module, got {type(model).__name__}")
     layer_cls = check_params(method, params, calibrated=calibration is not None or calibration_batches is not None)
+    if lm_head not in (None, "int8"):
+        raise MemboostError(f"'lm_head' must be 'int8' (quantize the output layer to int8) or None (leave it as "
+                            f"'skip' decides), got {lm_head!r}")
     if isinstance(skip, str):
         skip = (skip,)
     report = QuantizationReport(method)
+    output = _output_layer(model) if lm_head is not None else None
     refused = []   # (in_features, why) of the layers the format cannot take with these parameters
     targets = []
     per_layer = {k for k, v in params.items() if isinstance(v, Mapping)}
@@ -408,6 +434,8 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
         return {k: params[k][full] if k in per_layer else v for k, v in params.items()}
 
     for full, parent, child_name, child in _linears(model):
+        if output is not None and child is output:
+            continue
         linear = _as_linear(child)
         why = (_skipped_by_name(full, skip)
                or (None if filter_fn is None or filter_fn(full, child) else "filter_fn returned False"))
@@ -430,6 +458,8 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
         if missing:
             raise MemboostError(f"'calibration' has no statistics for {len(missing)} layer(s) to quantize, e.g. "
                                 f"{missing[:3]}; run memboost.calibrate on the same model with the same skip")
+
+    head = _quantize_output_layer(model, output, params, report) if output is not None else None
 
     def quantize_one(full, linear, stats):
         extra = {} if stats is None else {"calibration": stats}
@@ -476,15 +506,17 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
             replacements.append((parent, child_name, quantize_one(full, linear, stats)))
         for parent, child_name, layer in replacements:
             setattr(parent, child_name, layer)
+    if head is not None:
+        _replace_output_layer(model, *head)
     if report.replaced:
         report.warnings.extend(damage_warnings(method, report,
                                                calibration is not None or calibration_batches is not None))
-    if report.replaced:  # what save_quantized writes into quantization_config
+    if report.replaced or head is not None:  # what save_quantized writes into quantization_config
         plain = {k: v for k, v in params.items() if v is None or isinstance(v, (bool, int, float, str))}
         calls = list(getattr(model, "memboost_quantization", []))
         calls.append({"method": method, "params": plain, "skip": list(skip),
                       "calibrated": calibration is not None or calibration_batches is not None,
-                      "layers": len(report.replaced)})
+                      "layers": len(report.replaced), "lm_head": None if head is None else lm_head})
         model.memboost_quantization = calls
     if not report.replaced:
         reasons = sorted({why for _, why in report.skipped})
@@ -493,6 +525,72 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     if verbose:
         print(report)
     return report
+
+
+def _output_layer(model: nn.Module) -> Optional[nn.Module]:
+    """The model's output layer (an nn.Linear or Conv1D): its
+    get_output_embeddings() when it has one, else the linear named lm_head."""
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    if out is not None and (type(out) is nn.Linear or _is_conv1d(out)):
+        return out
+    for full, _, child_name, child in _linears(model):
+        if child_name == "lm_head":
+            return child
+    return None
+
+
+def _quantize_output_layer(model: nn.Module, output: nn.Module, params: Mapping, report: QuantizationReport):
+    """(parent, attribute name, int8 layer) for the output layer, quantized
+    (not yet put in place); None, with the reason in report.skipped, when
+    its input size does not fit int8's blocks."""
+    from ..nn import Int8Linear
+
+    for full, parent, child_name, child in _linears(model):
+        if child is output:
+            break
+    else:
+        return None
+    linear = _as_linear(output)
+    why = Int8Linear.skip_reason(linear.in_features, linear.out_features)
+    if why:
+        report.skipped.append((full, f"lm_head int8: {why}"))
+        return None
+    act_bits = params.get("act_bits")
+    if isinstance(act_bits, Mapping):
+        act_bits = act_bits.get(full)
+    try:
+        layer = Int8Linear.from_linear(linear, act_bits=act_bits)
+    except MemboostError as exc:
+        raise type(exc)(f"{full}: {exc}") from None
+    q = layer.weight.tensor()
+    report.output_layer = LayerReport(full, (linear.out_features, linear.in_features), q.avg_bits,
+                                      linear.weight.numel() * linear.weight.element_size(), q.nbytes,
+                                      {"format": "int8", **q._repr_fields()})
+    return parent, child_name, layer
+
+
+def _replace_output_layer(model: nn.Module, parent: nn.Module, child_name: str, layer: nn.Module) -> None:
+    """Puts the int8 output layer in place; an input embedding it was tied
+    to stays float and is untied in the config, so that transformers'
+    tie_weights() (called when loading) does not put the float embedding
+    back in its place."""
+    old = getattr(parent, child_name)
+    get_in = getattr(model, "get_input_embeddings", None)
+    embedding = get_in() if callable(get_in) else None
+    tied = embedding is not None and getattr(embedding, "weight", None) is getattr(old, "weight", None)
+    setattr(parent, child_name, layer)
+    config = getattr(model, "config", None)
+    if config is not None and (tied or getattr(config, "tie_word_embeddings", False)):
+        config.tie_word_embeddings = False
+        text = config.get_text_config() if hasattr(config, "get_text_config") else None
+        if text is not None and text is not config and hasattr(text, "tie_word_embeddings"):
+            text.tie_word_embeddings = False
+        tied_keys = getattr(model, "all_tied_weights_keys", None)
+        if isinstance(tied_keys, dict):
+            model.all_tied_weights_keys = {k: v for k, v in tied_keys.items()
+                                           if not k.startswith(next(n for n, m in model.named_modules()
+                                                                    if m is layer) + ".")}
 
 
 def quantize_linears_(model: nn.Module, ratio_4bit: Union[float, Mapping[str, float]] = 0.1, group_size: int = 64,
