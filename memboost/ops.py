@@ -332,7 +332,7 @@ def _(values, scales, dtype):
 
 
 @_register_fake("int8_linear")
-def _(x, values, scales, bias, act_bits):
+def _(x, values, scales, bias, act_bits=0):
     _check_int8_fake(values, scales)
     torch._check_value(x.dtype in _FLOAT_DTYPES, lambda: f"'x' must be float16, bfloat16 or float32, got {x.dtype}")
     torch._check_value(x.shape[-1] == values.shape[1], lambda: "'x' last dimension must equal in_features")
