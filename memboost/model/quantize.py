@@ -575,22 +575,25 @@ def _replace_output_layer(model: nn.Module, parent: nn.Module, child_name: str, 
     to stays float and is untied in the config, so that transformers'
     tie_weights() (called when loading) does not put the float embedding
     back in its place."""
-    old = getattr(parent, child_name)
-    get_in = getattr(model, "get_input_embeddings", None)
-    embedding = get_in() if callable(get_in) else None
-    tied = embedding is not None and getattr(embedding, "weight", None) is getattr(old, "weight", None)
     setattr(parent, child_name, layer)
+    _untie_output_layer(model, layer)
+
+
+def _untie_output_layer(model: nn.Module, layer: nn.Module) -> None:
+    """A quantized output layer is no longer the input embedding's tensor:
+    the config stops tying them (transformers' tie_weights() would put the
+    float embedding in the quantized layer's place)."""
     config = getattr(model, "config", None)
-    if config is not None and (tied or getattr(config, "tie_word_embeddings", False)):
-        config.tie_word_embeddings = False
-        text = config.get_text_config() if hasattr(config, "get_text_config") else None
-        if text is not None and text is not config and hasattr(text, "tie_word_embeddings"):
-            text.tie_word_embeddings = False
-        tied_keys = getattr(model, "all_tied_weights_keys", None)
-        if isinstance(tied_keys, dict):
-            model.all_tied_weights_keys = {k: v for k, v in tied_keys.items()
-                                           if not k.startswith(next(n for n, m in model.named_modules()
-                                                                    if m is layer) + ".")}
+    if config is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    config.tie_word_embeddings = False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config and hasattr(text, "tie_word_embeddings"):
+        text.tie_word_embeddings = False
+    tied_keys = getattr(model, "all_tied_weights_keys", None)
+    name = next((n for n, m in model.named_modules() if m is layer), None)
+    if isinstance(tied_keys, dict) and name is not None:
+        model.all_tied_weights_keys = {k: v for k, v in tied_keys.items() if not k.startswith(name + ".")}
 
 
 def quantize_linears_(model: nn.Module, ratio_4bit: Union[float, Mapping[str, float]] = 0.1, group_size: int = 64,
@@ -598,14 +601,15 @@ def quantize_linears_(model: nn.Module, ratio_4bit: Union[float, Mapping[str, fl
                       filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
                       calibration: Optional[Mapping[str, torch.Tensor]] = None,
                       exact_zero: Optional[bool] = None, calibration_batches: Optional[Iterable] = None,
-                      hessian: bool = False, damp: float = 0.01, shrink: float = 0.5) -> nn.Module:
+                      hessian: bool = False, damp: float = 0.01, shrink: float = 0.5,
+                      lm_head: Optional[str] = "int8") -> nn.Module:
     """quantize_model(model, method="mixed", ...) under its earlier name:
     replaces each eligible linear with a MixedLinear in place and returns the
     model (the report is quantize_model's); calibration_batches quantizes
     sequentially (see quantize_model); ratio_4bit may be a {layer name:
     ratio} plan from allocate_ratio_4bit."""
     quantize_model(model, "mixed", skip=skip, calibration=calibration, filter_fn=filter_fn,
-                   calibration_batches=calibration_batches, hessian=hessian,
+                   calibration_batches=calibration_batches, hessian=hessian, lm_head=lm_head,
                    ratio_4bit=ratio_4bit, group_size=group_size, outlier_fraction=outlier_fraction,
                    exact_zero=exact_zero, damp=damp, shrink=shrink)
     return model
@@ -617,7 +621,10 @@ def load_quantized_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], st
     into a model of the same architecture built as usual (plain nn.Linear
     layers, e.g. from its config): every linear whose weight is quantized in
     `state_dict` becomes its format's layer first, in place. Tied weights
-    are tied again afterwards (model.tie_weights() when the model has it).
+    are tied again afterwards (model.tie_weights() when the model has it),
+    except a quantized output layer (quantize_model's int8 lm_head), whose
+    input embedding stays float and untied (config.tie_word_embeddings
+    becomes False).
     assign=True takes the tensors instead of copying them (a model whose
     parameters are on the meta device). Returns load_state_dict's
     (missing_keys, unexpected_keys)."""
@@ -636,7 +643,10 @@ def load_quantized_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], st
         layer = QuantizedLinear.for_format(qtensor.format).from_quantized(
             qtensor if device.type == "meta" else qtensor.to(device), linear.bias)
         replacements.append((parent, child_name, layer))
+    output = _output_layer(model)
     for parent, child_name, layer in replacements:
+        if getattr(parent, child_name) is output:
+            _untie_output_layer(model, layer)  # a quantized output layer (int8 by default) is not tied again
         setattr(parent, child_name, layer)
     result = model.load_state_dict(state_dict, strict=strict, assign=assign)
     if hasattr(model, "tie_weights"):
