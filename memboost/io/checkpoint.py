@@ -147,6 +147,12 @@ def _own_dtype(model: nn.Module) -> Optional[torch.dtype]:
     return config_dtype if config_dtype in (torch.bfloat16, torch.float16) else None
 
 
+def _plain_float_dtype(model: nn.Module, stored: Dict[str, torch.Tensor]) -> Optional[torch.dtype]:
+    """The dtype of the first unquantized floating tensor (embedding, norm) of `stored`."""
+    quantized = tuple(f"{name}.weight." for name, module in model.named_modules() if isinstance(module, QuantizedLinear))
+    return next((v.dtype for k, v in stored.items() if v.is_floating_point() and not k.startswith(quantized)), None)
+
+
 def save_quantized(model: nn.Module, directory: str, max_shard_size: Union[int, str] = "2GB",
                    tokenizer=None, dtype: Union[str, torch.dtype, None] = "auto") -> None:
     """Saves a model that quantize_model changed to `directory` (created or
@@ -182,6 +188,13 @@ def save_quantized(model: nn.Module, directory: str, max_shard_size: Union[int, 
     with _replace_directory(directory) as staging:
         config_dict = config.to_dict()
         config_dict["quantization_config"] = qconfig
+        if config_dict.get("dtype") is None:
+            # Without it, transformers' from_pretrained takes the dtype of the
+            # first floating tensor in the file, which may be a quantized
+            # weight's scales (float16 in an int8 lm_head).
+            plain = _plain_float_dtype(model, stored)
+            if plain is not None:
+                config_dict["dtype"] = str(plain).replace("torch.", "")
         with open(os.path.join(staging, CONFIG_NAME), "w") as f:
             json.dump(config_dict, f, indent=2, sort_keys=True)
         generation_config = getattr(model, "generation_config", None)
