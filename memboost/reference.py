@@ -364,7 +364,7 @@ def int8_quantize(w: torch.Tensor):
 
 def int8_dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     n, k = values.shape
-    w = values.to(torch.float32).reshape(n, -1, INT8_BLOCK) * scales.to(torch.float32)[:, :, None]
+    w = values.to(torch.float32).reshape(n, k // INT8_BLOCK, INT8_BLOCK) * scales.to(torch.float32)[:, :, None]
     return w.reshape(n, k).to(dtype)
 
 
