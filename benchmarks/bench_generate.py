@@ -17,6 +17,10 @@ one llama_decode per step, through llama-cpp-python's low-level API).
 
     python benchmarks/bench_generate.py                       # everything (long: the 1B model)
     python benchmarks/bench_generate.py --tokens 4 --models smollm2 --formats mixed   # a quick check
+
+The memboost rows quantize the output layer to int8 (quantize_model's
+default, llama.cpp's Q8_0 layout; the `lm_head` column); `--lm-heads
+int8,float` adds the rows with the float32 output layer.
 """
 
 import argparse
@@ -231,20 +235,22 @@ def bench_model(name: str, args, tmp: str):
                             "batch": b, "tokens_per_s": rate})
     for fmt in [f for f in args.formats if f != "float"]:
         params, qtype = FORMATS[fmt]
-        for act_bits in (None, 8):
-            label = f"memboost {fmt}" + (" act8" if act_bits else "")
-            print(f"[{name}] {label}", flush=True)
-            quantized = copy.deepcopy(model)  # the float model stays for the next format
-            kwargs = dict(params)
-            method = kwargs.pop("method")
-            if act_bits:
-                kwargs["act_bits"] = act_bits
-            report = memboost.quantize_model(quantized, method, progress=False, **kwargs)
-            for b, rate in memboost_rates(quantized, rows, args).items():
-                results.append({"model": name, "path": label, "gguf": qtype, "batch": b,
-                                "bits_per_weight": round(report.bits_per_weight, 2), "tokens_per_s": rate})
-            del quantized
-            gc.collect()
+        for lm_head in args.lm_heads:
+            for act_bits in (None, 8):
+                label = f"memboost {fmt}" + (" act8" if act_bits else "")
+                print(f"[{name}] {label}, lm_head {lm_head}", flush=True)
+                quantized = copy.deepcopy(model)  # the float model stays for the next format
+                kwargs = dict(params)
+                method = kwargs.pop("method")
+                if act_bits:
+                    kwargs["act_bits"] = act_bits
+                report = memboost.quantize_model(quantized, method, progress=False,
+                                                 lm_head=None if lm_head == "float" else lm_head, **kwargs)
+                for b, rate in memboost_rates(quantized, rows, args).items():
+                    results.append({"model": name, "path": label, "lm_head": lm_head, "gguf": qtype, "batch": b,
+                                    "bits_per_weight": round(report.bits_per_weight, 2), "tokens_per_s": rate})
+                del quantized
+                gc.collect()
     for r in results:
         ref = llama_cpp.get((r["gguf"], r["batch"]))
         r["llama_cpp_tokens_per_s"] = ref
@@ -260,6 +266,9 @@ def main() -> int:
     ap.add_argument("--batches", default="8,16", help="batch sizes of the throughput table ('' for none)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per row (the best is kept)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for every engine")
+    ap.add_argument("--lm-heads", default="int8",
+                    help="comma-separated output layers of the memboost rows: int8 (quantize_model's default, "
+                         "llama.cpp's Q8_0 layout) and/or float")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp")
     ap.add_argument("--no-transformers", action="store_true", help="skip transformers' eager float32 row")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
@@ -267,6 +276,9 @@ def main() -> int:
     args = ap.parse_args()
     args.formats = [f for f in args.formats.split(",") if f]
     args.batches = [int(b) for b in args.batches.split(",") if b]
+    args.lm_heads = [h for h in args.lm_heads.split(",") if h]
+    if not args.lm_heads or any(h not in ("int8", "float") for h in args.lm_heads):
+        raise SystemExit(f"--lm-heads takes int8 and/or float, got {args.lm_heads}")
     unknown = [f for f in args.formats if f != "float" and f not in FORMATS]
     if unknown:
         raise SystemExit(f"unknown formats {unknown}: float, {', '.join(FORMATS)}")
@@ -279,7 +291,7 @@ def main() -> int:
         r["tokens_per_s"] = round(r["tokens_per_s"], 2)
         if r["ratio_to_llama_cpp"] is not None:
             r["ratio_to_llama_cpp"] = round(r["ratio_to_llama_cpp"], 3)
-    columns = ["model", "path", "bits_per_weight", "gguf", "tokens_per_s", "ratio_to_llama_cpp"]
+    columns = ["model", "path", "lm_head", "bits_per_weight", "gguf", "tokens_per_s", "ratio_to_llama_cpp"]
     title = f"batch 1, {args.tokens} greedy tokens after a short prompt, {args.threads} threads"
     print_table([r for r in results if r["batch"] == 1], columns, title)
     batched = [r for r in results if r["batch"] > 1]

@@ -82,5 +82,12 @@ TORCH_LIBRARY(memboost, m) {
   m.def(
       "decode_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) key_cache, "
       "Tensor(b!) value_cache, int start, Tensor? key_mask, float scale) -> Tensor");
+  // int8 weights (layout: csrc/common/int8_args.h, llama.cpp's Q8_0): values
+  // int8 [N, K], scales float16 [N, K/32], W[r, c] = values[r, c] * scales[r, c/32].
+  m.def("int8_dequantize(Tensor values, Tensor scales, ScalarType dtype) -> Tensor");
+  // y = x @ W.T + bias, any leading batch shape; act_bits 0: exact float;
+  // 8 (CPU): x quantized to int8 per block of 32, int8 x int8 block dot
+  // products (llama.cpp's Q8_0 x Q8_0). CUDA always computes exactly.
+  m.def("int8_linear(Tensor x, Tensor values, Tensor scales, Tensor? bias, int act_bits=0) -> Tensor");
 }
 

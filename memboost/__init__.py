@@ -24,11 +24,12 @@ from ._version import __version__
 from .errors import MemboostError, MemboostTypeError
 from ._native import build_info, cuda_kernels_usable
 from . import ops, reference
-from .formats import lort, mixed, nf4, ternary
+from .formats import int8, lort, mixed, nf4, ternary
 from .formats.tensor import QuantizedTensor
 from .formats.mixed import MixedQuantizedTensor, quantize
 from .formats.ternary import TernaryQuantizedTensor
 from .formats.nf4 import NF4QuantizedTensor
+from .formats.int8 import Int8QuantizedTensor
 from .formats.lort import LoRTQuantizedTensor
 from . import nn
 from .model import (QuantizationReport, allocate_ratio_4bit, calibrate, load_quantized_, output_sensitivity,
@@ -44,7 +45,7 @@ from . import testbed, tritter
 # train/ (memboost.nf4, memboost.gguf, ...) stay importable and reachable as attributes.
 for _old, _module in {
     "tensor": "formats.tensor", "mixed": "formats.mixed", "ternary": "formats.ternary", "nf4": "formats.nf4",
-    "lort": "formats.lort", "allocate": "model.plan", "serialization": "io.serialization",
+    "lort": "formats.lort", "int8": "formats.int8", "allocate": "model.plan", "serialization": "io.serialization",
     "checkpoint": "io.checkpoint", "gguf": "io.gguf.export", "gguf_quants": "io.gguf.quants",
     "qlora": "train.qlora", "vsa": "train.vsa", "distributed": "train.distributed",
 }.items():
@@ -58,7 +59,7 @@ __all__ = [
     "quantize_linears_", "quantize_model", "QuantizationReport", "load_quantized_", "save_safetensors",
     "load_safetensors", "MemboostError", "MemboostTypeError", "testbed", "save_quantized", "load_quantized",
     "ternary", "TernaryQuantizedTensor", "tritter", "vsa", "distributed", "nf4", "NF4QuantizedTensor", "qlora",
-    "lort", "LoRTQuantizedTensor", "export_gguf", "allocate_ratio_4bit", "output_sensitivity", "runtime", "Decoder",
+    "lort", "LoRTQuantizedTensor", "int8", "Int8QuantizedTensor", "export_gguf", "allocate_ratio_4bit", "output_sensitivity", "runtime", "Decoder",
     "generate",
 ]
 

@@ -321,7 +321,7 @@ def _quantize_streamed(args, params: dict, text: Optional[str]) -> int:
                              sequential=args.sequential, hessian=args.hessian, dtype=args.dtype,
                              save_dtype="auto" if args.save_dtype == "auto" else getattr(torch, args.save_dtype),
                              tokenizer=tokenizer, progress=False if args.quiet else None, verify=not args.no_verify,
-                             **params)
+                             lm_head=None if args.lm_head == "float" else args.lm_head, **params)
     seconds = time.perf_counter() - start
     print(report.summary())
     if args.verbose:
@@ -362,11 +362,12 @@ def cmd_quantize(args) -> int:
             params["ratio_4bit"] = allocate_ratio_4bit(model, windows, args.bits, calibration=stats,
                                                        group_size=params["group_size"],
                                                        outlier_fraction=params["outlier_fraction"], progress=progress)
+    lm_head = None if args.lm_head == "float" else args.lm_head
     if args.sequential:
         report = quantize_model(model, args.method, calibration_batches=windows, hessian=args.hessian,
-                                progress=progress, **params)
+                                progress=progress, lm_head=lm_head, **params)
     else:
-        report = quantize_model(model, args.method, calibration=stats, progress=progress, **params)
+        report = quantize_model(model, args.method, calibration=stats, progress=progress, lm_head=lm_head, **params)
     if probe is not None:
         before, probe_windows, probe_text = probe
         after = _windows_perplexity(model, probe_windows)
@@ -533,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"mixed: fraction kept as 16-bit outliers (default: {MIXED_DEFAULTS['outlier_fraction']})")
     q.add_argument("--param", action="append", metavar="NAME=VALUE",
                    help="a quantizer argument of the method (repeatable), e.g. --param act_bits=8")
+    q.add_argument("--lm-head", choices=("int8", "float"), default="int8",
+                   help="the output layer: int8 (llama.cpp's Q8_0 layout, 8.5 bits; the tied embedding stays float) "
+                        "or float (left as it is)")
     add_calibration_args(q, "calibrate on a text file, or 'fortunes' (mixed only; a quick perplexity probe on "
                          f"{PROBE_TOKENS} further tokens of it then compares the quantized model with the float one)",
                          tokens=1024)

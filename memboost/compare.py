@@ -194,7 +194,9 @@ def run(quick: bool = False, tokens: int = 2048, progress: bool = True, only: Op
             bits = 32.0
         elif spec["kind"] == "memboost":
             stats = calibrate(model, calib, skip=SKIP) if spec.get("calibrated") else None
-            quantize_model(model, spec["method"], skip=SKIP, calibration=stats, progress=False, **spec["params"])
+            # the head stays float for every row, memboost's and its peers' alike (lm_head=None)
+            quantize_model(model, spec["method"], skip=SKIP, calibration=stats, progress=False, lm_head=None,
+                           **spec["params"])
             bits = memboost_bits(model)
         elif spec["kind"] == "bnb":
             bits = bnb_nf4(model, spec["double_quant"])

@@ -27,6 +27,7 @@ from .formats.nf4 import NF4QuantizedTensor
 from .formats.nf4 import quantize as _nf4_quantize
 from .formats.ternary import EPS as TERNARY_EPS, TernaryQuantizedTensor, check_act_bits
 from .formats.ternary import quantize as ternary_quantize
+from .formats.int8 import Int8QuantizedTensor, quantize as _int8_quantize, skip_reason as _int8_skip_reason
 from .formats.lort import LoRTQuantizedTensor, decompose as lort_decompose, resolve_rank as resolve_lort_rank
 from .formats.tensor import FORMAT_INFO_KEY, QuantizedTensor, check_output_dtype, decode_json
 
@@ -360,6 +361,39 @@ class NF4Linear(QuantizedLinear):
         """Quantizes `linear`'s weight with memboost.nf4.quantize (same arguments)."""
         return super().from_linear(linear, block_size=block_size, double_quant=double_quant, act_bits=act_bits,
                                    compute_dtype=compute_dtype)
+
+
+class Int8Linear(QuantizedLinear):
+    """nn.Linear with an int8 weight in llama.cpp's Q8_0 layout (8.5 bits per
+    weight): what quantize_model gives a language model's output layer
+    (lm_head) by default, whatever format the other layers get.
+
+    act_bits: None (default) computes exactly in float; 8 quantizes x to
+    int8 per block of 32 and multiplies int8 by int8 on the CPU (llama.cpp's
+    Q8_0 x Q8_0 dot product).
+    """
+
+    format = "int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, dtype: torch.dtype = torch.float32,
+                 device=None, act_bits: Optional[int] = None):
+        qtensor = Int8QuantizedTensor.zeros((out_features, in_features), dtype=dtype, device=device)
+        b = torch.zeros(out_features, dtype=dtype, device=device) if bias else None
+        self._init(qtensor, b, None, act_bits)
+
+    @classmethod
+    def quantize_weight(cls, weight: torch.Tensor, **params) -> Int8QuantizedTensor:
+        return _int8_quantize(weight, **params)
+
+    @classmethod
+    def skip_reason(cls, in_features: int, out_features: int, **params) -> Optional[str]:
+        return _int8_skip_reason(in_features)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, act_bits: Optional[int] = None,
+                    compute_dtype: Optional[torch.dtype] = None) -> "Int8Linear":
+        """Quantizes `linear`'s weight with memboost.int8.quantize."""
+        return super().from_linear(linear, act_bits=act_bits, compute_dtype=compute_dtype)
 
 
 # ---------------------------------------------------------------------- LoRT

@@ -378,3 +378,55 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     `start`, each head attending keys 0..start. Inference only."""
     return _ops.decode_attention.default(q, k, v, cos, sin, key_cache, value_cache, start, key_mask, float(scale))
 
+# ----------------------------------------------------- int8 (Q8_0 layout)
+def _check_int8_fake(values, scales):
+    torch._check_value(values.dtype == torch.int8, lambda: f"'values' must be torch.int8, got {values.dtype}")
+    torch._check_value(scales.dtype == torch.float16, lambda: f"'scales' must be torch.float16, got {scales.dtype}")
+    torch._check_value(values.dim() == 2 and scales.dim() == 2, lambda: "'values' and 'scales' must be 2-D")
+    torch._check_value(values.shape[1] % 32 == 0, lambda: "'values' must have a multiple of 32 columns")
+    torch._check_value(scales.shape[0] == values.shape[0] and scales.shape[1] * 32 == values.shape[1],
+                       lambda: "'scales' must have shape [out_features, in_features / 32]")
+
+
+@_register_fake("int8_dequantize")
+def _(values, scales, dtype):
+    _check_int8_fake(values, scales)
+    torch._check_value(dtype in _FLOAT_DTYPES, lambda: f"'dtype' must be float16, bfloat16 or float32, got {dtype}")
+    return values.new_empty(values.shape, dtype=dtype)
+
+
+@_register_fake("int8_linear")
+def _(x, values, scales, bias, act_bits=0):
+    _check_int8_fake(values, scales)
+    torch._check_value(x.dtype in _FLOAT_DTYPES, lambda: f"'x' must be float16, bfloat16 or float32, got {x.dtype}")
+    torch._check_value(x.shape[-1] == values.shape[1], lambda: "'x' last dimension must equal in_features")
+    torch._check_value(act_bits in (0, 8), lambda: f"'act_bits' must be 0 or 8, got {act_bits}")
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+def int8_dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _ops.int8_dequantize.default(values, scales, dtype)
+
+
+def int8_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                act_bits: int = 0) -> torch.Tensor:
+    return _call_linear(_ops.int8_linear.default, (x, values, scales, bias, act_bits), x, bias)
+
+
+def _int8_linear_setup_context(ctx, inputs, output):
+    x, values, scales, bias, _act_bits = inputs
+    ctx.weight = (values, scales)
+    ctx.has_bias = bias is not None
+
+
+def _int8_linear_backward(ctx, grad):
+    # The int8 weight is frozen: gradients flow to x and bias only (int8
+    # activation rounding passed straight through).
+    w = _ops.int8_dequantize.default(*ctx.weight, grad.dtype)
+    grad_x = grad @ w
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, grad_bias, None
+
+
+torch.library.register_autograd("memboost::int8_linear", _int8_linear_backward,
+                                setup_context=_int8_linear_setup_context)

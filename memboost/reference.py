@@ -372,3 +372,49 @@ def decode_attention(q, k, v, cos, sin, key_cache, value_cache, start: int, key_
     out = torch.einsum("bhj,bhjd->bhd", torch.softmax(scores, dim=-1), values)
     return out.reshape(batch, 1, heads * dim).to(q.dtype)
 
+# -- int8 weights (llama.cpp's Q8_0 layout; csrc/common/int8_args.h) ---------
+INT8_BLOCK = 32  # weights per float16 scale (GGUF's QK8_0)
+
+
+def q8_0_blocks(x: torch.Tensor):
+    """Q8_0 rounding of float32 blocks x [n, 32]: (d float32 [n], a float16
+    value; q int8 [n, 32]) with d = fp16(absmax / 127) and q =
+    round-half-even(x / d) (x times the float32 reciprocal of the stored d),
+    clamped to [-128, 127]; an all-zero block gets d = 0, q = 0. Rounding with
+    the stored (fp16) scale, not the exact absmax / 127, makes q the nearest
+    codes for the scale the file holds: quantizing the dequantized weight again
+    returns the same d and q, so a GGUF Q8_0 export of an int8 weight is
+    lossless. The one Q8_0 quantizer: memboost.formats.int8 and the GGUF
+    writer (memboost.io.gguf.quants) both call it."""
+    d = (x.abs().amax(1) / 127.0).to(torch.float16).to(torch.float32)
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
+    q = torch.round(x * inv[:, None]).clamp(-128, 127).to(torch.int8)
+    return d, q
+
+
+def int8_quantize(w: torch.Tensor):
+    """w [out, in] (in a multiple of 32) -> (values int8 [out, in], scales float16 [out, in / 32])."""
+    n, k = w.shape
+    d, q = q8_0_blocks(w.detach().to(torch.float32).reshape(-1, INT8_BLOCK))
+    return q.reshape(n, k), d.to(torch.float16).reshape(n, k // INT8_BLOCK)
+
+
+def int8_dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n, k = values.shape
+    w = values.to(torch.float32).reshape(n, k // INT8_BLOCK, INT8_BLOCK) * scales.to(torch.float32)[:, :, None]
+    return w.reshape(n, k).to(dtype)
+
+
+def int8_linear(x, values, scales, bias: Optional[torch.Tensor], act_bits: int = 0) -> torch.Tensor:
+    """x @ W.T + bias in float32, cast to x's dtype. act_bits 8 (CPU): x
+    quantized to int8 per block of 32 (the activation blocks coincide with
+    the weight's), so each block's product is an exact integer dot product
+    times the two scales. Elsewhere (the GPU) act_bits 8 is computed exactly."""
+    if act_bits not in (0, 8):
+        raise ValueError(f"'act_bits' must be 0 or 8, got {act_bits}")
+    w = int8_dequantize(values, scales, torch.float32)
+    xf = x.to(torch.float32)
+    if act_bits == 8 and x.device.type == "cpu" and xf.shape[-1] > 0:
+        xf = dequantize_activations_int8(xf, INT8_BLOCK)
+    y = torch.nn.functional.linear(xf, w, None if bias is None else bias.to(torch.float32))
+    return y.to(x.dtype)

@@ -54,8 +54,10 @@ def test_save_and_reload_give_the_same_logits(arch, method, params, tmp_path):
     assert "config.json" in files and "model.safetensors.index.json" in files
     assert sum(f.endswith(".safetensors") for f in files) > 1
     qconfig = json.load(open(directory / "config.json"))["quantization_config"]
-    assert qconfig["quant_method"] == "memboost" and qconfig["method"] == method
-    assert set(qconfig["format_versions"]) == {method} and qconfig["quantize_calls"][0]["params"] == params
+    # the output layer is int8 (quantize_model's default), so two formats are listed
+    assert qconfig["quant_method"] == "memboost" and qconfig["method"] == sorted({method, "int8"})
+    assert qconfig["modules"]["lm_head"] == "int8" and qconfig["quantize_calls"][0]["lm_head"] == "int8"
+    assert set(qconfig["format_versions"]) == {method, "int8"} and qconfig["quantize_calls"][0]["params"] == params
     reloaded = memboost.load_quantized(directory)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, want)
@@ -85,13 +87,27 @@ def test_layer_options_come_back(tmp_path):
 
 def test_tied_embedding_is_stored_once_and_tied_again(tmp_path):
     model = tiny_model("llama")
-    memboost.quantize_model(model, "mixed", progress=False)
+    memboost.quantize_model(model, "mixed", lm_head=None, progress=False)  # a float output layer, tied
     memboost.save_quantized(model, tmp_path / "m")
     from safetensors import safe_open
     with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in f.keys()
     reloaded = memboost.load_quantized(tmp_path / "m")
     assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+
+
+def test_int8_output_layer_keeps_the_float_embedding_once_and_untied(tmp_path):
+    model = tiny_model("llama")
+    memboost.quantize_model(model, "mixed", progress=False)  # lm_head="int8" by default
+    memboost.save_quantized(model, tmp_path / "m")
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "m" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "lm_head.weight" not in keys and "lm_head.weight.values" in keys and "model.embed_tokens.weight" in keys
+    assert json.load(open(tmp_path / "m" / "config.json"))["tie_word_embeddings"] is False
+    reloaded = memboost.load_quantized(tmp_path / "m")
+    assert isinstance(reloaded.lm_head, memboost.nn.Int8Linear)
+    assert torch.equal(reloaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
 def test_load_never_materialises_float_weights(tmp_path):

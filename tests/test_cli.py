@@ -33,16 +33,32 @@ def test_quantize_info_eval(model_dir, tmp_path, capsys):
                      "--calib-tokens", "100", "--quiet", "--verbose"]) == 0
     printed = capsys.readouterr().out
     assert "14 layers replaced" in printed and "| model.layers.0.self_attn.q_proj |" in printed
+    assert "output layer lm_head int8" in printed  # the default --lm-head int8
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
 
     assert cli.main(["info", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "| model.layers.1.mlp.down_proj | mixed | 64x128 |" in printed and "14 quantized layers" in printed
+    assert "| model.layers.1.mlp.down_proj | mixed | 64x128 |" in printed and "15 quantized layers" in printed
+    assert "| lm_head | int8 | 64x64 |" in printed
 
     assert cli.main(["eval", str(out), "--text", text, "--tokens", "128", "--window", "64", "--new-tokens", "4",
                      "--baseline", str(model_dir)]) == 0
     printed = capsys.readouterr().out
     assert f"| {out} |" in printed and f"| {model_dir} |" in printed and "perplexity on 128 tokens" in printed
+
+
+def test_lm_head_float_keeps_the_output_layer(model_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(model_dir), str(out), "--lm-head", "float", "--quiet"]) == 0
+    assert "output layer" not in capsys.readouterr().out
+    assert cli.main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "14 quantized layers" in printed and "lm_head" not in printed
+    reloaded = memboost.load_quantized(out)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight  # still tied
+    with pytest.raises(SystemExit) as exc:  # argparse's own one-line error
+        cli.main(["quantize", str(model_dir), str(out), "--lm-head", "int4"])
+    assert exc.value.code == 2 and "--lm-head: invalid choice: 'int4'" in capsys.readouterr().err
 
 
 def test_errors_exit_2_with_one_line(model_dir, tmp_path, capsys):

@@ -67,7 +67,9 @@ def test_damaged_tensor_in_a_saved_folder_is_named(tmp_path, name):
     with pytest.raises(memboost.MemboostError, match=f"'{name}' is damaged"):
         memboost.load_safetensors(path)
     damaged = memboost.load_quantized(directory, verify=False)  # the opt-out reads the bytes as they are
-    assert not torch.equal(_logits(damaged), _logits(model))
+    # (the tensor itself: the damaged embedding rows feed no logit of _logits' tokens now that the int8
+    # output layer no longer shares the embedding)
+    assert not torch.equal(damaged.state_dict()[name], model.state_dict()[name])
 
 
 def test_damage_in_a_shard_names_the_shard(tmp_path):

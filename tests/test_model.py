@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import memboost
-from memboost.nn import MixedLinear
+from memboost.nn import Int8Linear, MixedLinear
 
 from conftest import llm_like_weight, rel_err, tiny_llama
 
@@ -67,8 +67,11 @@ def test_quantize_linears_replaces_eligible_layers(device):
     out = memboost.quantize_linears_(model, ratio_4bit=0.5, outlier_fraction=0.01)
     assert out is model
     assert isinstance(model.mlp[0], MixedLinear) and isinstance(model.mlp[2], MixedLinear)
-    assert type(model.lm_head) is nn.Linear
+    assert isinstance(model.lm_head, Int8Linear)  # the output layer: int8 by default, whatever `skip` says
     assert rel_err(model(x), ref) < 0.45  # two layers at about 3 bits
+    kept = _model(device)
+    memboost.quantize_linears_(kept, ratio_4bit=0.5, outlier_fraction=0.01, lm_head=None)
+    assert isinstance(kept.mlp[2], MixedLinear) and type(kept.lm_head) is nn.Linear
 
     model = _model(device)
     memboost.quantize_linears_(model, filter_fn=lambda name, m: m.out_features == 128)
@@ -110,7 +113,7 @@ def test_load_quantized_restores_a_quantized_model_into_a_fresh_one(device, tmp_
     fresh = Block().to(device)
     missing, unexpected = memboost.load_quantized_(fresh, memboost.load_safetensors(path, device=device))
     assert missing == [] and unexpected == []
-    assert [type(m) for m in (fresh.mlp[0], fresh.mlp[2], fresh.lm_head)] == [MixedLinear, MixedLinear, nn.Linear]
+    assert [type(m) for m in (fresh.mlp[0], fresh.mlp[2], fresh.lm_head)] == [MixedLinear, MixedLinear, Int8Linear]
     x = _inputs(device, batches=1)[0]
     with torch.no_grad():
         assert torch.equal(fresh(x), quantized(x))
@@ -130,14 +133,20 @@ def test_quantize_model_reports_replaced_and_skipped_layers(device):
     report = memboost.quantize_model(model, "mixed", group_size=256, ratio_4bit=0.0, progress=False)
     # mlp.0 has 128 input features: group_size 256 does not fit it
     assert [r.name for r in report.replaced] == ["mlp.2"]
-    assert dict(report.skipped) == {"mlp.0": "group_size 256 does not divide in_features 128",
-                                    "lm_head": "name matches skip 'lm_head'"}
+    assert dict(report.skipped) == {"mlp.0": "group_size 256 does not divide in_features 128"}
+    # the output layer is int8 by default, reported apart from the method's layers
+    assert report.output_layer.name == "lm_head" and report.output_layer.shape == (64, 128)
+    assert report.output_layer.bytes_after == model.lm_head.weight.tensor().nbytes
     r = report.replaced[0]
     assert r.shape == (128, 256) and r.bytes_before == 128 * 256 * 4
     assert r.bytes_after == model.mlp[2].weight.tensor().nbytes and r.details["ratio_4bit"] == 0.0
     assert abs(report.bits_per_weight - model.mlp[2].weight.tensor().avg_bits) < 1e-9
     text = str(report)
-    assert "1 layers replaced, 2 skipped" in text and "| mlp.0 | skipped: group_size 256" in text
+    assert "1 layers replaced, 1 skipped" in text and "| mlp.0 | skipped: group_size 256" in text
+    assert "output layer lm_head int8" in text and "| lm_head | 64x128 | 8.5" in text
+    plain = memboost.quantize_model(_model(device), "mixed", group_size=256, ratio_4bit=0.0, lm_head=None,
+                                    progress=False)
+    assert dict(plain.skipped)["lm_head"] == "name matches skip 'lm_head'" and plain.output_layer is None
 
 
 def test_quantize_model_refuses_parameters_that_fit_no_layer():
@@ -148,7 +157,7 @@ def test_quantize_model_refuses_parameters_that_fit_no_layer():
     assert type(model.mlp[0]) is nn.Linear and type(model.mlp[2]) is nn.Linear
     # every layer skipped by name is not a parameter problem: a warning, the model unchanged
     with pytest.warns(UserWarning, match="replaced no layer .*name matches skip"):
-        report = memboost.quantize_model(model, "mixed", skip=("mlp", "lm_head"))
+        report = memboost.quantize_model(model, "mixed", skip=("mlp", "lm_head"), lm_head=None)
     assert not report.replaced and type(model.mlp[0]) is nn.Linear
 
 
@@ -227,10 +236,22 @@ def test_tied_model_saves_and_reloads_as_written_in_the_readme(tmp_path):
     fresh = LlamaForCausalLM(config).eval()
     missing, unexpected = memboost.load_quantized_(fresh, memboost.load_safetensors(path))
     assert missing == [] and unexpected == []
-    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+    # the output layer is int8 (quantize_model's default); the embedding stays float, untied
+    assert isinstance(fresh.lm_head, Int8Linear) and isinstance(fresh.model.embed_tokens.weight, nn.Parameter)
     ids = torch.randint(0, 64, (1, 12))
     with torch.no_grad():
         assert torch.equal(fresh(ids).logits, model(ids).logits)
+    # a model built from the original (tied) config is untied on load, not tied back to the float embedding
+    tied_config = LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": True})
+    again = LlamaForCausalLM(tied_config).eval()
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    assert memboost.load_quantized_(again, memboost.load_safetensors(path)) == ([], [])
+    assert isinstance(again.lm_head, Int8Linear) and again.config.tie_word_embeddings is False
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    plain = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": True})).eval()
+    memboost.quantize_model(plain, "mixed", ratio_4bit=0.25, lm_head=None)
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight  # opting out keeps the tie
 
 
 def test_calibrate_with_hessian_gives_second_moments_and_quantize_model_uses_them():

@@ -122,13 +122,22 @@ def build(draw, op):
     if op == "rms_norm":
         x = _x(draw, draw(st.sampled_from([1, 7, 64, 100])))
         return [x, torch.randn(x.shape[-1]).to(x.dtype), draw(st.sampled_from([0.0, 1e-6, 1e-5])), draw(st.booleans())]
+    if op in ("int8_dequantize", "int8_linear"):
+        n, k = draw(st.integers(0, 5)), 32 * draw(st.integers(1, 3))
+        q = memboost.int8.quantize(torch.randn(max(n, 1), k))
+        values, scales = q.tensors["values"][:n], q.tensors["scales"][:n]
+        if op == "int8_dequantize":
+            return [values, scales, draw(st.sampled_from(FLOATS))]
+        x = _x(draw, k)
+        return [x, values, scales, _bias(draw, n, x.dtype), draw(st.sampled_from([0, 8]))]
     raise KeyError(op)
 
 
 REFERENCES = {name: getattr(reference, name) for name in
               ("pack_2bit", "unpack_2bit", "pack_4bit", "unpack_4bit", "mixed_dequantize", "mixed_linear",
                "ternary_pack", "ternary_unpack", "ternary_dequantize", "ternary_linear", "nf4_quantize",
-               "nf4_quantize_absmax", "nf4_dequantize", "nf4_linear", "rms_norm", "decode_attention")}
+               "nf4_quantize_absmax", "nf4_dequantize", "nf4_linear", "rms_norm", "decode_attention",
+               "int8_dequantize", "int8_linear")}
 
 
 def test_every_op_is_fuzzed():
@@ -242,3 +251,5 @@ def test_references_take_zero_rows():
     assert reference.ternary_unpack(torch.zeros(0, 32, dtype=torch.uint8), 100).shape == (0, 100)
     assert reference.unpack_bitmask(torch.zeros(0, 1, dtype=torch.int32), 3).shape == (0, 3)
     assert reference.dequantize_activations_int8(torch.zeros(0, 64), 32).shape == (0, 64)
+    assert reference.int8_dequantize(torch.zeros(0, 64, dtype=torch.int8), torch.zeros(0, 2, dtype=torch.float16),
+                                     torch.float32).shape == (0, 64)

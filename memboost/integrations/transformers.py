@@ -156,6 +156,23 @@ def _resolve_module(model: nn.Module, name: str):
                         "config does not have")
 
 
+def _head_of_another_model(model: nn.Module, name: str) -> bool:
+    """A layer outside the base model (the int8 lm_head of a *ForCausalLM
+    checkpoint) while `model` is that base model (AutoModel): transformers
+    drops the head's weights, and so does memboost."""
+    prefix = getattr(model, "base_model_prefix", "")
+    is_base = bool(prefix) and not isinstance(getattr(model, prefix, None), nn.Module)
+    return is_base and not name.startswith(prefix + ".") and not _has_module(model, name)
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
 def _placeholder(fmt: str, linear: nn.Linear) -> QuantizedLinear:
     """A `fmt` layer of `linear`'s shape whose tensors are empty on the meta
     device: the loader replaces them with the checkpoint's."""
@@ -285,6 +302,8 @@ class MemboostHfQuantizer(HfQuantizer):
         linears = {full: (parent, child_name, child) for full, parent, child_name, child in _linears(model)}
         replacements = []
         for saved_name, fmt in self.quantization_config.modules.items():
+            if _head_of_another_model(model, saved_name):
+                continue
             name, _ = _resolve_module(model, saved_name)
             if name not in linears:
                 raise MemboostError(f"quantization_config names layer {saved_name!r}, which is not a linear layer of "
@@ -314,6 +333,8 @@ class MemboostHfQuantizer(HfQuantizer):
         found = set()
         for key, info in infos.items():
             saved_name = key[:-len(f".weight.{FORMAT_INFO_KEY}")]
+            if _head_of_another_model(model, saved_name):
+                continue
             try:
                 name, _ = _resolve_module(model, saved_name)
             except MemboostError:

@@ -201,10 +201,17 @@ def cast_for_storage(stored: Dict[str, torch.Tensor], quantized_layers, storage_
             for k, v in stored.items()}
 
 
-def write_config(folder: str, config, qconfig: dict, generation_config=None) -> None:
-    """config.json (the model's config with `qconfig` as its quantization_config) and generation_config.json."""
+def write_config(folder: str, config, qconfig: dict, generation_config=None,
+                 plain_dtype: Optional[torch.dtype] = None) -> None:
+    """config.json (the model's config with `qconfig` as its quantization_config) and generation_config.json.
+    `plain_dtype`: the dtype of the stored unquantized float tensors, written as the config's dtype when it
+    has none."""
     config_dict = config.to_dict()
     config_dict["quantization_config"] = qconfig
+    if config_dict.get("dtype") is None and plain_dtype is not None:
+        # Without it, transformers' from_pretrained takes the dtype of the first floating tensor in the file,
+        # which may be a quantized weight's scales (float16 in an int8 lm_head).
+        config_dict["dtype"] = str(plain_dtype).replace("torch.", "")
     with open(os.path.join(folder, CONFIG_NAME), "w") as f:
         json.dump(config_dict, f, indent=2, sort_keys=True)
     if generation_config is not None and hasattr(generation_config, "save_pretrained"):
@@ -250,6 +257,12 @@ def _own_dtype(model: nn.Module) -> Optional[torch.dtype]:
     return config_dtype if config_dtype in (torch.bfloat16, torch.float16) else None
 
 
+def _plain_float_dtype(model: nn.Module, stored: Dict[str, torch.Tensor]) -> Optional[torch.dtype]:
+    """The dtype of the first unquantized floating tensor (embedding, norm) of `stored`."""
+    quantized = tuple(f"{name}.weight." for name, module in model.named_modules() if isinstance(module, QuantizedLinear))
+    return next((v.dtype for k, v in stored.items() if v.is_floating_point() and not k.startswith(quantized)), None)
+
+
 def save_quantized(model: nn.Module, directory: str, max_shard_size: Union[int, str] = "2GB",
                    tokenizer=None, dtype: Union[str, torch.dtype, None] = "auto") -> None:
     """Saves a model that quantize_model changed to `directory` (created or
@@ -276,7 +289,8 @@ def save_quantized(model: nn.Module, directory: str, max_shard_size: Union[int, 
     stored, aliases = _split_aliases(state)
     stored = cast_for_storage(stored, quantized_formats(model), _own_dtype(model) if dtype == "auto" else dtype)
     with replace_directory(directory) as staging:
-        write_config(staging, config, qconfig, getattr(model, "generation_config", None))
+        write_config(staging, config, qconfig, getattr(model, "generation_config", None),
+                     plain_dtype=_plain_float_dtype(model, stored))
         writer = ShardWriter(staging, max_shard_size)
         writer.add(stored)
         writer.close(aliases)
@@ -424,7 +438,8 @@ def _restore_layer_options(model: nn.Module, qconfig: dict) -> None:
         if act_bits is None:
             continue
         for module in model.modules():
-            if isinstance(module, QuantizedLinear) and module.format == call.get("method"):
+            # the int8 output layer (quantize_model's lm_head) takes the call's act_bits too
+            if isinstance(module, QuantizedLinear) and module.format in (call.get("method"), call.get("lm_head")):
                 if act_bits not in (8,):
                     raise MemboostError(f"quantization_config: act_bits {act_bits!r} is not supported (expected 8)")
                 module.act_bits = act_bits

@@ -40,8 +40,8 @@ from ..errors import MemboostError
 from ..model.quantize import (QuantizationReport, _block_inputs, _block_outputs, _check_batches, _input_moments,
                               _is_conv1d, _linears, _run_batches, _skipped_by_name, check_params, damage_warnings,
                               quantize_call, quantize_model, select_layers)
-from .checkpoint import (CONFIG_NAME, ShardWriter, _own_dtype, _parameters_on_meta, cast_for_storage,
-                         quantization_config_of, quantized_formats, replace_directory, write_config)
+from .checkpoint import (CONFIG_NAME, ShardWriter, _own_dtype, _parameters_on_meta, _plain_float_dtype,
+                         cast_for_storage, quantization_config_of, quantized_formats, replace_directory, write_config)
 from .serialization import SafetensorsSource, _split_aliases, check_output_path
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -204,7 +204,7 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
                     calibration_batches: Optional[Iterable] = None, sequential: bool = True, hessian: bool = False,
                     dtype: Union[str, torch.dtype] = "auto", save_dtype: Union[str, torch.dtype, None] = "auto",
                     max_shard_size: Union[int, str] = "2GB", tokenizer=None, progress: Optional[bool] = None,
-                    verify: bool = True, **params) -> QuantizationReport:
+                    verify: bool = True, lm_head: Optional[str] = "int8", **params) -> QuantizationReport:
     """Quantizes the Hugging Face model in the folder `source` (config.json
     and safetensors weights, one file or shards) with `method` and `params`
     (as quantize_model) into `directory`, the folder save_quantized writes
@@ -265,11 +265,11 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
             inputs = _as_keyword_inputs(_block_inputs(model, blocks[0], batches))
             _release(loaded)
 
-        def quantize_part(part, prefix, **extra):
+        def quantize_part(part, prefix, head=None, **extra):
             with warnings.catch_warnings():  # a block without a layer to quantize is not worth a warning
                 warnings.filterwarnings("ignore", message="memboost.quantize_model replaced no layer")
                 part_report = quantize_model(part, method, skip=skip, progress=False, name_prefix=prefix,
-                                             **extra, **params)
+                                             lm_head=head, **extra, **params)
             report.replaced.extend(part_report.replaced)
             report.skipped.extend(part_report.skipped)
 
@@ -303,16 +303,18 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
 
         # What lies outside the blocks: embeddings, final norm, lm_head (quantized when not skipped).
         _materialize(model, "", src, compute_dtype, skip_prefix=blocks_prefix)
-        quantize_part(model, "")
+        quantize_part(model, "", head=lm_head)  # the output layer as quantize_model's lm_head says
         rest_formats = quantized_formats(model)
         formats.update(rest_formats)
         rest = {k: v for k, v in model.state_dict().items() if not k.startswith(blocks_prefix)}
         stored, aliases = _split_aliases(rest)
         writer.add(cast_for_storage(stored, rest_formats, storage_dtype))
-        del rest, stored
+        del rest
         writer.close(aliases)
-        calls = [quantize_call(method, params, skip, calibrated, len(report.replaced))]
-        write_config(staging, model.config, quantization_config_of(formats, calls), model.generation_config)
+        call = quantize_call(method, params, skip, calibrated, len(report.replaced))
+        call["lm_head"] = lm_head if lm_head is not None and lm_head in rest_formats.values() else None
+        write_config(staging, model.config, quantization_config_of(formats, [call]), model.generation_config,
+                     plain_dtype=_plain_float_dtype(model, stored))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     report.warnings.extend(damage_warnings(method, report, calibrated))

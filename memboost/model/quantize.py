@@ -69,6 +69,9 @@ class QuantizationReport:
     # Settings expected to damage the model, each saying what to change
     # (quantize_model's rules; the command line adds its perplexity probe).
     warnings: List[str] = field(default_factory=list)
+    # The output layer when quantize_model's lm_head made it int8 (outside
+    # the totals below, which describe `method`'s layers).
+    output_layer: Optional[LayerReport] = None
 
     @property
     def bytes_before(self) -> int:
@@ -90,6 +93,10 @@ class QuantizationReport:
             line = (f"memboost {self.method}: {len(self.replaced)} layers replaced, {len(self.skipped)} skipped; "
                     f"{self.bits_per_weight:.3f} bits per weight; {self.bytes_before / 2**20:.1f} MiB -> "
                     f"{self.bytes_after / 2**20:.1f} MiB")
+        if self.output_layer is not None:
+            o = self.output_layer
+            line += (f"; output layer {o.name} int8 ({o.avg_bits:.2f} bits, {o.bytes_before / 2**20:.1f} MiB -> "
+                     f"{o.bytes_after / 2**20:.1f} MiB)")
         return "\n".join([line] + [f"warning: {w}" for w in self.warnings])
 
     def table(self) -> str:
@@ -100,6 +107,10 @@ class QuantizationReport:
         for r in self.replaced:
             cells = [r.name, f"{r.shape[0]}x{r.shape[1]}", f"{r.avg_bits:.3f}"] + [str(r.details.get(k, "")) for k in keys]
             lines.append("| " + " | ".join(cells) + " |")
+        if self.output_layer is not None:
+            o = self.output_layer
+            lines.append("| " + " | ".join([o.name, f"{o.shape[0]}x{o.shape[1]}", f"{o.avg_bits:.3f}"]
+                                           + ["int8 (output layer)"] + [""] * (len(keys) - 1)) + " |")
         lines += [f"| {name} | skipped: {why} |" for name, why in self.skipped]
         return "\n".join(lines)
 
@@ -382,18 +393,21 @@ def _params_of(params: Mapping, full: str) -> Mapping:
 
 def select_layers(model: nn.Module, method: str, skip: Iterable[str] = ("lm_head",),
                   filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, name_prefix: str = "",
-                  skipped: Optional[List[Tuple[str, str]]] = None, **params):
+                  skipped: Optional[List[Tuple[str, str]]] = None, exclude: Optional[nn.Module] = None, **params):
     """The (qualified name, parent, attribute, nn.Linear view) of every layer
     of `model` that quantize_model would quantize with these arguments; the
     others go to `skipped` as (name, why). Raises when the format fits none
     of the layers it was not told to skip. Only shapes are read: `model`'s
     parameters may be on the meta device (memboost.io.streaming checks a
-    whole model so before quantizing any block)."""
+    whole model so before quantizing any block). `exclude`: a module left out
+    without a reason (the output layer quantize_model quantizes apart)."""
     layer_cls = QuantizedLinear.for_format(method)
     skipped = [] if skipped is None else skipped
     refused = []   # (in_features, why) of the layers the format cannot take with these parameters
     targets = []
     for name, parent, child_name, child in _linears(model):
+        if exclude is not None and child is exclude:
+            continue
         full = name_prefix + name
         linear = _as_linear(child)
         why = (_skipped_by_name(full, skip)
@@ -417,7 +431,8 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
                    calibration: Optional[Mapping[str, torch.Tensor]] = None,
                    filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, verbose: bool = False,
                    progress: Optional[bool] = None, *, calibration_batches: Optional[Iterable] = None,
-                   hessian: bool = False, name_prefix: str = "", **params) -> QuantizationReport:
+                   hessian: bool = False, name_prefix: str = "", lm_head: Optional[str] = "int8",
+                   **params) -> QuantizationReport:
     """Replaces, in place, every nn.Linear (and GPT-2 Conv1D) of `model` not
     named in `skip` and accepted by `filter_fn` with the drop-in layer of
     `method` (memboost.nn.QuantizedLinear.for_format), quantized with
@@ -451,14 +466,29 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     name_prefix: prepended to every layer name (skip, filter_fn, per-layer
     params, calibration, the report) when `model` is one block of a larger
     model, e.g. "model.layers.3." (memboost.io.streaming quantizes a model
-    block by block so)."""
+    block by block so).
+
+    lm_head: "int8" (default) makes the model's output layer (its
+    get_output_embeddings(), or a linear named lm_head) an int8 layer
+    (memboost.nn.Int8Linear, llama.cpp's Q8_0 layout, 8.5 bits per weight)
+    whatever `method` and `skip` say, with the act_bits the other layers get:
+    a float output layer is the largest weight a small model reads per
+    generated token. A tied input embedding stays float and is untied
+    (config.tie_word_embeddings becomes False), so a checkpoint holds the
+    float embedding once and the int8 output layer, and loading does not tie
+    them again. None keeps the output layer as `skip` decides (float by
+    default). The report lists it as `output_layer`."""
     if not isinstance(model, nn.Module):
         raise MemboostTypeError(f"'model' must be an nn.Module, got {type(model).__name__}")
     layer_cls = check_params(method, params, calibrated=calibration is not None or calibration_batches is not None)
+    if lm_head not in (None, "int8"):
+        raise MemboostError(f"'lm_head' must be 'int8' (quantize the output layer to int8) or None (leave it as "
+                            f"'skip' decides), got {lm_head!r}")
     if isinstance(skip, str):
         skip = (skip,)
     report = QuantizationReport(method)
-    targets = select_layers(model, method, skip, filter_fn, name_prefix, report.skipped, **params)
+    output = _output_layer(model) if lm_head is not None else None
+    targets = select_layers(model, method, skip, filter_fn, name_prefix, report.skipped, exclude=output, **params)
     if calibration is not None and calibration_batches is not None:
         raise MemboostError("give 'calibration' (statistics from calibrate) or 'calibration_batches', not both")
     if calibration is not None:
@@ -466,6 +496,8 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
         if missing:
             raise MemboostError(f"'calibration' has no statistics for {len(missing)} layer(s) to quantize, e.g. "
                                 f"{missing[:3]}; run memboost.calibrate on the same model with the same skip")
+
+    head = _quantize_output_layer(model, output, params, report) if output is not None else None
 
     def quantize_one(full, linear, stats):
         extra = {} if stats is None else {"calibration": stats}
@@ -513,13 +545,17 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
             replacements.append((parent, child_name, quantize_one(full, linear, stats)))
         for parent, child_name, layer in replacements:
             setattr(parent, child_name, layer)
+    if head is not None:
+        _replace_output_layer(model, *head)
     if report.replaced:
         report.warnings.extend(damage_warnings(method, report,
                                                calibration is not None or calibration_batches is not None))
-    if report.replaced:  # what save_quantized writes into quantization_config
+    if report.replaced or head is not None:  # what save_quantized writes into quantization_config
         calls = list(getattr(model, "memboost_quantization", []))
-        calls.append(quantize_call(method, params, skip, calibration is not None or calibration_batches is not None,
-                                   len(report.replaced)))
+        call = quantize_call(method, params, skip, calibration is not None or calibration_batches is not None,
+                             len(report.replaced))
+        call["lm_head"] = None if head is None else lm_head
+        calls.append(call)
         model.memboost_quantization = calls
     if not report.replaced:
         reasons = sorted({why for _, why in report.skipped})
@@ -530,19 +566,89 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     return report
 
 
+def _output_layer(model: nn.Module) -> Optional[nn.Module]:
+    """The model's output layer (an nn.Linear or Conv1D): its
+    get_output_embeddings() when it has one, else the linear named lm_head."""
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    if out is not None and (type(out) is nn.Linear or _is_conv1d(out)):
+        return out
+    for full, _, child_name, child in _linears(model):
+        if child_name == "lm_head":
+            return child
+    return None
+
+
+def _quantize_output_layer(model: nn.Module, output: nn.Module, params: Mapping, report: QuantizationReport):
+    """(parent, attribute name, int8 layer) for the output layer, quantized
+    (not yet put in place); None, with the reason in report.skipped, when
+    its input size does not fit int8's blocks."""
+    from ..nn import Int8Linear
+
+    for full, parent, child_name, child in _linears(model):
+        if child is output:
+            break
+    else:
+        return None
+    linear = _as_linear(output)
+    why = Int8Linear.skip_reason(linear.in_features, linear.out_features)
+    if why:
+        report.skipped.append((full, f"lm_head int8: {why}"))
+        return None
+    act_bits = params.get("act_bits")
+    if isinstance(act_bits, Mapping):
+        act_bits = act_bits.get(full)
+    try:
+        layer = Int8Linear.from_linear(linear, act_bits=act_bits)
+    except MemboostError as exc:
+        raise type(exc)(f"{full}: {exc}") from None
+    q = layer.weight.tensor()
+    report.output_layer = LayerReport(full, (linear.out_features, linear.in_features), q.avg_bits,
+                                      linear.weight.numel() * linear.weight.element_size(), q.nbytes,
+                                      {"format": "int8", **q._repr_fields()})
+    return parent, child_name, layer
+
+
+def _replace_output_layer(model: nn.Module, parent: nn.Module, child_name: str, layer: nn.Module) -> None:
+    """Puts the int8 output layer in place; an input embedding it was tied
+    to stays float and is untied in the config, so that transformers'
+    tie_weights() (called when loading) does not put the float embedding
+    back in its place."""
+    setattr(parent, child_name, layer)
+    _untie_output_layer(model, layer)
+
+
+def _untie_output_layer(model: nn.Module, layer: nn.Module) -> None:
+    """A quantized output layer is no longer the input embedding's tensor:
+    the config stops tying them (transformers' tie_weights() would put the
+    float embedding in the quantized layer's place)."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "tie_word_embeddings", False):
+        return
+    config.tie_word_embeddings = False
+    text = config.get_text_config() if hasattr(config, "get_text_config") else None
+    if text is not None and text is not config and hasattr(text, "tie_word_embeddings"):
+        text.tie_word_embeddings = False
+    tied_keys = getattr(model, "all_tied_weights_keys", None)
+    name = next((n for n, m in model.named_modules() if m is layer), None)
+    if isinstance(tied_keys, dict) and name is not None:
+        model.all_tied_weights_keys = {k: v for k, v in tied_keys.items() if not k.startswith(name + ".")}
+
+
 def quantize_linears_(model: nn.Module, ratio_4bit: Union[float, Mapping[str, float]] = 0.1, group_size: int = 64,
                       outlier_fraction: float = 0.002, skip: Iterable[str] = ("lm_head",),
                       filter_fn: Optional[Callable[[str, nn.Module], bool]] = None,
                       calibration: Optional[Mapping[str, torch.Tensor]] = None,
                       exact_zero: Optional[bool] = None, calibration_batches: Optional[Iterable] = None,
-                      hessian: bool = False, damp: float = 0.01, shrink: float = 0.5) -> nn.Module:
+                      hessian: bool = False, damp: float = 0.01, shrink: float = 0.5,
+                      lm_head: Optional[str] = "int8") -> nn.Module:
     """quantize_model(model, method="mixed", ...) under its earlier name:
     replaces each eligible linear with a MixedLinear in place and returns the
     model (the report is quantize_model's); calibration_batches quantizes
     sequentially (see quantize_model); ratio_4bit may be a {layer name:
     ratio} plan from allocate_ratio_4bit."""
     quantize_model(model, "mixed", skip=skip, calibration=calibration, filter_fn=filter_fn,
-                   calibration_batches=calibration_batches, hessian=hessian,
+                   calibration_batches=calibration_batches, hessian=hessian, lm_head=lm_head,
                    ratio_4bit=ratio_4bit, group_size=group_size, outlier_fraction=outlier_fraction,
                    exact_zero=exact_zero, damp=damp, shrink=shrink)
     return model
@@ -554,7 +660,10 @@ def load_quantized_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], st
     into a model of the same architecture built as usual (plain nn.Linear
     layers, e.g. from its config): every linear whose weight is quantized in
     `state_dict` becomes its format's layer first, in place. Tied weights
-    are tied again afterwards (model.tie_weights() when the model has it).
+    are tied again afterwards (model.tie_weights() when the model has it),
+    except a quantized output layer (quantize_model's int8 lm_head), whose
+    input embedding stays float and untied (config.tie_word_embeddings
+    becomes False).
     assign=True takes the tensors instead of copying them (a model whose
     parameters are on the meta device). Returns load_state_dict's
     (missing_keys, unexpected_keys)."""
@@ -573,7 +682,10 @@ def load_quantized_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], st
         layer = QuantizedLinear.for_format(qtensor.format).from_quantized(
             qtensor if device.type == "meta" else qtensor.to(device), linear.bias)
         replacements.append((parent, child_name, layer))
+    output = _output_layer(model)
     for parent, child_name, layer in replacements:
+        if getattr(parent, child_name) is output:
+            _untie_output_layer(model, layer)  # a quantized output layer (int8 by default) is not tied again
         setattr(parent, child_name, layer)
     result = model.load_state_dict(state_dict, strict=strict, assign=assign)
     if hasattr(model, "tie_weights"):

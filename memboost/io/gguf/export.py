@@ -115,6 +115,8 @@ def gguf_type_for(source: str, requested: str, cols: int, exact_ternary: bool = 
         raise MemboostError(f"GGUF type {requested} needs rows that are a multiple of {block} elements"
                             f"{'' if block == gguf_quants.QK else ' (or of 32 to fall back to ' + fallback + ')'}; "
                             f"this weight has rows of {cols}")
+    if requested == "Q8_0" and source == "int8":
+        return requested, "copy", "same int8 values and fp16 scales"
     if requested in TERNARY_TYPES and source == "ternary":
         if exact_ternary:
             return requested, "copy", "same trits, scales in fp16"
@@ -368,7 +370,9 @@ def _convert(value, qtype_requested: str, is_matrix: bool, importance: Optional[
     cols = value.shape[1]
     qtype, how, note = gguf_type_for(source, qtype_requested, cols, exact)
     w = (value.dequantize() if isinstance(value, QuantizedTensor) else value).detach().float().cpu()
-    if how == "copy":
+    if how == "copy" and source == "int8":
+        data = gguf_quants.pack_q8_0(value.tensors["values"].cpu(), value.tensors["scales"].cpu())
+    elif how == "copy":
         data = _ternary_copy(value, qtype)
     elif how == "cast":
         data = gguf_quants.to_float_type(w, qtype).contiguous()
@@ -528,7 +532,10 @@ def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, o
     output_type: type of the output matrix (lm_head, or the token embedding
     when tied); default Q8_0 when weight_type has fewer than 8 bits (the
     output is the most error-sensitive matrix; llama.cpp's quantizer keeps
-    it at 6 bits or more too), else weight_type.
+    it at 6 bits or more too) or when lm_head is an int8 layer (quantize_model's
+    default; its values and scales are copied into Q8_0 unchanged), else
+    weight_type. The float token embedding of a model with an int8 lm_head
+    gets output_type too, as when the two were tied.
     tokenizer: the model's Hugging Face tokenizer (fast); without it the
     file has no vocabulary.
     calibration: memboost.calibrate(model, batches) of the model (layer name
@@ -549,8 +556,13 @@ def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, o
     """
     gguf = _gguf()
     weight_type = _check_weight_type(weight_type)
+    weights = list(_weights(model))
+    by_name = dict(weights)
+    lm_head, embed = by_name.get("lm_head.weight"), by_name.get("model.embed_tokens.weight")
+    int8_head = getattr(lm_head, "format", None) == "int8"
     if output_type is None:
-        output_type = "Q8_0" if gguf_quants.bits_per_weight(weight_type) < 8 else weight_type
+        # an int8 output layer (quantize_model's default) is Q8_0 already: copied, not rounded again
+        output_type = "Q8_0" if int8_head or gguf_quants.bits_per_weight(weight_type) < 8 else weight_type
     output_type = _check_weight_type(output_type)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -561,10 +573,7 @@ def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, o
     hp = _hparams(model)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[hp.arch.upper()], hp.n_layer)
 
-    weights = list(_weights(model))
-    by_name = dict(weights)
     importance = _importance_by_weight(calibration, by_name)
-    lm_head, embed = by_name.get("lm_head.weight"), by_name.get("model.embed_tokens.weight")
     tied = lm_head is None or (isinstance(lm_head, torch.Tensor) and isinstance(embed, torch.Tensor)
                                and lm_head.data_ptr() == embed.data_ptr())
     total = sum(math.prod(v.shape) for _, v in weights)
@@ -607,7 +616,9 @@ def _export_spilled(model, path, weight_type, output_type, tokenizer, name, weig
         if gguf_name is None:
             raise MemboostError(f"tensor {hf_name!r} has no GGUF name for architecture {hp.arch!r}")
         is_matrix = len(value.shape) == 2
-        is_output = gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and tied)
+        # The token embedding of a model whose output layer quantize_model made
+        # int8 (and untied) keeps the output type it had when tied.
+        is_output = gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and (tied or int8_head))
         role = "output" if is_output else "embedding" if gguf_name == "token_embd.weight" else "matrix"
         wanted = requested_type(role, weight_type, output_type)
         try:

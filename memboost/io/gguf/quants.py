@@ -22,6 +22,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ... import reference
+
 QK = 32      # block of the 32-element types
 QK_K = 256   # super-block of the K-quants and the ternary types
 
@@ -203,10 +205,18 @@ def _blocks_iq4_nl(x: torch.Tensor, importance: Optional[torch.Tensor] = None) -
 
 def _blocks_q8_0(x: torch.Tensor) -> torch.Tensor:
     # 255 levels: the largest value at +-127 is as good as any search finds.
-    d = _f16(x.abs().amax(1) / 127.0)
-    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
-    q = torch.round(x * inv[:, None]).clamp(-128, 127).to(torch.int8)
+    # The rounding is memboost's int8 weight format's (one Q8_0 quantizer).
+    d, q = reference.q8_0_blocks(x)
     return torch.cat([_fp16_bytes(d), q.view(torch.uint8)], 1)
+
+
+def pack_q8_0(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """An int8 weight's values int8 [rows, cols] and float16 scales [rows,
+    cols / 32] as GGUF Q8_0 bytes [rows, cols / 32 * 34]: the same numbers,
+    so nothing is rounded again."""
+    rows, cols = values.shape
+    q = values.reshape(-1, QK).view(torch.uint8)
+    return torch.cat([_fp16_bytes(scales.reshape(-1)), q], 1).reshape(rows, cols // QK * BLOCK["Q8_0"][1])
 
 
 def _ternary_blocks(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
