@@ -413,6 +413,12 @@ def int8_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor, bia
     return _call_linear(_ops.int8_linear.default, (x, values, scales, bias, act_bits), x, bias)
 
 
+def int8_linear_bound(values: torch.Tensor, scales: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                      act_bits: int = 0):
+    """int8_linear with everything but x bound (see _bound_linear)."""
+    return _bound_linear(_ops.int8_linear.default, (values, scales, bias, act_bits))
+
+
 def _int8_linear_setup_context(ctx, inputs, output):
     x, values, scales, bias, _act_bits = inputs
     ctx.weight = (values, scales)

@@ -223,7 +223,7 @@ def test_bound_linear_equals_the_layer(fmt):
 
     model = quantized("qwen2", fmt)  # qwen2: q/k/v carry biases
     attn = model.model.layers[0].self_attn
-    for layer in (attn.q_proj, attn.o_proj):
+    for layer in (attn.q_proj, attn.o_proj, model.lm_head):  # lm_head: the int8 output layer
         assert isinstance(layer, QuantizedLinear)
         assert not layer.training  # quantize_model keeps the replaced layer's mode (the model is in eval())
         bound = layer.linear_bound(torch.float32)

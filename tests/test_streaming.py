@@ -71,7 +71,8 @@ def test_streaming_gives_the_in_memory_tensors(float_folder, tmp_path, method):
     _in_memory(float_folder, tmp_path / "memory", method, params)
     report = streaming.quantize_folder(float_folder, tmp_path / "stream", method, progress=False,
                                        max_shard_size="40KB", **params)
-    assert len(report.replaced) == 14 and [n for n, _ in report.skipped] == ["lm_head"]
+    assert len(report.replaced) == 14 and not report.skipped
+    assert report.output_layer is not None and report.output_layer.name == "lm_head"  # int8, as in memory
     _assert_same_state(tmp_path / "memory", tmp_path / "stream")
     assert len([f for f in os.listdir(tmp_path / "stream") if f.endswith(".safetensors")]) > 1
 
@@ -109,7 +110,8 @@ def test_bfloat16_tied_model_with_tokenizer(tmp_path):
                               max_shard_size="40KB", **FORMATS["mixed"])
     _assert_same_state(tmp_path / "memory_cal", tmp_path / "stream_cal")
     reloaded = memboost.load_quantized(tmp_path / "stream")
-    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    # the output layer int8 (quantize_model's default), the float embedding untied and kept
+    assert type(reloaded.lm_head).__name__ == "Int8Linear" and not reloaded.config.tie_word_embeddings
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "stream").eval()
@@ -121,13 +123,14 @@ def test_bfloat16_tied_model_with_tokenizer(tmp_path):
 
 
 def test_lm_head_quantized_outside_the_blocks(float_folder, tmp_path):
-    _in_memory(float_folder, tmp_path / "memory", "nf4", {"skip": ()})
-    report = streaming.quantize_folder(float_folder, tmp_path / "stream", "nf4", skip=(), progress=False)
+    _in_memory(float_folder, tmp_path / "memory", "nf4", {"skip": (), "lm_head": None})
+    report = streaming.quantize_folder(float_folder, tmp_path / "stream", "nf4", skip=(), lm_head=None,
+                                       progress=False)
     assert report.replaced[-1].name == "lm_head"
     _assert_same_state(tmp_path / "memory", tmp_path / "stream")
     with pytest.raises(MemboostError, match="lm_head.*skip"):
         streaming.quantize_folder(float_folder, tmp_path / "cal", "mixed", skip=(), calibration_batches=_batches(),
-                                  progress=False)
+                                  lm_head=None, progress=False)
 
 
 def test_missing_shard_is_named(float_folder, tmp_path):

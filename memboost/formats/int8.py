@@ -60,6 +60,10 @@ class Int8QuantizedTensor(QuantizedTensor):
         return ops.int8_linear(x, self.tensors["values"], self.tensors["scales"], bias,
                                check_act_bits(act_bits) or 0)
 
+    def linear_bound(self, bias: Optional[torch.Tensor] = None, act_bits: Optional[int] = None):
+        return ops.int8_linear_bound(self.tensors["values"], self.tensors["scales"], bias,
+                                     check_act_bits(act_bits) or 0)
+
     def _repr_fields(self) -> dict:
         return {"block_size": BLOCK}
 

@@ -38,8 +38,8 @@ from torch import nn
 from .._progress import progress_bar
 from ..errors import MemboostError
 from ..model.quantize import (QuantizationReport, _block_inputs, _block_outputs, _check_batches, _input_moments,
-                              _is_conv1d, _linears, _run_batches, _skipped_by_name, check_params, damage_warnings,
-                              quantize_call, quantize_model, select_layers)
+                              _is_conv1d, _linears, _output_layer, _run_batches, _skipped_by_name, check_params,
+                              damage_warnings, quantize_call, quantize_model, select_layers)
 from .checkpoint import (CONFIG_NAME, ShardWriter, _own_dtype, _parameters_on_meta, _plain_float_dtype,
                          cast_for_storage, quantization_config_of, quantized_formats, replace_directory, write_config)
 from .serialization import SafetensorsSource, _split_aliases, check_output_path
@@ -244,7 +244,8 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
         compute_dtype = _compute_dtype(dtype, config, src)
         model = _meta_model(source, config, compute_dtype)
         blocks, blocks_prefix = decoder_blocks(model)
-        targets = select_layers(model, method, skip, **params)  # the whole model checked before any work
+        # the whole model checked before any work (the output layer is int8's when lm_head says so)
+        targets = select_layers(model, method, skip, exclude=_output_layer(model) if lm_head else None, **params)
         if not targets:
             raise MemboostError(f"no layer of {source!r} is left to quantize: every one is skipped")
         outside = [name for name, *_ in targets if not name.startswith(blocks_prefix)]
@@ -272,6 +273,8 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
                                              lm_head=head, **extra, **params)
             report.replaced.extend(part_report.replaced)
             report.skipped.extend(part_report.skipped)
+            if part_report.output_layer is not None:
+                report.output_layer = part_report.output_layer
 
         bar = progress_bar(range(len(blocks)), f"memboost {method}", unit="block", total=len(blocks),
                            progress=progress)

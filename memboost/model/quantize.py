@@ -602,6 +602,7 @@ def _quantize_output_layer(model: nn.Module, output: nn.Module, params: Mapping,
         layer = Int8Linear.from_linear(linear, act_bits=act_bits)
     except MemboostError as exc:
         raise type(exc)(f"{full}: {exc}") from None
+    layer.train(output.training)
     q = layer.weight.tensor()
     report.output_layer = LayerReport(full, (linear.out_features, linear.in_features), q.avg_bits,
                                       linear.weight.numel() * linear.weight.element_size(), q.nbytes,

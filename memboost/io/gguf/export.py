@@ -590,7 +590,7 @@ def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, o
         raise MemboostError(f"cannot write {path!r}: {exc.strerror or exc}") from None
     with scratch:
         return _export_spilled(model, path, weight_type, output_type, tokenizer, name, weights, hp, name_map,
-                               importance, tied, show_bar, verbose, scratch)
+                               importance, tied, int8_head, show_bar, verbose, scratch)
 
 
 def _spill(scratch, data: torch.Tensor, qtype: str):
@@ -602,7 +602,7 @@ def _spill(scratch, data: torch.Tensor, qtype: str):
 
 
 def _export_spilled(model, path, weight_type, output_type, tokenizer, name, weights, hp, name_map, importance, tied,
-                    show_bar, verbose, scratch) -> "GGUFExportReport":
+                    int8_head, show_bar, verbose, scratch) -> "GGUFExportReport":
     import numpy as np
     from tqdm.auto import tqdm
 
