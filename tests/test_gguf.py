@@ -548,7 +548,7 @@ def test_nf4_export_q5_0_calibrated(llama, tokenizer, tmp_path):
     export_gguf(model, plain, "Q5_0", tokenizer, verbose=False)
     nf4_weights = {n: v.dequantize().float() for n, v in
                    ((f"{name}.weight", m.weight.tensor()) for name, m in model.named_modules()
-                    if isinstance(m, memboost.nn.QuantizedLinear))}
+                    if isinstance(m, memboost.nn.QuantizedLinear) and m.weight.tensor().format == "nf4")}
 
     def weighted_error(path):
         back = gguf_state_dict(path, model)
