@@ -22,6 +22,21 @@ def device(request):
     return request.param
 
 
+ISAS = ["portable", "avx2", "avx512"]  # MEMBOOST_CPU_ISA caps; a CPU without the ISA runs the best it has
+# Every kernel path: the CPU under each forced instruction set, and CUDA.
+TARGETS = [pytest.param(("cpu", name), id=f"cpu-{name}") for name in ISAS] + [
+    pytest.param(("cuda", None), id="cuda", marks=DEVICES[1].marks)]
+
+
+@pytest.fixture(params=TARGETS)
+def target(request, monkeypatch):
+    """The device of one kernel path, with MEMBOOST_CPU_ISA set for the CPU ones."""
+    device, name = request.param
+    if name:
+        monkeypatch.setenv("MEMBOOST_CPU_ISA", name)
+    return device
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     a, b = a.detach().double().cpu(), b.detach().double().cpu()

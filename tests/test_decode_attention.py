@@ -8,20 +8,7 @@ import torch.nn.functional as F
 
 from memboost import ops, reference
 
-from conftest import DEVICES
-
-ISAS = ["portable", "avx2", "avx512"]
-TARGETS = [pytest.param(("cpu", name), id=f"cpu-{name}") for name in ISAS] + [
-    pytest.param(("cuda", None), id="cuda", marks=DEVICES[1].marks)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(params=TARGETS)
-def target(request, monkeypatch):
-    device, name = request.param
-    if name:
-        monkeypatch.setenv("MEMBOOST_CPU_ISA", name)
-    return device
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # `target` (conftest): each forced CPU ISA, and CUDA
 
 
 def _case(batch, heads, kv_heads, dim, length, dtype, device, seed=0, max_batch=None):

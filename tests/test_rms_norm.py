@@ -9,20 +9,9 @@ import torch
 
 from memboost import ops, reference
 
-from conftest import DEVICES, tiny_llama
+from conftest import tiny_llama
 
-ISAS = ["portable", "avx2", "avx512"]
-TARGETS = [pytest.param(("cpu", name), id=f"cpu-{name}") for name in ISAS] + [
-    pytest.param(("cuda", None), id="cuda", marks=DEVICES[1].marks)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-@pytest.fixture(params=TARGETS)
-def target(request, monkeypatch):
-    device, name = request.param
-    if name:
-        monkeypatch.setenv("MEMBOOST_CPU_ISA", name)
-    return device
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # `target` (conftest): each forced CPU ISA, and CUDA
 
 
 def _inputs(shape, dtype, device, seed=0, offset=False):

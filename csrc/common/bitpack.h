@@ -3,11 +3,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define MB_HD __host__ __device__ __forceinline__
-#else
-#define MB_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace memboost {
 

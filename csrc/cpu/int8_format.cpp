@@ -129,12 +129,7 @@ void linear_int8_portable(const View& v, int64_t begin, int64_t end, const int8_
 #define MB_TARGET_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
 #define MB_TARGET_AVX512_F16C __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")))
 
-MB_TARGET_AVX2_F16C inline float hsum_ps256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
+using cpu::hsum_ps256;
 
 // Exact float path, AVX2: a block of 32 as four vectors of 8.
 template <int MT>

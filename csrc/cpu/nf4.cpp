@@ -286,12 +286,7 @@ std::vector<float> even_odd_order(const float* src, int64_t n, int64_t chunk) {
 }
 
 #if MB_HAVE_X86_KERNELS
-MB_TARGET_AVX2 inline float hsum_ps256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
+using cpu::hsum_ps256;
 
 // Kernel arguments: weight rows [begin, end), their block scales (row r's at
 // scales + (r - begin) * blocks_per_row, see with_row_scales), MT activation

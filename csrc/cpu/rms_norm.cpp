@@ -34,10 +34,7 @@ MB_TARGET_AVX2 float sum_squares_avx2(const float* x, int64_t n) {
     const __m256 v = _mm256_loadu_ps(x + i);
     acc = _mm256_fmadd_ps(v, v, acc);
   }
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  float total = _mm_cvtss_f32(s);
+  float total = cpu::hsum_ps256(acc);
   for (; i < n; ++i) total += x[i] * x[i];
   return total;
 }

@@ -32,3 +32,17 @@ const char* isa_name(Isa isa);
 #else
 #define MB_HAVE_X86_KERNELS 0
 #endif
+
+#if MB_HAVE_X86_KERNELS
+namespace memboost {
+namespace cpu {
+// The sum of a vector of 8 floats (AVX2), for every kernel's horizontal reductions.
+MB_TARGET_AVX2 inline float hsum_ps256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+}  // namespace cpu
+}  // namespace memboost
+#endif
