@@ -45,6 +45,9 @@ def quantized(fmt: str) -> tuple:
     if fmt == "lort":
         return (lort.decompose(_weight(6, 130, 9), rank=2, iters=2)[0],
                 lort.decompose(_weight(4, 64, 10).half(), rank=1, iters=1, per_row_alpha=True)[0])
+    if fmt == "int8":
+        return (memboost.int8.quantize(_weight(4, 64, 11)),
+                memboost.int8.quantize(_weight(3, 96, 12).half()))
     raise KeyError(fmt)
 
 
