@@ -11,22 +11,7 @@ from memboost import ops, reference
 from memboost.nn import QuantizedLinear, TernaryLinear
 from memboost.formats.ternary import TernaryQuantizedTensor
 
-from conftest import DEVICES, llm_like_weight, rel_err
-
-ISAS = ["portable", "avx2", "avx512"]  # MEMBOOST_CPU_ISA caps; a CPU without the ISA runs the best it has
-
-
-# Every kernel path: the CPU under each forced instruction set, and CUDA.
-TARGETS = [pytest.param(("cpu", name), id=f"cpu-{name}") for name in ISAS] + [
-    pytest.param(("cuda", None), id="cuda", marks=DEVICES[1].marks)]
-
-
-@pytest.fixture(params=TARGETS)
-def target(request, monkeypatch):
-    device, name = request.param
-    if name:
-        monkeypatch.setenv("MEMBOOST_CPU_ISA", name)
-    return device
+from conftest import DEVICES, ISAS, llm_like_weight, rel_err  # `target`: conftest
 
 
 def _trits(*shape, seed=0):
