@@ -126,12 +126,21 @@ void linear_rows_generic(const MixedView& v, int64_t begin, int64_t end, const f
 // so a group costs one vector FMA per 8 weights per activation row, the
 // group sums of x are computed once per call, and the step is applied with
 // one FMA per group.
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
+MB_TARGET_AVX2 inline float hsum(__m256 v) { return cpu::hsum_ps256(v); }
+
+// row_ranges with two vector exp2 (cpu::exp2_ps256): range[c] = exp2(log2_base + c * log2_step)
+// as the reference computes it (the same multiply and add), within 1e-7
+// relative, where the scalar table costs two exp2f calls and 16 chained products per row.
+MB_TARGET_AVX2 inline RowRanges row_ranges_avx2(float log2_base, float log2_step) {
+  const __m256 base = _mm256_set1_ps(log2_base), step = _mm256_set1_ps(log2_step);
+  const __m256 codes = _mm256_setr_ps(0.f, 1.f, 2.f, 3.f, 4.f, 5.f, 6.f, 7.f);
+  RowRanges t;
+  _mm256_storeu_ps(t.range, cpu::exp2_ps256(_mm256_add_ps(base, _mm256_mul_ps(codes, step))));
+  _mm256_storeu_ps(t.range + 8, cpu::exp2_ps256(_mm256_add_ps(
+                                    base, _mm256_mul_ps(_mm256_add_ps(codes, _mm256_set1_ps(8.f)), step))));
+  return t;
 }
+
 
 template <int MT>
 __attribute__((target("avx2,fma"))) void linear_rows_avx2_tile(const MixedView& v, int64_t begin, int64_t end,
@@ -146,7 +155,7 @@ __attribute__((target("avx2,fma"))) void linear_rows_avx2_tile(const MixedView& 
     const uint32_t* low_row = v.lowbits + r * d.low_words;
     const uint32_t* mask_row = v.mask + r * d.mask_words;
     const uint8_t* meta_row = v.meta + r * d.groups;
-    const RowRanges ranges = row_ranges(v.row_scale[2 * r], v.row_scale[2 * r + 1]);
+    const RowRanges ranges = row_ranges_avx2(v.row_scale[2 * r], v.row_scale[2 * r + 1]);
     __m256 acc[MT];
     float corr[MT];
     for (int i = 0; i < MT; ++i) {
@@ -316,11 +325,17 @@ struct RowParams {
   RowRanges ranges;
 };
 
-inline RowParams row_params(const MixedView& v, int64_t r) {
+inline RowParams row_params_without_ranges(const MixedView& v, int64_t r) {
   const MixedDims& d = v.d;
   return RowParams{reinterpret_cast<const uint8_t*>(v.plane2 + r * d.plane_words),
                    reinterpret_cast<const uint8_t*>(v.lowbits + r * d.low_words), v.mask + r * d.mask_words,
-                   v.meta + r * d.groups, row_ranges(v.row_scale[2 * r], v.row_scale[2 * r + 1])};
+                   v.meta + r * d.groups, RowRanges{}};
+}
+
+inline RowParams row_params(const MixedView& v, int64_t r) {
+  RowParams p = row_params_without_ranges(v, r);
+  p.ranges = row_ranges(v.row_scale[2 * r], v.row_scale[2 * r + 1]);
+  return p;
 }
 
 // Every group's step and zero * step of one row (the float operations of group_params_from_range).
@@ -409,22 +424,32 @@ void linear_rows_int8_portable(const MixedView& v, int64_t begin, int64_t end, c
 }
 
 #if MB_HAVE_X86_KERNELS
+MB_TARGET_AVX2 inline RowParams row_params_avx2(const MixedView& v, int64_t r) {
+  RowParams p = row_params_without_ranges(v, r);
+  p.ranges = row_ranges_avx2(v.row_scale[2 * r], v.row_scale[2 * r + 1]);
+  return p;
+}
+
 // row_group_params for 8 groups at a time: the 16 ranges of the row are two
 // registers, looked up with two permutes and a blend. Same float operations.
 // plane_step (if given): step, times 4 in 4-bit groups (their plane holds the code's high bits).
+// slack: the outputs have room for 8 floats past `groups`, so a last partial
+// run of groups is one more vector step (its extra lanes: zero_step 0, finite steps).
 MB_TARGET_AVX2 inline void row_group_params_avx2(const RowParams& p, int64_t groups, float* step, float* zero_step,
-                                                 float* plane_step = nullptr) {
+                                                 float* plane_step = nullptr, bool slack = false) {
   const __m256 ranges_lo = _mm256_loadu_ps(p.ranges.range), ranges_hi = _mm256_loadu_ps(p.ranges.range + 8);
   const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   int64_t g0 = 0;
-  for (; g0 + 8 <= groups; g0 += 8) {
-    const __m256i meta = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.meta + g0)));
+  for (; g0 < groups && (slack || g0 + 8 <= groups); g0 += 8) {
+    uint64_t meta_bytes = 0;  // the row's meta ends at `groups`: the last run reads no further
+    std::memcpy(&meta_bytes, p.meta + g0, static_cast<size_t>(std::min<int64_t>(8, groups - g0)));
+    const __m256i meta = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(meta_bytes)));
     const __m256i code = _mm256_and_si256(meta, _mm256_set1_epi32(15));
     const __m256i index = _mm256_and_si256(code, _mm256_set1_epi32(7));
     const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(code, _mm256_set1_epi32(7)));
     const __m256 range = _mm256_blendv_ps(_mm256_permutevar8x32_ps(ranges_lo, index),
                                           _mm256_permutevar8x32_ps(ranges_hi, index), upper);
-    const int flags = static_cast<int>((p.mask[g0 >> 5] >> (g0 & 31)) & 0xFFu);
+    const int flags = static_cast<int>((p.mask[g0 >> 5] >> (g0 & 31)) & 0xFFu & ((1u << std::min<int64_t>(8, groups - g0)) - 1));
     const __m256 four = _mm256_castsi256_ps(
         _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(flags), bit), bit));
     const __m256 st = _mm256_mul_ps(range, _mm256_blendv_ps(_mm256_set1_ps(1.0f / 3.0f), _mm256_set1_ps(1.0f / 15.0f), four));
@@ -515,7 +540,8 @@ MB_TARGET_AVX2 inline const float* int8_row_tables(const MixedView& v, int64_t r
   const MixedDims& d = v.d;
   float* step = s.step.data() + i * s.group_stride;
   float* plane_step = s.plane_step.data() + i * s.group_stride;
-  row_group_params_avx2(row_params(v, r), d.groups, step, s.zero_step.data() + i * s.group_stride, plane_step);
+  row_group_params_avx2(row_params_avx2(v, r), d.groups, step, s.zero_step.data() + i * s.group_stride, plane_step,
+                        /*slack=*/true);
   const int64_t cpg = d.group_size / kChunk;
   if (cpg == 1) return plane_step;
   float* cs = s.chunk_step.data() + i * s.chunk_stride;
@@ -799,7 +825,7 @@ MB_TARGET_AVX2 void pack_panel_avx2(const MixedView& v, int64_t r0, int64_t n, c
       continue;
     }
     const int64_t r = r0 + j;
-    const RowParams p = row_params(v, r);
+    const RowParams p = row_params_avx2(v, r);
     row_group_params_avx2(p, d.groups, step.data(), zero_step + r * d.groups);
     for (int64_t g = 0; g < d.groups; ++g)
       for (int64_t b = g * blocks_per_group; b < (g + 1) * blocks_per_group; ++b) steps[b * kPanelRows + j] = step[g];

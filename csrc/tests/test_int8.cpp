@@ -145,3 +145,30 @@ TEST(Int8Activations, BlockScalesKeepSmallValuesBesideAHugeChannel) {
   EXPECT_EQ(qy[80], 0);
   EXPECT_EQ(sums[3], 0);
 }
+
+#if MB_HAVE_X86_KERNELS
+// cpu::exp2_ps256 (the mixed kernels' per-row scale table) against std::exp2:
+// within 1.5e-7 relative over every exponent a row's scales can take, and
+// the same rounding into subnormals near float's normal range.
+MB_TARGET_AVX2 static void exp2_ps256_into(const float* v, float* out) {
+  _mm256_storeu_ps(out, exp2_ps256(_mm256_loadu_ps(v)));
+}
+
+TEST(IsaMath, Exp2Ps256MatchesExp2) {
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) GTEST_SKIP() << "this CPU has no AVX2/FMA";
+  std::vector<float> v;
+  for (float x = -149.f; x <= 127.f; x += 0.0371f) v.push_back(x);
+  for (float x : {0.f, -0.f, 0.5f, -0.5f, 1.f, -126.f, -126.6f, 126.9f}) v.push_back(x);
+  while (v.size() % 8) v.push_back(1.f);
+  std::vector<float> got(v.size());
+  for (size_t i = 0; i < v.size(); i += 8) exp2_ps256_into(v.data() + i, got.data() + i);
+  for (size_t i = 0; i < v.size(); ++i) {
+    const double want = std::exp2(static_cast<double>(v[i]));
+    if (want >= 1.1754944e-38) {
+      EXPECT_LE(std::fabs(got[i] - want) / want, 1.5e-7) << v[i];
+    } else {  // subnormal results: within one subnormal step
+      EXPECT_LE(std::fabs(got[i] - want), 1.5e-45) << v[i];
+    }
+  }
+}
+#endif

@@ -43,6 +43,28 @@ MB_TARGET_AVX2 inline float hsum_ps256(__m256 v) {
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   return _mm_cvtss_f32(s);
 }
+
+// 2^v for 8 floats with |v| < 250 (AVX2): v = n + f with n = round(v), |f| <= 1/2; 2^f by
+// its Taylor series in f * ln 2 to degree 7 (truncation below 1e-8 relative, under
+// float's rounding); 2^n as two exponent-field factors, so that results below
+// float's normal range round into subnormals as exp2f's do. About 20
+// instructions for 8 values, where a scalar exp2f costs about 25 for one.
+MB_TARGET_AVX2 inline __m256 exp2_ps256(__m256 v) {
+  const __m256 n = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 t = _mm256_mul_ps(_mm256_sub_ps(v, n), _mm256_set1_ps(0.693147180559945309f));
+  __m256 p = _mm256_set1_ps(1.f / 5040.f);
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.f / 720.f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.f / 120.f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.f / 24.f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.f / 6.f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.f));
+  p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.f));
+  const __m256i ni = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(ni, 1), bias = _mm256_set1_epi32(127);
+  const __m256 a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, bias), 23));
+  const __m256 b = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), bias), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, a), b);
+}
 }  // namespace cpu
 }  // namespace memboost
 #endif
