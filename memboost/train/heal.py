@@ -344,10 +344,10 @@ def heal(model: nn.Module, teacher: nn.Module, batches: Iterable, rank: int = 16
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 optimizer.step()
                 schedule.step()
-                report.losses.append(float(loss))
+                report.losses.append(loss.item())
                 report.tokens += int(inputs["input_ids"].numel())
                 if hasattr(bar, "set_postfix"):
-                    bar.set_postfix(loss=f"{float(loss):.4f}")
+                    bar.set_postfix(loss=f"{report.losses[-1]:.4f}")
             report.steps = steps
         with torch.no_grad():
             for name, h in healing.items():
