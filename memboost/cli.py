@@ -460,6 +460,8 @@ def cmd_info(args) -> int:
         parts = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         q = QuantizedTensor.from_state_dict(parts, name=prefix[:-1])
         fields = ", ".join(f"{k}={v}" for k, v in q._repr_fields().items())
+        if q.corrector_rank:  # memboost heal's low-rank corrector, counted in the bits
+            fields += f", corrector_rank={q.corrector_rank}, corrector_bits={q.corrector_bits}"
         print(f"| {prefix[:-len('.weight.')]} | {q.format} | {q.shape[0]}x{q.shape[1]} | {q.avg_bits:.3f} | {fields} |")
         total_bits += 8 * q.nbytes
         total_weights += q.numel()
