@@ -260,3 +260,61 @@ def test_lort_compress_heal(tmp_path, capsys):
     for name, q in before.layers.items():
         assert torch.equal(after.layers[name].tensors["packed"], q.tensors["packed"])  # the trits stay
     assert any(not torch.equal(after.layers[n].tensors["A"], q.tensors["A"]) for n, q in before.layers.items())
+
+
+def test_correctors_as_a_llama_cpp_lora_adapter(tmp_path):
+    """The base exported without its correctors (ternary trits copied into TQ2_0) plus the correctors as a
+    llama.cpp LoRA adapter: llama.cpp with lora_path computes the healed model."""
+    np = pytest.importorskip("numpy")
+    gguf = pytest.importorskip("gguf", reason="the hf extra (gguf) is not installed")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="the test extra (llama-cpp-python) is not installed")
+    from memboost.io.gguf import export_gguf, export_lora_adapter, gguf_state_dict
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=400, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=False, rms_norm_eps=1e-5)
+    teacher = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in teacher.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model = copy.deepcopy(teacher)
+    memboost.quantize_model(model, "ternary", progress=False)
+    memboost.heal(model, teacher, [torch.randint(0, 400, (1, 16))], rank=8, steps=0, progress=False)
+    with pytest.raises(memboost.MemboostError, match="no low-rank corrector"):
+        export_lora_adapter(teacher, tmp_path / "none.gguf")
+
+    base, adapter = tmp_path / "base.gguf", tmp_path / "heal-lora.gguf"
+    report = export_gguf(model, base, "TQ2_0", verbose=False, correctors="adapter")
+    assert next(r for r in report.rows if r.name == "blk.0.ffn_down.weight").note.startswith("same trits")
+    assert export_lora_adapter(model, adapter) == 14
+    fields = gguf.GGUFReader(str(adapter)).fields
+    assert bytes(fields["general.type"].parts[-1]).decode() == "adapter"
+    assert bytes(fields["adapter.type"].parts[-1]).decode() == "lora"
+
+    # PyTorch on what the files hold: the base's weights, each plus its corrector
+    exported = transformers.LlamaForCausalLM(config).eval()
+    exported.load_state_dict(gguf_state_dict(base, model), strict=False)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, QuantizedLinear) and m.weight.tensor().corrector_rank:
+                a, b = m.weight.tensor().corrector()
+                exported.get_submodule(name).weight += a @ b.T
+    ids = [5, 17, 42, 99, 3, 250, 7, 11]
+    with torch.no_grad():
+        want = exported(torch.tensor([ids])).logits[0].numpy()
+
+    def llama_cpp_logits(**kwargs):
+        llm = llama_cpp.Llama(model_path=str(base), logits_all=True, n_ctx=64, n_threads=2, verbose=False, **kwargs)
+        try:
+            llm.eval(ids)
+            return np.array(llm.scores[:len(ids)])
+        finally:
+            llm.close()
+
+    def rel(got):
+        return float(np.sqrt(np.mean((got - want) ** 2)) / np.sqrt(np.mean(want ** 2)))
+
+    with_adapter, without = rel(llama_cpp_logits(lora_path=str(adapter))), rel(llama_cpp_logits())
+    assert with_adapter < 7e-2 and with_adapter < without / 3, (with_adapter, without)
