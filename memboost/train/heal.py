@@ -287,7 +287,8 @@ def heal(model: nn.Module, teacher: nn.Module, batches: Iterable, rank: int = 16
     learning rate (cosine decay). hidden_weight: the weight of the hidden
     states' error beside the logits' KL. train_norms: the norm weights are
     trained too (float tensors the model stores anyway: no bits added).
-    steps=0 only sets the correctors to the SVD of each layer's error.
+    steps=0 only sets the correctors to the SVD of each layer's error; a layer
+    healed before with the same rank goes on from its corrector.
     Returns a HealReport."""
     batches = _check(model, teacher, batches, rank, steps, lr, bits, hidden_weight)
     layers = _targets(model, teacher, rank)
@@ -299,6 +300,8 @@ def heal(model: nn.Module, teacher: nn.Module, batches: Iterable, rank: int = 16
         q = layer.weight.tensor()
         if isinstance(q, LoRTQuantizedTensor) and q.rank:
             a, b = q.tensors["A"].float(), q.tensors["B"].float()
+        elif q.corrector_rank == rank:  # healed before: go on from there
+            a, b = q.corrector(torch.float32)
         else:
             w = _teacher_weight(teacher, name, q.shape)
             if w is not None:
