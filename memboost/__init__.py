@@ -12,6 +12,7 @@ NF4, LoRT), with fused CPU and CUDA kernels.
     report = memboost.quantize_model(model, "mixed", ratio_4bit=0.25, calibration=stats)
     plan = memboost.allocate_ratio_4bit(model, batches, bits=2.9)  # {layer: ratio_4bit}
     text = memboost.generate(model, "The moon is", tokenizer=tok)  # static-cache decode loop
+    memboost.heal(model, float_model, batches, rank=16, steps=200)    # low-rank correctors, distilled
 
 Every error for bad input is a memboost.MemboostError (a ValueError).
 """
