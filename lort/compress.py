@@ -305,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (the GPU when present)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--heal", type=int, default=0, metavar="N",
+                    help="then train the factors, alphas and norms N steps against the float model "
+                         "(memboost.heal) on --heal-text, and rewrite the file")
+    ap.add_argument("--heal-text", default="fortunes", help="text --heal trains on: 'fortunes' or a file")
+    ap.add_argument("--heal-tokens", type=int, default=8192, help="tokens of --heal-text used")
     return ap
 
 
@@ -313,16 +318,27 @@ def main(argv: Optional[list] = None) -> int:
     try:
         if args.threads < 0 or args.min_dim < 1 or args.iters < 1:
             raise MemboostError("--threads must be >= 0, --min-dim and --iters >= 1")
+        if args.heal < 0 or args.heal_tokens < 64:
+            raise MemboostError(f"--heal must be >= 0 and --heal-tokens >= 64, got {args.heal} and {args.heal_tokens}")
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
         summary = compress(args.model, args.output, rank=args.rank, max_bits=args.max_bits, iters=args.iters,
                            min_dim=args.min_dim, skip=tuple(s for s in args.skip.split(",") if s),
                            per_row_alpha=not args.per_tensor_alpha, device=args.device,
                            raw_dtype=None if args.raw_dtype == "keep" else getattr(torch, args.raw_dtype),
                            progress=not args.quiet)
+        if args.heal:
+            from .heal import heal_file
+
+            summary.update(heal_file(args.output, args.model, args.heal, text=args.heal_text,
+                                     tokens=args.heal_tokens, progress=not args.quiet))
     except MemboostError as exc:
         print(f"lort-compress: error: {exc}", file=sys.stderr)
         return 2
     print_summary(summary)
+    if args.heal:
+        print(f"healed: {summary['heal_steps']} steps on {summary['heal_tokens']} tokens in "
+              f"{summary['heal_seconds']:.1f} s, loss {summary['heal_loss_first']:.4f} -> "
+              f"{summary['heal_loss_last']:.4f}; rewrote {args.output}")
     return 0
 
 

@@ -12,6 +12,7 @@ NF4, LoRT), with fused CPU and CUDA kernels.
     report = memboost.quantize_model(model, "mixed", ratio_4bit=0.25, calibration=stats)
     plan = memboost.allocate_ratio_4bit(model, batches, bits=2.9)  # {layer: ratio_4bit}
     text = memboost.generate(model, "The moon is", tokenizer=tok)  # static-cache decode loop
+    memboost.heal(model, float_model, batches, rank=16, steps=200)    # low-rank correctors, distilled
 
 Every error for bad input is a memboost.MemboostError (a ValueError).
 """
@@ -39,6 +40,7 @@ from .io.gguf import export_gguf
 from . import runtime
 from .runtime import Decoder, generate
 from .train import distributed, qlora, vsa
+from .train.heal import HealReport, heal
 from . import testbed, tritter
 
 # Module paths from before the regrouping into formats/, model/, io/ and
@@ -57,7 +59,7 @@ __all__ = [
     "QuantizedTensor", "MixedQuantizedTensor", "quantize", "dequantize", "pack_2bit", "unpack_2bit",
     "pack_4bit", "unpack_4bit", "build_info", "cuda_kernels_usable", "nn", "ops", "reference", "calibrate",
     "quantize_linears_", "quantize_model", "QuantizationReport", "load_quantized_", "save_safetensors",
-    "load_safetensors", "MemboostError", "MemboostTypeError", "testbed", "save_quantized", "load_quantized",
+    "load_safetensors", "heal", "HealReport", "MemboostError", "MemboostTypeError", "testbed", "save_quantized", "load_quantized",
     "ternary", "TernaryQuantizedTensor", "tritter", "vsa", "distributed", "nf4", "NF4QuantizedTensor", "qlora",
     "lort", "LoRTQuantizedTensor", "int8", "Int8QuantizedTensor", "export_gguf", "allocate_ratio_4bit", "output_sensitivity", "runtime", "Decoder",
     "generate",

@@ -6,6 +6,7 @@
     memboost info DIR
     memboost compare [--quick] [--plot compare.png]
     memboost gguf MODEL OUT.gguf [--type Q4_0] [--calibrate TEXT]
+    memboost heal IN OUT --calibrate TEXT [--teacher MODEL] [--steps 200] [--rank 16] [--bits 16]
 
 MODEL is a local Hugging Face model folder (plain or saved by memboost), or
 `smollm2` for the embedded default (SmolLM2-135M-Instruct from the
@@ -459,6 +460,8 @@ def cmd_info(args) -> int:
         parts = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         q = QuantizedTensor.from_state_dict(parts, name=prefix[:-1])
         fields = ", ".join(f"{k}={v}" for k, v in q._repr_fields().items())
+        if q.corrector_rank:  # memboost heal's low-rank corrector, counted in the bits
+            fields += f", corrector_rank={q.corrector_rank}, corrector_bits={q.corrector_bits}"
         print(f"| {prefix[:-len('.weight.')]} | {q.format} | {q.shape[0]}x{q.shape[1]} | {q.avg_bits:.3f} | {fields} |")
         total_bits += 8 * q.nbytes
         total_weights += q.numel()
@@ -469,6 +472,36 @@ def cmd_info(args) -> int:
     other = sum(others.values())
     print(f"\n{len(prefixes)} quantized layers, {total_bits / total_weights:.3f} bits per weight; "
           f"{other / 2**20:.1f} MiB of other tensors (embeddings, norms, biases)")
+    return 0
+
+
+def cmd_heal(args) -> int:
+    from . import heal, save_quantized
+
+    if not os.path.isdir(args.model) or not is_quantized_folder(args.model):
+        raise MemboostError(f"{args.model!r} is not a folder saved by memboost: quantize the model first "
+                            "(memboost quantize)")
+    if not args.calibrate:
+        raise MemboostError("--calibrate TEXT is required: the text healing trains on (a file, or 'fortunes')")
+    if args.batch < 1:
+        raise MemboostError(f"--batch must be at least 1, got {args.batch}")
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    model, tokenizer = load_model(args.model, "float32", verify=not args.no_verify)
+    teacher, _ = load_model(args.teacher, "float32")
+    for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+        mine, theirs = getattr(model.config, key, None), getattr(teacher.config, key, None)
+        if mine != theirs:
+            raise MemboostError(f"--teacher {args.teacher!r} has {key} {theirs}, {args.model!r} has {mine}: the "
+                                "teacher must be the float model the quantized one was made from")
+    windows = calibration_windows(args, need_tokenizer(tokenizer, args.model, "--calibrate"))
+    windows = [w for w in windows if w.shape[1] == windows[0].shape[1]]  # a short last window would not stack
+    batches = [torch.cat(windows[i:i + args.batch]) for i in range(0, len(windows), args.batch)]
+    report = heal(model, teacher, batches, rank=args.rank, steps=args.steps, lr=args.lr, bits=args.bits,
+                  progress=False if args.quiet else None)
+    print(report.summary())
+    save_quantized(model, args.out, tokenizer=tokenizer)  # norms in the model's own dtype, as quantize saves them
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
+    print(f"saved to {args.out} ({size / 2**20:.1f} MiB)")
     return 0
 
 
@@ -610,6 +643,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     add_load_args(g)
     g.set_defaults(fn=cmd_gguf)
+
+    h = sub.add_parser("heal", help="train low-rank correctors of a quantized model against the float one "
+                                    "(memboost.heal)", formatter_class=_Formatter)
+    h.add_argument("model", metavar="IN", help="a folder saved by memboost (memboost quantize)")
+    h.add_argument("out", metavar="OUT", help="output folder (replaced as a whole)")
+    h.add_argument("--teacher", default=DEFAULT_MODEL,
+                   help=f"the float model IN was quantized from: a model folder or {DEFAULT_MODEL!r}")
+    add_calibration_args(h, "the text healing trains on: a file, or 'fortunes' (required)", tokens=8192)
+    h.set_defaults(calib_window=128)
+    h.add_argument("--steps", type=int, default=200, help="optimizer steps (0: only the SVD start of the correctors)")
+    h.add_argument("--rank", type=int, default=16, help="rank of each layer's corrector (LoRT: its own factors)")
+    h.add_argument("--bits", type=int, default=16, choices=(16, 8),
+                   help="storage of the corrector's factors: float16, or int8 with a scale per row")
+    h.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (cosine decay)")
+    h.add_argument("--batch", type=int, default=4, help="calibration windows per step")
+    h.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
+    h.add_argument("--no-verify", action="store_true", help="skip checking IN's checksums")
+    h.add_argument("--quiet", action="store_true", help="no progress bar")
+    h.set_defaults(fn=cmd_heal)
     return ap
 
 

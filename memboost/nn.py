@@ -43,6 +43,8 @@ class QuantizedWeight(nn.Module):
 
     def _set(self, qtensor: QuantizedTensor) -> None:
         self._view = None
+        for name in list(self._buffers):  # a replaced weight may hold fewer tensors (no corrector)
+            del self._buffers[name]
         self._format_cls = type(qtensor)
         self._meta = dict(qtensor.meta)
         self._float_dtypes: Dict[str, torch.dtype] = {}
@@ -76,7 +78,8 @@ class QuantizedWeight(nn.Module):
         if cached is not None and len(cached[0]) == len(buffers) and all(map(operator.is_, cached[0], buffers)):
             return cached[1]
         cls = self._format_cls
-        view = cls._wrap({name: self._stored(name) for name in cls.tensor_names}, self._meta)
+        # the format's tensors, and the optional ones (a corrector) this weight holds
+        view = cls._wrap({name: self._stored(name) for name in self._buffers if name != FORMAT_INFO_KEY}, self._meta)
         self._view = (buffers, view)
         return view
 
@@ -103,9 +106,10 @@ class QuantizedWeight(nn.Module):
                               error_msgs):
         # Shapes legitimately change between weights (outlier counts), so the
         # incoming tensors replace the buffers instead of being copied into them.
-        names = list(self._format_cls.tensor_names) + [FORMAT_INFO_KEY]
+        required = list(self._format_cls.tensor_names) + [FORMAT_INFO_KEY]
+        names = required + list(self._format_cls.optional_tensor_names)
         present = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
-        missing = [prefix + n for n in names if n not in present]
+        missing = [prefix + n for n in required if n not in present]
         if strict:
             unexpected_keys.extend(k for k in state_dict
                                    if k.startswith(prefix) and k[len(prefix):] not in names and "." not in k[len(prefix):])

@@ -11,6 +11,11 @@ import torch
 from ..errors import MemboostError, MemboostTypeError
 
 FORMAT_INFO_KEY = "format_info"
+# A low-rank corrector any format's weight may carry (memboost.heal): the
+# weight is then W_codes + A @ B.T, A [out, r], B [in, r], stored in float16,
+# or in int8 with one float16 scale per row of each factor (the *_scale tensors).
+CORRECTOR_NAMES = ("corrector_A", "corrector_B", "corrector_A_scale", "corrector_B_scale")
+CORRECTOR_BITS = (16, 8)
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -64,6 +69,7 @@ class QuantizedTensor:
     format: str = ""
     version: int = 1
     tensor_names: tuple = ()
+    optional_tensor_names: tuple = CORRECTOR_NAMES
     _formats: Dict[str, Type["QuantizedTensor"]] = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -72,11 +78,16 @@ class QuantizedTensor:
             QuantizedTensor._formats[cls.format] = cls
         if "linear" in cls.__dict__:
             cls.linear = _checked_linear(cls.__dict__["linear"])
+        if "linear_bound" in cls.__dict__:
+            cls.linear_bound = _corrected_linear_bound(cls.__dict__["linear_bound"])
+        if "dequantize" in cls.__dict__:
+            cls.dequantize = _corrected_dequantize(cls.__dict__["dequantize"])
 
     def __init__(self, tensors: Dict[str, torch.Tensor], meta: dict):
         self.tensors = dict(tensors)
         self.meta = dict(meta)
         self._validate()
+        self._validate_corrector()
 
     @classmethod
     def _wrap(cls, tensors: Dict[str, torch.Tensor], meta: dict) -> "QuantizedTensor":
@@ -135,6 +146,38 @@ class QuantizedTensor:
             return lambda x: linear(x, bias)
         return lambda x: linear(x, bias, act_bits=act_bits)
 
+    # -- the low-rank corrector (memboost.heal) ---------------------------------
+    @property
+    def corrector_rank(self) -> int:
+        """Rank of the low-rank corrector this weight carries (0: none)."""
+        a = self.tensors.get("corrector_A")
+        return 0 if a is None else int(a.shape[1])
+
+    @property
+    def corrector_bits(self) -> int:
+        """16 (float16 factors) or 8 (int8 factors with per-row scales); 0 without a corrector."""
+        a = self.tensors.get("corrector_A")
+        return 0 if a is None else (8 if a.dtype == torch.int8 else 16)
+
+    def corrector(self, dtype: torch.dtype = torch.float32):
+        """The corrector's factors (A [out, r], B [in, r]) in `dtype`, or None."""
+        return corrector_factors(self.tensors, dtype)
+
+    def with_corrector(self, a: torch.Tensor, b: torch.Tensor, bits: int = 16) -> "QuantizedTensor":
+        """This weight plus the corrector A @ B.T (A [out, r], B [in, r], any
+        float dtype), stored in `bits` (16: float16; 8: int8 with a float16
+        scale per row of each factor); replaces a corrector it had."""
+        tensors = {k: v for k, v in self.tensors.items() if k not in CORRECTOR_NAMES}
+        tensors.update(encode_corrector(a, b, bits, tuple(self.shape)))
+        return type(self)(tensors, self.meta)
+
+    def without_corrector(self) -> "QuantizedTensor":
+        """The same codes without a corrector (no copy)."""
+        return type(self)._wrap({k: v for k, v in self.tensors.items() if k not in CORRECTOR_NAMES}, self.meta)
+
+    def _validate_corrector(self) -> None:
+        validate_corrector(self.tensors, tuple(self.shape))
+
     def _validate(self) -> None:
         """Raises MemboostError unless the tensors and metadata form a valid
         weight of this format, wherever the tensors live: the kernels index
@@ -161,7 +204,8 @@ class QuantizedTensor:
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         info = dict(self.meta, format=self.format, version=self.version)
-        return {**{k: self.tensors[k] for k in self.tensor_names}, FORMAT_INFO_KEY: encode_json(info)}
+        names = self.tensor_names + tuple(k for k in self.optional_tensor_names if k in self.tensors)
+        return {**{k: self.tensors[k] for k in names}, FORMAT_INFO_KEY: encode_json(info)}
 
     @staticmethod
     def from_state_dict(state: Dict[str, torch.Tensor], name: str = "") -> "QuantizedTensor":
@@ -187,7 +231,8 @@ class QuantizedTensor:
             missing = [k for k in cls.tensor_names if k not in state]
             if missing:
                 raise MemboostError(f"state_dict for format '{fmt}' is missing {missing}")
-            return cls({k: state[k] for k in cls.tensor_names}, info)
+            names = cls.tensor_names + tuple(k for k in cls.optional_tensor_names if k in state)
+            return cls({k: state[k] for k in names}, info)
         except MemboostError as exc:
             if not where:
                 raise
@@ -195,6 +240,8 @@ class QuantizedTensor:
 
     def __repr__(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self._repr_fields().items())
+        if self.corrector_rank:
+            extra += f"{', ' if extra else ''}corrector_rank={self.corrector_rank}, corrector_bits={self.corrector_bits}"
         return (f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype}, device={self.device}, "
                 f"avg_bits={self.avg_bits:.3f}{', ' + extra if extra else ''})")
 
@@ -210,6 +257,10 @@ def _checked_linear(linear):
     input cast to the compute dtype, the output cast back)."""
     @functools.wraps(linear)
     def checked(self, x, bias=None, *args, **kwargs):
+        if "corrector_A" in self.tensors:
+            # the codes' product (through these same checks), then the corrector
+            y = self.without_corrector().linear(x, bias, *args, **kwargs)
+            return _add_corrector(y, x, *corrector_factors(self.tensors, torch.float32))
         if isinstance(x, torch.Tensor):
             shape = self.meta["shape"]  # a list: self.shape builds a torch.Size, on every call of every layer
             if len(shape) == 2 and (x.dim() == 0 or x.shape[-1] != shape[1]):
@@ -220,6 +271,98 @@ def _checked_linear(linear):
                 return linear(self, x.float(), bias, *args, **kwargs).double()
         return linear(self, x, bias, *args, **kwargs)
     return checked
+
+
+def encode_corrector(a: torch.Tensor, b: torch.Tensor, bits: int, shape: tuple) -> Dict[str, torch.Tensor]:
+    """The stored tensors of a corrector A @ B.T for a weight of `shape`."""
+    if bits not in CORRECTOR_BITS:
+        raise MemboostError(f"'bits' of a corrector must be one of {CORRECTOR_BITS}, got {bits!r}")
+    for name, t in (("a", a), ("b", b)):
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 2):
+            raise MemboostTypeError(f"'{name}' must be a 2-D floating-point tensor, got "
+                                    f"{getattr(t, 'dtype', type(t).__name__)}")
+    n, k = shape
+    if a.shape[0] != n or b.shape[0] != k or a.shape[1] != b.shape[1] or a.shape[1] < 1:
+        raise MemboostError(f"corrector factors must be A [{n}, r] and B [{k}, r] with r >= 1, got "
+                            f"{list(a.shape)} and {list(b.shape)}")
+    a, b = a.detach().float(), b.detach().float()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise MemboostError("corrector factors must be finite")
+    if bits == 16:
+        return {"corrector_A": a.clamp(-65504, 65504).half(), "corrector_B": b.clamp(-65504, 65504).half()}
+    out = {}
+    for name, t in (("corrector_A", a), ("corrector_B", b)):
+        scale = (t.abs().amax(1, keepdim=True) / 127).clamp_min(2 ** -24).half().float()
+        out[name] = (t / scale).round().clamp(-127, 127).to(torch.int8)
+        out[name + "_scale"] = scale.half()
+    return out
+
+
+def corrector_factors(tensors: Dict[str, torch.Tensor], dtype: torch.dtype):
+    """(A, B) of a stored corrector in `dtype`, or None when there is none."""
+    a, b = tensors.get("corrector_A"), tensors.get("corrector_B")
+    if a is None:
+        return None
+    if a.dtype == torch.int8:
+        a = a.float() * tensors["corrector_A_scale"].float()
+        b = b.float() * tensors["corrector_B_scale"].float()
+    return a.to(dtype), b.to(dtype)
+
+
+def validate_corrector(tensors: Dict[str, torch.Tensor], shape: tuple) -> None:
+    present = [k for k in CORRECTOR_NAMES if k in tensors]
+    if not present:
+        return
+    a, b = tensors.get("corrector_A"), tensors.get("corrector_B")
+    if a is None or b is None:
+        raise MemboostError(f"a corrector needs both 'corrector_A' and 'corrector_B', got {present}")
+    n, k = shape
+    if not (a.dim() == 2 and b.dim() == 2 and a.shape[0] == n and b.shape[0] == k and a.shape[1] == b.shape[1]
+            and a.shape[1] >= 1):
+        raise MemboostError(f"corrector factors must be A [{n}, r] and B [{k}, r] with r >= 1, got "
+                            f"{list(a.shape)} and {list(b.shape)}")
+    if a.dtype != b.dtype or a.dtype not in (torch.float16, torch.int8):
+        raise MemboostError(f"corrector factors must both be float16 or both int8, got {a.dtype} and {b.dtype}")
+    scaled = a.dtype == torch.int8
+    for name, rows in (("corrector_A_scale", n), ("corrector_B_scale", k)):
+        s = tensors.get(name)
+        if scaled != (s is not None):
+            raise MemboostError(f"'{name}' must be present exactly when the corrector factors are int8")
+        if s is not None and (s.dtype != torch.float16 or tuple(s.shape) != (rows, 1)):
+            raise MemboostError(f"'{name}' must be float16 of shape [{rows}, 1], got {s.dtype} {list(s.shape)}")
+
+
+def _add_corrector(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """y + (x @ B) @ A.T, in y's dtype."""
+    if a.dtype != x.dtype:
+        a, b = a.to(x.dtype), b.to(x.dtype)
+    return y + ((x @ b) @ a.T).to(y.dtype)
+
+
+def _corrected_linear_bound(linear_bound):
+    """A format's linear_bound plus its corrector, when it has one."""
+    @functools.wraps(linear_bound)
+    def bound(self, bias=None, act_bits=None):
+        f = linear_bound(self, bias, act_bits)
+        factors = corrector_factors(self.tensors, torch.float32)
+        if factors is None:
+            return f
+        a, b = factors
+        return lambda x: _add_corrector(f(x), x, a, b)
+    return bound
+
+
+def _corrected_dequantize(dequantize):
+    """A format's dequantize plus its corrector A @ B.T: the weight the layer applies."""
+    @functools.wraps(dequantize)
+    def corrected(self):
+        w = dequantize(self)
+        factors = corrector_factors(self.tensors, torch.float32)
+        if factors is None:
+            return w
+        a, b = factors
+        return (w.float() + a @ b.T).to(w.dtype)
+    return corrected
 
 
 def _parse_to_args(args, kwargs):

@@ -290,6 +290,7 @@ class MemboostHfQuantizer(HfQuantizer):
         names = set()
         for fmt in set(self.quantization_config.modules.values()):
             names.update(QuantizedTensor._formats[fmt].tensor_names)
+            names.update(QuantizedTensor._formats[fmt].optional_tensor_names)  # a corrector (memboost.heal)
         sources = [f"weight.{n}" for n in sorted(names)] + [f"weight.{FORMAT_INFO_KEY}"]
         return {f"weight.{FORMAT_INFO_KEY}": sources}
 

@@ -223,8 +223,11 @@ def _hparams(model) -> _HParams:
         tied=bool(getattr(config, "tie_word_embeddings", False)))
 
 
-def _weights(model) -> Iterator[Tuple[str, object]]:
-    """(Hugging Face name, float tensor or QuantizedTensor) of every parameter and quantized weight."""
+def _weights(model, correctors: str = "merge") -> Iterator[Tuple[str, object]]:
+    """(Hugging Face name, float tensor or QuantizedTensor) of every parameter
+    and quantized weight; correctors="adapter" gives the quantized weights
+    without their low-rank correctors (memboost.heal), which
+    export_lora_adapter writes apart."""
     from ...nn import QLoRALinear, QuantizedLinear
 
     for name, module in model.named_modules():
@@ -233,7 +236,8 @@ def _weights(model) -> Iterator[Tuple[str, object]]:
             raise MemboostError(f"layer {name!r} carries LoRA adapters: merge them first "
                                 "(memboost.qlora.merge_adapters) or export the base model")
         if isinstance(module, QuantizedLinear):
-            yield prefix + "weight", module.weight.tensor()
+            q = module.weight.tensor()
+            yield prefix + "weight", q.without_corrector() if correctors == "adapter" else q
             if module.bias is not None:
                 yield prefix + "bias", module.bias.detach()
             continue
@@ -359,6 +363,7 @@ def _convert(value, qtype_requested: str, is_matrix: bool, importance: Optional[
     importance: the calibration's per-input-channel mean square for it, if any."""
     from ...formats.tensor import QuantizedTensor
 
+    corrected = isinstance(value, QuantizedTensor) and value.corrector_rank > 0
     if isinstance(value, QuantizedTensor):
         source = value.format
         exact = source == "ternary" and _ternary_exact(value)
@@ -368,7 +373,11 @@ def _convert(value, qtype_requested: str, is_matrix: bool, importance: Optional[
         w = value.dequantize().float() if isinstance(value, QuantizedTensor) else value.float()
         return w.cpu().contiguous(), "F32", source, "", w, w
     cols = value.shape[1]
-    qtype, how, note = gguf_type_for(source, qtype_requested, cols, exact)
+    # A weight with a corrector (memboost.heal) is its dequantized weight, corrector
+    # merged, converted as a float one: its codes alone are not the weight.
+    qtype, how, note = gguf_type_for("float" if corrected else source, qtype_requested, cols, exact)
+    if corrected:
+        source, note = f"{source}+corrector", "; ".join(filter(None, (note, "corrector merged")))
     w = (value.dequantize() if isinstance(value, QuantizedTensor) else value).detach().float().cpu()
     if how == "copy" and source == "int8":
         data = gguf_quants.pack_q8_0(value.tensors["values"].cpu(), value.tensors["scales"].cpu())
@@ -522,7 +531,7 @@ def _check_weight_type(weight_type) -> str:
 
 def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, output_type: Optional[str] = None,
                 name: Optional[str] = None, calibration: Optional[Mapping[str, torch.Tensor]] = None,
-                progress: Optional[bool] = None, verbose: bool = True) -> GGUFExportReport:
+                progress: Optional[bool] = None, verbose: bool = True, correctors: str = "merge") -> GGUFExportReport:
     """Writes `model` (a Hugging Face Llama, Mistral or Qwen2 causal LM,
     plain or with memboost-quantized layers) to the GGUF file `path`.
 
@@ -548,6 +557,11 @@ def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, o
     a calibration (gguf_type_for).
     progress: a progress bar (default: for models over 100 M weights);
     verbose: print the per-tensor table and a summary.
+    correctors: what becomes of the low-rank correctors of a healed model
+    (memboost.heal): "merge" (default) merges each into its weight, which is
+    then converted as a float weight; "adapter" leaves them out (the codes
+    converted as without them, e.g. ternary trits copied into TQ2_0): write
+    them with export_lora_adapter and give llama.cpp both files.
 
     Everything is converted and checked before the file is opened; it is
     written to a temporary name, fsync'ed and renamed, so an error leaves no
@@ -556,7 +570,9 @@ def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, o
     """
     gguf = _gguf()
     weight_type = _check_weight_type(weight_type)
-    weights = list(_weights(model))
+    if correctors not in ("merge", "adapter"):
+        raise MemboostError(f"'correctors' must be 'merge' or 'adapter', got {correctors!r}")
+    weights = list(_weights(model, correctors))
     by_name = dict(weights)
     lm_head, embed = by_name.get("lm_head.weight"), by_name.get("model.embed_tokens.weight")
     int8_head = getattr(lm_head, "format", None) == "int8"
@@ -669,6 +685,57 @@ def _export_spilled(model, path, weight_type, output_type, tokenizer, name, weig
             print("note:", note)
         print(report.summary())
     return report
+
+
+# -- the correctors as a llama.cpp LoRA adapter ------------------------------------
+def export_lora_adapter(model, path: str) -> int:
+    """Writes the low-rank correctors of a healed model (memboost.heal) as a
+    llama.cpp LoRA adapter GGUF (general.type "adapter", adapter.type "lora",
+    tensors `<weight>.lora_a` [r, in] and `.lora_b` [out, r] in F32, scale 1),
+    to load beside the base exported with export_gguf(..., correctors="adapter"):
+    llama.cpp's --lora, llama-cpp-python's lora_path. Returns the number of
+    layers written; raises MemboostError when the model has no corrector."""
+    from ...nn import QuantizedLinear
+
+    gguf = _gguf()
+    hp = _hparams(model)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[hp.arch.upper()], hp.n_layer)
+    pairs = []
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedLinear) or not module.weight.tensor().corrector_rank:
+            continue
+        hf_name = f"{name}.weight"
+        gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight",))
+        if gguf_name is None:
+            raise MemboostError(f"tensor {hf_name!r} has no GGUF name for architecture {hp.arch!r}")
+        a, b = module.weight.tensor().corrector(torch.float32)
+        lora_b = a.cpu()   # [out, r]: the output rows, in llama.cpp's rope order for q and k
+        if hp.permute and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+            lora_b = _rope_rows(lora_b, hp.n_head if ".attn_q." in gguf_name else hp.n_head_kv)
+        pairs.append((gguf_name, b.T.contiguous().cpu(), lora_b.contiguous()))
+    if not pairs:
+        raise MemboostError("'model' has no low-rank corrector to export (heal it first: memboost.heal)")
+    ranks = {a.shape[0] for _, a, _ in pairs}
+    writer = gguf.GGUFWriter(None, hp.arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    # llama.cpp scales B @ A by alpha / rank, or by 1 when alpha is 0: the corrector is applied as it is
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(ranks.pop()) if len(ranks) == 1 else 0.0)
+    for gguf_name, lora_a, lora_b in pairs:
+        writer.add_tensor(gguf_name + ".lora_a", lora_a.numpy())
+        writer.add_tensor(gguf_name + ".lora_b", lora_b.numpy())
+    path = os.fspath(path)
+    try:
+        with atomic_write(path) as tmp:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=False)
+            writer.close()
+    except OSError as exc:
+        raise MemboostError(f"cannot write {path!r}: {exc.strerror or exc}") from None
+    finally:
+        writer.close()
+    return len(pairs)
 
 
 # -- reading back ------------------------------------------------------------------
