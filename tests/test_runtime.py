@@ -124,13 +124,30 @@ def test_family_details_follow_the_model(family, setting, changed):
     assert torch.equal(out, eager(detailed, ids, 24)), changed
 
 
+# Phi-3's long-context rope: its frequencies depend on the sequence length, which the loop's one table cannot follow.
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+            "original_max_position_embeddings": 64}
+
+
+def test_cli_speed_falls_back_to_transformers_generate_where_the_loop_refuses():
+    from memboost.cli import generation_speed
+    from memboost.runtime import until_eos
+
+    _, tokenizer = tiny_llama_with_tokenizer()
+    phi3 = tiny_causal_lm("phi3", vocab_size=VOCAB, rope_parameters=LONGROPE)
+    text, speed = generation_speed(phi3, tokenizer, "It was the best of", 8)
+    inputs = tokenizer("It was the best of", return_tensors="pt")
+    with torch.inference_mode():
+        ref = phi3.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    new = ref[0, inputs["input_ids"].shape[1]:].tolist()
+    assert text == tokenizer.decode(until_eos(new, tokenizer.eos_token_id), skip_special_tokens=True) and speed > 0
+
+
 def test_unsupported_settings_are_refused_by_name():
     gemma3 = tiny_causal_lm("gemma3", vocab_size=VOCAB, use_bidirectional_attention=True)
     with pytest.raises(memboost.MemboostError, match="'gemma3_text'.*use_bidirectional_attention.*model.generate"):
         Decoder(gemma3, max_length=32)
-    phi3 = tiny_causal_lm("phi3", vocab_size=VOCAB, rope_parameters={
-        "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
-        "original_max_position_embeddings": 64})
+    phi3 = tiny_causal_lm("phi3", vocab_size=VOCAB, rope_parameters=LONGROPE)
     with pytest.raises(memboost.MemboostError, match="rope_type 'longrope' \\(model_type 'phi3'\\)"):
         Decoder(phi3, max_length=32)
 
