@@ -57,8 +57,13 @@ def eager(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return out[0, len(ids):]
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("family", FAMILIES)
+# Every format on the first four families; on the others (whose differences are in the attention and norms, not
+# in the quantized projections the formats change) float and NF4, and a quantized batch below.
+FAMILY_FORMATS = [(family, fmt) for family in FAMILIES for fmt in FORMATS
+                  if family in ("llama", "mistral", "qwen2", "gemma") or fmt in ("float", "nf4")]
+
+
+@pytest.mark.parametrize("family,fmt", FAMILY_FORMATS)
 def test_tokens_equal_eager_generate(family, fmt):
     model = quantized(family, fmt)
     decoder = Decoder(model, max_batch=1, max_length=96)
@@ -72,7 +77,7 @@ def test_tokens_equal_eager_generate(family, fmt):
 
 @pytest.mark.parametrize("batch", [8, 16])
 @pytest.mark.parametrize("family,fmt", [("llama", "mixed"), ("qwen2", "float"), ("gemma", "nf4"), ("gemma2", "float"),
-                                        ("gemma3", "ternary"), ("phi3", "mixed")])
+                                        ("gemma3", "ternary")])
 def test_batch_equals_eager_per_prompt(family, fmt, batch):
     model = quantized(family, fmt)
     decoder = Decoder(model, max_batch=16, max_length=64)
