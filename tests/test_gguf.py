@@ -649,6 +649,16 @@ def test_llama_cpp_runs_every_family(family, tokenizer, tmp_path, qtype):
         assert fields["gemma3.rope.freq_base"] == config.rope_parameters["full_attention"]["rope_theta"]
 
 
+def test_llama_cpp_runs_phi3_partial_rotary(tokenizer, tmp_path):
+    """Phi-3 with half of each head rotated (Phi-4-mini's kind): rope.dimension_count says how much, and llama.cpp
+    agrees with PyTorch only if it rotates exactly those dimensions."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    model = _family_model("phi3", rope_parameters=rope)
+    _check_llama_cpp(model, tokenizer, tmp_path / "p.gguf", "F32", name="tiny")
+    fields = {k: v.contents() for k, v in gguf.GGUFReader(str(tmp_path / "p.gguf")).fields.items()}
+    assert fields["phi3.rope.dimension_count"] == model.model.layers[0].self_attn.head_dim // 2
+
+
 @pytest.mark.parametrize("family,method,params,qtype", [
     ("gemma2", "nf4", {}, "Q5_0"),
     ("phi3", "ternary", {}, "TQ2_0"),
