@@ -662,7 +662,7 @@ def test_llama_cpp_runs_phi3_partial_rotary(tokenizer, tmp_path):
 @pytest.mark.parametrize("family,method,params,qtype", [
     ("gemma2", "nf4", {}, "Q5_0"),
     ("phi3", "ternary", {}, "TQ2_0"),
-    ("qwen3", "mixed", {"ratio_4bit": 0.5}, "Q4_K"),
+    ("qwen3", "mixed", {"ratio_4bit": 0.5, "group_size": 32}, "Q4_K"),
 ])
 def test_llama_cpp_runs_quantized_families(family, method, params, qtype, tokenizer, tmp_path):
     """memboost-quantized models of the other families, the int8 output layer included (untied from Gemma's
