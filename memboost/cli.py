@@ -191,8 +191,13 @@ def generation_speed(model, tokenizer, prompt: str, new_tokens: int, transformer
     from . import runtime
 
     ids = prompt_ids(tokenizer, prompt)
-    fast = not transformers_generate and getattr(model.config, "model_type", None) in runtime.SUPPORTED_FAMILIES
-    decoder = runtime.Decoder(model, max_batch=1, max_length=len(ids) + new_tokens) if fast else None
+    decoder = None
+    if not transformers_generate and getattr(model.config, "model_type", None) in runtime.SUPPORTED_FAMILIES:
+        try:
+            decoder = runtime.Decoder(model, max_batch=1, max_length=len(ids) + new_tokens)
+        except MemboostError:  # a setting of the family the loop refuses (e.g. its rope type): transformers' generate
+            decoder = None
+    fast = decoder is not None
     start = time.perf_counter()
     with torch.inference_mode():
         if fast:

@@ -84,3 +84,39 @@ def tiny_llama_with_tokenizer(tie_word_embeddings: bool = True):
                          num_attention_heads=4, num_key_value_heads=2, eos_token_id=1,
                          tie_word_embeddings=tie_word_embeddings)
     return LlamaForCausalLM(config).eval(), tokenizer
+
+
+# Every decoder family memboost takes through each path (quantize, reload, generate, the decode loop, GGUF), by
+# transformers' model_type name for it. Gemma 3 is its text-only model (Gemma3ForCausalLM, "gemma3_text").
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "olmo2"]
+
+
+def tiny_causal_lm(family: str, vocab_size: int = 64, seed: int = 0, hidden_size: int = 64,
+                   intermediate_size: int = 128, **overrides):
+    """A tiny random causal LM of `family` (one of FAMILIES; seeded), built from its transformers config class:
+    two layers, 4 query heads on 2 key/value heads of 16 dimensions, each family's own details kept (Qwen 3's,
+    Gemma 3's and OLMo 2's q/k norms, Gemma's 1 + weight norms and scaled embedding, Gemma 2's soft-capping and
+    Gemma 2/3's sliding-window layers, Phi-3's fused qkv_proj and gate_up_proj). `overrides` go to the config."""
+    import transformers
+
+    common = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config_cls, model_cls, extra = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {}),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 16}),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {"head_dim": 16}),
+        # one sliding-window layer, one global one, as Gemma 2 alternates them
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM,
+                   {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8}),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM,
+                   {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+                    "layer_types": ["sliding_attention", "full_attention"]}),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM,
+                 {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+        "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM,
+                  {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    }[family]
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**{**common, **extra, **overrides})).eval()

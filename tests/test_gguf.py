@@ -34,6 +34,8 @@ import memboost.cli
 from memboost import gguf_quants
 from memboost.io.gguf.export import GGUFExportReport, export_gguf, gguf_state_dict, gguf_type_for
 
+from conftest import tiny_causal_lm
+
 gguf = pytest.importorskip("gguf", reason="the hf extra (gguf) is not installed")
 transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (test extra) is not installed")
@@ -55,6 +57,10 @@ def _rms(a) -> float:
 @pytest.fixture(scope="module")
 def tokenizer():
     """A byte-level BPE tokenizer of 384 tokens trained on fortunes (GPT-2 style, like SmolLM2's)."""
+    return _byte_level_tokenizer()
+
+
+def _byte_level_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -586,6 +592,114 @@ def test_fallback_is_reported(tokenizer, tmp_path, capsys):
     assert rows["blk.0.ffn_down.weight"].gguf_type == "Q4_K"          # rows of 512
     out = capsys.readouterr().out
     assert "| blk.0.ffn_down.weight | float | Q4_K | 4.5 |" in out and "fell back" in out
+
+
+# -- the other families --------------------------------------------------------------
+# llama.cpp's layer patterns: Gemma 2 alternates local and global layers starting local, Gemma 3 has five local
+# layers to a global one (six layers here so that both kinds, and both rotary bases, run).
+GGUF_FAMILIES = {"qwen3": {}, "gemma": {}, "gemma2": {}, "gemma3": {"num_hidden_layers": 6, "layer_types": None},
+                 "phi3": {}, "olmo2": {}}
+
+
+def _family_model(family, **overrides):
+    """conftest's tiny model of `family`, 256 wide (for the 256-blocks), random weights of std 0.08 and norm
+    weights spread around their neutral value (so that a norm stored without Gemma's + 1, or a q/k norm left
+    out, shows)."""
+    model = _randomize(tiny_causal_lm(family, vocab_size=400, hidden_size=256, intermediate_size=256,
+                                      **{**GGUF_FAMILIES[family], **overrides}))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("qtype", ["F32", "Q4_0"])
+@pytest.mark.parametrize("family", list(GGUF_FAMILIES))
+def test_llama_cpp_runs_every_family(family, tokenizer, tmp_path, qtype):
+    model = _family_model(family)
+    # (named: llama.cpp looks up Phi-3's own special tokens in a model whose name says phi3)
+    report, err, distance = _check_llama_cpp(model, tokenizer, tmp_path / "f.gguf", qtype, name=f"tiny-{qtype}")
+    if qtype == "Q4_0":
+        assert err < distance / 4, "llama.cpp must run the exported weights, not something near the source"
+    reader = gguf.GGUFReader(str(tmp_path / "f.gguf"))
+    fields = {k: v.contents() for k, v in reader.fields.items()}
+    tensors = {t.name: t for t in reader.tensors}
+    arch = fields["general.architecture"]
+    assert arch == {"gemma3": "gemma3"}.get(family, family) == report.architecture
+    config = model.config
+    if family == "phi3":          # fused, as llama.cpp's phi3 takes them
+        assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight", "output.weight"} <= set(tensors)
+        assert "blk.0.attn_q.weight" not in tensors and "blk.0.ffn_gate.weight" not in tensors
+        assert list(tensors["blk.0.ffn_up.weight"].shape) == [256, 512]
+    if family in ("qwen3", "gemma3", "olmo2"):
+        assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"} <= set(tensors)
+    if family.startswith("gemma"):  # norms stored as 1 + weight; the output tied to the embedding
+        norm = torch.from_numpy(np.array(tensors["blk.0.attn_norm.weight"].data))
+        torch.testing.assert_close(norm, model.model.layers[0].input_layernorm.weight.detach() + 1)
+        assert "output.weight" not in tensors
+    if family in ("gemma2", "gemma3"):
+        assert fields[f"{arch}.attention.sliding_window"] == config.sliding_window == 8
+        assert "blk.0.post_ffw_norm.weight" in tensors
+    if family == "gemma2":
+        assert fields["gemma2.attn_logit_softcapping"] == config.attn_logit_softcapping
+        assert fields["gemma2.final_logit_softcapping"] == config.final_logit_softcapping
+    if family == "gemma3":
+        assert fields["gemma3.rope.freq_base"] == config.rope_parameters["full_attention"]["rope_theta"]
+
+
+def test_llama_cpp_runs_phi3_partial_rotary(tokenizer, tmp_path):
+    """Phi-3 with half of each head rotated (Phi-4-mini's kind): rope.dimension_count says how much, and llama.cpp
+    agrees with PyTorch only if it rotates exactly those dimensions."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+    model = _family_model("phi3", rope_parameters=rope)
+    _check_llama_cpp(model, tokenizer, tmp_path / "p.gguf", "F32", name="tiny")
+    fields = {k: v.contents() for k, v in gguf.GGUFReader(str(tmp_path / "p.gguf")).fields.items()}
+    assert fields["phi3.rope.dimension_count"] == model.model.layers[0].self_attn.head_dim // 2
+
+
+@pytest.mark.parametrize("family,method,params,qtype", [
+    ("gemma2", "nf4", {}, "Q5_0"),
+    ("phi3", "ternary", {}, "TQ2_0"),
+    ("qwen3", "mixed", {"ratio_4bit": 0.5, "group_size": 32}, "Q4_K"),
+])
+def test_llama_cpp_runs_quantized_families(family, method, params, qtype, tokenizer, tmp_path):
+    """memboost-quantized models of the other families, the int8 output layer included (untied from Gemma's
+    embedding by quantize_model: then written as output.weight)."""
+    model = _family_model(family)
+    memboost.quantize_model(model, method, progress=False, **params)
+    report, err, distance = _check_llama_cpp(model, tokenizer, tmp_path / "q.gguf", qtype, name="tiny")
+    rows = {r.name: r for r in report.rows}
+    if family == "gemma2":  # llama.cpp's gemma2 always computes the logits with token_embd: lm_head not written
+        assert "output.weight" not in rows and rows["token_embd.weight"].gguf_type == "Q8_0"
+        untied = copy.deepcopy(model)
+        with torch.no_grad():
+            untied.model.embed_tokens.weight.mul_(-1)
+        with pytest.raises(memboost.MemboostError, match="'gemma2' always computes the logits with the token"):
+            export_gguf(untied, tmp_path / "x.gguf", qtype, verbose=False)
+    else:
+        assert rows["output.weight"].gguf_type == "Q8_0" and rows["output.weight"].source == "int8"
+    down = rows["blk.1.ffn_down.weight"]
+    assert down.source == method and down.gguf_type == qtype
+
+
+def test_family_settings_llama_cpp_does_not_run_are_refused(tmp_path):
+    cases = [
+        ("gemma3", {"num_hidden_layers": 2, "layer_types": ["sliding_attention", "full_attention"]}, "layer_types"),
+        ("gemma2", {"query_pre_attn_scalar": 32}, "query_pre_attn_scalar"),
+        ("qwen3", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 0}, "sliding-window"),
+        ("olmo2", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+         "partial_rotary_factor"),
+    ]
+    for family, overrides, match in cases:
+        model = tiny_causal_lm(family, **{**GGUF_FAMILIES[family], **overrides})
+        with pytest.raises(memboost.MemboostError, match=f"{model.config.model_type}.*{match}"):
+            export_gguf(model, tmp_path / "x.gguf", "F32", verbose=False)
+    with pytest.raises(memboost.MemboostError, match="<\\|endoftext\\|>.*a Phi-3 name"):
+        export_gguf(tiny_causal_lm("phi3", vocab_size=400), tmp_path / "x.gguf", "F32", _byte_level_tokenizer(),
+                    verbose=False)
+    assert os.listdir(tmp_path) == []
 
 
 # -- bad input -------------------------------------------------------------------

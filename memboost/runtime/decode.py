@@ -1,5 +1,6 @@
 """A lean greedy decode loop with a static KV cache, for the Llama, Mistral,
-Qwen2 and Gemma families of transformers.
+Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 (text), Phi-3 and OLMo 2 families of
+transformers.
 
 transformers' model classes stay the source of truth for the architecture:
 the loop calls the model's own embedding, norms, MLPs, projections (memboost's
@@ -14,8 +15,15 @@ cache gives, so batch-1 tokens equal eager `generate`).
 
 Several prompts decode at once, left-padded: each row keeps its own positions,
 and a key mask (allocated with the cache) hides the padding.
+
+What differs between the families is said in one table, _LAYOUTS: which norms
+a layer applies around its attention and MLP, and its q/k norms. Fused
+q/k/v projections (Phi-3's qkv_proj), sliding-window layers, attention
+logit soft-capping (Gemma 2), per-layer-type rotary tables (Gemma 3) and
+the final logit soft-capping are read from the modules and the config.
 """
 
+import dataclasses
 import functools
 import sys
 import weakref
@@ -29,9 +37,56 @@ from .. import ops
 from ..errors import MemboostError, MemboostTypeError
 from ..nn import QuantizedLinear
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "gemma")
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """Where a family's decoder layer normalizes (module names on the layer; None: no such norm):
+    h += attn_out(attention(attn_in(h))); h += mlp_out(mlp(mlp_in(h))). qk_norm: the attention's
+    q_norm/k_norm applied before the rotation, over each head ("head") or over the whole projection ("full")."""
+    attn_in: Optional[str] = "input_layernorm"
+    attn_out: Optional[str] = None
+    mlp_in: Optional[str] = "post_attention_layernorm"
+    mlp_out: Optional[str] = None
+    qk_norm: Optional[str] = None
+
+
+_PRE_NORM = _Layout()
+_SANDWICH = _Layout(attn_out="post_attention_layernorm", mlp_in="pre_feedforward_layernorm",
+                    mlp_out="post_feedforward_layernorm")
+# model_type -> layout. Gemma's norms multiply by 1 + weight and its embedding scales by sqrt(hidden): both inside
+# the modules; Phi-3's fused qkv_proj and gate_up_proj are found on the modules.
+_LAYOUTS = {
+    "llama": _PRE_NORM, "mistral": _PRE_NORM, "qwen2": _PRE_NORM, "gemma": _PRE_NORM, "phi3": _PRE_NORM,
+    "qwen3": _Layout(qk_norm="head"),
+    "gemma2": _SANDWICH,
+    "gemma3_text": dataclasses.replace(_SANDWICH, qk_norm="head"),
+    "olmo2": _Layout(attn_in=None, attn_out="post_attention_layernorm", mlp_in=None,
+                     mlp_out="post_feedforward_layernorm", qk_norm="full"),
+}
+SUPPORTED_FAMILIES = tuple(_LAYOUTS)
+# Families whose every layer attends through config.sliding_window (the others say it per layer on the attention).
+_WINDOW_FROM_CONFIG = ("mistral", "phi3")
 # RoPE types whose inverse frequencies do not depend on the sequence length, so a table computed once is exact.
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclasses.dataclass
+class _LayerStep:
+    """One decoder layer as the loop runs it: bound callables (None: not in this family) and its attention's
+    constants."""
+    attn_in: object
+    project: object      # x -> (q, k, v), each [batch, q, heads * head_dim]
+    q_norm: object
+    k_norm: object
+    o_proj: object
+    attn_out: object
+    mlp_in: object
+    mlp: object
+    mlp_out: object
+    scaling: float
+    softcap: Optional[float]  # attention logit soft-capping (Gemma 2)
+    window: Optional[int]     # sliding window (keys at distance < window), None for full attention
+    rope: str                 # key of the rotary table (the layer type where the model has one per type)
 
 
 def _family(model) -> str:
@@ -53,6 +108,7 @@ class Decoder:
 
     def __init__(self, model, max_batch: int = 1, max_length: int = 512):
         self.family = _family(model)
+        self.layout = _LAYOUTS[self.family]
         for name, value in (("max_batch", max_batch), ("max_length", max_length)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MemboostError(f"'{name}' must be a positive int, got {value!r}")
@@ -61,19 +117,18 @@ class Decoder:
         if config.max_position_embeddings and max_length > config.max_position_embeddings:
             raise MemboostError(f"'max_length' ({max_length}) exceeds the model's max_position_embeddings "
                                 f"({config.max_position_embeddings})")
-        window = getattr(config, "sliding_window", None)
-        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-        if window is not None and (self.family == "mistral" or any(t != "full_attention" for t in layer_types)):
-            if max_length > window:
-                raise MemboostError(f"'max_length' ({max_length}) exceeds the model's sliding_window ({window}); "
-                                    "sliding-window attention is not implemented in the decode loop")
-        rope_type = getattr(inner.rotary_emb, "rope_type", "default")
-        if rope_type not in _STATIC_ROPE_TYPES:
-            raise MemboostError(f"the model's rope_type {rope_type!r} is not supported by the decode loop "
-                                f"(supported: {', '.join(_STATIC_ROPE_TYPES)})")
-        for name in ("final_logit_softcapping", "attn_logit_softcapping"):
-            if getattr(config, name, None) is not None:
-                raise MemboostError(f"the model's config sets {name}, which the decode loop does not implement")
+        if getattr(config, "use_bidirectional_attention", False):
+            raise MemboostError(f"the model's config (model_type {self.family!r}) sets use_bidirectional_attention, "
+                                "which the decode loop does not implement; use model.generate for it")
+        rotary = inner.rotary_emb
+        rope_types = rotary.rope_type if isinstance(getattr(rotary, "rope_type", None), dict) else {
+            "": getattr(rotary, "rope_type", "default")}
+        for rope_type in rope_types.values():
+            if rope_type not in _STATIC_ROPE_TYPES:
+                raise MemboostError(f"the model's rope_type {rope_type!r} (model_type {self.family!r}) is not supported "
+                                    f"by the decode loop (supported: {', '.join(_STATIC_ROPE_TYPES)}); "
+                                    "use model.generate for it")
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
 
         # Weakly: the Decoder kept per model (generate's cache) must not keep its model alive.
         self._model = weakref.ref(model)
@@ -90,24 +145,48 @@ class Decoder:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in self.layers]
         self.key_valid = torch.zeros(max_batch, max_length, dtype=torch.bool, device=device)
+        # The rotary cos/sin of every position, [max_length, rotary dim]: one table, or one per layer type where
+        # the model rotates each type with its own frequencies (Gemma 3).
+        self.rope_tables = {}
         with torch.no_grad():
             positions = torch.arange(max_length, device=device).unsqueeze(0)
-            cos, sin = inner.rotary_emb(torch.empty(0, dtype=dtype, device=device), positions)
-        self.cos, self.sin = cos[0], sin[0]  # [max_length, head_dim]
+            for key in {step.rope for step in self._steps}:
+                args = (key,) if key else ()
+                cos, sin = rotary(torch.empty(0, dtype=dtype, device=device), positions, *args)
+                self.rope_tables[key] = (cos[0], sin[0])
         self._group = config.num_attention_heads // kv_heads
         # Decode steps (one new token per row) through memboost's decode_attention op where it reproduces
-        # the attention above; prompts always take the modules' path.
-        self.fused_attention = self._fused_attention_matches()
+        # the attention above (full attention within reach of every key, no soft-capping, the whole head
+        # rotated); prompts always take the modules' path.
+        plain = all(step.softcap is None and (step.window is None or step.window >= max_length)
+                    and cos.shape[-1] == self.head_dim for step in self._steps
+                    for cos, _ in [self.rope_tables[step.rope]])
+        self.fused_attention = plain and self._fused_attention_matches()
 
-    @staticmethod
-    def _modules(model) -> list:
+    def _layer_modules(self, layer) -> dict:
+        """The modules of one decoder layer the loop calls, by role (absent roles left out)."""
+        attn, layout = layer.self_attn, self.layout
+        found = {"o_proj": attn.o_proj, "mlp": layer.mlp}
+        fused = getattr(attn, "qkv_proj", None)
+        if isinstance(fused, nn.Module):
+            found["qkv_proj"] = fused
+        else:
+            found.update(q_proj=attn.q_proj, k_proj=attn.k_proj, v_proj=attn.v_proj)
+        if layout.qk_norm:
+            found.update(q_norm=attn.q_norm, k_norm=attn.k_norm)
+        for role in ("attn_in", "attn_out", "mlp_in", "mlp_out"):
+            name = getattr(layout, role)
+            if name is not None:
+                found[role] = getattr(layer, name)
+        return found
+
+    def _modules(self, model) -> list:
         """Every module the bound callables depend on."""
         inner = model.model
         modules = [inner.embed_tokens, inner.norm, model.lm_head]
         for layer in inner.layers[: model.config.num_hidden_layers]:
-            attn, mlp = layer.self_attn, layer.mlp
-            modules += [layer.input_layernorm, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                        layer.post_attention_layernorm, mlp]
+            modules += list(self._layer_modules(layer).values())
+            mlp = layer.mlp
             modules += [getattr(mlp, name) for name in _GATED_MLP if isinstance(getattr(mlp, name, None), nn.Module)]
         return modules
 
@@ -115,17 +194,33 @@ class Decoder:
         """Per layer, the callables the loop runs: each module's forward itself (skipping nn.Module.__call__'s
         hook machinery, a good part of the per-token Python) unless it has hooks, and for memboost's
         quantized layers their op with the weight bound (QuantizedLinear.linear_bound)."""
-        inner = model.model
+        inner, config = model.model, model.config
         dtype = inner.embed_tokens.weight.dtype
-        self.layers = list(inner.layers[: model.config.num_hidden_layers])
+        self.layers = list(inner.layers[: config.num_hidden_layers])
+        layer_types = getattr(config, "layer_types", None)
+        per_type_rope = isinstance(getattr(inner.rotary_emb, "rope_type", None), dict)
         self._steps = []
-        for layer in self.layers:
-            attn = layer.self_attn
-            self._steps.append((_norm_callable(layer.input_layernorm, dtype),
-                                *(_linear_callable(m, dtype) for m in (attn.q_proj, attn.k_proj, attn.v_proj,
-                                                                        attn.o_proj)),
-                                _norm_callable(layer.post_attention_layernorm, dtype), _mlp_callable(layer.mlp, dtype),
-                                attn.scaling))
+        for i, layer in enumerate(self.layers):
+            attn, found = layer.self_attn, self._layer_modules(layer)
+
+            def norm(role):
+                return _norm_callable(found[role], dtype) if role in found else None
+
+            if "qkv_proj" in found:
+                q_size = config.num_attention_heads * attn.head_dim
+                project = _split_projection(_linear_callable(found["qkv_proj"], dtype), q_size,
+                                            config.num_key_value_heads * attn.head_dim)
+            else:
+                project = _separate_projections(*(_linear_callable(found[n], dtype) for n in ("q_proj", "k_proj",
+                                                                                                "v_proj")))
+            window = (getattr(config, "sliding_window", None) if self.family in _WINDOW_FROM_CONFIG
+                      else getattr(attn, "sliding_window", None))
+            self._steps.append(_LayerStep(
+                attn_in=norm("attn_in"), project=project, q_norm=norm("q_norm"), k_norm=norm("k_norm"),
+                o_proj=_linear_callable(attn.o_proj, dtype), attn_out=norm("attn_out"), mlp_in=norm("mlp_in"),
+                mlp=_mlp_callable(layer.mlp, dtype), mlp_out=norm("mlp_out"), scaling=attn.scaling,
+                softcap=getattr(attn, "attn_logit_softcapping", None), window=window,
+                rope=layer_types[i] if per_type_rope else ""))
         self._embed, self._norm, self._lm_head = (_callable(inner.embed_tokens), _norm_callable(inner.norm, dtype),
                                                   _linear_callable(model.lm_head, dtype))
         self._bound = [_binding_key(m) for m in self._modules(model)]
@@ -159,7 +254,7 @@ class Decoder:
         cos, sin = angles.cos().to(cache.device, dtype), angles.sin().to(cache.device, dtype)
         keys, values = rand(batch, kv_heads, length, dim), rand(batch, kv_heads, length, dim)
         mask = torch.tensor([[True] * length, [False, True, True, True, True, True]], device=cache.device)
-        scale = self._steps[0][-1]
+        scale = self._steps[0].scaling
         with torch.inference_mode():
             got = ops.decode_attention(q, k, v, cos, sin, keys.clone(), values.clone(), start, mask, scale)
             qs, ks = self._apply_rotary(q.view(batch, 1, heads, dim).transpose(1, 2),
@@ -171,43 +266,70 @@ class Decoder:
         tolerance = (16 if dtype == torch.float32 else 4) * torch.finfo(dtype).eps
         return bool(torch.allclose(got.float(), want.float(), rtol=tolerance, atol=tolerance * float(want.abs().max())))
 
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self._lm_head(self._norm(h))
+        if self.final_softcap is not None:  # as the model's forward: in the logits' dtype
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits.float()
+
     def _step(self, ids: torch.Tensor, positions: torch.Tensor, start: int, padded: bool) -> torch.Tensor:
         """_forward for one new token per row through the fused decode_attention op: logits [batch, vocab]."""
         batch = ids.shape[0]
-        cos, sin = self.cos[positions], self.sin[positions]
+        tables = {key: (cos[positions], sin[positions]) for key, (cos, sin) in self.rope_tables.items()}
         mask = self.key_valid if padded else None
         attend = ops.decode_attention
+        shape = (batch, 1, -1, self.head_dim)
         h = self._embed(ids)
-        for (norm1, q_proj, k_proj, v_proj, o_proj, norm2, mlp, scaling), key_cache, value_cache in zip(
-                self._steps, self.keys, self.values):
-            x = norm1(h)
-            h = h + o_proj(attend(q_proj(x), k_proj(x), v_proj(x), cos, sin, key_cache, value_cache, start, mask,
-                                  scaling))
-            h = h + mlp(norm2(h))
-        return self._lm_head(self._norm(h[:, -1])).float()
+        for step, key_cache, value_cache in zip(self._steps, self.keys, self.values):
+            x = step.attn_in(h) if step.attn_in is not None else h
+            q, k, v = step.project(x)
+            if step.q_norm is not None:
+                q, k = (_normed_heads(t, norm, self.layout.qk_norm, shape).reshape(batch, 1, -1)
+                        for t, norm in ((q, step.q_norm), (k, step.k_norm)))
+            cos, sin = tables[step.rope]
+            a = step.o_proj(attend(q, k, v, cos, sin, key_cache, value_cache, start, mask, step.scaling))
+            h = h + (step.attn_out(a) if step.attn_out is not None else a)
+            m = step.mlp(step.mlp_in(h) if step.mlp_in is not None else h)
+            h = h + (step.mlp_out(m) if step.mlp_out is not None else m)
+        return self._logits(h[:, -1])
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, start: int,
                  mask: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits [batch, vocab] of the last position of `ids` [batch, q], its
-        keys and values written to the cache at start..start+q."""
+        keys and values written to the cache at start..start+q. `mask`: which keys each query sees
+        ([batch, 1, q, start+q], or None: causal); sliding-window layers add their window to it."""
         batch, q = ids.shape
         end = start + q
-        cos, sin = self.cos[positions], self.sin[positions]
+        tables = {key: (cos[positions], sin[positions]) for key, (cos, sin) in self.rope_tables.items()}
         causal = mask is None and q > 1
+        windowed = {}  # window -> its mask, made when a layer's window can hide a key here
         shape = (batch, q, -1, self.head_dim)
-        rotate, sdpa = self._apply_rotary, F.scaled_dot_product_attention
+        rotate, layout = self._apply_rotary, self.layout
         h = self._embed(ids)
-        for (norm1, q_proj, k_proj, v_proj, o_proj, norm2, mlp, scaling), key_cache, value_cache in zip(
-                self._steps, self.keys, self.values):
-            x = norm1(h)
-            qs, ks = rotate(q_proj(x).view(shape).transpose(1, 2), k_proj(x).view(shape).transpose(1, 2), cos, sin)
+        for step, key_cache, value_cache in zip(self._steps, self.keys, self.values):
+            x = step.attn_in(h) if step.attn_in is not None else h
+            q_flat, k_flat, v_flat = step.project(x)
+            cos, sin = tables[step.rope]
+            qs, ks = rotate(_normed_heads(q_flat, step.q_norm, layout.qk_norm, shape).transpose(1, 2),
+                            _normed_heads(k_flat, step.k_norm, layout.qk_norm, shape).transpose(1, 2), cos, sin)
             key_cache[:batch, :, start:end] = ks
-            value_cache[:batch, :, start:end] = v_proj(x).view(shape).transpose(1, 2)
-            out = sdpa(qs, key_cache[:batch, :, :end], value_cache[:batch, :, :end], attn_mask=mask,
-                       is_causal=causal, scale=scaling, enable_gqa=True)
-            h = h + o_proj(out.transpose(1, 2).reshape(batch, q, -1))
-            h = h + mlp(norm2(h))
-        return self._lm_head(self._norm(h[:, -1])).float()
+            value_cache[:batch, :, start:end] = v_flat.view(shape).transpose(1, 2)
+            layer_mask, layer_causal = mask, causal
+            if step.window is not None and end > step.window:
+                if step.window not in windowed:
+                    windowed[step.window] = _window_mask(mask, start, end, step.window, ids.device)
+                layer_mask, layer_causal = windowed[step.window], False
+            keys, values = key_cache[:batch, :, :end], value_cache[:batch, :, :end]
+            if step.softcap is not None:
+                out = _softcapped_attention(qs, keys, values, layer_mask, layer_causal, step.scaling, step.softcap)
+            else:
+                out = F.scaled_dot_product_attention(qs, keys, values, attn_mask=layer_mask, is_causal=layer_causal,
+                                                     scale=step.scaling, enable_gqa=True)
+            a = step.o_proj(out.transpose(1, 2).reshape(batch, q, -1))
+            h = h + (step.attn_out(a) if step.attn_out is not None else a)
+            m = step.mlp(step.mlp_in(h) if step.mlp_in is not None else h)
+            h = h + (step.mlp_out(m) if step.mlp_out is not None else m)
+        return self._logits(h[:, -1])
 
     @torch.inference_mode()
     def generate(self, prompts, max_new_tokens: int = 32, eos_token_id=None,
@@ -276,6 +398,55 @@ class Decoder:
                 logits = self._forward(token.unsqueeze(1), next_pos, cur, step_mask)
             next_pos = next_pos + 1
         return out
+
+
+def _separate_projections(q_proj, k_proj, v_proj):
+    def project(x):
+        return q_proj(x), k_proj(x), v_proj(x)
+    return project
+
+
+def _split_projection(qkv_proj, q_size: int, kv_size: int):
+    """x -> (q, k, v) from one fused projection whose rows are q's, then k's, then v's (Phi-3's qkv_proj)."""
+    def project(x):
+        qkv = qkv_proj(x)
+        return qkv[..., :q_size], qkv[..., q_size:q_size + kv_size], qkv[..., q_size + kv_size:]
+    return project
+
+
+def _normed_heads(t: torch.Tensor, norm, mode: Optional[str], shape: tuple) -> torch.Tensor:
+    """A q or k projection [batch, q, heads * head_dim] as [batch, q, heads, head_dim], through the layer's q/k
+    norm if it has one: over each head (Qwen 3, Gemma 3) or over the whole projection (OLMo 2)."""
+    if norm is None:
+        return t.view(shape)
+    return norm(t).view(shape) if mode == "full" else norm(t.view(shape))
+
+
+def _window_mask(mask: Optional[torch.Tensor], start: int, end: int, window: int, device) -> torch.Tensor:
+    """`mask` (None: causal) with the keys at distance `window` or more from their query hidden, as transformers'
+    sliding-window masks do on cache positions: [batch or 1, 1, end - start, end]."""
+    query = torch.arange(start, end, device=device)[:, None]
+    key = torch.arange(end, device=device)[None, :]
+    near = key > query - window
+    if mask is None:
+        return (near & (key <= query))[None, None]
+    return mask & near
+
+
+def _softcapped_attention(q, keys, values, mask, causal: bool, scaling: float, softcap: float) -> torch.Tensor:
+    """Attention with soft-capped logits, softcap * tanh(logits / softcap), computed as transformers' eager
+    attention does (Gemma 2; scaled_dot_product_attention has no soft-capping): [batch, heads, q, head_dim]."""
+    group = q.shape[1] // keys.shape[1]
+    if group > 1:
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    weights = torch.matmul(q, keys.transpose(2, 3)) * scaling
+    weights = torch.tanh(weights / softcap) * softcap
+    if causal:
+        mask = torch.ones(q.shape[2], keys.shape[2], dtype=torch.bool, device=q.device).tril(keys.shape[2] - q.shape[2])
+    if mask is not None:
+        weights = weights.masked_fill(~mask, torch.finfo(weights.dtype).min)
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(weights, values)
 
 
 def _binding_key(module) -> tuple:

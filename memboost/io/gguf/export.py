@@ -1,5 +1,6 @@
-"""GGUF export: a Hugging Face Llama-family causal LM, plain or quantized with
-memboost, to one GGUF file that llama.cpp loads and runs.
+"""GGUF export: a Hugging Face causal LM of a family llama.cpp runs (Llama,
+Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 text, Phi-3, OLMo 2), plain or
+quantized with memboost, to one GGUF file that llama.cpp loads and runs.
 
     import memboost
     report = memboost.export_gguf(model, "model.gguf", weight_type="IQ4_NL", tokenizer=tokenizer)
@@ -26,15 +27,35 @@ from . import quants as gguf_quants
 from ...errors import MemboostError, MemboostTypeError
 from ..serialization import atomic_write
 
-# Hugging Face model type -> (llama.cpp architecture, rope rows interleaved
-# in llama.cpp's order: Llama-style checkpoints store each head's q/k rows as
-# two halves, llama.cpp's "llama" rope wants the pairs adjacent; "qwen2" uses
-# the NeoX rope on the halves as they are).
+@dataclasses.dataclass(frozen=True)
+class Architecture:
+    """How llama.cpp takes one Hugging Face model type (as its convert_hf_to_gguf.py writes it)."""
+    name: str                   # llama.cpp's architecture
+    permute: bool = False       # q/k rows to llama.cpp's interleaved rope pairs (Llama-style checkpoints store each
+                                # head as two halves; the NeoX rope of the others uses the halves as they are)
+    norm_offset: bool = False   # RMS norms multiply by 1 + weight (Gemma): llama.cpp stores 1 + weight
+    output_required: bool = False  # llama.cpp loads no tied output for it: output.weight is always written
+    sliding_window: bool = False   # writes attention.sliding_window (llama.cpp's own layer pattern, checked)
+    softcapping: bool = False      # writes the attention and final logit soft-capping (Gemma 2)
+    output_tensor: bool = True     # llama.cpp reads an output.weight (else it always ties it to token_embd)
+
+
+# Hugging Face model type -> llama.cpp architecture.
 ARCHITECTURES = {
-    "llama": ("llama", True),
-    "mistral": ("llama", True),
-    "qwen2": ("qwen2", False),
+    "llama": Architecture("llama", permute=True),
+    "mistral": Architecture("llama", permute=True),
+    "qwen2": Architecture("qwen2"),
+    "qwen3": Architecture("qwen3"),
+    "gemma": Architecture("gemma", norm_offset=True, output_tensor=False),
+    "gemma2": Architecture("gemma2", norm_offset=True, sliding_window=True, softcapping=True, output_tensor=False),
+    "gemma3_text": Architecture("gemma3", norm_offset=True, sliding_window=True),
+    "phi3": Architecture("phi3", output_required=True),
+    "olmo2": Architecture("olmo2", output_required=True),
 }
+# llama.cpp's fixed sliding-window layer pattern: every n-th layer global, the others local (llama-model.cpp's
+# set_swa_pattern), and Gemma 3's local rotary base.
+_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+_GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 WEIGHT_TYPES = gguf_quants.FLOAT_TYPES + gguf_quants.QUANT_TYPES
 TERNARY_TYPES = ("TQ1_0", "TQ2_0")
@@ -148,6 +169,7 @@ def requested_type(role: str, weight_type: str, output_type: str) -> str:
 class _HParams:
     arch: str
     permute: bool
+    family: Architecture
     n_layer: int
     n_embd: int
     n_ff: int
@@ -160,6 +182,11 @@ class _HParams:
     rope_theta: float
     rope_scaling: Optional[dict]
     tied: bool
+    rope_dim: int = 0
+    sliding_window: Optional[int] = None
+    attn_softcap: Optional[float] = None
+    final_softcap: Optional[float] = None
+    orig_ctx: Optional[int] = None
 
 
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -186,9 +213,10 @@ def _hparams(model) -> _HParams:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        raise MemboostError(f"GGUF export supports the Hugging Face model types {sorted(ARCHITECTURES)} "
-                            f"(Llama family); got {model_type!r} ({type(model).__name__})")
-    arch, permute = ARCHITECTURES[model_type]
+        raise MemboostError(f"GGUF export supports the Hugging Face model types {sorted(ARCHITECTURES)}; "
+                            f"got {model_type!r} ({type(model).__name__})")
+    family = ARCHITECTURES[model_type]
+    arch = family.name
 
     def need(name):
         value = getattr(config, name, None)
@@ -196,15 +224,44 @@ def _hparams(model) -> _HParams:
             raise MemboostError(f"the model's config lacks {name!r}, which llama.cpp needs for {arch!r}")
         return value
 
+    def refuse(what):
+        raise MemboostError(f"GGUF export of {model_type!r}: {what}, which llama.cpp's {arch!r} does not run")
+
     n_head = need("num_attention_heads")
     n_embd = need("hidden_size")
+    n_layer = need("num_hidden_layers")
     head_dim = getattr(config, "head_dim", None) or n_embd // n_head
-    params = getattr(config, "rope_parameters", None) or {}
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    window = None
+    if family.sliding_window:
+        # llama.cpp fixes which layers attend locally (every n-th one global) and Gemma 3's local rope
+        pattern = _SWA_PATTERN[arch]
+        expected = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layer)]
+        if layer_types and layer_types != expected:
+            refuse(f"layer_types {layer_types} (llama.cpp: every {pattern}th layer global, the others sliding)")
+        window = need("sliding_window")
+        if "full_attention" in params:  # Gemma 3: rotary parameters per layer type
+            local = params.get("sliding_attention") or {}
+            if local.get("rope_type", "default") != "default" or local.get("rope_theta") != _GEMMA3_LOCAL_ROPE_THETA:
+                refuse(f"sliding-attention rope parameters {local} (llama.cpp: default rope, "
+                       f"theta {_GEMMA3_LOCAL_ROPE_THETA:g})")
+            params = dict(params["full_attention"])
+    elif any(t != "full_attention" for t in layer_types):
+        refuse(f"sliding-window layers ({layer_types})")
+    if model_type in ("gemma2", "gemma3_text") and getattr(config, "query_pre_attn_scalar", head_dim) != head_dim:
+        refuse(f"query_pre_attn_scalar {config.query_pre_attn_scalar} other than head_dim {head_dim} "
+               "(llama.cpp scales the queries by 1/sqrt(head_dim))")
+    softcaps = (getattr(config, "attn_logit_softcapping", None), getattr(config, "final_logit_softcapping", None))
+    if not family.softcapping and any(c is not None for c in softcaps):
+        refuse("attention or final logit soft-capping")
+    if getattr(config, "use_bidirectional_attention", False):
+        refuse("bidirectional attention")
     rope_theta = params.get("rope_theta", getattr(config, "rope_theta", None))
     if rope_theta is None:
         raise MemboostError(f"the model's config lacks 'rope_theta' (rope_parameters), which llama.cpp needs for "
                             f"{arch!r}")
-    scaling = dict(params) if params else dict(getattr(config, "rope_scaling", None) or {})
+    scaling = params if params else dict(getattr(config, "rope_scaling", None) or {})
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ("default", "linear", "yarn", "llama3"):
         raise MemboostError(f"rope scaling {rope_type!r} is not supported by the GGUF export "
@@ -214,13 +271,19 @@ def _hparams(model) -> _HParams:
         if lacking:
             raise MemboostError(f"rope scaling 'llama3' in the config lacks {lacking}, which llama.cpp's "
                                 "rope_freqs needs")
+    partial = float(scaling.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None) or 1.0))
+    if partial != 1.0 and arch != "phi3":
+        refuse(f"partial_rotary_factor {partial}")
     return _HParams(
-        arch=arch, permute=permute, n_layer=need("num_hidden_layers"), n_embd=n_embd,
+        arch=arch, permute=family.permute, family=family, n_layer=n_layer, n_embd=n_embd,
         n_ff=need("intermediate_size"), n_head=n_head, n_head_kv=getattr(config, "num_key_value_heads", None) or n_head,
         head_dim=head_dim, n_ctx=need("max_position_embeddings"), n_vocab=need("vocab_size"),
         rms_eps=float(need("rms_norm_eps")), rope_theta=float(rope_theta),
         rope_scaling=None if rope_type == "default" else dict(scaling, rope_type=rope_type),
-        tied=bool(getattr(config, "tie_word_embeddings", False)))
+        tied=bool(getattr(config, "tie_word_embeddings", False)), rope_dim=int(head_dim * partial),
+        sliding_window=window, attn_softcap=softcaps[0] if family.softcapping else None,
+        final_softcap=softcaps[1] if family.softcapping else None,
+        orig_ctx=getattr(config, "original_max_position_embeddings", None) if arch == "phi3" else None)
 
 
 def _weights(model, correctors: str = "merge") -> Iterator[Tuple[str, object]]:
@@ -254,6 +317,11 @@ def _rope_rows(rows: torch.Tensor, n_head: int, inverse: bool = False) -> torch.
     if inverse:
         return rows.reshape(n_head, head // 2, 2, *rest).transpose(1, 2).reshape(rows.shape)
     return rows.reshape(n_head, 2, head // 2, *rest).transpose(1, 2).reshape(rows.shape)
+
+
+def _offset_norm(hp: _HParams, gguf_name: str) -> bool:
+    """Whether the tensor is a norm weight that llama.cpp stores as 1 + weight (Gemma's RMS norms, q/k norms too)."""
+    return hp.family.norm_offset and gguf_name.endswith("norm.weight")
 
 
 # -- one tensor ------------------------------------------------------------------
@@ -488,6 +556,21 @@ def _add_tokenizer(writer, tokenizer, n_vocab: int) -> List[str]:
     return notes
 
 
+# llama.cpp marks these tokens of a model whose general.name says Phi-3 (llama-vocab.cpp), failing to load the
+# file when one is missing from the vocabulary.
+_PHI3_NAMED_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
+
+
+def _check_name_tokens(hp: _HParams, name: str, tokenizer) -> None:
+    lowered = name.lower()
+    if tokenizer is None or hp.arch != "phi3" or not ("phi3" in lowered or "phi-3" in lowered):
+        return
+    lacking = [t for t in _PHI3_NAMED_TOKENS if t not in tokenizer.get_vocab()]
+    if lacking:
+        raise MemboostError(f"llama.cpp looks up the tokens {lacking} in a model named {name!r} (a Phi-3 name) and "
+                            "fails to load the file without them; pass another 'name' or a tokenizer that has them")
+
+
 def _add_hparams(writer, hp: _HParams, weight_type: str, name: str) -> None:
     gguf = _gguf()
     writer.add_name(name)
@@ -500,7 +583,15 @@ def _add_hparams(writer, hp: _HParams, weight_type: str, name: str) -> None:
     writer.add_rope_freq_base(hp.rope_theta)
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     writer.add_vocab_size(hp.n_vocab)
-    writer.add_rope_dimension_count(hp.head_dim)
+    writer.add_rope_dimension_count(hp.rope_dim)
+    if hp.sliding_window is not None:
+        writer.add_sliding_window(int(hp.sliding_window))
+    if hp.attn_softcap is not None:
+        writer.add_attn_logit_softcapping(float(hp.attn_softcap))
+    if hp.final_softcap is not None:
+        writer.add_final_logit_softcapping(float(hp.final_softcap))
+    if hp.orig_ctx:
+        writer.add_rope_scaling_orig_ctx_len(int(hp.orig_ctx))
     if hp.head_dim * hp.n_head != hp.n_embd:
         writer.add_key_length(hp.head_dim)
         writer.add_value_length(hp.head_dim)
@@ -532,8 +623,14 @@ def _check_weight_type(weight_type) -> str:
 def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, output_type: Optional[str] = None,
                 name: Optional[str] = None, calibration: Optional[Mapping[str, torch.Tensor]] = None,
                 progress: Optional[bool] = None, verbose: bool = True, correctors: str = "merge") -> GGUFExportReport:
-    """Writes `model` (a Hugging Face Llama, Mistral or Qwen2 causal LM,
-    plain or with memboost-quantized layers) to the GGUF file `path`.
+    """Writes `model` (a Hugging Face causal LM of a model type in
+    ARCHITECTURES: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 text,
+    Phi-3, OLMo 2; plain or with memboost-quantized layers) to the GGUF file
+    `path`, with llama.cpp's tensor names, layouts (Llama's q/k rows in its rope
+    order, Gemma's norms as 1 + weight, Phi-3's fused qkv and gate/up kept
+    fused) and hyper-parameters (sliding window, soft-capping, partial rotary).
+    Settings llama.cpp does not run (another sliding-window layer pattern, an
+    unknown rope scaling, ...) are refused by name.
 
     weight_type: the GGUF type of the weight matrices (F32, F16, BF16, Q4_0,
     Q5_0, Q8_0, IQ4_NL, TQ1_0, TQ2_0, Q2_K, Q3_K, Q4_K, Q5_K); what each memboost format
@@ -587,11 +684,16 @@ def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, o
     if not os.access(folder, os.W_OK):
         raise MemboostError(f"cannot write {path!r}: folder {folder!r} is not writable")
     hp = _hparams(model)
+    name = name or getattr(model.config, "_name_or_path", "") or hp.arch
+    _check_name_tokens(hp, name, tokenizer)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[hp.arch.upper()], hp.n_layer)
 
     importance = _importance_by_weight(calibration, by_name)
     tied = lm_head is None or (isinstance(lm_head, torch.Tensor) and isinstance(embed, torch.Tensor)
                                and lm_head.data_ptr() == embed.data_ptr())
+    if not tied and not hp.family.output_tensor:
+        _check_output_is_embedding(lm_head, embed, hp.arch)
+        tied = True  # llama.cpp computes the logits with token_embd: lm_head is not written
     total = sum(math.prod(v.shape) for _, v in weights)
     show_bar = progress if progress is not None else total > 100_000_000
 
@@ -607,6 +709,21 @@ def export_gguf(model, path: str, weight_type: str = "F16", tokenizer=None, *, o
     with scratch:
         return _export_spilled(model, path, weight_type, output_type, tokenizer, name, weights, hp, name_map,
                                importance, tied, int8_head, show_bar, verbose, scratch)
+
+
+def _check_output_is_embedding(lm_head, embed, arch: str) -> None:
+    """An architecture whose llama.cpp output is always the token embedding takes an untied lm_head only when it is
+    the embedding up to its own rounding (quantize_model's int8 output layer of a tied model): within 5%, where an
+    unrelated matrix is ~140% away."""
+    def dense(w):
+        return (w.dequantize() if hasattr(w, "dequantize") else w).detach().float().cpu()
+
+    if lm_head is not None and embed is not None and tuple(lm_head.shape) == tuple(embed.shape):
+        head, emb = dense(lm_head), dense(embed)
+        if float((head - emb).norm() / emb.norm().clamp_min(1e-30)) < 0.05:
+            return
+    raise MemboostError(f"llama.cpp's {arch!r} always computes the logits with the token embedding, but this model's "
+                        "lm_head is another matrix (untied); it cannot be exported for it")
 
 
 def _spill(scratch, data: torch.Tensor, qtype: str):
@@ -626,7 +743,7 @@ def _export_spilled(model, path, weight_type, output_type, tokenizer, name, weig
     converted = []
     rows: List[TensorRow] = []
     for hf_name, value in tqdm(weights, desc="GGUF export", unit="tensor", disable=not show_bar):
-        if hf_name == "lm_head.weight" and tied:
+        if hf_name == "lm_head.weight" and tied and not hp.family.output_required:
             continue
         gguf_name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
@@ -644,6 +761,8 @@ def _export_spilled(model, path, weight_type, output_type, tokenizer, name, weig
         if hp.permute and gguf_name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
             heads = hp.n_head if ".attn_q." in gguf_name else hp.n_head_kv
             data = _rope_rows(data, heads)
+        if _offset_norm(hp, gguf_name):
+            data, note = data + 1, "stored as 1 + weight (llama.cpp's Gemma norms)"
         err = float((w_out - w_src).norm() / w_src.norm().clamp_min(1e-30))
         numel = math.prod(value.shape)
         nbytes = data.numel() * data.element_size()
@@ -658,7 +777,7 @@ def _export_spilled(model, path, weight_type, output_type, tokenizer, name, weig
         converted.append(("rope_freqs.weight", _spill(scratch, factors, "F32"), "F32"))
 
     writer = gguf.GGUFWriter(None, hp.arch)
-    _add_hparams(writer, hp, weight_type, name or getattr(model.config, "_name_or_path", "") or hp.arch)
+    _add_hparams(writer, hp, weight_type, name)
     tok_notes = _add_tokenizer(writer, tokenizer, hp.n_vocab)
     scratch.flush()
     spilled = np.memmap(scratch, dtype=np.uint8, mode="r") if scratch.tell() else np.empty(0, np.uint8)
@@ -761,5 +880,7 @@ def gguf_state_dict(path: str, model) -> Dict[str, torch.Tensor]:
         w = w.reshape(tuple(value.shape))
         if hp.permute and gguf_name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
             w = _rope_rows(w, hp.n_head if ".attn_q." in gguf_name else hp.n_head_kv, inverse=True)
+        if _offset_norm(hp, gguf_name):
+            w = w - 1
         out[hf_name] = w
     return out
