@@ -109,12 +109,24 @@ def folders(tmp_path_factory, tokenizer):
     return out
 
 
+def _bind_threads(ranks: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND giving each rank its share of this process's CPUs ("0|1" on 2 cores): vLLM's
+    automatic binding wants a NUMA node per rank and refuses 2 ranks on a machine with one."""
+    cpus = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cpus) // ranks)
+    groups = [cpus[i * share:(i + 1) * share] or cpus[i % len(cpus):][:1] for i in range(ranks)]
+    return "|".join(",".join(map(str, g)) for g in groups)
+
+
 def run_vllm(folder: str, prompts, tp: int = 1, env=None, timeout: float = START_TIMEOUT):
     """(exit status, stdout, stderr) of vllm_run.py; a run still going after `timeout` is killed (status None):
     vLLM's front process may keep waiting after its engine process failed."""
+    env = dict(env or _env())
+    if tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in env:
+        env["VLLM_CPU_OMP_THREADS_BIND"] = _bind_threads(tp)
     process = subprocess.Popen([sys.executable, RUNNER, folder, "--prompts", json.dumps(prompts), "--max-tokens",
                                 str(MAX_TOKENS), "--tp", str(tp)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=env or _env(), start_new_session=True)
+                               text=True, env=env, start_new_session=True)
     try:
         out, err = process.communicate(timeout=timeout)
         return process.returncode, out, err
