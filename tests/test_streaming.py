@@ -12,6 +12,7 @@ import memboost
 from memboost.errors import MemboostError
 from memboost.io import streaming
 from memboost.io.checkpoint import load_state
+from memboost.model.plan import ratio_4bit_from_costs
 
 from conftest import tiny_llama, tiny_llama_with_tokenizer
 
@@ -220,3 +221,51 @@ def test_gguf_export_of_a_mapped_folder_is_the_in_memory_export(tmp_path):
                              verbose=False)
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
     assert sorted(os.listdir(tmp_path)) == ["a.gguf", "b.gguf", "float", "memory", "stream"]   # no scratch left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_bits_plan_is_the_in_memory_plan(tmp_path, tied):
+    """The bits plan of two passes over the mapped folder measures the float model's E[x^2] and E[(dL/dy)^2]
+    (allocate_ratio_4bit's calibrate / output_sensitivity) and so gives its plan; the folder quantized with
+    it is the in-memory one."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = tiny_llama_with_tokenizer(tie_word_embeddings=tied)
+    folder = _save_folder(model, tmp_path / "float")
+    loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype="auto").eval()
+    batches = _batches(n=3, length=12)
+    stats = memboost.calibrate(loaded, batches, progress=False)
+    sens = memboost.output_sensitivity(loaded, batches, progress=False)
+    choices, weights, calibration, sensitivity = streaming._plan_statistics(
+        folder, batches, 3.0, ("lm_head",), 32, 0.002, "auto", True, str(tmp_path), False)
+    assert sorted(calibration) == sorted(sensitivity) == sorted(sens) and len(sens) == 14
+    for name in sens:
+        torch.testing.assert_close(calibration[name], stats[name], rtol=1e-6, atol=0)
+        torch.testing.assert_close(sensitivity[name], sens[name], rtol=1e-4, atol=1e-12)
+    assert weights == sum(loaded.get_submodule(n).weight.numel() for n in sens)
+    least = sum(c[0][1] for c in choices.values()) / weights   # every group 2-bit (small layers: many outliers)
+    most = sum(c[-1][1] for c in choices.values()) / weights
+    for share in (0.25, 0.5, 0.75):
+        bits = least + share * (most - least)
+        expected = memboost.allocate_ratio_4bit(loaded, batches, bits, calibration=stats, sensitivity=sens,
+                                               group_size=32, progress=False)
+        assert ratio_4bit_from_costs(choices, weights, bits) == expected
+        assert len(set(expected.values())) > 1   # a plan that differs between layers
+    plan = streaming.allocate_ratio_4bit_folder(folder, batches, bits, group_size=32, progress=False)
+    assert plan == expected
+    memboost.quantize_model(loaded, "mixed", ratio_4bit=plan, group_size=32, progress=False)
+    memboost.save_quantized(loaded, tmp_path / "memory", max_shard_size="40KB")
+    streaming.quantize_folder(folder, tmp_path / "stream", "mixed", ratio_4bit=plan, group_size=32, progress=False,
+                              max_shard_size="40KB")
+    _assert_same_state(tmp_path / "memory", tmp_path / "stream")
+    assert sorted(os.listdir(tmp_path)) == ["float", "memory", "stream"]   # the scratch file is gone
+
+
+def test_streamed_bits_plan_errors(float_folder, tmp_path):
+    with pytest.raises(MemboostError, match="'bits' must be a positive"):
+        streaming.allocate_ratio_4bit_folder(float_folder, _batches(), 0)
+    with pytest.raises(MemboostError, match="below what the mixed format can store"):
+        streaming.allocate_ratio_4bit_folder(float_folder, _batches(), 2.0, group_size=32, progress=False)
+    with pytest.raises(MemboostError, match="group_size=48 divides"):
+        streaming.allocate_ratio_4bit_folder(float_folder, _batches(), 3.0, group_size=48, progress=False)
