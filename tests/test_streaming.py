@@ -269,3 +269,27 @@ def test_streamed_bits_plan_errors(float_folder, tmp_path):
         streaming.allocate_ratio_4bit_folder(float_folder, _batches(), 2.0, group_size=32, progress=False)
     with pytest.raises(MemboostError, match="group_size=48 divides"):
         streaming.allocate_ratio_4bit_folder(float_folder, _batches(), 3.0, group_size=48, progress=False)
+
+
+def test_gguf_export_in_row_slices_gives_the_same_bytes(tmp_path, monkeypatch):
+    """export_gguf converts a large matrix (an 8B model's embedding and output layer) a slice of rows at a time,
+    float or int8: the file is byte for byte the one-piece conversion's, and the reported errors agree."""
+    from memboost.io.gguf import export as gguf_export
+
+    model, _ = tiny_llama_with_tokenizer(tie_word_embeddings=False)
+    memboost.quantize_model(model, "nf4", progress=False)   # lm_head int8: its Q8_0 bytes copied slice by slice
+    assert type(model.lm_head.weight.tensor()).__name__ == "Int8QuantizedTensor"
+    reports = {}
+    for name, weights in (("whole", 1 << 30), ("sliced", 1000)):   # 64 x 64 matrices: slices of 15 rows
+        monkeypatch.setattr(gguf_export, "_EXPORT_SLICE_WEIGHTS", weights)
+        for qtype in ("Q4_0", "F16"):
+            reports[name, qtype] = memboost.export_gguf(model, tmp_path / f"{name}-{qtype}.gguf", qtype,
+                                                        verbose=False)
+    for value in (model.model.embed_tokens.weight, model.lm_head.weight.tensor()):
+        sliced = list(gguf_export._row_slices(value, 1000))
+        assert len(sliced) == 5 and sum(p.shape[0] for p in sliced) == 64
+    for qtype in ("Q4_0", "F16"):
+        assert (tmp_path / f"whole-{qtype}.gguf").read_bytes() == (tmp_path / f"sliced-{qtype}.gguf").read_bytes()
+        for a, b in zip(reports["whole", qtype].rows, reports["sliced", qtype].rows):
+            assert (a.name, a.gguf_type, a.nbytes, a.note) == (b.name, b.gguf_type, b.nbytes, b.note)
+            assert b.rel_error == pytest.approx(a.rel_error, rel=1e-5, abs=1e-9)
