@@ -293,3 +293,69 @@ def test_gguf_export_in_row_slices_gives_the_same_bytes(tmp_path, monkeypatch):
         for a, b in zip(reports["whole", qtype].rows, reports["sliced", qtype].rows):
             assert (a.name, a.gguf_type, a.nbytes, a.note) == (b.name, b.gguf_type, b.nbytes, b.note)
             assert b.rel_error == pytest.approx(a.rel_error, rel=1e-5, abs=1e-9)
+
+
+_RELOAD_PROBE = r"""
+import json, os, sys
+import torch
+import memboost
+from transformers import AutoConfig, AutoModelForCausalLM
+from memboost.io.checkpoint import _parameters_on_meta
+
+def anon_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+folder, how = sys.argv[1], sys.argv[2]
+config = AutoConfig.from_pretrained(folder)
+del config.quantization_config
+with _parameters_on_meta():   # the model classes imported and built once: not counted below
+    AutoModelForCausalLM.from_config(config)
+before = anon_kib()
+if how == "load_quantized":
+    model = memboost.load_quantized(folder)
+else:
+    model = AutoModelForCausalLM.from_pretrained(folder)
+grown = anon_kib() - before
+files = []
+with open("/proc/self/maps") as f:
+    for line in f:
+        parts = line.split()
+        if len(parts) > 5 and parts[5].endswith(".safetensors"):
+            low, high = (int(x, 16) for x in parts[0].split("-"))
+            files.append((low, high, parts[5]))
+mapped = copied = 0
+for name, t in model.state_dict().items():
+    size = t.numel() * t.element_size()
+    inside = [f for lo, hi, f in files if lo <= t.data_ptr() < hi]
+    if inside and os.path.dirname(inside[0]) == os.path.realpath(folder):
+        mapped += size
+    else:
+        copied += size
+print(json.dumps({"anon_grown": grown * 1024, "mapped": mapped, "copied": copied}))
+"""
+
+
+@pytest.mark.slow
+def test_reload_of_a_streamed_folder_maps_its_tensors(tmp_path):
+    """load_quantized and from_pretrained of a streamed folder build the model on the meta device and take its
+    tensors memory-mapped from the files: the process's own (anonymous) memory grows by far less than the
+    quantized size, and the float weights are never made (they would be 4x the folder in float32)."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32768, hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    folder = _save_folder(LlamaForCausalLM(config).eval(), tmp_path / "float", torch.bfloat16)
+    streaming.quantize_folder(folder, tmp_path / "nf4", "nf4", progress=False)
+    size = sum(os.path.getsize(tmp_path / "nf4" / f) for f in os.listdir(tmp_path / "nf4"))
+    assert size > 40 * 2**20   # bf16 embedding (32 MiB), int8 lm_head (17 MiB), NF4 blocks
+    for how in ("load_quantized", "from_pretrained"):
+        out = subprocess.run([sys.executable, "-c", _RELOAD_PROBE, str(tmp_path / "nf4"), how], check=True,
+                             capture_output=True, text=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["anon_grown"] < 0.25 * size, (how, result, size)
+        assert result["mapped"] > 0.95 * size and result["copied"] < 2**20, (how, result, size)
