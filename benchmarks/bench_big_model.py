@@ -2,9 +2,11 @@
 Llama-3-8B-shaped folder (make_synthetic_model.py), then a reload and 8
 generated tokens, per format.
 
-For each format (nf4, ternary, lort, mixed; mixed calibrated on --calib-seqs
-sequences of --calib-len tokens of Debian's fortunes, GPTQ-style: --hessian
---sequential), in a subprocess each:
+For each format (nf4, ternary, lort, mixed, mixed-bits; mixed calibrated on
+--calib-seqs sequences of --calib-len tokens of Debian's fortunes,
+GPTQ-style: --hessian --sequential; mixed-bits the same with --bits
+--bits-budget, planned in two passes over the mapped weights first), in a
+subprocess each:
 - quantize: `python -m memboost quantize MODEL OUT --method F` (a model folder:
   the streaming path); wall time, time per billion quantized weights, peak
   resident memory of the process sampled every 20 ms from /proc/PID/status
@@ -30,7 +32,6 @@ quantizing the 8B shape; reload <= 1.2x the quantized size.
                                          [--json benchmarks/results/big_model_cpu.json]
     python benchmarks/bench_big_model.py --config tiny                          # a check of the script
 
-Not measured here: --bits planning (it needs the whole model).
 """
 
 import argparse
@@ -47,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import print_table, write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FORMATS = ("nf4", "ternary", "lort", "mixed")
+FORMATS = ("nf4", "ternary", "lort", "mixed", "mixed-bits")
 PROMPT = "The capital of France is"
 
 
@@ -92,11 +93,12 @@ def folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
 
 
-def quantize_args(fmt: str, seqs: int, length: int) -> list:
-    if fmt != "mixed":
+def quantize_args(fmt: str, seqs: int, length: int, bits: float) -> list:
+    if not fmt.startswith("mixed"):
         return ["--method", fmt]
+    planned = ["--bits", str(bits)] if fmt == "mixed-bits" else []
     return ["--method", "mixed", "--calibrate", "fortunes", "--calib-tokens", str(seqs * length),
-            "--calib-window", str(length), "--hessian", "--sequential"]
+            "--calib-window", str(length), "--hessian", "--sequential"] + planned
 
 
 LLAMA_CPP_SNIPPET = """
@@ -127,7 +129,7 @@ def gguf_row(python: str, folder: str, gguf_type: str, work: str, label: str) ->
     return row
 
 
-def bench(model: str, formats, seqs: int, length: int, work: str, gguf_type: str = "") -> list:
+def bench(model: str, formats, seqs: int, length: int, work: str, gguf_type: str = "", bits: float = 3.5) -> list:
     python = sys.executable
     base = run_sampled([python, "-c", "import memboost, transformers; from transformers import LlamaForCausalLM"])
     rows = [{"format": "baseline (imports)", "peak_rss_gib": base["peak_rss_gib"],
@@ -136,7 +138,7 @@ def bench(model: str, formats, seqs: int, length: int, work: str, gguf_type: str
     for fmt in formats:
         out = os.path.join(work, f"q-{fmt}")
         q = run_sampled([python, "-m", "memboost", "quantize", model, out, "--quiet"]
-                        + quantize_args(fmt, seqs, length))
+                        + quantize_args(fmt, seqs, length, bits))
         bits = float(re.search(r"\| bits per weight \| ([0-9.]+) over ([0-9.]+) M", q["out"]).group(1))
         weights = float(re.search(r"\| bits per weight \| [0-9.]+ over ([0-9.]+) M", q["out"]).group(1)) * 1e6
         size = folder_bytes(out)
@@ -166,6 +168,8 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--calib-seqs", type=int, default=32, help="mixed: calibration sequences")
     parser.add_argument("--calib-len", type=int, default=512, help="mixed: tokens per calibration sequence")
+    parser.add_argument("--note", default="", help="a note stored with the rows (e.g. how loaded the machine was)")
+    parser.add_argument("--bits-budget", type=float, default=3.5, help="mixed-bits: the --bits budget")
     parser.add_argument("--gguf-type", default="Q4_0", help="GGUF type of the exports ('' for no export)")
     parser.add_argument("--work", help="folder for the quantized outputs (default: a temporary folder)")
     parser.add_argument("--json", help="write the rows here (default benchmarks/results/big_model_cpu.json; "
@@ -184,7 +188,7 @@ def main(argv=None) -> int:
 
             model = os.path.join(work, "model")
             make(model, args.config, shard_size="10MB" if args.config == "tiny" else "200MB")
-        rows = bench(model, formats, args.calib_seqs, args.calib_len, work, args.gguf_type)
+        rows = bench(model, formats, args.calib_seqs, args.calib_len, work, args.gguf_type, args.bits_budget)
     print_table(rows, ["format", "quantize_s", "s_per_bweights", "peak_rss_gib", "peak_anon_gib", "bits", "out_gib",
                        "reload_s", "reload_rss_gib", "reload_over_size", "reload_above_base_over_size"],
                 f"memboost quantize block by block: {args.model or args.config}")
@@ -196,7 +200,7 @@ def main(argv=None) -> int:
     json_path = args.json if args.json is not None else ("" if args.config else
                                                           os.path.join(ROOT, "benchmarks/results/big_model_cpu.json"))
     write_json(json_path, {"model": args.model or args.config, "calib_seqs": args.calib_seqs,
-                           "calib_len": args.calib_len, "rows": rows})
+                           "calib_len": args.calib_len, "bits_budget": args.bits_budget, "note": args.note, "rows": rows})
     return 0
 
 

@@ -6,7 +6,9 @@ SmolLM2-135M (49152 tokens: every id it gives lies inside the vocabulary;
 the config's bos/eos ids are the tokenizer's). 16 GB on disk for the 8B
 shape; never in CI. --config tiny writes a small folder of the same kind
 (4 layers of hidden 256) to check the scripts, --config small one of 8
-layers of hidden 1024 (0.24 B weights, 0.5 GB).
+layers of hidden 1024 (0.24 B weights, 0.5 GB), --config llama3-8b-head
+Llama-3-8B's embedding and output layer around one of its blocks (1.3 B
+weights, 2.5 GB: the GGUF export's peak memory is theirs).
 
 Weights: normal with std 0.02 (norms 1), generated tensor by tensor from
 --seed; one shard's tensors are held at a time (--shard-size of memory).
@@ -32,6 +34,11 @@ from memboost.testbed import smollm2_tokenizer  # noqa: E402
 CONFIGS = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
+    # Llama-3-8B's embedding and output layer (128256 x 4096 each) around one of its blocks: 1.3 B weights,
+    # 2.5 GB; what the GGUF export's memory depends on, without the 16 GB
+    "llama3-8b-head": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=1, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                           max_position_embeddings=8192),
     "small": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16,
                   num_key_value_heads=4, vocab_size=49152, max_position_embeddings=2048),
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,

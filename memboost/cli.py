@@ -15,7 +15,8 @@ fortunes (memboost.testbed). Errors print one line and exit with status 2.
 
 `memboost quantize` on a plain model folder works decoder block by decoder
 block (memboost.io.streaming: one block's float weights in memory at a
-time), unless --in-memory or --bits asks for the whole model.
+time; --bits plans in two passes over the memory-mapped weights first),
+unless --in-memory asks for the whole model.
 """
 
 import argparse
@@ -294,9 +295,9 @@ def _probe_windows(args, tokenizer, text: str):
 
 
 def _streams(args) -> bool:
-    """Whether `memboost quantize` takes the block-by-block path: a plain model folder, unless --in-memory or
-    --bits (whose plan backpropagates through the whole model) asks for the whole model."""
-    if args.in_memory or args.bits is not None or args.model == DEFAULT_MODEL:
+    """Whether `memboost quantize` takes the block-by-block path: a plain model folder, unless --in-memory asks
+    for the whole model."""
+    if args.in_memory or args.model == DEFAULT_MODEL:
         return False
     if not os.path.isdir(args.model):
         return False   # load_model names what is wrong
@@ -316,13 +317,19 @@ def _folder_bytes(folder: str) -> int:
 
 def _quantize_streamed(args, params: dict, text: Optional[str]) -> int:
     """memboost quantize on a model folder, decoder block by decoder block (memboost.io.streaming)."""
-    from .io.streaming import quantize_folder
+    from .io.streaming import allocate_ratio_4bit_folder, quantize_folder
 
     tokenizer = load_tokenizer(args.model)
     windows = None
     if args.calibrate:
         windows = calibration_windows(args, need_tokenizer(tokenizer, args.model, "--calibrate"), text)
     start = time.perf_counter()
+    if args.bits is not None:
+        # the plan's scratch file (every block's input hidden states) next to the output, as its staging folder
+        params["ratio_4bit"] = allocate_ratio_4bit_folder(
+            args.model, windows, args.bits, group_size=params["group_size"],
+            outlier_fraction=params["outlier_fraction"], dtype=args.dtype, verify=not args.no_verify,
+            scratch=os.path.dirname(os.path.abspath(args.out)), progress=False if args.quiet else None)
     report = quantize_folder(args.model, args.out, args.method, calibration_batches=windows,
                              sequential=args.sequential, hessian=args.hessian, dtype=args.dtype,
                              save_dtype="auto" if args.save_dtype == "auto" else getattr(torch, args.save_dtype),
@@ -333,7 +340,8 @@ def _quantize_streamed(args, params: dict, text: Optional[str]) -> int:
     if args.verbose:
         print(report.table())
     weights = sum(r.shape[0] * r.shape[1] for r in report.replaced)
-    rows = [("streamed", f"block by block{', calibration included' if windows else ''}"),
+    planned = ", bits plan (two passes) included" if args.bits is not None else ""
+    rows = [("streamed", f"block by block{', calibration included' if windows else ''}{planned}"),
             ("time", f"{seconds:.1f} s ({seconds / max(weights, 1) * 1e9:.1f} s per billion quantized weights)"),
             ("peak resident memory", f"{_peak_rss_bytes() / 2**30:.2f} GiB (VmHWM, mapped input pages included)"),
             ("bits per weight", f"{report.bits_per_weight:.3f} over {weights / 1e6:.1f} M quantized weights"),
@@ -590,8 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "16-bit (bfloat16 for smollm2), else as loaded")
     q.add_argument("--in-memory", action="store_true",
                    help="load the whole model before quantizing it (a model folder is otherwise quantized decoder "
-                        "block by decoder block, one block's float weights in memory at a time; --bits always loads "
-                        "the whole model)")
+                        "block by decoder block, one block's float weights in memory at a time)")
     q.add_argument("--verbose", action="store_true", help="print the per-layer table")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(fn=cmd_quantize)

@@ -212,7 +212,9 @@ def test_calibrated_quantization_probes_perplexity_and_warns_when_it_rises(model
 
 
 @pytest.mark.parametrize("argv", [["--method", "nf4"], ["--calibrate", "TEXT", "--calib-tokens", "100", "--hessian",
-                                                       "--sequential", "--ratio-4bit", "0.5"]])
+                                                       "--sequential", "--ratio-4bit", "0.5"],
+                                  ["--calibrate", "TEXT", "--calib-tokens", "100", "--hessian", "--bits", "5.0",
+                                   "--group-size", "32"]])
 def test_a_model_folder_is_quantized_block_by_block(model_dir, tmp_path, capsys, argv):
     """The streamed path (the default for a folder) writes what --in-memory writes, and says what it took."""
     from memboost.io.checkpoint import load_state
@@ -224,6 +226,7 @@ def test_a_model_folder_is_quantized_block_by_block(model_dir, tmp_path, capsys,
     printed = capsys.readouterr().out
     assert "| streamed | block by block" in printed and "| peak resident memory |" in printed
     assert "| bits per weight |" in printed and "| time |" in printed
+    assert ("bits plan (two passes) included" in printed) == ("--bits" in argv)
     summary = [[line for line in out.splitlines() if line.startswith("memboost ")] for out in (whole, printed)]
     assert summary[0] == summary[1] and len(summary[0]) == 1   # the same summary line
     a, b = load_state(tmp_path / "whole"), load_state(tmp_path / "streamed")

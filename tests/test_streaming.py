@@ -12,6 +12,7 @@ import memboost
 from memboost.errors import MemboostError
 from memboost.io import streaming
 from memboost.io.checkpoint import load_state
+from memboost.model.plan import ratio_4bit_from_costs
 
 from conftest import tiny_llama, tiny_llama_with_tokenizer
 
@@ -220,3 +221,141 @@ def test_gguf_export_of_a_mapped_folder_is_the_in_memory_export(tmp_path):
                              verbose=False)
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
     assert sorted(os.listdir(tmp_path)) == ["a.gguf", "b.gguf", "float", "memory", "stream"]   # no scratch left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_bits_plan_is_the_in_memory_plan(tmp_path, tied):
+    """The bits plan of two passes over the mapped folder measures the float model's E[x^2] and E[(dL/dy)^2]
+    (allocate_ratio_4bit's calibrate / output_sensitivity) and so gives its plan; the folder quantized with
+    it is the in-memory one."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = tiny_llama_with_tokenizer(tie_word_embeddings=tied)
+    folder = _save_folder(model, tmp_path / "float")
+    loaded = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype="auto").eval()
+    batches = _batches(n=3, length=12)
+    stats = memboost.calibrate(loaded, batches, progress=False)
+    sens = memboost.output_sensitivity(loaded, batches, progress=False)
+    choices, weights, calibration, sensitivity = streaming._plan_statistics(
+        folder, batches, 3.0, ("lm_head",), 32, 0.002, "auto", True, str(tmp_path), False)
+    assert sorted(calibration) == sorted(sensitivity) == sorted(sens) and len(sens) == 14
+    for name in sens:
+        torch.testing.assert_close(calibration[name], stats[name], rtol=1e-6, atol=0)
+        torch.testing.assert_close(sensitivity[name], sens[name], rtol=1e-4, atol=1e-12)
+    assert weights == sum(loaded.get_submodule(n).weight.numel() for n in sens)
+    least = sum(c[0][1] for c in choices.values()) / weights   # every group 2-bit (small layers: many outliers)
+    most = sum(c[-1][1] for c in choices.values()) / weights
+    for share in (0.25, 0.5, 0.75):
+        bits = least + share * (most - least)
+        expected = memboost.allocate_ratio_4bit(loaded, batches, bits, calibration=stats, sensitivity=sens,
+                                               group_size=32, progress=False)
+        assert ratio_4bit_from_costs(choices, weights, bits) == expected
+        assert len(set(expected.values())) > 1   # a plan that differs between layers
+    plan = streaming.allocate_ratio_4bit_folder(folder, batches, bits, group_size=32, progress=False)
+    assert plan == expected
+    memboost.quantize_model(loaded, "mixed", ratio_4bit=plan, group_size=32, progress=False)
+    memboost.save_quantized(loaded, tmp_path / "memory", max_shard_size="40KB")
+    streaming.quantize_folder(folder, tmp_path / "stream", "mixed", ratio_4bit=plan, group_size=32, progress=False,
+                              max_shard_size="40KB")
+    _assert_same_state(tmp_path / "memory", tmp_path / "stream")
+    assert sorted(os.listdir(tmp_path)) == ["float", "memory", "stream"]   # the scratch file is gone
+
+
+def test_streamed_bits_plan_errors(float_folder, tmp_path):
+    with pytest.raises(MemboostError, match="'bits' must be a positive"):
+        streaming.allocate_ratio_4bit_folder(float_folder, _batches(), 0)
+    with pytest.raises(MemboostError, match="below what the mixed format can store"):
+        streaming.allocate_ratio_4bit_folder(float_folder, _batches(), 2.0, group_size=32, progress=False)
+    with pytest.raises(MemboostError, match="group_size=48 divides"):
+        streaming.allocate_ratio_4bit_folder(float_folder, _batches(), 3.0, group_size=48, progress=False)
+
+
+def test_gguf_export_in_row_slices_gives_the_same_bytes(tmp_path, monkeypatch):
+    """export_gguf converts a large matrix (an 8B model's embedding and output layer) a slice of rows at a time,
+    float or int8: the file is byte for byte the one-piece conversion's, and the reported errors agree."""
+    from memboost.io.gguf import export as gguf_export
+
+    model, _ = tiny_llama_with_tokenizer(tie_word_embeddings=False)
+    memboost.quantize_model(model, "nf4", progress=False)   # lm_head int8: its Q8_0 bytes copied slice by slice
+    assert type(model.lm_head.weight.tensor()).__name__ == "Int8QuantizedTensor"
+    reports = {}
+    for name, weights in (("whole", 1 << 30), ("sliced", 1000)):   # 64 x 64 matrices: slices of 15 rows
+        monkeypatch.setattr(gguf_export, "_EXPORT_SLICE_WEIGHTS", weights)
+        for qtype in ("Q4_0", "F16"):
+            reports[name, qtype] = memboost.export_gguf(model, tmp_path / f"{name}-{qtype}.gguf", qtype,
+                                                        verbose=False)
+    for value in (model.model.embed_tokens.weight, model.lm_head.weight.tensor()):
+        sliced = list(gguf_export._row_slices(value, 1000))
+        assert len(sliced) == 5 and sum(p.shape[0] for p in sliced) == 64
+    for qtype in ("Q4_0", "F16"):
+        assert (tmp_path / f"whole-{qtype}.gguf").read_bytes() == (tmp_path / f"sliced-{qtype}.gguf").read_bytes()
+        for a, b in zip(reports["whole", qtype].rows, reports["sliced", qtype].rows):
+            assert (a.name, a.gguf_type, a.nbytes, a.note) == (b.name, b.gguf_type, b.nbytes, b.note)
+            assert b.rel_error == pytest.approx(a.rel_error, rel=1e-5, abs=1e-9)
+
+
+_RELOAD_PROBE = r"""
+import json, os, sys
+import torch
+import memboost
+from transformers import AutoConfig, AutoModelForCausalLM
+from memboost.io.checkpoint import _parameters_on_meta
+
+def anon_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+
+folder, how = sys.argv[1], sys.argv[2]
+config = AutoConfig.from_pretrained(folder)
+del config.quantization_config
+with _parameters_on_meta():   # the model classes imported and built once: not counted below
+    AutoModelForCausalLM.from_config(config)
+before = anon_kib()
+if how == "load_quantized":
+    model = memboost.load_quantized(folder)
+else:
+    model = AutoModelForCausalLM.from_pretrained(folder)
+grown = anon_kib() - before
+files = []
+with open("/proc/self/maps") as f:
+    for line in f:
+        parts = line.split()
+        if len(parts) > 5 and parts[5].endswith(".safetensors"):
+            low, high = (int(x, 16) for x in parts[0].split("-"))
+            files.append((low, high, parts[5]))
+mapped = copied = 0
+for name, t in model.state_dict().items():
+    size = t.numel() * t.element_size()
+    inside = [f for lo, hi, f in files if lo <= t.data_ptr() < hi]
+    if inside and os.path.dirname(inside[0]) == os.path.realpath(folder):
+        mapped += size
+    else:
+        copied += size
+print(json.dumps({"anon_grown": grown * 1024, "mapped": mapped, "copied": copied}))
+"""
+
+
+@pytest.mark.slow
+def test_reload_of_a_streamed_folder_maps_its_tensors(tmp_path):
+    """load_quantized and from_pretrained of a streamed folder build the model on the meta device and take its
+    tensors memory-mapped from the files: the process's own (anonymous) memory grows by far less than the
+    quantized size, and the float weights are never made (they would be 4x the folder in float32)."""
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=32768, hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=False)
+    folder = _save_folder(LlamaForCausalLM(config).eval(), tmp_path / "float", torch.bfloat16)
+    streaming.quantize_folder(folder, tmp_path / "nf4", "nf4", progress=False)
+    size = sum(os.path.getsize(tmp_path / "nf4" / f) for f in os.listdir(tmp_path / "nf4"))
+    assert size > 40 * 2**20   # bf16 embedding (32 MiB), int8 lm_head (17 MiB), NF4 blocks
+    for how in ("load_quantized", "from_pretrained"):
+        out = subprocess.run([sys.executable, "-c", _RELOAD_PROBE, str(tmp_path / "nf4"), how], check=True,
+                             capture_output=True, text=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["anon_grown"] < 0.25 * size, (how, result, size)
+        assert result["mapped"] > 0.95 * size and result["copied"] < 2**20, (how, result, size)

@@ -99,6 +99,45 @@ def check_quantization_config(qconfig: dict, where: str) -> None:
                                 f"version {known[fmt].version}{'; upgrade memboost' if newer else ''})")
 
 
+class ScratchFile:
+    """Tensors written at once to an unnamed scratch file (gone when closed)
+    and read back through a copy-on-write memory map: their pages are the
+    file's, which the kernel can drop and read again, so they take no
+    process memory that cannot be given back."""
+
+    def __init__(self, folder: Optional[str] = None):
+        self.file = tempfile.TemporaryFile(dir=folder)
+
+    def write(self, t: torch.Tensor):
+        """Appends `t`; returns the entry read() takes."""
+        t = t.detach().contiguous().cpu()
+        end = self.file.seek(0, os.SEEK_END)
+        offset = -(-end // 64) * 64   # aligned, as each dtype's view wants
+        self.file.write(bytes(offset - end))
+        t.reshape(-1).view(torch.uint8).numpy().tofile(self.file)
+        return (offset, t.dtype, tuple(t.shape), t.numel() * t.element_size())
+
+    def read(self, entries):
+        """The tensors of `entries` (from write), in order, mapped from the file."""
+        import numpy as np
+
+        self.file.flush()
+        size = self.file.seek(0, os.SEEK_END)
+        # copy-on-write map: writable for torch, nothing is written back (and nothing is written at all)
+        mapped = np.memmap(self.file, dtype=np.uint8, mode="c", shape=(size,)) if size else None
+        return [(torch.from_numpy(mapped[offset:offset + nbytes]) if nbytes else
+                 torch.empty(0, dtype=torch.uint8)).view(dtype).reshape(shape)
+                for offset, dtype, shape, nbytes in entries]
+
+    def clear(self) -> None:
+        """Forgets every tensor written (the maps read() gave must be gone)."""
+        self.file.seek(0)
+        self.file.truncate()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class ShardWriter:
     """Writes a model's tensors into `folder` (a staging folder) as they
     come, laid out as save_quantized lays them out: one model.safetensors
@@ -118,7 +157,7 @@ class ShardWriter:
         self.pending_bytes = 0
         self.total_bytes = 0
         self.written = []   # (temporary path, names) per shard written
-        self.scratch = tempfile.TemporaryFile(dir=folder) if spill else None
+        self.scratch = ScratchFile(folder) if spill else None
 
     def add(self, state: Dict[str, torch.Tensor]) -> None:
         """Adds tensors stored once each (aliases go to close)."""
@@ -127,12 +166,7 @@ class ShardWriter:
             if self.pending and self.pending_bytes + nbytes > self.max_bytes:
                 self._flush()
             if self.scratch is not None:
-                t = t.detach().contiguous().cpu()
-                end = self.scratch.seek(0, os.SEEK_END)
-                offset = -(-end // 64) * 64   # aligned, as each dtype's view wants
-                self.scratch.write(bytes(offset - end))
-                t.reshape(-1).view(torch.uint8).numpy().tofile(self.scratch)
-                t = (offset, t.dtype, tuple(t.shape), nbytes)
+                t = self.scratch.write(t)
             self.pending[name] = t
             self.pending_bytes += nbytes
             self.total_bytes += nbytes
@@ -140,21 +174,12 @@ class ShardWriter:
     def _pending_tensors(self) -> Dict[str, torch.Tensor]:
         if self.scratch is None:
             return self.pending
-        import numpy as np
-
-        self.scratch.flush()
-        size = self.scratch.seek(0, os.SEEK_END)
-        # copy-on-write map: writable for torch, nothing is written back (and nothing is written at all)
-        mapped = np.memmap(self.scratch, dtype=np.uint8, mode="c", shape=(size,)) if size else None
-        return {name: (torch.from_numpy(mapped[offset:offset + nbytes]) if nbytes else
-                       torch.empty(0, dtype=torch.uint8)).view(dtype).reshape(shape)
-                for name, (offset, dtype, shape, nbytes) in self.pending.items()}
+        return dict(zip(self.pending, self.scratch.read(self.pending.values())))
 
     def _reset(self) -> None:
         self.pending, self.pending_bytes = {}, 0
         if self.scratch is not None:   # the maps of its pages are gone with the tensors written
-            self.scratch.seek(0)
-            self.scratch.truncate()
+            self.scratch.clear()
 
     def _flush(self) -> None:
         path = os.path.join(self.folder, f".shard-{len(self.written) + 1:05d}.safetensors")

@@ -28,19 +28,21 @@ the end: an error or interruption leaves no output folder.
 """
 
 import contextlib
+import math
 import os
 import warnings
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .._progress import progress_bar
-from ..errors import MemboostError
-from ..model.quantize import (QuantizationReport, _block_inputs, _block_outputs, _check_batches, _input_moments,
-                              _is_conv1d, _linears, _output_layer, _run_batches, _skipped_by_name, check_params,
-                              damage_warnings, quantize_call, quantize_model, select_layers)
-from .checkpoint import (CONFIG_NAME, ShardWriter, _own_dtype, _parameters_on_meta, _plain_float_dtype,
+from ..errors import MemboostError, MemboostTypeError
+from ..model.plan import _group_costs, ratio_4bit_from_costs
+from ..model.quantize import (QuantizationReport, _as_linear, _block_inputs, _block_outputs, _check_batches,
+                              _input_moments, _is_conv1d, _linears, _output_layer, _run_batches, _skipped_by_name,
+                              check_params, damage_warnings, quantize_call, quantize_model, select_layers)
+from .checkpoint import (CONFIG_NAME, ScratchFile, ShardWriter, _own_dtype, _parameters_on_meta, _plain_float_dtype,
                          cast_for_storage, quantization_config_of, quantized_formats, replace_directory, write_config)
 from .serialization import SafetensorsSource, _split_aliases, check_output_path
 
@@ -322,3 +324,202 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
             tokenizer.save_pretrained(staging)
     report.warnings.extend(damage_warnings(method, report, calibrated))
     return report
+
+
+def _loss_inputs(batch, i: int) -> Tuple[dict, int]:
+    """(model keyword inputs with labels, predicted tokens) of calibration batch `i`, as output_sensitivity
+    takes them: a tensor of token ids is its own labels, a dict gets labels=input_ids unless it has labels."""
+    if isinstance(batch, torch.Tensor):
+        kwargs = {"input_ids": batch, "labels": batch}
+    elif isinstance(batch, Mapping):
+        kwargs = dict(batch)
+        if "labels" not in kwargs and "input_ids" in kwargs:
+            kwargs["labels"] = kwargs["input_ids"]
+    else:
+        raise MemboostTypeError(f"batch {i} of 'batches' must be a tensor of token ids or a dict of model inputs, "
+                                f"got {type(batch).__name__}")
+    labels = kwargs.get("labels")
+    if not isinstance(labels, torch.Tensor):
+        raise MemboostError(f"batch {i} of 'batches' has no token ids to predict (input_ids or labels)")
+    return kwargs, max(1, int((labels[..., 1:] != -100).sum())) if labels.dim() else 1
+
+
+@contextlib.contextmanager
+def _blocks_replaced_by(blocks: nn.ModuleList, last_output: List, returns_tuple: bool):
+    """Inside, the model's decoder blocks pass their input through, except
+    the last, which returns last_output[0]: a forward pass of the model is
+    then its layers outside the blocks (embeddings, final norm, output
+    layer and loss) on those hidden states. Each block keeps its attributes
+    (the model may read them); only its forward is replaced."""
+    def passthrough(*args, **kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        return (hidden,) if returns_tuple else hidden
+
+    def last(*args, **kwargs):
+        return (last_output[0],) if returns_tuple else last_output[0]
+
+    for i, block in enumerate(blocks):
+        block.forward = last if i == len(blocks) - 1 else passthrough
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+def allocate_ratio_4bit_folder(source: str, batches: Iterable, bits: float, skip: Iterable[str] = ("lm_head",),
+                               group_size: int = 64, outlier_fraction: float = 0.002, *,
+                               dtype: Union[str, torch.dtype] = "auto", verify: bool = True,
+                               scratch: Optional[str] = None, progress: Optional[bool] = None) -> Dict[str, float]:
+    """allocate_ratio_4bit for the model in the folder `source`, decoder
+    block by decoder block: {layer name: ratio_4bit} for the layers of the
+    decoder blocks not named in `skip` whose in_features group_size divides,
+    storing at most `bits` bits per weight together; pass it as
+    quantize_folder's ratio_4bit.
+
+    The plan needs every layer's costs before any is quantized, and its
+    sensitivities E[(dL/dy)^2] come from backpropagating the model's loss;
+    both are measured on the float model, as allocate_ratio_4bit measures
+    them, in two passes over the memory-mapped weights:
+    - forward, block by block: each layer's E[x^2] (calibrate()'s) and each
+      block's input hidden states, written to an unnamed scratch file in
+      `scratch` (blocks x tokens x hidden in the compute dtype, on disk);
+    - the loss on the last block's outputs (the layers outside the blocks),
+      then backward, last block first: each block is run again on its saved
+      input with gradients (one batch at a time), the gradient of its output
+      carried back to its input (gradient checkpointing at block
+      boundaries), and its layers' costs computed while its weights are
+      mapped.
+    No approximation: the plan is allocate_ratio_4bit's on the float model
+    (up to the order of floating-point sums). Memory: one block's weights,
+    the hidden states of every batch at one block boundary (and their
+    gradients), one batch's activations with gradients inside one block and
+    its logits."""
+    choices, weights, _, _ = _plan_statistics(source, batches, bits, skip, group_size, outlier_fraction, dtype,
+                                              verify, scratch, progress)
+    return ratio_4bit_from_costs(choices, weights, bits)
+
+
+def _plan_statistics(source, batches, bits, skip, group_size, outlier_fraction, dtype, verify, scratch, progress):
+    """(each planned layer's [(cost, stored bits)], the planned weights, E[x^2] and E[(dL/dy)^2] of each
+    planned layer) of allocate_ratio_4bit_folder's two passes."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, float)) or not math.isfinite(bits) or bits <= 0:
+        raise MemboostError(f"'bits' must be a positive number of bits per weight, got {bits!r}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    skip = tuple(skip)
+    _check_batches(batches)
+    batches = list(batches)
+    if not batches:
+        raise MemboostError("'batches' holds no batch")
+    loss_inputs = [_loss_inputs(batch, i) for i, batch in enumerate(batches)]
+    tokens = sum(predicted for _, predicted in loss_inputs)
+    source = os.fspath(source)
+    config = _read_config(source)
+    with contextlib.ExitStack() as stack:
+        src = stack.enter_context(SafetensorsSource(source, verify=verify))
+        compute_dtype = _compute_dtype(dtype, config, src)
+        model = _meta_model(source, config, compute_dtype)
+        blocks, blocks_prefix = decoder_blocks(model)
+        planned: List[Dict[str, nn.Module]] = []   # per block: {full name: layer}
+        for i, block in enumerate(blocks):
+            prefix = f"{blocks_prefix}{i}."
+            planned.append({prefix + name: child for name, _, _, child in _linears(block)
+                            if _skipped_by_name(prefix + name, skip) is None
+                            and _as_linear(child).in_features % group_size == 0})
+        if not any(planned):
+            raise MemboostError(f"{source!r} has no layer in its decoder blocks whose in_features "
+                                f"group_size={group_size} divides (every one skipped or not divisible)")
+
+        loaded = _materialize(model, "", src, compute_dtype, skip_prefix=blocks_prefix)
+        inputs = _as_keyword_inputs(_block_inputs(model, blocks[0], batches))
+        _release(loaded)
+        saved = ScratchFile(scratch)
+        stack.callback(saved.close)
+
+        # Forward: E[x^2] of each layer, each block's inputs saved.
+        calibration: Dict[str, torch.Tensor] = {}
+        entries: List[List] = []     # per block, per batch: its input hidden states in `saved`
+        returns_tuple = False
+        bar = progress_bar(range(len(blocks)), "bits plan: forward", unit="block", total=len(blocks),
+                           progress=progress)
+        for i in bar:
+            loaded = _materialize(blocks[i], f"{blocks_prefix}{i}.", src, compute_dtype)
+            entries.append([saved.write(kw["hidden_states"]) for _, kw in inputs])
+            if i == len(blocks) - 1:
+                with torch.no_grad():
+                    returns_tuple = isinstance(blocks[i](**inputs[0][1]), (tuple, list))
+            outputs = []
+            calibration.update(_input_moments(lambda: outputs.append(_block_outputs(blocks[i], inputs)),
+                                              planned[i], hessian=False))
+            inputs = outputs[0]
+            _release(loaded)
+        keywords = [kw for _, kw in inputs]   # every block's inputs but the hidden states
+        last_hidden = [kw["hidden_states"] for kw in keywords]
+        del inputs, outputs
+
+        # The loss on the last block's outputs: their gradients.
+        loaded = _materialize(model, "", src, compute_dtype, skip_prefix=blocks_prefix)
+        grads = []
+        injected: List = [None]
+        with _blocks_replaced_by(blocks, injected, returns_tuple), torch.enable_grad():
+            for (kwargs, predicted), hidden in zip(loss_inputs, last_hidden):
+                injected[0] = hidden.detach().requires_grad_(True)
+                loss = getattr(model(**kwargs), "loss", None)
+                if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                    raise MemboostError("the model returned no scalar loss for labels=...; the bits plan needs a "
+                                        "model that computes its loss (a causal LM)")
+                grads.append(torch.autograd.grad(loss * predicted, injected[0])[0].detach())
+                injected[0] = None
+        _release(loaded)
+        del last_hidden
+
+        # Backward, last block first: the layers' E[(dL/dy)^2], then their costs.
+        choices: Dict[str, List] = {}
+        weights: Dict[str, int] = {}
+        sensitivity: Dict[str, torch.Tensor] = {}
+        bar = progress_bar(range(len(blocks) - 1, -1, -1), "bits plan: backward", unit="block",
+                           total=len(blocks), progress=progress)
+        for i in bar:
+            block, layers = blocks[i], planned[i]
+            loaded = _materialize(block, f"{blocks_prefix}{i}.", src, compute_dtype)
+            sums: Dict[str, torch.Tensor] = {}
+            kept: List = []
+            handles = [child.register_forward_hook(lambda m, args, out, name=name: kept.append((name, out)))
+                       for name, child in layers.items()]
+            try:
+                hidden_in = saved.read(entries[i])
+                for b, kw in enumerate(keywords):
+                    kept.clear()
+                    with torch.enable_grad():
+                        x = hidden_in[b].detach().clone().requires_grad_(True)
+                        out = block(**dict(kw, hidden_states=x))
+                        out = out[0] if isinstance(out, (tuple, list)) else out
+                        got = torch.autograd.grad(out, [x] + [o for _, o in kept], grad_outputs=grads[b],
+                                                  allow_unused=True)
+                    grads[b] = None if got[0] is None else got[0].detach()
+                    for (name, _), g in zip(kept, got[1:]):
+                        if g is not None:
+                            g2 = g.detach().float().reshape(-1, g.shape[-1]).square().sum(0)
+                            sums[name] = sums[name] + g2 if name in sums else g2
+                del hidden_in
+            finally:
+                kept.clear()
+                for handle in handles:
+                    handle.remove()
+            for name, child in layers.items():
+                if name not in sums or name not in calibration:
+                    raise MemboostError(f"the calibration batches ran no input (or no gradient) through layer "
+                                        f"{name!r}: it cannot be planned")
+                linear = _as_linear(child)
+                sensitivity[name] = sums[name] / tokens
+                costs, stored = _group_costs(linear.weight, calibration[name].clamp_min(0).float(),
+                                             sensitivity[name], group_size, outlier_fraction)
+                choices[name] = list(zip(costs, stored))
+                weights[name] = linear.weight.numel()
+            _release(loaded)
+            if any(g is None for g in grads) and i > 0:
+                raise MemboostError(f"block {i}'s input gets no gradient from the loss: the blocks before it "
+                                    "cannot be planned")
+    order = [name for layers in planned for name in layers]   # the model's order, as allocate_ratio_4bit's
+    return {name: choices[name] for name in order}, sum(weights.values()), calibration, sensitivity

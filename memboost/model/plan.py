@@ -172,7 +172,15 @@ def allocate_ratio_4bit(model: nn.Module, batches: Iterable, bits: float, calibr
                                      outlier_fraction)
         choices[name] = list(zip(costs, stored))
         weights += linear.weight.numel()
+    return ratio_4bit_from_costs(choices, weights, bits)
 
+
+def ratio_4bit_from_costs(choices: Mapping[str, List], weights: int, bits: float) -> Dict[str, float]:
+    """{layer name: ratio_4bit} from each layer's [(estimated cost, stored
+    bits)] per count of 4-bit groups per row (_group_costs), over `weights`
+    weights in all: the choice that stores at most `bits` bits per weight
+    with the least total cost (allocate_ratio_4bit's solve; the streaming
+    plan of memboost.io.streaming gathers the same costs block by block)."""
     budget = bits * weights
     least = sum(min(s for _, s in c) for c in choices.values())
     if least > budget:
@@ -217,4 +225,4 @@ def allocate_ratio_4bit(model: nn.Module, batches: Iterable, bits: float, calibr
         _, name, j, extra = best
         picked[name] = j
         spare -= extra
-    return {name: picked[name] / (len(choices[name]) - 1) for name in layers}
+    return {name: picked[name] / (len(choices[name]) - 1) for name in choices}

@@ -726,6 +726,27 @@ def _check_output_is_embedding(lm_head, embed, arch: str) -> None:
                         "lm_head is another matrix (untied); it cannot be exported for it")
 
 
+_EXPORT_SLICE_WEIGHTS = 1 << 24   # weights per slice of a large matrix's rows (64 MB in float32)
+
+
+def _row_slices(value, weights: int):
+    """`value` (a float matrix or an int8 QuantizedTensor) as slices of whole
+    rows of about `weights` weights each; other quantized formats whole."""
+    from ...formats.int8 import Int8QuantizedTensor
+
+    rows, cols = value.shape
+    step = max(1, weights // max(cols, 1))
+    if rows <= step or not (isinstance(value, torch.Tensor) or type(value) is Int8QuantizedTensor):
+        yield value
+        return
+    for r in range(0, rows, step):
+        if isinstance(value, torch.Tensor):
+            yield value[r:r + step]
+        else:
+            part = {k: t[r:r + step] for k, t in value.tensors.items()}
+            yield Int8QuantizedTensor._wrap(part, dict(value.meta, shape=[part["values"].shape[0], cols]))
+
+
 def _spill(scratch, data: torch.Tensor, qtype: str):
     """Appends a converted tensor's bytes to `scratch`: (offset, numpy dtype, shape) to read them back."""
     arr = data.contiguous().numpy() if qtype in ("F32", "F16") else data.contiguous().view(torch.uint8).numpy()
@@ -754,21 +775,37 @@ def _export_spilled(model, path, weight_type, output_type, tokenizer, name, weig
         is_output = gguf_name == "output.weight" or (gguf_name == "token_embd.weight" and (tied or int8_head))
         role = "output" if is_output else "embedding" if gguf_name == "token_embd.weight" else "matrix"
         wanted = requested_type(role, weight_type, output_type)
-        try:
-            data, qtype, source, note, w_src, w_out = _convert(value, wanted, is_matrix, importance.get(hf_name))
-        except MemboostError as exc:
-            raise MemboostError(f"tensor {hf_name!r} ({gguf_name}): {exc}") from None
-        if hp.permute and gguf_name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
-            heads = hp.n_head if ".attn_q." in gguf_name else hp.n_head_kv
-            data = _rope_rows(data, heads)
-        if _offset_norm(hp, gguf_name):
-            data, note = data + 1, "stored as 1 + weight (llama.cpp's Gemma norms)"
-        err = float((w_out - w_src).norm() / w_src.norm().clamp_min(1e-30))
+        permuted = hp.permute and gguf_name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias"))
+        err_sq = src_sq = 0.0
+        nbytes = 0
+        spilled = None
+        # The rows of a large matrix (an 8B model's 128256 x 4096 embedding or
+        # output layer) a slice at a time: its float32 copies (source,
+        # dequantized bytes, their difference) are then one slice's; the bytes
+        # are the same (rows are quantized independently).
+        for piece in ([value] if permuted or not is_matrix else _row_slices(value, _EXPORT_SLICE_WEIGHTS)):
+            try:
+                data, qtype, source, note, w_src, w_out = _convert(piece, wanted, is_matrix, importance.get(hf_name))
+            except MemboostError as exc:
+                raise MemboostError(f"tensor {hf_name!r} ({gguf_name}): {exc}") from None
+            if permuted:
+                heads = hp.n_head if ".attn_q." in gguf_name else hp.n_head_kv
+                data = _rope_rows(data, heads)
+            if _offset_norm(hp, gguf_name):
+                data, note = data + 1, "stored as 1 + weight (llama.cpp's Gemma norms)"
+            err_sq += float((w_out - w_src).norm()) ** 2
+            src_sq += float(w_src.norm()) ** 2
+            at = _spill(scratch, data, qtype)
+            if spilled is None:
+                spilled = at
+            else:   # appended right after the previous slice: one tensor of all the rows
+                spilled = (spilled[0], spilled[1], (spilled[2][0] + at[2][0],) + tuple(at[2][1:]))
+            nbytes += data.numel() * data.element_size()
+            del data, w_src, w_out
+        err = math.sqrt(err_sq) / max(math.sqrt(src_sq), 1e-30)
         numel = math.prod(value.shape)
-        nbytes = data.numel() * data.element_size()
         rows.append(TensorRow(gguf_name, source, qtype, 8.0 * nbytes / numel, err, note, numel, nbytes))
-        converted.append((gguf_name, _spill(scratch, data, qtype), qtype))
-        del data, w_src, w_out
+        converted.append((gguf_name, spilled, qtype))
 
     if hp.rope_scaling and hp.rope_scaling["rope_type"] == "llama3":
         factors = llama3_rope_factors(hp.head_dim, hp.rope_theta, hp.rope_scaling)
