@@ -19,6 +19,13 @@ so no step can raise the error:
 The error reported after each iteration is that of the weight as stored
 (A and B rounded to fp16), so `errors` never rises.
 
+With H (a layer's input second moment X^T X / rows, decompose(W, H=...))
+the error minimised is the layer's output error tr(E H E^T) instead: the
+ternary step rounds with GPTQ's error feedback at the levels {-alpha, 0,
+alpha} (memboost.formats.gptq, the sweep the mixed format uses) and refits
+alpha by weighted least squares, the low-rank step is the H-whitened SVD;
+each candidate is again taken only if it lowers that error.
+
 Storage: T in the project's one ternary packing (csrc/common/trits.h, the
 `ternary_*` ops and kernels), alpha float32 [1 or out, 1] (the ternary
 format's per-tensor / per-row scale), A float16 [out, r] and B float16
