@@ -3,6 +3,7 @@
     lort-compress                                  # the embedded SmolLM2-135M (offline)
     lort-compress -m MODEL_DIR -o model.lort --max-bits 3.0
     lort-compress -m model.safetensors --rank 0.1  # rank: an int, or a fraction of min(out, in)
+    lort-compress --calibrate fortunes --max-bits 3.0   # each layer for its output error on that text
 
 MODEL is a local Hugging Face folder (model.safetensors, or shards found
 through model.safetensors.index.json), one .safetensors file, or a Hugging
@@ -13,6 +14,13 @@ with both sides >= --min-dim are decomposed; embeddings, norms, biases and
 smaller weights are stored as they are, with the config and the tokenizer,
 so lort-infer rebuilds the model from the file alone. Errors print one line
 and exit with status 2; no partial output file is ever left behind.
+
+--calibrate TEXT (a file, or 'fortunes'; --calib-tokens / --calib-skip /
+--calib-window as memboost quantize takes them) decomposes each layer with
+its input second moment H (lort.decompose(H=...)): the model (a folder with
+config.json and a tokenizer, or the embedded one) runs decoder block by
+decoder block, each block's H measured on the outputs of the blocks already
+decomposed, one block's float weights in memory at a time, on the CPU.
 """
 
 import argparse

@@ -207,7 +207,8 @@ def test_calibrate_decomposes_for_the_output_error(model_dir, tmp_path, capsys):
 
     text = str(model_dir / "text.txt")
     plain, calibrated = str(tmp_path / "plain.lort"), str(tmp_path / "calibrated.lort")
-    common = ["-m", str(model_dir / "single"), "--min-dim", "32", "--rank", "4", "--iters", "3", "--quiet"]
+    common = ["-m", str(model_dir / "single"), "--min-dim", "32", "--rank", "4", "--iters", "3", "--quiet",
+              "--threads", "1"]
     assert _run(compress.main, common + ["-o", plain], capsys)[0] == 0
     code, printed, err = _run(compress.main, common + ["-o", calibrated, "--calibrate", text, "--calib-tokens",
                                                        "128", "--calib-window", "32"], capsys)
