@@ -175,7 +175,7 @@ def main():
     ap.add_argument("--lort-calibrated", action="store_true",
                     help="also LoRT at each budget decomposed with each layer's H (lort.decompose(H=...)), "
                          "calibrated on the fortunes tokens after the evaluated ones")
-    ap.add_argument("--shrink", type=float, default=0.0, help="the calibrated LoRT rows' H shrinkage")
+    ap.add_argument("--shrink", type=float, default=0.5, help="the calibrated LoRT rows' H shrinkage")
     ap.add_argument("--ratios", type=float, nargs="*", default=[0.1, 0.25, 0.5, 1.0], help="mixed ratio_4bit")
     ap.add_argument("--only", choices=["quality", "speed", "memory"], default=None)
     ap.add_argument("--json", default="")

@@ -250,7 +250,7 @@ def _calibrated_layers(spec: Optional[str], source, plan, calibration: Callable,
 def compress(spec: Optional[str], output: str, rank=64, max_bits: Optional[float] = None, iters: int = 10,
              min_dim: int = 128, skip=DEFAULT_SKIP, per_row_alpha: bool = True, device: str = "auto",
              raw_dtype: Optional[torch.dtype] = torch.float16, progress: bool = True,
-             calibration: Optional[Callable] = None, damp: float = 0.01, shrink: float = 0.0) -> dict:
+             calibration: Optional[Callable] = None, damp: float = 0.01, shrink: float = 0.5) -> dict:
     """Compresses a model into `output`; returns the summary (also what the command prints).
     raw_dtype: the dtype the uncompressed floating tensors are stored in (None: as they are).
     calibration: a function of the model's tokenizer returning calibration
@@ -403,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "X^T X / rows measured block by block: lort.decompose(H=...))", tokens=1024)
     ap.add_argument("--damp", type=float, default=0.01, help="with --calibrate: added to H's diagonal, as a "
                     "fraction of its mean (GPTQ's)")
-    ap.add_argument("--shrink", type=float, default=0.0, help="with --calibrate: H shrunk toward its diagonal by "
-                    "this fraction first (as memboost quantize --hessian does)")
+    ap.add_argument("--shrink", type=float, default=0.5, help="with --calibrate: H shrunk toward its diagonal by "
+                    "this fraction first (as memboost quantize --hessian does): H from a few thousand tokens "
+                    "holds for text like them, and 0.5 kept held-out output errors lower on SmolLM2's layers")
     ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (the GPU when present; the CPU with "
                     "--calibrate)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
