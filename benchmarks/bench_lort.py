@@ -23,6 +23,13 @@ subprocess: peak RSS against the RSS of the same interpreter after importing
 what it imports, and the size of the largest layer.
 
     python benchmarks/bench_lort.py [--quick] [--json benchmarks/results/lort_cpu.json]
+    python benchmarks/bench_lort.py --only quality --budgets 2.5 3.0 --ratios --lort-calibrated --iters 4 \
+        --threads 1 --json benchmarks/results/lort_calibrated_cpu.json   # LoRT plain vs with H
+
+--lort-calibrated adds LoRT rows decomposed for the output error
+(lort.decompose(H=...), each layer's H = X^T X / rows measured block by
+block on the 1024 fortune tokens after the first 8192, which hold the
+evaluated ones, through the layers already decomposed).
 
 About 25 minutes on a quiet 2-core CPU (--quick: 2 budgets, 2 calibrated mixed rows, 1024 tokens).
 """
@@ -84,6 +91,10 @@ def bench_quality(args):
     for b in args.budgets:
         configs.append((f"LoRT max_bits {b}", "lort", {"max_bits": b, "rank": 576, "iters": args.iters,
                                                        "per_row_alpha": True}, False))
+        if args.lort_calibrated:
+            configs.append((f"LoRT max_bits {b}, calibrated (H)", "lort",
+                            {"max_bits": b, "rank": 576, "iters": args.iters, "per_row_alpha": True,
+                             "shrink": args.shrink}, "sequential"))
     for ratio in args.ratios:
         if not args.quick:
             configs.append((f"mixed ratio_4bit {ratio}", "mixed", {"ratio_4bit": ratio}, False))
@@ -91,8 +102,12 @@ def bench_quality(args):
     for label, method, params, calibrated in configs:
         model = copy.deepcopy(base)
         start = time.perf_counter()
-        stats = memboost.calibrate(model, calib, skip=skip) if calibrated else None
-        memboost.quantize_model(model, method, skip=skip, calibration=stats, progress=False, **params)
+        if calibrated == "sequential":  # each layer's H, block by block (as lort-compress --calibrate)
+            memboost.quantize_model(model, method, skip=skip, calibration_batches=calib, hessian=True,
+                                    progress=False, **params)
+        else:
+            stats = memboost.calibrate(model, calib, skip=skip) if calibrated else None
+            memboost.quantize_model(model, method, skip=skip, calibration=stats, progress=False, **params)
         seconds = time.perf_counter() - start
         rows.append(quality_row(label, model, weights, texts, args.tokens, seconds, tokenizer))
         del model
@@ -157,7 +172,11 @@ def main():
     ap.add_argument("--iters", type=int, default=6, help="LoRT iterations per layer")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 3.5, 4.5], help="LoRT max_bits")
-    ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0], help="mixed ratio_4bit")
+    ap.add_argument("--lort-calibrated", action="store_true",
+                    help="also LoRT at each budget decomposed with each layer's H (lort.decompose(H=...)), "
+                         "calibrated on the fortunes tokens after the evaluated ones")
+    ap.add_argument("--shrink", type=float, default=0.5, help="the calibrated LoRT rows' H shrinkage")
+    ap.add_argument("--ratios", type=float, nargs="*", default=[0.1, 0.25, 0.5, 1.0], help="mixed ratio_4bit")
     ap.add_argument("--only", choices=["quality", "speed", "memory"], default=None)
     ap.add_argument("--json", default="")
     args = ap.parse_args()

@@ -3,6 +3,7 @@
     lort-compress                                  # the embedded SmolLM2-135M (offline)
     lort-compress -m MODEL_DIR -o model.lort --max-bits 3.0
     lort-compress -m model.safetensors --rank 0.1  # rank: an int, or a fraction of min(out, in)
+    lort-compress --calibrate fortunes --max-bits 3.0   # each layer for its output error on that text
 
 MODEL is a local Hugging Face folder (model.safetensors, or shards found
 through model.safetensors.index.json), one .safetensors file, or a Hugging
@@ -13,6 +14,13 @@ with both sides >= --min-dim are decomposed; embeddings, norms, biases and
 smaller weights are stored as they are, with the config and the tokenizer,
 so lort-infer rebuilds the model from the file alone. Errors print one line
 and exit with status 2; no partial output file is ever left behind.
+
+--calibrate TEXT (a file, or 'fortunes'; --calib-tokens / --calib-skip /
+--calib-window as memboost quantize takes them) decomposes each layer with
+its input second moment H (lort.decompose(H=...)): the model (a folder with
+config.json and a tokenizer, or the embedded one) runs decoder block by
+decoder block, each block's H measured on the outputs of the blocks already
+decomposed, one block's float weights in memory at a time, on the CPU.
 """
 
 import argparse
@@ -24,7 +32,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -165,16 +173,97 @@ def check_device(device: str) -> str:
     return device
 
 
+def _calibrated_layers(spec: Optional[str], source, plan, calibration: Callable, **params):
+    """Yields (name, shape, rank, q, relative error, numel) for every layer of
+    `plan` ((name, shape, rank) of the weights to decompose), each decomposed
+    with its H: the model runs block by block as memboost.io.streaming's
+    sequential calibration does (the blocks' inputs captured once, each block
+    calibrated and decomposed stage by stage by quantize_model("lort",
+    calibration_batches=..., hessian=True), its outputs through the
+    decomposed layers the next block's inputs); a folder's model is built on
+    the meta device and only one block's float weights are loaded at a time.
+    Layers of `plan` outside the blocks are decomposed without H."""
+    import warnings
+
+    from torch import nn
+
+    from memboost.io.streaming import _as_keyword_inputs, _materialize, _meta_model, _read_config, \
+        _release, decoder_blocks
+    from memboost.model.quantize import _block_inputs, _block_outputs, quantize_model
+    from memboost.nn import LoRTLinear
+
+    if spec is None:
+        from memboost import testbed
+
+        model, tokenizer = testbed.load_smollm2()
+        mapped = None
+    else:
+        if not os.path.isdir(spec):
+            raise MemboostError(f"--calibrate needs a model folder (config.json, safetensors weights and the "
+                                f"tokenizer); {spec!r} is not one")
+        from memboost.cli import load_tokenizer, need_tokenizer
+
+        tokenizer = need_tokenizer(load_tokenizer(spec), spec, "--calibrate")
+        model, mapped = _meta_model(spec, _read_config(spec), torch.float32), source
+    batches = list(calibration(tokenizer))
+    blocks, prefix = decoder_blocks(model)
+    ranks = {name[:-len(".weight")]: r for name, _, r in plan}
+    shapes = {name: shape for name, shape, _ in plan}
+    done = set()
+    with torch.no_grad():
+        loaded = _materialize(model, "", mapped, torch.float32, skip_prefix=prefix) if mapped else []
+        inputs = _as_keyword_inputs(_block_inputs(model, blocks[0], batches))
+        _release(loaded)
+        for i in range(len(blocks)):
+            block, block_prefix = blocks[i], f"{prefix}{i}."
+            if mapped:
+                _materialize(block, block_prefix, mapped, torch.float32)
+            floats = {block_prefix + n + ".weight": m.weight.detach().clone() for n, m in block.named_modules()
+                      if block_prefix + n + ".weight" in shapes}
+            with warnings.catch_warnings():  # a block without a layer to decompose is not worth a warning
+                warnings.filterwarnings("ignore", message="memboost.quantize_model replaced no layer")
+                quantize_model(block, "lort", skip=(), filter_fn=lambda full, _: full in ranks, progress=False,
+                               name_prefix=block_prefix, calibration_batches=[kw for _, kw in inputs],
+                               hessian=True, lm_head=None, rank=ranks, **params)
+            for n, m in block.named_modules():
+                name = block_prefix + n + ".weight"
+                if isinstance(m, LoRTLinear) and name in floats:
+                    q, w = m.weight.tensor(), floats.pop(name)
+                    if tuple(q.shape) != tuple(shapes[name]):
+                        raise MemboostError(f"layer {name!r}: --calibrate decomposes nn.Linear weights "
+                                            f"[out, in]; this one is stored {list(shapes[name])}")
+                    error = float(torch.linalg.vector_norm(w - q.dequantize().float())
+                                  / (torch.linalg.vector_norm(w) or 1.0))
+                    done.add(name)
+                    yield name, shapes[name], ranks[name[:-len(".weight")]], q, error, w.numel()
+            if i + 1 < len(blocks):
+                inputs = _block_outputs(block, inputs)
+            if mapped:
+                blocks[i] = nn.Module()  # its float and decomposed tensors are freed (the writer has the latter)
+    for name, shape, r in plan:  # outside the blocks: no H
+        if name not in done:
+            w = source.get(name)
+            q, errors = decompose(w, rank=r, iters=params["iters"], per_row_alpha=params["per_row_alpha"])
+            yield name, shape, r, q, errors[-1], w.numel()
+
+
 def compress(spec: Optional[str], output: str, rank=64, max_bits: Optional[float] = None, iters: int = 10,
              min_dim: int = 128, skip=DEFAULT_SKIP, per_row_alpha: bool = True, device: str = "auto",
-             raw_dtype: Optional[torch.dtype] = torch.float16, progress: bool = True) -> dict:
+             raw_dtype: Optional[torch.dtype] = torch.float16, progress: bool = True,
+             calibration: Optional[Callable] = None, damp: float = 0.01, shrink: float = 0.5) -> dict:
     """Compresses a model into `output`; returns the summary (also what the command prints).
-    raw_dtype: the dtype the uncompressed floating tensors are stored in (None: as they are)."""
+    raw_dtype: the dtype the uncompressed floating tensors are stored in (None: as they are).
+    calibration: a function of the model's tokenizer returning calibration
+    batches (token ids [1, seq]); each layer is then decomposed with its input
+    second moment H (decompose(H=..., damp=, shrink=)), measured block by block
+    on the outputs of the blocks already decomposed (_calibrated_layers), on the CPU."""
     from memboost.io.serialization import check_output_path
 
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() and calibration is None else "cpu"
     device = check_device(device)
+    if calibration is not None and device != "cpu":
+        raise MemboostError("--calibrate runs on the CPU: use --device cpu (or auto)")
     check_output_path(output)   # before any work: a bad path fails now, not after the compression
     source, config, tok_files, description = open_model(spec)
     try:
@@ -197,6 +286,11 @@ def compress(spec: Optional[str], output: str, rank=64, max_bits: Optional[float
         meta = {"config": config, "tokenizer": tok_files,
                 "info": {"source": os.path.basename(str(description)), "iters": iters, "min_dim": min_dim,
                          "per_row_alpha": per_row_alpha, "rank": rank, "max_bits": max_bits}}
+        calibrated = None
+        if calibration is not None:
+            meta["info"].update(calibrated=True, damp=damp, shrink=shrink)
+            calibrated = _calibrated_layers(spec, source, plan, calibration, iters=iters, per_row_alpha=per_row_alpha,
+                                            damp=damp, shrink=shrink)
         rows = []
         start = time.perf_counter()
         read_lock = threading.Lock()
@@ -211,7 +305,7 @@ def compress(spec: Optional[str], output: str, rank=64, max_bits: Optional[float
         # On the CPU, whole layers go to worker threads whose ops are single-threaded:
         # no barrier after every small op, so a busy machine does not stall them
         # (memboost/_threads.py); at most `workers` layers are in memory at once.
-        workers = 1 if device != "cpu" else max(1, min(torch.get_num_threads(), len(plan)))
+        workers = 1 if device != "cpu" or calibrated is not None else max(1, min(torch.get_num_threads(), len(plan)))
         with RssSampler() as rss, LortWriter(output, len(plan), len(raw), meta) as writer, \
                 _single_threaded_ops() if workers > 1 else contextlib.nullcontext(), \
                 ThreadPoolExecutor(workers) as pool:
@@ -221,11 +315,12 @@ def compress(spec: Optional[str], output: str, rank=64, max_bits: Optional[float
 
                 bar = tqdm(total=len(plan), desc="lort-compress", unit="layer")
             pending = {}
-            items = iter(plan)
+            items = iter(plan if calibrated is None else ())  # calibrated: decomposed block by block instead
             for item in itertools.islice(items, 2 * workers):
                 pending[item[0]] = pool.submit(decompose_layer, item)
             for name, _, _ in plan:  # written in file order, decomposed ahead by the pool
-                name, shape, r, q, error, numel = pending.pop(name).result()
+                name, shape, r, q, error, numel = (pending.pop(name).result() if calibrated is None
+                                                   else next(calibrated))
                 nxt = next(items, None)
                 if nxt is not None:
                     pending[nxt[0]] = pool.submit(decompose_layer, nxt)
@@ -302,7 +397,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated name fragments stored uncompressed")
     ap.add_argument("--raw-dtype", default="float16", choices=["float16", "bfloat16", "float32", "keep"],
                     help="dtype of the tensors stored uncompressed (embeddings, norms, biases)")
-    ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (the GPU when present)")
+    from memboost.cli import add_calibration_args
+
+    add_calibration_args(ap, "decompose each layer for its output error on a text file, or 'fortunes' (its H = "
+                         "X^T X / rows measured block by block: lort.decompose(H=...))", tokens=1024)
+    ap.add_argument("--damp", type=float, default=0.01, help="with --calibrate: added to H's diagonal, as a "
+                    "fraction of its mean (GPTQ's)")
+    ap.add_argument("--shrink", type=float, default=0.5, help="with --calibrate: H shrunk toward its diagonal by "
+                    "this fraction first (as memboost quantize --hessian does): H from a few thousand tokens "
+                    "holds for text like them, and 0.5 kept held-out output errors lower on SmolLM2's layers")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (the GPU when present; the CPU with "
+                    "--calibrate)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: all cores)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--heal", type=int, default=0, metavar="N",
@@ -311,6 +416,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--heal-text", default="fortunes", help="text --heal trains on: 'fortunes' or a file")
     ap.add_argument("--heal-tokens", type=int, default=8192, help="tokens of --heal-text used")
     return ap
+
+
+def _calibration_of(args) -> Callable:
+    """The function of a tokenizer giving --calibrate's token windows (memboost quantize's options)."""
+    from memboost.cli import calibration_windows, read_text
+
+    text = read_text(args.calibrate)  # a missing file fails now, before any work
+    if not 0 < args.damp < 1 or not 0 <= args.shrink <= 1:
+        raise MemboostError(f"--damp must be in (0, 1) and --shrink in [0, 1], got {args.damp} and {args.shrink}")
+    return lambda tokenizer: calibration_windows(args, tokenizer, text)
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -325,7 +440,8 @@ def main(argv: Optional[list] = None) -> int:
                            min_dim=args.min_dim, skip=tuple(s for s in args.skip.split(",") if s),
                            per_row_alpha=not args.per_tensor_alpha, device=args.device,
                            raw_dtype=None if args.raw_dtype == "keep" else getattr(torch, args.raw_dtype),
-                           progress=not args.quiet)
+                           progress=not args.quiet, damp=args.damp, shrink=args.shrink,
+                           calibration=None if args.calibrate is None else _calibration_of(args))
         if args.heal:
             from .heal import heal_file
 

@@ -434,11 +434,21 @@ class LoRTLinear(QuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank=64, iters: int = 10, per_row_alpha: bool = False,
-                    max_bits: Optional[float] = None, *, act_bits: Optional[int] = None,
+                    max_bits: Optional[float] = None, calibration: Optional[torch.Tensor] = None,
+                    damp: float = 0.01, shrink: float = 0.5, *, act_bits: Optional[int] = None,
                     compute_dtype: Optional[torch.dtype] = None) -> "LoRTLinear":
-        """Decomposes `linear`'s weight with memboost.lort.decompose (same arguments)."""
+        """Decomposes `linear`'s weight with memboost.lort.decompose (same
+        arguments); `calibration` from memboost.calibrate is its H: the full
+        X^T X / rows (hessian=True), or per input channel E[x^2] (a diagonal H);
+        shrink 0.5 as the mixed format's (held-out output errors were lower so)."""
+        params = {}
+        if calibration is not None:
+            h = calibration
+            if isinstance(h, torch.Tensor) and h.dim() == 1:
+                h = torch.diag(h.to(torch.float32))
+            params = {"H": h, "damp": damp, "shrink": shrink}
         return super().from_linear(linear, rank=rank, iters=iters, per_row_alpha=per_row_alpha, max_bits=max_bits,
-                                   act_bits=check_act_bits(act_bits), compute_dtype=compute_dtype)
+                                   act_bits=check_act_bits(act_bits), compute_dtype=compute_dtype, **params)
 
 
 class QLoRALinear(nn.Module):

@@ -126,6 +126,101 @@ def test_bad_arguments_are_named():
         lort.decompose(torch.ones(4, 4, dtype=torch.int32), rank=1)
 
 
+def _anisotropic_hessian(k, seed=0, rows=4 * 160):
+    """X^T X / rows of correlated inputs whose channels span two decades in scale (as LLM activations)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(k) + 0.2 * torch.randn(k, k, generator=g)
+    x = torch.randn(rows, k, generator=g) @ mix * torch.logspace(-1, 1, k)[torch.randperm(k, generator=g)]
+    return x.T @ x / rows
+
+
+def _output_error(w, q, h):
+    e = w - q.dequantize().float()
+    return float(torch.trace(e @ h @ e.T).sqrt() / torch.trace(w @ h @ w.T).sqrt())
+
+
+@pytest.mark.parametrize("per_row_alpha", [False, True])
+@pytest.mark.parametrize("rank", [0, 8])
+def test_with_h_the_output_error_is_lower_and_never_rises(per_row_alpha, rank):
+    w = llm_like_weight(96, 160, seed=2)
+    h = _anisotropic_hessian(160)
+    plain, _ = lort.decompose(w, rank=rank, iters=4, per_row_alpha=per_row_alpha)
+    q, errors = lort.decompose(w, rank=rank, iters=4, per_row_alpha=per_row_alpha, H=h)
+    assert all(b <= a for a, b in zip(errors, errors[1:])), errors
+    assert _output_error(w, q, h) < 0.95 * _output_error(w, plain, h)
+    # errors are the output error of the stored weight in H as conditioned (damped by 1% of its mean diagonal)
+    hd = h + 0.01 * float(h.diagonal().mean()) * torch.eye(160)
+    assert abs(_output_error(w, q, hd) - errors[-1]) < 1e-4
+    assert q.tensors["alpha"].shape == ((96, 1) if per_row_alpha else (1, 1)) and q.rank == rank
+
+
+def test_with_h_each_step_is_the_weighted_optimum():
+    """The low-rank step is the best rank-r fit in the H norm (the whitened SVD), better than the plain
+    SVD there; alpha is the weighted least-squares fit for its T; the swept T beats plain rounding."""
+    g = torch.Generator().manual_seed(3)
+    m = torch.randn(48, 6, generator=g) @ torch.randn(6, 64, generator=g) + 0.3 * torch.randn(48, 64, generator=g)
+    h = _anisotropic_hessian(64, seed=1).double()
+    chol = torch.linalg.cholesky(h)
+
+    def h_err(e):
+        return float(torch.trace(e.double() @ h @ e.double().T))
+
+    a, b = memboost.lort._whitened_factors(m, 4, 0, chol)
+    pa, pb = memboost.lort._low_rank_factors(m, 4, 0)
+    whitened = h_err(m - a.float() @ b.float().T)
+    assert whitened < 0.9 * h_err(m - pa.float() @ pb.float().T)
+    # the exact optimum of ||(M - X) L|| over rank-4 X, from the full SVD of M L
+    u, s, vh = torch.linalg.svd(m.double() @ chol)
+    best = (u[:, :4] * s[:4]) @ vh[:4] @ torch.linalg.inv(chol)
+    assert whitened <= h_err(m - best) * 1.01 + 1e-6
+    # alpha: the weighted least-squares optimum for its T (per row)
+    t, _ = best_ternary_fit(m, per_row=True)
+    alpha = memboost.lort.weighted_alpha(m, t, h, per_row=True)
+    for scale in (0.9, 1.1):
+        assert h_err(m - alpha * t.float()) < h_err(m - scale * alpha * t.float())
+    # the swept T at these levels beats rounding each entry to the nearest level
+    u_factor = memboost.formats.gptq.hessian_factor(h, 0.01)
+    swept = memboost.lort.compensated_ternary(m, alpha, u_factor)
+    assert set(swept.unique().tolist()) <= {-1, 0, 1}
+    nearest = (torch.sign(m) * (m.abs() > alpha / 2)).to(torch.int8)
+    assert h_err(m - alpha * swept.float()) < h_err(m - alpha * nearest.float())
+
+
+def test_h_diagonal_and_quantize_model_calibration():
+    """LoRTLinear takes memboost.calibrate's statistics: a full H or per-channel E[x^2] (a diagonal H)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32))
+    batches = [torch.randn(8, 64) * torch.logspace(-1, 1, 64) for _ in range(4)]
+    for hessian in (True, False):
+        stats = memboost.calibrate(model, batches, hessian=hessian, progress=False)
+        m = nn.Sequential(*[type(l)(*(() if isinstance(l, nn.ReLU) else (l.in_features, l.out_features)))
+                            for l in model])
+        m.load_state_dict(model.state_dict())
+        memboost.quantize_model(m, "lort", calibration=stats, rank=4, iters=2, progress=False)
+        assert isinstance(m[0], LoRTLinear)
+        h = stats["0"] if hessian else torch.diag(stats["0"])
+        plain, _ = lort.decompose(model[0].weight.detach(), rank=4, iters=2)
+        assert _output_error(model[0].weight.detach(), m[0].weight.tensor(), h) < \
+            _output_error(model[0].weight.detach(), plain, h)
+
+
+def test_bad_h_is_named():
+    w = torch.randn(32, 48)
+    with pytest.raises(memboost.MemboostError, match="'H' must have shape \\[in_features, in_features\\] = "
+                                                      "\\(48, 48\\).*got \\(32, 32\\)"):
+        lort.decompose(w, rank=2, H=torch.eye(32))
+    with pytest.raises(memboost.MemboostError, match="'H' must have shape"):
+        lort.decompose(w, rank=2, H=torch.ones(48))
+    with pytest.raises(memboost.MemboostTypeError, match="'H' must be a tensor"):
+        lort.decompose(w, rank=2, H=[[1.0]])
+    with pytest.raises(memboost.MemboostError, match="'H' contains NaN or Inf"):
+        lort.decompose(w, rank=2, H=torch.full((48, 48), float("inf")))
+    with pytest.raises(memboost.MemboostError, match="'damp'"):
+        lort.decompose(w, rank=2, H=torch.eye(48), damp=0)
+    with pytest.raises(memboost.MemboostError, match="'shrink'"):
+        lort.decompose(w, rank=2, H=torch.eye(48), shrink=2)
+
+
 @pytest.mark.parametrize("act_bits", [None, 8])
 @pytest.mark.parametrize("shape", [(1, 200), (3, 7, 200)])
 def test_linear_is_ternary_kernel_plus_low_rank(device, act_bits, shape):

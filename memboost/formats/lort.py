@@ -19,6 +19,13 @@ so no step can raise the error:
 The error reported after each iteration is that of the weight as stored
 (A and B rounded to fp16), so `errors` never rises.
 
+With H (a layer's input second moment X^T X / rows, decompose(W, H=...))
+the error minimised is the layer's output error tr(E H E^T) instead: the
+ternary step rounds with GPTQ's error feedback at the levels {-alpha, 0,
+alpha} (memboost.formats.gptq, the sweep the mixed format uses) and refits
+alpha by weighted least squares, the low-rank step is the H-whitened SVD;
+each candidate is again taken only if it lowers that error.
+
 Storage: T in the project's one ternary packing (csrc/common/trits.h, the
 `ternary_*` ops and kernels), alpha float32 [1 or out, 1] (the ternary
 format's per-tensor / per-row scale), A float16 [out, r] and B float16
@@ -36,6 +43,7 @@ import torch
 
 from .. import ops, reference
 from ..errors import MemboostError, MemboostTypeError, check_float_weight
+from .gptq import conditioned_hessian, inverse_factor, sweep
 from .tensor import QuantizedTensor, dtype_name
 from .ternary import _check_codes, check_act_bits
 
@@ -212,9 +220,8 @@ def best_ternary_fit(r: torch.Tensor, per_row: bool) -> Tuple[torch.Tensor, torc
     return t, alpha
 
 
-def _low_rank_factors(m: torch.Tensor, rank: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) float16 with A @ B.T the (near-)best rank-`rank` fit of m; each
-    factor carries sqrt of the singular values (balanced for fp16)."""
+def _truncated_svd(m: torch.Tensor, rank: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U [n, r], S [r], V [k, r]) of the (near-)best rank-`rank` fit of m, in m's dtype."""
     n, k = m.shape
     if min(n, k) <= _EXACT_SVD_MAX_DIM or rank * 4 >= min(n, k):
         # The exact truncated SVD through the eigenvectors of the smaller Gram
@@ -229,22 +236,81 @@ def _low_rank_factors(m: torch.Tensor, rank: int, seed: int) -> Tuple[torch.Tens
         s = evals[-rank:].flip(0).clamp_min(0).sqrt() if rank else evals[:0]
         other = (m64 @ top if tall else m64.T @ top) / s.clamp_min(1e-30)
         u, v = (other, top) if tall else (top, other)
-        u, s, v = u.to(m.dtype), s.to(m.dtype), v.to(m.dtype)
-    else:
-        torch.manual_seed(seed)  # svd_lowrank draws its test matrix from the global RNG
-        u, s, v = torch.svd_lowrank(m, q=min(rank + 16, min(n, k)), niter=4)
-        u, s, v = u[:, :rank], s[:rank], v[:, :rank]
+        return u.to(m.dtype), s.to(m.dtype), v.to(m.dtype)
+    torch.manual_seed(seed)  # svd_lowrank draws its test matrix from the global RNG
+    u, s, v = torch.svd_lowrank(m, q=min(rank + 16, min(n, k)), niter=4)
+    return u[:, :rank], s[:rank], v[:, :rank]
+
+
+def _fp16_factors(a: torch.Tensor, b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return (a.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).contiguous(),
+            b.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).contiguous())
+
+
+def _low_rank_factors(m: torch.Tensor, rank: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) float16 with A @ B.T the (near-)best rank-`rank` fit of m; each
+    factor carries sqrt of the singular values (balanced for fp16)."""
+    u, s, v = _truncated_svd(m, rank, seed)
     root = s.clamp_min(0).sqrt()
-    a = (u * root).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).contiguous()
-    b = (v * root).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).contiguous()
-    return a, b
+    return _fp16_factors(u * root, v * root)
 
 
-def _error(w: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+def _whitened_factors(m: torch.Tensor, rank: int, seed: int, chol: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) float16 with A @ B.T the best rank-`rank` fit of m in the norm
+    ||E L||_F = tr(E H E^T)^(1/2), H = L L^T (chol: L, float64): the SVD
+    U S V^T of m L truncated, A @ B.T = U_r S_r V_r^T L^-1 (QERA, SVD-LLM).
+    Each column pair of A and B is rescaled to equal norms (balanced for fp16)."""
+    u, s, v = _truncated_svd(m @ chol.to(m.dtype), rank, seed)
+    root = s.clamp_min(0).sqrt()
+    a = (u * root).to(torch.float64)
+    b = torch.linalg.solve_triangular(chol.T, (v * root).to(torch.float64), upper=True)  # L^-T V S^(1/2)
+    a_norm, b_norm = a.norm(dim=0), b.norm(dim=0)
+    scale = torch.where((a_norm > 0) & (b_norm > 0), (b_norm / a_norm.clamp_min(1e-300)).sqrt(), 1.0)
+    return _fp16_factors((a * scale).to(m.dtype), (b / scale).to(m.dtype))
+
+
+def _error(w: torch.Tensor, t: torch.Tensor, alpha: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+           chol: Optional[torch.Tensor] = None) -> float:
+    """||W - alpha*T - A@B.T||_F, or with chol (L, H = L L^T) ||(W - ...) L||_F = tr(E H E^T)^(1/2)."""
     resid = w - alpha * t.to(torch.float32)
     if a.shape[1]:
         resid.addmm_(a.float(), b.float().T, alpha=-1.0)
+    if chol is not None:
+        resid = resid @ chol
     return float(torch.linalg.vector_norm(resid))
+
+
+def weighted_alpha(r: torch.Tensor, t: torch.Tensor, h: torch.Tensor, per_row: bool) -> torch.Tensor:
+    """alpha float32 [n or 1, 1] minimising tr((r - alpha*T) H (r - alpha*T)^T)
+    for a fixed T (least squares on the support): per row
+    (t_i H r_i^T) / (t_i H t_i^T), or those sums over all rows; never
+    negative, 0 for an empty row."""
+    th = t.to(torch.float64) @ h
+    num = (th * r.to(torch.float64)).sum(1, keepdim=True)
+    den = (th * t.to(torch.float64)).sum(1, keepdim=True)
+    if not per_row:
+        num, den = num.sum().reshape(1, 1), den.sum().reshape(1, 1)
+    return torch.where(den > 0, num / den.clamp_min(1e-300), 0.0).clamp_min(0).to(torch.float32)
+
+
+def compensated_ternary(r: torch.Tensor, alpha: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """T int8 [n, k]: r rounded to the nearest of {-alpha, 0, +alpha} (alpha
+    [n or 1, 1]) column by column with GPTQ's error feedback (gptq.sweep
+    with u, the upper Cholesky factor of H^-1), which minimises the output
+    error tr(E H E^T) of each column given the ones already rounded."""
+    n, k = r.shape
+    t = torch.empty(n, k, dtype=torch.int8, device=r.device)
+    level = alpha.to(torch.float32).expand(n, 1)[:, 0]
+    half = level * 0.5
+
+    def round_column(j, w):
+        col = w[:, j]
+        trit = torch.sign(col) * (col.abs() > half)
+        t[:, j] = trit.to(torch.int8)
+        return trit * level
+
+    sweep(r.to(torch.float32).clone(), u, round_column)
+    return t
 
 
 def _check_decompose_args(w, iters, per_row_alpha):
@@ -257,9 +323,26 @@ def _check_decompose_args(w, iters, per_row_alpha):
         raise MemboostTypeError(f"'per_row_alpha' must be a bool, got {type(per_row_alpha).__name__}")
 
 
+def _check_hessian_args(h, k: int, damp, shrink) -> None:
+    if not isinstance(h, torch.Tensor):
+        raise MemboostTypeError(f"'H' must be a tensor [in_features, in_features] (X^T X / rows, as "
+                                f"memboost.calibrate(..., hessian=True) returns), got {type(h).__name__}")
+    if h.dim() != 2 or tuple(h.shape) != (k, k):
+        raise MemboostError(f"'H' must have shape [in_features, in_features] = ({k}, {k}) for this W, got "
+                            f"{tuple(h.shape)}")
+    if not h.is_floating_point():
+        raise MemboostTypeError(f"'H' must be a floating-point tensor, got {h.dtype}")
+    if not bool(torch.isfinite(h).all()):
+        raise MemboostError("'H' contains NaN or Inf values")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
+        raise MemboostError(f"'damp' must be in (0, 1), got {damp!r}")
+    if isinstance(shrink, bool) or not isinstance(shrink, (int, float)) or not 0 <= shrink <= 1:
+        raise MemboostError(f"'shrink' must be in [0, 1], got {shrink!r}")
+
+
 def decompose(W: torch.Tensor, rank: Union[int, float] = 64, iters: int = 10, per_row_alpha: bool = False,
-              device=None, max_bits: Optional[float] = None, seed: int = 0
-              ) -> Tuple[LoRTQuantizedTensor, List[float]]:
+              device=None, max_bits: Optional[float] = None, seed: int = 0, H: Optional[torch.Tensor] = None,
+              damp: float = 0.01, shrink: float = 0.0) -> Tuple[LoRTQuantizedTensor, List[float]]:
     """W [out, in] (fp16/bf16/fp32) ~ alpha*T + A@B.T by alternating minimisation.
 
     rank: an int, or a float in (0, 1] (a fraction of min(out, in)); max_bits:
@@ -269,28 +352,60 @@ def decompose(W: torch.Tensor, rank: Union[int, float] = 64, iters: int = 10, pe
     result lives on W's device. Returns (q, errors): errors[i] is
     ||W - W_hat|| / ||W|| of the stored weight after iteration i (never
     rising). The start is the best ternary fit of W with A = B = 0.
+
+    H: the layer's input second moment X^T X / rows [in, in] (from
+    memboost.calibrate(..., hessian=True)); the error minimised is then the
+    output error on such inputs, tr(E H E^T) with E = W - W_hat, H
+    conditioned as GPTQ's (shrunk toward its diagonal by `shrink`, + damp *
+    mean(diag H) on the diagonal; memboost.formats.gptq). Each step is then:
+    - ternary: T from GPTQ's column sweep at the levels {-alpha, 0, alpha}
+      (alpha as it stands), or the plain best fit's T, whichever is better;
+      then alpha refitted by weighted least squares on T's support;
+    - low rank: the H-whitened truncated SVD (SVD of R L with H = L L^T;
+      A @ B.T = U_r S_r V_r^T L^-1), the best rank-r fit in that norm.
+    A candidate that raises the weighted error is not taken, and errors[i]
+    is tr(E H E^T)^(1/2) / tr(W H W^T)^(1/2), never rising.
     """
     _check_decompose_args(W, iters, per_row_alpha)
     r = resolve_rank(W.shape, rank, max_bits, per_row_alpha)
     home = W.device
     work = torch.device(device) if device is not None else home
     w = W.detach().to(device=work, dtype=torch.float32)
-    norm = float(torch.linalg.vector_norm(w)) or 1.0
     n, k = w.shape
+    chol = u = h = None
+    if H is not None:
+        _check_hessian_args(H, k, damp, shrink)
+        h = conditioned_hessian(H.detach().to(work), damp, shrink)
+        u = inverse_factor(h, damp)
+        chol = torch.linalg.cholesky(h)  # H = L L^T, float64 (positive definite once conditioned)
+    weight = None if chol is None else chol.to(torch.float32)
+    norm = float(torch.linalg.vector_norm(w if weight is None else w @ weight)) or 1.0
     a = torch.zeros(n, r, dtype=torch.float16, device=work)
     b = torch.zeros(k, r, dtype=torch.float16, device=work)
     t, alpha = best_ternary_fit(w, per_row_alpha)
-    err = _error(w, t, alpha, a, b)
+    if h is not None:
+        alpha = weighted_alpha(w, t, h, per_row_alpha)
+    err = _error(w, t, alpha, a, b, weight)
     errors: List[float] = []
     for it in range(iters):
         if r:
-            cand_a, cand_b = _low_rank_factors(w - alpha * t.to(torch.float32), r, seed=seed + it)
-            cand_err = _error(w, t, alpha, cand_a, cand_b)
+            m = w - alpha * t.to(torch.float32)
+            cand_a, cand_b = (_low_rank_factors(m, r, seed=seed + it) if chol is None
+                              else _whitened_factors(m, r, seed + it, chol))
+            cand_err = _error(w, t, alpha, cand_a, cand_b, weight)
             if cand_err <= err:
                 a, b, err = cand_a, cand_b, cand_err
         resid = w - a.float() @ b.float().T if r else w
         cand_t, cand_alpha = best_ternary_fit(resid, per_row_alpha)
-        cand_err = _error(w, cand_t, cand_alpha, a, b)
+        if h is not None:
+            cand_alpha = weighted_alpha(resid, cand_t, h, per_row_alpha)
+        cand_err = _error(w, cand_t, cand_alpha, a, b, weight)
+        if h is not None:
+            swept_t = compensated_ternary(resid, alpha if bool((alpha > 0).any()) else cand_alpha, u)
+            swept_alpha = weighted_alpha(resid, swept_t, h, per_row_alpha)
+            swept_err = _error(w, swept_t, swept_alpha, a, b, weight)
+            if swept_err < cand_err:
+                cand_t, cand_alpha, cand_err = swept_t, swept_alpha, swept_err
         if cand_err <= err:
             t, alpha, err = cand_t, cand_alpha, cand_err
         errors.append(err / norm)

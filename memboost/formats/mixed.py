@@ -27,6 +27,7 @@ import torch
 from .. import ops, reference
 from .._threads import map_chunks, row_chunk_size
 from ..errors import MemboostError, MemboostTypeError, check_float_weight
+from .gptq import hessian_factor, sweep
 from .tensor import QuantizedTensor, dtype_name
 
 _LOG2_STEP_MIN = 1e-4  # keeps the per-row code step finite when all ranges agree
@@ -486,28 +487,6 @@ def _quantize_rows(w: torch.Tensor, h: Optional[torch.Tensor], n4: int, gs: int,
     }
 
 
-def hessian_factor(hessian: torch.Tensor, damp: float, shrink: float = 0.0) -> torch.Tensor:
-    """The upper Cholesky factor U of H^-1 (H shrunk toward its diagonal by
-    `shrink`, then damped: + damp * mean(diag H) on the diagonal), as GPTQ
-    uses it: quantizing column j with error e moves the later columns by
-    -e / U[j, j] * U[j, j+1:], which minimises the output error on the
-    calibration inputs given the columns already fixed."""
-    h = hessian.to(torch.float64).clone()
-    diag = h.diagonal()
-    if shrink:
-        kept = diag.clone()
-        h.mul_(1.0 - shrink)
-        diag.copy_(kept)
-    dead = diag <= 0  # an input that never fired: its column is free
-    diag[dead] = 1.0
-    diag += damp * float(diag.mean())
-    try:
-        inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-        return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
-    except RuntimeError:  # torch.linalg.LinAlgError: not positive definite even damped
-        raise MemboostError(f"'hessian' is not positive definite with damp={damp}; raise 'damp'") from None
-
-
 def _compensated_codes(wg: torch.Tensor, four: torch.Tensor, is_out: torch.Tensor, u: torch.Tensor,
                        col_weight: Optional[torch.Tensor], log2_base, log2_step, exact_zero: bool):
     """GPTQ's sweep in the mixed format, for rows wg [n, G, gs].
@@ -516,9 +495,7 @@ def _compensated_codes(wg: torch.Tensor, four: torch.Tensor, is_out: torch.Tenso
     group's scale code and zero point are searched (_search_codes) on its
     values as the sweep has updated them so far, at the width the group was
     given; each column is then rounded to its group's grid, its outliers kept
-    exact, and its error (err / U[j, j]) spread over the columns after it:
-    within a block of columns at once, to later blocks in one GEMM (GPTQ's
-    lazy batch updates). Returns code, zero, q, deq (like _search_codes) and
+    exact, and its error spread over the columns after it (gptq.sweep). Returns code, zero, q, deq (like _search_codes) and
     the updated weights, whose outliers are what is stored exactly."""
     n, g, gs = wg.shape
     k = g * gs
@@ -528,34 +505,30 @@ def _compensated_codes(wg: torch.Tensor, four: torch.Tensor, is_out: torch.Tenso
     code = torch.empty(n, g, device=w.device)
     zero = torch.empty(n, g, device=w.device)
     out = is_out.reshape(n, k)
-    block = max(gs, (128 // gs) * gs)
-    for b0 in range(0, k, block):
-        b1 = min(k, b0 + block)
-        err = torch.empty(n, b1 - b0, device=w.device)
-        for j in range(b0, b1):
-            grp = j // gs
-            if j % gs == 0:  # this group's scale code and zero point, from its updated values
-                x = w[:, j:j + gs].unsqueeze(1)
-                keep = (~is_out[:, grp:grp + 1]).to(torch.float32)
-                weight = keep if col_weight is None else keep * col_weight[:, grp:grp + 1]
-                base, step_ = log2_base, log2_step
-                c2, z2 = _search_codes(x, weight, 3, base, step_, exact_zero)[1][:2]
-                c4, z4 = _search_codes(x, weight, 15, base, step_, True)[1][:2]
-                f = four[:, grp:grp + 1]
-                code[:, grp:grp + 1] = torch.where(f, c4, c2)
-                zero[:, grp:grp + 1] = torch.where(f, z4, z2)
-                levels = torch.where(f[:, 0], 15.0, 3.0)
-                step = _group_step(code[:, grp], 1, log2_base[:, 0], log2_step[:, 0]) / levels
-                zero_at = zero[:, grp] * torch.where(f[:, 0], 1.0, _ZERO_RESOLUTION[3])
-            col = w[:, j]
-            q = torch.minimum(torch.round(col / step + zero_at).clamp_(min=0), levels)
-            d = (q - zero_at) * step
-            codes[:, j] = q
-            deq[:, j] = d
-            e = torch.where(out[:, j], 0.0, col - d) / u[j, j]  # outliers are stored exactly: no error
-            if j + 1 < b1:
-                w[:, j + 1:b1] -= e.unsqueeze(1) * u[j, j + 1:b1].unsqueeze(0)
-            err[:, j - b0] = e
-        if b1 < k:
-            w[:, b1:] -= err @ u[b0:b1, b1:]
+    grid = {}  # the current group's step, zero point and top level
+
+    def round_column(j, w):
+        grp = j // gs
+        if j % gs == 0:  # this group's scale code and zero point, from its updated values
+            x = w[:, j:j + gs].unsqueeze(1)
+            keep = (~is_out[:, grp:grp + 1]).to(torch.float32)
+            weight = keep if col_weight is None else keep * col_weight[:, grp:grp + 1]
+            c2, z2 = _search_codes(x, weight, 3, log2_base, log2_step, exact_zero)[1][:2]
+            c4, z4 = _search_codes(x, weight, 15, log2_base, log2_step, True)[1][:2]
+            f = four[:, grp:grp + 1]
+            code[:, grp:grp + 1] = torch.where(f, c4, c2)
+            zero[:, grp:grp + 1] = torch.where(f, z4, z2)
+            levels = torch.where(f[:, 0], 15.0, 3.0)
+            grid["step"] = _group_step(code[:, grp], 1, log2_base[:, 0], log2_step[:, 0]) / levels
+            grid["zero_at"] = zero[:, grp] * torch.where(f[:, 0], 1.0, _ZERO_RESOLUTION[3])
+            grid["levels"] = levels
+        col = w[:, j]
+        step, zero_at = grid["step"], grid["zero_at"]
+        q = torch.minimum(torch.round(col / step + zero_at).clamp_(min=0), grid["levels"])
+        d = (q - zero_at) * step
+        codes[:, j] = q
+        deq[:, j] = d
+        return torch.where(out[:, j], col, d)  # outliers are stored exactly: no error
+
+    sweep(w, u, round_column, block=max(gs, (128 // gs) * gs))
     return code, zero, codes.view(n, g, gs), deq.view(n, g, gs), w.view(n, g, gs)
