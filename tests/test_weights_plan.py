@@ -144,3 +144,26 @@ def test_weights_plan_not_with_calibration_nor_other_formats():
     assert not report.plan
     with pytest.raises(memboost.MemboostError, match="'plan' must be"):
         memboost.quantize_model(copy.deepcopy(reference), "mixed", plan="hessian")
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_quantize_prints_the_plan_and_info_reads_it_back(tmp_path, capsys, in_memory):
+    from memboost import cli
+    from conftest import tiny_llama_with_tokenizer
+
+    model, tokenizer = tiny_llama_with_tokenizer()
+    folder, out = tmp_path / "model", tmp_path / "q"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # Block by block (the default for a folder) the plan spends each block's bits; in memory, the model's.
+    assert cli.main(["quantize", str(folder), str(out), "--ratio-4bit", "0.5", "--group-size", "16", "--quiet",
+                     "--verbose"] + (["--in-memory"] if in_memory else [])) == 0
+    printed = capsys.readouterr().out
+    assert "weights plan (no calibration)" in printed and "more 4-bit groups (2->" in printed
+    assert cli.main(["info", str(out)]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "; plan: " in line]
+    assert rows and all("4-bit groups" in row and "2-bit output error" in row for row in rows)
+    reloaded = memboost.load_quantized(out)
+    ratios = {name: m.weight.tensor().ratio_4bit for name, m in reloaded.named_modules()
+              if isinstance(m, memboost.nn.MixedLinear)}
+    assert len(set(ratios.values())) > 1

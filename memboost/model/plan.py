@@ -300,8 +300,11 @@ def weights_plan(model: nn.Module, layers: Mapping[str, nn.Module], ratio_4bit: 
         if diag is None:
             diag = torch.ones(k, device=w.device)
         energy = float((w.square() * diag).sum()) or 1.0
-        costs, stored = _group_costs(w, diag.to(w.device), torch.full((n,), 2.0 / energy, device=w.device),
-                                     group_size, outlier_fraction, weighted_search=weighted_search)
+        try:
+            costs, stored = _group_costs(w, diag.to(w.device), torch.full((n,), 2.0 / energy, device=w.device),
+                                         group_size, outlier_fraction, weighted_search=weighted_search)
+        except MemboostError as exc:
+            raise type(exc)(f"{name}: {exc}") from None
         choices[name] = list(zip(costs, stored))
         uniform = int(ratio_4bit * (k // group_size) + 0.5)   # the quantizer's rounding (_num_4bit_groups)
         budget += stored[uniform]
