@@ -310,7 +310,7 @@ def weights_plan(model: nn.Module, layers: Mapping[str, nn.Module], ratio_4bit: 
         budget += stored[uniform]
         weights += w.numel()
         errors[name] = math.sqrt(max(costs[0], 0.0))
-        scaled[name] = norm
+        scaled[name] = name_prefix + norm if norm else ""
     picked = _solve(choices, budget / weights, weights)
     plan = {name: picked[name] / (len(choices[name]) - 1) for name in layers}
     median = sorted(errors.values())[len(errors) // 2]

@@ -608,9 +608,22 @@ def _weights_planned(model: nn.Module, layer_cls, targets, params: Mapping, name
         return params
     from .plan import weights_plan
 
-    ratios, reasons = weights_plan(model, {full: linear for full, _, _, linear in targets}, setting["ratio_4bit"],
-                                   int(setting["group_size"]), float(setting["outlier_fraction"]), name_prefix)
-    report.plan.update(reasons)
+    # Each decoder block spends its own bits (and the layers outside the
+    # blocks theirs): memboost.io.streaming, which quantizes one block at a
+    # time, then plans the same as a whole model in memory.
+    blocks = next(((prefix, len(prefix)) for prefix in (f"{n}." if n else "" for n, m in model.named_modules()
+                   if isinstance(m, nn.ModuleList) and len(m) > 1)), None)
+    parts: Dict[Optional[str], Dict[str, nn.Module]] = {}
+    for full, _, _, linear in targets:
+        name = full[len(name_prefix):]
+        head = name[blocks[1]:].split(".", 1)[0] if blocks and name.startswith(blocks[0]) else ""
+        parts.setdefault(head if head.isdigit() else None, {})[full] = linear
+    ratios = {}
+    for layers in parts.values():
+        part_ratios, reasons = weights_plan(model, layers, setting["ratio_4bit"], int(setting["group_size"]),
+                                            float(setting["outlier_fraction"]), name_prefix)
+        ratios.update(part_ratios)
+        report.plan.update(reasons)
     return dict(params, ratio_4bit=ratios)
 
 
