@@ -289,7 +289,8 @@ def weights_plan(model: nn.Module, layers: Mapping[str, nn.Module], ratio_4bit: 
     with outlier channels) gets 4-bit groups first, and a small layer's
     groups are cheap. The choice is allocate_ratio_4bit's knapsack, with
     these costs in place of the measured loss. Deterministic; it quantizes
-    each layer twice more (all 2-bit, all 4-bit)."""
+    each layer twice more (all 2-bit, all 4-bit). quantize_model calls it
+    once per decoder block (plan="weights")."""
     choices, reasons, errors, scaled = {}, {}, {}, {}
     weights = budget = 0
     for name, linear in progress_bar(layers.items(), "weights plan", unit="layer", total=len(layers),
@@ -314,11 +315,14 @@ def weights_plan(model: nn.Module, layers: Mapping[str, nn.Module], ratio_4bit: 
     picked = _solve(choices, budget / weights, weights)
     plan = {name: picked[name] / (len(choices[name]) - 1) for name in layers}
     median = sorted(errors.values())[len(errors) // 2]
+    sizes = {name: linear.weight.numel() for name, linear in layers.items()}
+    median_size = sorted(sizes.values())[len(sizes) // 2]
     for name in layers:
         groups = len(choices[name]) - 1
         uniform = int(ratio_4bit * groups + 0.5)
         if picked[name] != uniform:
             reasons[name] = (f"{'more' if picked[name] > uniform else 'fewer'} 4-bit groups "
                              f"({uniform}->{picked[name]} of {groups}): 2-bit output error {errors[name]:.2f} "
-                             f"(median {median:.2f}){', inputs scaled by ' + scaled[name] if scaled[name] else ''}")
+                             f"(median {median:.2f}), {sizes[name] / median_size:.2g}x the median layer's weights"
+                             f"{', inputs scaled by ' + scaled[name] if scaled[name] else ''}")
     return plan, reasons
