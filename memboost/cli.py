@@ -456,6 +456,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _saved_plan(directory: str) -> dict:
+    """{layer: why its ratio_4bit differs from the one asked for} that the
+    quantize_model calls recorded in `directory`'s config.json hold (the
+    mixed format's weights plan without calibration); empty without one."""
+    import json
+
+    from .io.checkpoint import CONFIG_NAME
+
+    try:
+        with open(os.path.join(directory, CONFIG_NAME)) as f:
+            calls = (json.load(f).get("quantization_config") or {}).get("quantize_calls") or []
+    except (OSError, ValueError, AttributeError):
+        return {}
+    plan = {}
+    for call in calls:
+        if isinstance(call, dict) and isinstance(call.get("plan"), dict):
+            plan.update({k: v for k, v in call["plan"].items() if isinstance(k, str) and isinstance(v, str)})
+    return plan
+
+
 def cmd_info(args) -> int:
     from .io import checkpoint
     from .formats.tensor import FORMAT_INFO_KEY, QuantizedTensor
@@ -466,6 +486,7 @@ def cmd_info(args) -> int:
     prefixes = sorted(k[:-len(FORMAT_INFO_KEY)] for k in state if k.endswith("." + FORMAT_INFO_KEY))
     if not prefixes:
         raise MemboostError(f"{args.directory!r} holds no memboost-quantized tensor")
+    plan = _saved_plan(args.directory)
     print("| layer | format | shape | bits per weight | details |")
     print("|---|---|---|---|---|")
     total_bits = total_weights = 0
@@ -475,7 +496,10 @@ def cmd_info(args) -> int:
         fields = ", ".join(f"{k}={v}" for k, v in q._repr_fields().items())
         if q.corrector_rank:  # memboost heal's low-rank corrector, counted in the bits
             fields += f", corrector_rank={q.corrector_rank}, corrector_bits={q.corrector_bits}"
-        print(f"| {prefix[:-len('.weight.')]} | {q.format} | {q.shape[0]}x{q.shape[1]} | {q.avg_bits:.3f} | {fields} |")
+        layer = prefix[:-len('.weight.')]
+        if layer in plan:
+            fields += f"; plan: {plan[layer]}"
+        print(f"| {layer} | {q.format} | {q.shape[0]}x{q.shape[1]} | {q.avg_bits:.3f} | {fields} |")
         total_bits += 8 * q.nbytes
         total_weights += q.numel()
     others = {}  # a tied tensor (lm_head and the embedding) is stored, and counted, once

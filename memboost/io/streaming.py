@@ -275,6 +275,7 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
                                              lm_head=head, **extra, **params)
             report.replaced.extend(part_report.replaced)
             report.skipped.extend(part_report.skipped)
+            report.plan.update(part_report.plan)
             if part_report.output_layer is not None:
                 report.output_layer = part_report.output_layer
 
@@ -318,6 +319,8 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
         writer.close(aliases)
         call = quantize_call(method, params, skip, calibrated, len(report.replaced))
         call["lm_head"] = lm_head if lm_head is not None and lm_head in rest_formats.values() else None
+        if report.plan:
+            call["plan"] = dict(report.plan)
         write_config(staging, model.config, quantization_config_of(formats, [call]), model.generation_config,
                      plain_dtype=_plain_float_dtype(model, stored))
         if tokenizer is not None:

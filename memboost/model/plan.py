@@ -17,7 +17,7 @@ knapsack over the numbers of 4-bit groups per row, solved by its Lagrangian
 """
 
 import math
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -96,18 +96,21 @@ def output_sensitivity(model: nn.Module, batches: Iterable, skip: Iterable[str] 
 
 
 def _group_costs(weight: torch.Tensor, diag: torch.Tensor, sens: torch.Tensor, group_size: int,
-                 outlier_fraction: float):
+                 outlier_fraction: float, weighted_search: bool = True):
     """(cost of each count of 4-bit groups per row [groups + 1], stored bits
     of each count [groups + 1]) of one layer: the rows' groups become 4-bit in
     the order the quantizer takes them (largest weighted 2-bit error first),
-    each saving its 2-bit minus its 4-bit error."""
+    each saving its 2-bit minus its 4-bit error. weighted_search=False
+    measures a quantizer that is given no calibration (errors still weighed
+    by `diag`)."""
     w = weight.detach().float()
     n, k = w.shape
     groups = k // group_size
     per_group = []
     bits = []
     for ratio in (0.0, 1.0):
-        q = quantize(w, ratio_4bit=ratio, group_size=group_size, outlier_fraction=outlier_fraction, calibration=diag)
+        q = quantize(w, ratio_4bit=ratio, group_size=group_size, outlier_fraction=outlier_fraction,
+                     calibration=diag if weighted_search else None)
         err = ((q.dequantize().float() - w).square() * diag).view(n, groups, group_size).sum(-1)
         per_group.append(err)
         bits.append(8.0 * q.nbytes)
@@ -120,6 +123,59 @@ def _group_costs(weight: torch.Tensor, diag: torch.Tensor, sens: torch.Tensor, g
     per_group_bits = 2.0 * group_size * n
     stored = [bits[0] + c * per_group_bits for c in range(groups)] + [bits[1]]
     return costs.double().tolist(), stored
+
+
+def _solve(choices: Mapping[str, List], bits: float, weights: int) -> Dict[str, int]:
+    """{layer: index of its choice} among each layer's (cost, stored bits)
+    choices with the least total cost whose stored bits stay within `bits`
+    per weight over `weights` weights: the Lagrangian of the multiple-choice
+    knapsack, lambda bisected to the budget, then whatever budget is left
+    spent on the best upgrades per bit."""
+    budget = bits * weights
+    least = sum(min(s for _, s in c) for c in choices.values())
+    if least > budget:
+        raise MemboostError(f"'bits'={bits} is below what the mixed format can store for these layers "
+                            f"({least / weights:.3f} bits per weight with every group 2-bit)")
+    # Costs as a fraction of the all-2-bit total, bits per weight: lambda is then of order one.
+    scale = sum(c[0][0] for c in choices.values()) or 1.0
+    table = {name: [(cost / scale, stored / weights) for cost, stored in c] for name, c in choices.items()}
+
+    def pick(lam: float) -> Dict[str, int]:
+        return {name: min(range(len(c)), key=lambda i: (c[i][0] + lam * c[i][1], c[i][1]))
+                for name, c in table.items()}
+
+    def stored_bits(picked: Dict[str, int]) -> float:
+        return sum(table[name][i][1] for name, i in picked.items())
+
+    # The smallest lambda (bits are cheapest) whose choice fits, bisected on a log scale.
+    lo, hi = -40.0, 40.0
+    if stored_bits(pick(math.exp(lo))) <= bits:
+        hi = lo
+    for _ in range(80):
+        mid = 0.5 * (lo + hi)
+        if stored_bits(pick(math.exp(mid))) <= bits:
+            hi = mid
+        else:
+            lo = mid
+    picked = pick(math.exp(hi))
+    # The Lagrangian choice can leave some of the budget unspent: spend it on
+    # the upgrades that save the most cost per bit while they fit.
+    spare = bits - stored_bits(picked)
+    while True:
+        best = None
+        for name, i in picked.items():
+            cost, size = table[name][i]
+            for j, (c, s) in enumerate(table[name]):
+                if s > size and s - size <= spare and c < cost:
+                    gain = (cost - c) / (s - size)
+                    if best is None or gain > best[0]:
+                        best = (gain, name, j, s - size)
+        if best is None:
+            break
+        _, name, j, extra = best
+        picked[name] = j
+        spare -= extra
+    return picked
 
 
 def allocate_ratio_4bit(model: nn.Module, batches: Iterable, bits: float, calibration: Optional[Mapping] = None,
@@ -179,50 +235,102 @@ def ratio_4bit_from_costs(choices: Mapping[str, List], weights: int, bits: float
     """{layer name: ratio_4bit} from each layer's [(estimated cost, stored
     bits)] per count of 4-bit groups per row (_group_costs), over `weights`
     weights in all: the choice that stores at most `bits` bits per weight
-    with the least total cost (allocate_ratio_4bit's solve; the streaming
-    plan of memboost.io.streaming gathers the same costs block by block)."""
-    budget = bits * weights
-    least = sum(min(s for _, s in c) for c in choices.values())
-    if least > budget:
-        raise MemboostError(f"'bits'={bits} is below what the mixed format can store for these layers "
-                            f"({least / weights:.3f} bits per weight with every group 2-bit)")
-    # Costs as a fraction of the all-2-bit total, bits per weight: lambda is then of order one.
-    scale = sum(c[0][0] for c in choices.values()) or 1.0
-    table = {name: [(cost / scale, stored / weights) for cost, stored in c] for name, c in choices.items()}
-
-    def pick(lam: float) -> Dict[str, int]:
-        return {name: min(range(len(c)), key=lambda i: (c[i][0] + lam * c[i][1], c[i][1]))
-                for name, c in table.items()}
-
-    def stored_bits(picked: Dict[str, int]) -> float:
-        return sum(table[name][i][1] for name, i in picked.items())
-
-    # The smallest lambda (bits are cheapest) whose choice fits, bisected on a log scale.
-    lo, hi = -40.0, 40.0
-    if stored_bits(pick(math.exp(lo))) <= bits:
-        hi = lo
-    for _ in range(80):
-        mid = 0.5 * (lo + hi)
-        if stored_bits(pick(math.exp(mid))) <= bits:
-            hi = mid
-        else:
-            lo = mid
-    picked = pick(math.exp(hi))
-    # The Lagrangian choice can leave some of the budget unspent: spend it on
-    # the upgrades that save the most cost per bit while they fit.
-    spare = bits - stored_bits(picked)
-    while True:
-        best = None
-        for name, i in picked.items():
-            cost, size = table[name][i]
-            for j, (c, s) in enumerate(table[name]):
-                if s > size and s - size <= spare and c < cost:
-                    gain = (cost - c) / (s - size)
-                    if best is None or gain > best[0]:
-                        best = (gain, name, j, s - size)
-        if best is None:
-            break
-        _, name, j, extra = best
-        picked[name] = j
-        spare -= extra
+    with the least total cost (_solve; allocate_ratio_4bit's solve, and the
+    streaming plan of memboost.io.streaming gathers the same costs block by block)."""
+    picked = _solve(choices, bits, weights)
     return {name: picked[name] / (len(choices[name]) - 1) for name in choices}
+
+
+# The layers that read a decoder block's normalized input, and the norms that
+# give it (their weights scale each input channel): attention's input, then
+# the MLP's (Gemma 2/3 apply post_attention_layernorm to the attention's
+# output and pre_feedforward_layernorm to the MLP's input).
+_NORMED_INPUTS = (
+    (("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "Wqkv", "W_pack"),
+     ("input_layernorm", "ln_1", "attention_norm")),
+    (("gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "w1", "w3"),
+     ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2", "ffn_norm")),
+)
+
+
+def _input_scale(model: nn.Module, name: str, in_features: int) -> Tuple[Optional[torch.Tensor], str]:
+    """(the squared scale of each input channel of layer `name` that its
+    block's norm gives, float32 [in_features], and the norm's name), or
+    (None, "") when the layer reads no norm this knows of. Gemma's norms
+    scale by 1 + weight."""
+    kind = name.rsplit(".", 1)[-1]
+    norms = next((norms for kinds, norms in _NORMED_INPUTS if kind in kinds), None)
+    if norms is None:
+        return None, ""
+    parts = name.split(".")[:-1]
+    for depth in range(len(parts), -1, -1):   # the nearest enclosing module that holds one of the norms
+        prefix = ".".join(parts[:depth])
+        try:
+            holder = model.get_submodule(prefix)
+        except AttributeError:
+            continue
+        for norm_name in norms:
+            norm = getattr(holder, norm_name, None)
+            weight = getattr(norm, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.shape == (in_features,) and weight.device.type != "meta":
+                scale = weight.detach().float() + (1.0 if type(norm).__name__.startswith("Gemma") else 0.0)
+                bias = getattr(norm, "bias", None)
+                square = scale.square() + (bias.detach().float().square() if isinstance(bias, torch.Tensor) else 0.0)
+                return square, f"{prefix}.{norm_name}" if prefix else norm_name
+    return None, ""
+
+
+def weights_plan(model: nn.Module, layers: Mapping[str, nn.Module], ratio_4bit: float, group_size: int = 64,
+                 outlier_fraction: float = 0.002, name_prefix: str = "", progress: Optional[bool] = False,
+                 use_norms: bool = True, weighted_search: bool = False) -> Tuple[Dict[str, float], Dict[str, str]]:
+    """({layer name: ratio_4bit}, {layer name: why it differs from ratio_4bit})
+    for the mixed format without calibration: the 4-bit groups that a uniform
+    `ratio_4bit` would store in `layers` ({name: nn.Linear}, names with
+    `name_prefix`, all in `model`) spent where the weights alone say they
+    matter, within the same stored bits.
+
+    Each layer's cost is its relative output error ||dW x||^2 / ||W x||^2 for
+    inputs whose channels have the scale that the norm before the layer gives
+    them (its weight; 1 where the layer reads no known norm), every layer
+    counting alike: a layer whose 2-bit weights lose much of its output
+    (weights of widely differing magnitudes within a group, as behind a norm
+    with outlier channels) gets 4-bit groups first, and a small layer's
+    groups are cheap. The choice is allocate_ratio_4bit's knapsack, with
+    these costs in place of the measured loss. Deterministic; it quantizes
+    each layer twice more (all 2-bit, all 4-bit). quantize_model calls it
+    once per decoder block (plan="weights")."""
+    choices, reasons, errors, scaled = {}, {}, {}, {}
+    weights = budget = 0
+    for name, linear in progress_bar(layers.items(), "weights plan", unit="layer", total=len(layers),
+                                     progress=progress):
+        w = linear.weight.detach().float()
+        n, k = w.shape
+        diag, norm = _input_scale(model, name[len(name_prefix):], k) if use_norms else (None, "")
+        if diag is None:
+            diag = torch.ones(k, device=w.device)
+        energy = float((w.square() * diag).sum()) or 1.0
+        try:
+            costs, stored = _group_costs(w, diag.to(w.device), torch.full((n,), 2.0 / energy, device=w.device),
+                                         group_size, outlier_fraction, weighted_search=weighted_search)
+        except MemboostError as exc:
+            raise type(exc)(f"{name}: {exc}") from None
+        choices[name] = list(zip(costs, stored))
+        uniform = int(ratio_4bit * (k // group_size) + 0.5)   # the quantizer's rounding (_num_4bit_groups)
+        budget += stored[uniform]
+        weights += w.numel()
+        errors[name] = math.sqrt(max(costs[0], 0.0))
+        scaled[name] = name_prefix + norm if norm else ""
+    picked = _solve(choices, budget / weights, weights)
+    plan = {name: picked[name] / (len(choices[name]) - 1) for name in layers}
+    median = sorted(errors.values())[len(errors) // 2]
+    sizes = {name: linear.weight.numel() for name, linear in layers.items()}
+    median_size = sorted(sizes.values())[len(sizes) // 2]
+    for name in layers:
+        groups = len(choices[name]) - 1
+        uniform = int(ratio_4bit * groups + 0.5)
+        if picked[name] != uniform:
+            reasons[name] = (f"{'more' if picked[name] > uniform else 'fewer'} 4-bit groups "
+                             f"({uniform}->{picked[name]} of {groups}): 2-bit output error {errors[name]:.2f} "
+                             f"(median {median:.2f}), {sizes[name] / median_size:.2g}x the median layer's weights"
+                             f"{', inputs scaled by ' + scaled[name] if scaled[name] else ''}")
+    return plan, reasons
