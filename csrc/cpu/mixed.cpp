@@ -441,15 +441,17 @@ MB_TARGET_AVX2 inline void row_group_params_avx2(const RowParams& p, int64_t gro
   const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   int64_t g0 = 0;
   for (; g0 < groups && (slack || g0 + 8 <= groups); g0 += 8) {
-    uint64_t meta_bytes = 0;  // the row's meta ends at `groups`: the last run reads no further
-    std::memcpy(&meta_bytes, p.meta + g0, static_cast<size_t>(std::min<int64_t>(8, groups - g0)));
+    const int64_t run = std::min<int64_t>(8, groups - g0);
+    uint64_t meta_bytes = 0;  // the row's meta ends at `groups`: a last partial run reads no further
+    if (run == 8) std::memcpy(&meta_bytes, p.meta + g0, 8);
+    else for (int64_t i = 0; i < run; ++i) meta_bytes |= static_cast<uint64_t>(p.meta[g0 + i]) << (8 * i);
     const __m256i meta = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(meta_bytes)));
     const __m256i code = _mm256_and_si256(meta, _mm256_set1_epi32(15));
     const __m256i index = _mm256_and_si256(code, _mm256_set1_epi32(7));
     const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(code, _mm256_set1_epi32(7)));
     const __m256 range = _mm256_blendv_ps(_mm256_permutevar8x32_ps(ranges_lo, index),
                                           _mm256_permutevar8x32_ps(ranges_hi, index), upper);
-    const int flags = static_cast<int>((p.mask[g0 >> 5] >> (g0 & 31)) & 0xFFu & ((1u << std::min<int64_t>(8, groups - g0)) - 1));
+    const int flags = static_cast<int>((p.mask[g0 >> 5] >> (g0 & 31)) & ((1u << run) - 1));
     const __m256 four = _mm256_castsi256_ps(
         _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(flags), bit), bit));
     const __m256 st = _mm256_mul_ps(range, _mm256_blendv_ps(_mm256_set1_ps(1.0f / 3.0f), _mm256_set1_ps(1.0f / 15.0f), four));
