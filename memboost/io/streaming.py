@@ -38,7 +38,7 @@ from torch import nn
 
 from .._progress import progress_bar
 from ..errors import MemboostError, MemboostTypeError
-from ..model.plan import _group_costs, ratio_4bit_from_costs
+from ..model.plan import _group_costs, loss_inputs_of, ratio_4bit_from_costs
 from ..model.quantize import (QuantizationReport, _as_linear, _block_inputs, _block_outputs, _check_batches,
                               _input_moments, _is_conv1d, _linears, _output_layer, _run_batches, _skipped_by_name,
                               check_params, damage_warnings, quantize_call, quantize_model, select_layers)
@@ -329,24 +329,6 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
     return report
 
 
-def _loss_inputs(batch, i: int) -> Tuple[dict, int]:
-    """(model keyword inputs with labels, predicted tokens) of calibration batch `i`, as output_sensitivity
-    takes them: a tensor of token ids is its own labels, a dict gets labels=input_ids unless it has labels."""
-    if isinstance(batch, torch.Tensor):
-        kwargs = {"input_ids": batch, "labels": batch}
-    elif isinstance(batch, Mapping):
-        kwargs = dict(batch)
-        if "labels" not in kwargs and "input_ids" in kwargs:
-            kwargs["labels"] = kwargs["input_ids"]
-    else:
-        raise MemboostTypeError(f"batch {i} of 'batches' must be a tensor of token ids or a dict of model inputs, "
-                                f"got {type(batch).__name__}")
-    labels = kwargs.get("labels")
-    if not isinstance(labels, torch.Tensor):
-        raise MemboostError(f"batch {i} of 'batches' has no token ids to predict (input_ids or labels)")
-    return kwargs, max(1, int((labels[..., 1:] != -100).sum())) if labels.dim() else 1
-
-
 @contextlib.contextmanager
 def _blocks_replaced_by(blocks: nn.ModuleList, last_output: List, returns_tuple: bool):
     """Inside, the model's decoder blocks pass their input through, except
@@ -415,7 +397,10 @@ def _plan_statistics(source, batches, bits, skip, group_size, outlier_fraction, 
     batches = list(batches)
     if not batches:
         raise MemboostError("'batches' holds no batch")
-    loss_inputs = [_loss_inputs(batch, i) for i, batch in enumerate(batches)]
+    loss_inputs = [loss_inputs_of(batch, i) for i, batch in enumerate(batches)]
+    for i, (_, predicted) in enumerate(loss_inputs):
+        if not predicted:
+            raise MemboostError(f"batch {i} of 'batches' has no token ids to predict (input_ids or labels)")
     tokens = sum(predicted for _, predicted in loss_inputs)
     source = os.fspath(source)
     config = _read_config(source)

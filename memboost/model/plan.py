@@ -28,6 +28,25 @@ from ..formats.mixed import quantize
 from .quantize import _as_linear, _check_batches, _linears, _skipped_by_name, calibrate
 
 
+def loss_inputs_of(batch, i: int) -> Tuple[dict, int]:
+    """(model keyword inputs with labels, tokens predicted; 0 without labels) of
+    calibration batch `i`: a tensor of token ids is its own labels, a dict gets
+    labels=input_ids unless it has labels."""
+    if isinstance(batch, torch.Tensor):
+        kwargs = {"input_ids": batch, "labels": batch}
+    elif isinstance(batch, Mapping):
+        kwargs = dict(batch)
+        if "labels" not in kwargs and "input_ids" in kwargs:
+            kwargs["labels"] = kwargs["input_ids"]
+    else:
+        raise MemboostTypeError(f"batch {i} of 'batches' must be a tensor of token ids or a dict of model inputs, "
+                                f"got {type(batch).__name__}")
+    labels = kwargs.get("labels")
+    if not isinstance(labels, torch.Tensor):
+        return kwargs, 0
+    return kwargs, max(1, int((labels[..., 1:] != -100).sum())) if labels.dim() else 1
+
+
 def output_sensitivity(model: nn.Module, batches: Iterable, skip: Iterable[str] = ("lm_head",),
                        progress: Optional[bool] = None) -> Dict[str, torch.Tensor]:
     """{layer name: E[(dL/dy)^2] per output channel (float32 [out_features])}
@@ -60,23 +79,13 @@ def output_sensitivity(model: nn.Module, batches: Iterable, skip: Iterable[str] 
             p.requires_grad_(True)
         for i, batch in enumerate(progress_bar(batches, "gradients", unit="batch", progress=progress)):
             outputs.clear()
-            if isinstance(batch, torch.Tensor):
-                kwargs = {"input_ids": batch, "labels": batch}
-            elif isinstance(batch, Mapping):
-                kwargs = dict(batch)
-                if "labels" not in kwargs and "input_ids" in kwargs:
-                    kwargs["labels"] = kwargs["input_ids"]
-            else:
-                raise MemboostTypeError(f"batch {i} of 'batches' must be a tensor of token ids or a dict of model "
-                                        f"inputs, got {type(batch).__name__}")
+            kwargs, predicted = loss_inputs_of(batch, i)
             with torch.enable_grad():
                 out = model(**kwargs)
                 loss = getattr(out, "loss", None)
                 if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                     raise MemboostError("the model returned no scalar loss for labels=...; output_sensitivity "
                                         "needs a model that computes its loss (a causal LM)")
-                labels = kwargs["labels"]
-                predicted = max(1, int((labels[..., 1:] != -100).sum())) if labels.dim() else 1
                 grads = torch.autograd.grad(loss * predicted, [o for _, o in outputs], allow_unused=True)
             for (name, o), g in zip(outputs, grads):
                 if g is None:

@@ -747,6 +747,21 @@ def _row_slices(value, weights: int):
             yield Int8QuantizedTensor._wrap(part, dict(value.meta, shape=[part["values"].shape[0], cols]))
 
 
+def _write_atomically(writer, path: str) -> None:
+    """Writes a filled GGUFWriter to `path` through atomic_write (a failed
+    write leaves no half-written file in place of a good one)."""
+    try:
+        with atomic_write(path) as tmp:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file(progress=False)
+            writer.close()
+    except OSError as exc:
+        raise MemboostError(f"cannot write {path!r}: {exc.strerror or exc}") from None
+    finally:
+        writer.close()
+
+
 def _spill(scratch, data: torch.Tensor, qtype: str):
     """Appends a converted tensor's bytes to `scratch`: (offset, numpy dtype, shape) to read them back."""
     arr = data.contiguous().numpy() if qtype in ("F32", "F16") else data.contiguous().view(torch.uint8).numpy()
@@ -824,16 +839,7 @@ def _export_spilled(model, path, weight_type, output_type, tokenizer, name, weig
             writer.add_tensor(gguf_name, arr)
         else:
             writer.add_tensor(gguf_name, arr, raw_dtype=gguf.GGMLQuantizationType[qtype])
-    try:
-        with atomic_write(path) as tmp:
-            writer.write_header_to_file(path=tmp)
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file(progress=False)
-            writer.close()
-    except OSError as exc:
-        raise MemboostError(f"cannot write {path!r}: {exc.strerror or exc}") from None
-    finally:
-        writer.close()
+    _write_atomically(writer, path)
     report = GGUFExportReport(path, hp.arch, weight_type, rows, os.path.getsize(path))
     if verbose:
         print(report.table())
@@ -881,16 +887,7 @@ def export_lora_adapter(model, path: str) -> int:
         writer.add_tensor(gguf_name + ".lora_a", lora_a.numpy())
         writer.add_tensor(gguf_name + ".lora_b", lora_b.numpy())
     path = os.fspath(path)
-    try:
-        with atomic_write(path) as tmp:
-            writer.write_header_to_file(path=tmp)
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file(progress=False)
-            writer.close()
-    except OSError as exc:
-        raise MemboostError(f"cannot write {path!r}: {exc.strerror or exc}") from None
-    finally:
-        writer.close()
+    _write_atomically(writer, path)
     return len(pairs)
 
 
