@@ -175,7 +175,8 @@ def test_cli_in_a_pipe_prints_no_bar_unless_asked(tmp_path):
     quiet = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     assert "it/s" not in quiet.stderr and "batch" not in quiet.stderr and "%|" not in quiet.stderr
     loud = subprocess.run(command, capture_output=True, text=True, env={**env, "MEMBOOST_PROGRESS": "1"}, check=True)
-    for desc in ("calibration", "gradients", "bits plan", "memboost mixed"):
+    # a folder streams: the --bits plan's two passes over the blocks, then the quantizing pass
+    for desc in ("bits plan: forward", "bits plan: backward", "memboost mixed"):
         assert desc in loud.stderr, desc
     ppl = [sys.executable, "-m", "memboost", "eval", str(tmp_path / "q"), "--text", str(text), "--tokens", "64",
            "--window", "32", "--new-tokens", "2"]
