@@ -170,7 +170,7 @@ def test_quantize_model_refuses_arguments_its_method_does_not_take():
         memboost.quantize_model(model, "nf4", ratio_4bit=0.5)
     stats = memboost.calibrate(model, _inputs("cpu"))
     with pytest.raises(memboost.MemboostError, match="method 'nf4' does not use calibration statistics "
-                                                     "\\(only mixed does\\)"):
+                                                     "\\(only lort and mixed do\\)"):
         memboost.quantize_model(model, "nf4", calibration=stats)
     assert type(model.mlp[0]) is nn.Linear and type(model.mlp[2]) is nn.Linear
 

@@ -92,7 +92,7 @@ def test_decode_loop_binds_the_fused_norm():
 
     model = tiny_llama()
     decoder = Decoder(model, max_batch=1, max_length=16)
-    norm = decoder._steps[0][0]
+    norm = decoder._steps[0].attn_in
     assert isinstance(norm, functools.partial) and norm.func is ops.rms_norm
     assert norm.keywords["weight_offset"] is False
     assert isinstance(decoder._norm, functools.partial)

@@ -377,8 +377,8 @@ def check_params(method: str, params: Mapping, calibrated: bool = False):
         if calibrated and "calibration" not in signature.parameters:
             takes = sorted(name for name, cls in QuantizedLinear._layers.items()
                            if "calibration" in inspect.signature(cls.from_linear).parameters)
-            raise MemboostError(f"method {method!r} does not use calibration statistics (only {', '.join(takes)} "
-                                "does): quantize without them")
+            raise MemboostError(f"method {method!r} does not use calibration statistics (only "
+                                f"{' and '.join(takes)} {'do' if len(takes) > 1 else 'does'}): quantize without them")
     return layer_cls
 
 
