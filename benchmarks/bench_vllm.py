@@ -30,6 +30,9 @@ import time
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; batch 64 of SmolLM2 needs about 1
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# vLLM's CPU worker otherwise cuts torch to one thread for serving ("Reducing Torch
+# threads"), and that holds for the whole process: every row gets the same threads.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import torch  # noqa: E402
 

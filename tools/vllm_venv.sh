@@ -41,6 +41,9 @@ PY
     $PIP install -q -r "$VENV/requirements-vllm.txt" -c "$VENV/constraints-vllm.txt"
     touch "$STAMP"
 fi
+# gguf: memboost.testbed.load_smollm2 reads the embedded model through it
+# (benchmarks/bench_vllm.py serves SmolLM2).
+(cd / && "$VENV/bin/python" -c "import gguf") 2>/dev/null || $PIP install -q "gguf>=0.10.0"
 # memboost itself, CPU-only, against this venv's torch (an editable install whose
 # build directory is per-venv, so it never mixes with the main build).
 # (Rebuilt when the venv's memboost is another checkout's or does not import.)

@@ -140,6 +140,7 @@ MB_TARGET_AVX2_F16C void linear_float_avx2(const View& v, int64_t begin, int64_t
     __m256 acc[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + b * kBlock + cpu::kPrefetchBytes), _MM_HINT_T0);
       const __m256 s = _mm256_set1_ps(_cvtsh_ss(v.scales[r * blocks + b]));
       __m256 w[4];
       for (int q = 0; q < 4; ++q)
@@ -165,6 +166,7 @@ MB_TARGET_AVX512_F16C void linear_float_avx512(const View& v, int64_t begin, int
     __m512 acc[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + b * kBlock + cpu::kPrefetchBytes), _MM_HINT_T0);
       const __m512 s = _mm512_set1_ps(_cvtsh_ss(v.scales[r * blocks + b]));
       const __m512 w0 = _mm512_cvtepi32_ps(
           _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + b * kBlock))));
@@ -191,6 +193,7 @@ MB_TARGET_AVX2_F16C void linear_int8_avx2(const View& v, int64_t begin, int64_t 
     __m256 acc[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
     for (int64_t b = 0; b < blocks; ++b) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + b * kBlock + cpu::kPrefetchBytes), _MM_HINT_T0);
       const float s = _cvtsh_ss(v.scales[r * blocks + b]);
       const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock));
       const __m256i w_abs = _mm256_sign_epi8(w, w);
@@ -218,6 +221,7 @@ MB_TARGET_AVX512_F16C void linear_int8_vnni(const View& v, int64_t begin, int64_
     float corr[MT];
     for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps(), corr[i] = 0.f;
     for (int64_t b = 0; b < blocks; ++b) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + b * kBlock + cpu::kPrefetchBytes), _MM_HINT_T0);
       const float s = _cvtsh_ss(v.scales[r * blocks + b]);
       const __m256i u = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * kBlock)),
                                          offset);  // w + 128

@@ -489,9 +489,6 @@ MB_TARGET_AVX2 inline float dot_avx2(const float* a, const float* b, int64_t n) 
 // of 2-bit codes against the permuted activations, one float FMA with the
 // pair's (chunk step * block scale) lane pattern.
 constexpr int kInt8RowTile = 4;
-// Software prefetch distance in bytes along each row's plane, as in the
-// ternary kernel (ternary.cpp measured it: the DRAM stream is 1.6x slower without).
-constexpr int64_t kInt8PrefetchBytes = 16384;
 
 // Codes 0..3 against int8 activations, four 4-byte dot products summed per
 // int32 lane. AVX2: the four maddubs int16 sums stay within 4 * 2 * 3 * 127,
@@ -596,7 +593,7 @@ MB_TARGET_AVX2 inline float hsum128(__m128 s) {
       const bool full = p < full_pairs;                                                                            \
       for (int i = 0; i < RT; ++i) {                                                                               \
         const uint8_t* w = plane[i] + p * 32;                                                                      \
-        _mm_prefetch(reinterpret_cast<const char*>(w + kInt8PrefetchBytes), _MM_HINT_T0);                          \
+        _mm_prefetch(reinterpret_cast<const char*>(w + cpu::kPrefetchBytes), _MM_HINT_T0);                         \
         /* an odd last chunk: its upper half reads as codes 0 against zero padding */                              \
         const __m256i hi = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))                          \
                                 : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));    \
@@ -671,7 +668,7 @@ MB_TARGET_AVX2 void int8_tile_avx2(const MixedView& v, int64_t r0, const Int8Row
       const __m512 quad_pat = _mm512_loadu_ps(pat + p_start * 8);                                                  \
       for (int i = 0; i < RT; ++i) {                                                                               \
         const uint8_t* w = plane[i] + p_start * 32;                                                                \
-        _mm_prefetch(reinterpret_cast<const char*>(w + kInt8PrefetchBytes), _MM_HINT_T0);                          \
+        _mm_prefetch(reinterpret_cast<const char*>(w + cpu::kPrefetchBytes), _MM_HINT_T0);                         \
         const __m512i hi = _mm512_loadu_si512(w);                                                                  \
         const __m512i d0 = cpu::dpbusd_vnni512(cpu::dpbusd_vnni512(_mm512_setzero_si512(),                         \
                                                _mm512_and_si512(hi, three512), xs[0]),                             \

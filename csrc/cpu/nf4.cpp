@@ -15,7 +15,8 @@
 //    starts each block's int32 dot product from -128 * sum(x) per lane
 //    (block_offsets_vnni, once per call), so the offset costs nothing per weight.
 //  - both: block scales (double quantization decoded) come from a small
-//    buffer filled 8 at a time per run of rows (with_row_scales).
+//    buffer filled 8 at a time per run of rows (with_row_scales); the code
+//    stream is prefetched cpu::kPrefetchBytes ahead.
 // From kGemmMinRows rows on, blocks of weight rows are decoded into a
 // cache-sized float buffer and multiplied with ATen's GEMM.
 #include <ATen/ATen.h>
@@ -310,6 +311,7 @@ MB_TARGET_AVX512 void linear_float_avx512(const View& v, int64_t k, int64_t begi
       __m512 part[MT];
       for (int i = 0; i < MT; ++i) part[i] = _mm512_setzero_ps();
       for (int64_t c = b * bs; c < (b + 1) * bs; c += 32, wp += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(wp + cpu::kPrefetchBytes), _MM_HINT_T0);
         const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp)));
         const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), cb);
         const __m512 w_odd = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low4), cb);
@@ -350,6 +352,7 @@ MB_TARGET_AVX2 void linear_float_avx2(const View& v, int64_t k, int64_t begin, i
       __m256 part[MT];
       for (int i = 0; i < MT; ++i) part[i] = _mm256_setzero_ps();
       for (int64_t c = b * bs; c < (b + 1) * bs; c += 32, wp += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(wp + cpu::kPrefetchBytes), _MM_HINT_T0);
         for (int h = 0; h < 2; ++h) {  // bytes 8h..8h+7 of the chunk: x even/odd elements 8h..8h+7
           const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wp + 8 * h)));
           const __m256 w_even = lookup16_avx2(_mm256_srli_epi32(bytes, 4), lo_tab, hi_tab);
@@ -408,6 +411,7 @@ MB_TARGET_AVX512 void block_offsets_vnni(const int8_t* xq, int64_t rows, int64_t
 template <int MT>
 MB_TARGET_AVX512 inline __attribute__((always_inline)) void chunk_vnni(const uint8_t* wp, const int8_t* xp, int64_t k,
                                                                        __m512i tab, __m512i low4, __m512i (&dot)[MT]) {
+  _mm_prefetch(reinterpret_cast<const char*>(wp + cpu::kPrefetchBytes), _MM_HINT_T0);
   const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
   // high nibbles (even elements) in the lower half, low nibbles in the upper half
   const __m512i idx =
@@ -471,6 +475,7 @@ MB_TARGET_AVX512 void linear_int8_avx512(const View& v, int64_t k, int64_t begin
 template <int MT>
 MB_TARGET_AVX2 inline __attribute__((always_inline)) void chunk_avx2(const uint8_t* wp, const int8_t* xp, int64_t k,
                                                                      __m256i tab, __m256i low4, __m256i (&dot)[MT]) {
+  _mm_prefetch(reinterpret_cast<const char*>(wp + cpu::kPrefetchBytes), _MM_HINT_T0);
   const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
   const __m256i w_even = _mm256_shuffle_epi8(tab, _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4));
   const __m256i w_odd = _mm256_shuffle_epi8(tab, _mm256_and_si256(bytes, low4));

@@ -37,12 +37,8 @@ namespace {
 #define MB_INLINE inline __attribute__((always_inline))
 
 constexpr int kRowTile = 4;          // weight rows sharing each activation load
-// Software prefetch distance in bytes: a tile's rows are contiguous, so while
-// chunk c of row i is read, the byte 16 KiB further on (a later tile) is
-// requested. Measured on the CI machine (4096x4096, one thread, weights from
-// DRAM): without it the int8 kernel streamed 1.6x slower; 4 to 64 KiB
-// performed alike.
-constexpr int64_t kPrefetchBytes = 16384;
+// A tile's rows are contiguous, so while chunk c of row i is read, the byte
+// cpu::kPrefetchBytes further on (a later tile) is requested.
 constexpr int64_t kGemmMinRows = 32;  // exact path: decoded blocks + GEMM from this batch on
 
 struct WeightView {
@@ -135,7 +131,7 @@ MB_TARGET_AVX2 void exact_tile_avx2(const WeightView& v, int64_t r0, const float
     s[i] = v.row_scales(r0 + i);
   }
   // Prefetching past the weight's end is harmless (a hint, never a fault).
-  const int64_t prefetch = kPrefetchBytes;
+  const int64_t prefetch = cpu::kPrefetchBytes;
   for (int64_t m = 0; m < m_rows; ++m) {
     const float* xm = x + m * xstride;
     float out[RT];
@@ -274,7 +270,7 @@ MB_TARGET_AVX2 void int8_tile_avx2(const WeightView& v, int64_t r0, const Int8Ac
     s[i] = v.row_scales(r0 + i);
   }
   // Prefetching past the weight's end is harmless (a hint, never a fault).
-  const int64_t prefetch = kPrefetchBytes;
+  const int64_t prefetch = cpu::kPrefetchBytes;
   for (int64_t m = 0; m < a.m_rows; ++m) {
     const int8_t* q = a.q + m * a.padded;
     const int32_t* gsum = a.gsum + m * v.d.groups;
@@ -327,7 +323,7 @@ MB_TARGET_AVX512 void int8_tile_vnni(const WeightView& v, int64_t r0, const Int8
     s[i] = v.row_scales(r0 + i);
   }
   // Prefetching past the weight's end is harmless (a hint, never a fault).
-  const int64_t prefetch = kPrefetchBytes;
+  const int64_t prefetch = cpu::kPrefetchBytes;
   for (int64_t m = 0; m < a.m_rows; ++m) {
     const int8_t* q = a.q + m * a.padded;
     const int32_t* gsum = a.gsum + m * v.d.groups;
