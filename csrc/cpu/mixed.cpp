@@ -128,6 +128,30 @@ void linear_rows_generic(const MixedView& v, int64_t begin, int64_t end, const f
 // one FMA per group.
 MB_TARGET_AVX2 inline float hsum(__m256 v) { return cpu::hsum_ps256(v); }
 
+// Rows ahead whose streams a kernel requests while it works on row r. Besides
+// the 2-bit plane a row reads its 4-bit low bits, group metadata, mask and
+// range: separate arrays the hardware prefetcher does not follow well all at
+// once (the int8 kernel stalled on its low-bit loads before this). A few rows
+// (about a microsecond of work) cover DRAM latency.
+constexpr int64_t kRowsAhead = 8;
+
+// Requests row r's low bits, metadata, mask and range (and its plane when
+// `plane`): every cache line of each. r past the last row requests nothing.
+inline void prefetch_row(const MixedView& v, int64_t r, bool plane) {
+  const MixedDims& d = v.d;
+  if (r >= d.rows) return;
+  auto lines = [](const void* p, int64_t bytes) {
+    const char* c = static_cast<const char*>(p);
+    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
+    _mm_prefetch(c + bytes - 1, _MM_HINT_T0);  // the last line when p is not line-aligned
+  };
+  if (plane) lines(v.plane2 + r * d.plane_words, d.plane_words * 4);
+  if (d.low_words > 0) lines(v.lowbits + r * d.low_words, d.low_words * 4);
+  lines(v.meta + r * d.groups, d.groups);
+  _mm_prefetch(reinterpret_cast<const char*>(v.mask + r * d.mask_words), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(v.row_scale + 2 * r), _MM_HINT_T0);
+}
+
 // row_ranges with two vector exp2 (cpu::exp2_ps256): range[c] = exp2(log2_base + c * log2_step)
 // as the reference computes it (the same multiply and add), within 1e-7
 // relative, where the scalar table costs two exp2f calls and 16 chained products per row.
@@ -151,6 +175,7 @@ __attribute__((target("avx2,fma"))) void linear_rows_avx2_tile(const MixedView& 
   const __m256i shift_hi = _mm256_setr_epi32(16, 18, 20, 22, 24, 26, 28, 30);
   const __m256i three = _mm256_set1_epi32(3);
   for (int64_t r = begin; r < end; ++r) {
+    prefetch_row(v, r + kRowsAhead, /*plane=*/true);
     const uint32_t* plane_row = v.plane2 + r * d.plane_words;
     const uint32_t* low_row = v.lowbits + r * d.low_words;
     const uint32_t* mask_row = v.mask + r * d.mask_words;
@@ -573,6 +598,7 @@ MB_TARGET_AVX2 inline float hsum128(__m128 s) {
   const uint8_t* plane[RT];                                                                                        \
   const float* cs[RT];                                                                                             \
   for (int i = 0; i < RT; ++i) {                                                                                   \
+    prefetch_row(v, r0 + i + kRowsAhead, /*plane=*/false); /* the plane: kPrefetchBytes ahead, below */            \
     plane[i] = reinterpret_cast<const uint8_t*>(v.plane2 + (r0 + i) * d.plane_words);                              \
     cs[i] = int8_row_tables(v, r0 + i, i, scratch);                                                                \
   }                                                                                                                \
