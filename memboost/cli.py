@@ -1,6 +1,7 @@
 """The `memboost` command.
 
-    memboost quantize MODEL OUT [--method mixed] [--ratio-4bit 1.0 | --bits 3.5] [--calibrate TEXT [--sequential]]
+    memboost quantize MODEL OUT [--method mixed] [--ratio-4bit 1.0 [--plan weights|uniform] | --bits 3.5]
+                     [--calibrate TEXT [--sequential]]
     memboost eval MODEL [--text TEXT] [--prompt P] [--compile]
     memboost generate MODEL --prompt P [--prompt P2 ...] [--new-tokens 64]
     memboost info DIR
@@ -16,7 +17,9 @@ fortunes (memboost.testbed). Errors print one line and exit with status 2.
 `memboost quantize` on a plain model folder works decoder block by decoder
 block (memboost.io.streaming: one block's float weights in memory at a
 time; --bits plans in two passes over the memory-mapped weights first),
-unless --in-memory asks for the whole model.
+unless --in-memory asks for the whole model. Without --calibrate, a
+--ratio-4bit below 1 is spread over the layers by their weights (--plan
+weights, the default; memboost.model.plan.weights_plan), the same bits.
 """
 
 import argparse
