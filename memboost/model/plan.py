@@ -311,8 +311,8 @@ def weights_plan(model: nn.Module, layers: Mapping[str, nn.Module], ratio_4bit: 
     worse perplexity than the uniform ratio.) The choice is
     allocate_ratio_4bit's knapsack, with these costs in place of the
     measured loss. Deterministic; it quantizes each layer twice more (all
-    2-bit, all 4-bit). quantize_model calls it
-    once per decoder block (plan="weights", its default)."""
+    2-bit, all 4-bit). quantize_model calls it once per decoder block
+    (plan="weights", its default)."""
     choices, reasons, errors, scaled = {}, {}, {}, {}
     weights = budget = 0
     for name, linear in progress_bar(layers.items(), "weights plan", unit="layer", total=len(layers),
