@@ -1,11 +1,11 @@
 """The mixed format without calibration: one ratio_4bit in every layer
-(quantize_model(..., plan=None)) against the weights plan (the default,
-plan="weights": the same stored bits spent per layer by each layer's
-relative 2-bit output error, memboost.model.plan.weights_plan), on
-SmolLM2-135M-Instruct: perplexity on the first --tokens tokens of Debian's
-fortunes (windows of 256), bits per weight, and the mean ratio_4bit the plan
-gives each layer kind. Perplexity is deterministic; the seconds are not a
-benchmark (they include the plan's two extra quantizations of each layer).
+(quantize_model(..., plan="uniform")) against the weights plan (the default,
+plan="weights": the same stored bits spent per layer by what each layer's
+weights say, memboost.model.plan.weights_plan), on SmolLM2-135M-Instruct:
+perplexity on the first --tokens tokens of Debian's fortunes (windows of
+256), bits per weight, and the mean ratio_4bit the plan gives each layer
+kind. Perplexity is deterministic; the seconds are not a benchmark (they
+include the plan's two extra quantizations of each layer).
 
     python benchmarks/bench_weights_plan.py [--ratios 0.25,0.5] [--tokens 4096]
         [--json benchmarks/results/weights_plan_cpu.json]
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--ratios", default="0.25,0.5")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--json", default="")
+    parser.add_argument("--json", default="benchmarks/results/weights_plan_cpu.json")
     args = parser.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
 
@@ -41,7 +41,7 @@ def main() -> None:
     base = perplexity(model, tokenizer, text, max_tokens=args.tokens, progress=False)
     rows = [{"setting": "float32", "perplexity": base, "x float": 1.0}]
     for ratio in ratios:
-        for plan in (None, "weights"):
+        for plan in ("uniform", "weights"):
             start = time.perf_counter()
             quantized = copy.deepcopy(model)
             report = memboost.quantize_model(quantized, "mixed", ratio_4bit=ratio, group_size=args.group_size,
@@ -50,7 +50,7 @@ def main() -> None:
             kinds = {}
             for r in report.replaced:
                 kinds.setdefault(r.name.rsplit(".", 1)[-1], []).append(r.details["ratio_4bit"])
-            rows.append({"setting": f"ratio_4bit {ratio} {'weights plan' if plan else 'uniform'}",
+            rows.append({"setting": f"ratio_4bit {ratio} {'weights plan (default)' if plan == 'weights' else 'uniform'}",
                          "bits": report.bits_per_weight, "perplexity": ppl, "x float": ppl / base,
                          "layers changed": len(report.plan), "seconds": time.perf_counter() - start,
                          **{kind: sum(v) / len(v) for kind, v in kinds.items()}})

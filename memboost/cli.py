@@ -1,6 +1,7 @@
 """The `memboost` command.
 
-    memboost quantize MODEL OUT [--method mixed] [--ratio-4bit 1.0 | --bits 3.5] [--calibrate TEXT [--sequential]]
+    memboost quantize MODEL OUT [--method mixed] [--ratio-4bit 1.0 [--plan weights|uniform] | --bits 3.5]
+                     [--calibrate TEXT [--sequential]]
     memboost eval MODEL [--text TEXT] [--prompt P] [--compile]
     memboost generate MODEL --prompt P [--prompt P2 ...] [--new-tokens 64]
     memboost info DIR
@@ -16,7 +17,9 @@ fortunes (memboost.testbed). Errors print one line and exit with status 2.
 `memboost quantize` on a plain model folder works decoder block by decoder
 block (memboost.io.streaming: one block's float weights in memory at a
 time; --bits plans in two passes over the memory-mapped weights first),
-unless --in-memory asks for the whole model.
+unless --in-memory asks for the whole model. Without --calibrate, a
+--ratio-4bit below 1 is spread over the layers by their weights (--plan
+weights, the default; memboost.model.plan.weights_plan), the same bits.
 """
 
 import argparse
@@ -242,7 +245,8 @@ PROBE_MAX_RATIO = 1.5   # quantized / float perplexity above which the probe war
 
 def _quantize_params(args) -> dict:
     """The quantizer arguments of `memboost quantize`, every option that does not apply refused."""
-    mixed_only = {"--ratio-4bit": args.ratio_4bit is not None, "--group-size": args.group_size is not None,
+    mixed_only = {"--ratio-4bit": args.ratio_4bit is not None, "--plan": args.plan is not None,
+                  "--group-size": args.group_size is not None,
                   "--outlier-fraction": args.outlier_fraction is not None, "--bits": args.bits is not None,
                   "--hessian": args.hessian}
     given = [flag for flag, on in mixed_only.items() if on]
@@ -256,6 +260,9 @@ def _quantize_params(args) -> dict:
     if args.bits is not None and not args.calibrate:
         raise MemboostError("--bits chooses the mixed format's ratio_4bit per layer: it needs --method mixed and "
                             "--calibrate TEXT")
+    if args.plan is not None and args.calibrate:
+        raise MemboostError("--plan spreads the 4-bit groups without calibration; with --calibrate, --bits chooses "
+                            "ratio_4bit per layer from the measured loss")
     if args.bits is not None and args.ratio_4bit is not None:
         raise MemboostError("give --ratio-4bit (the same in every layer) or --bits (chosen per layer), not both")
     params = {}
@@ -315,6 +322,21 @@ def _folder_bytes(folder: str) -> int:
     return sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
 
 
+def _plan_row(args, params: dict, report) -> Optional[str]:
+    """How the mixed format's 4-bit groups were spread over the layers without calibration (None when the
+    weights plan does not apply: another format, or calibrated)."""
+    if args.method != "mixed" or args.calibrate:
+        return None
+    ratio = params.get("ratio_4bit")
+    if args.plan == "uniform":
+        return f"uniform: ratio_4bit {ratio} in every layer (--plan uniform)"
+    if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        return f"uniform: ratio_4bit {ratio} in every layer (nothing to spread)"
+    more = sum(why.startswith("more") for why in report.plan.values())
+    return (f"weights: {more} layer(s) got more 4-bit groups and {len(report.plan) - more} fewer than ratio_4bit "
+            f"{ratio}, within its bits (`memboost info {args.out}` says why; --plan uniform to keep it in every layer)")
+
+
 def _quantize_streamed(args, params: dict, text: Optional[str]) -> int:
     """memboost quantize on a model folder, decoder block by decoder block (memboost.io.streaming)."""
     from .io.streaming import allocate_ratio_4bit_folder, quantize_folder
@@ -334,7 +356,8 @@ def _quantize_streamed(args, params: dict, text: Optional[str]) -> int:
                              sequential=args.sequential, hessian=args.hessian, dtype=args.dtype,
                              save_dtype="auto" if args.save_dtype == "auto" else getattr(torch, args.save_dtype),
                              tokenizer=tokenizer, progress=False if args.quiet else None, verify=not args.no_verify,
-                             lm_head=None if args.lm_head == "float" else args.lm_head, **params)
+                             lm_head=None if args.lm_head == "float" else args.lm_head, plan=args.plan or "weights",
+                             **params)
     seconds = time.perf_counter() - start
     print(report.summary())
     if args.verbose:
@@ -346,6 +369,9 @@ def _quantize_streamed(args, params: dict, text: Optional[str]) -> int:
             ("peak resident memory", f"{_peak_rss_bytes() / 2**30:.2f} GiB (VmHWM, mapped input pages included)"),
             ("bits per weight", f"{report.bits_per_weight:.3f} over {weights / 1e6:.1f} M quantized weights"),
             ("saved", f"{args.out} ({_folder_bytes(args.out) / 2**20:.1f} MiB)")]
+    plan = _plan_row(args, params, report)
+    if plan is not None:
+        rows.insert(-1, ("4-bit groups", plan))
     print("| | |\n|---|---|")
     print("\n".join(f"| {key} | {value} |" for key, value in rows))
     if windows:
@@ -381,7 +407,8 @@ def cmd_quantize(args) -> int:
         report = quantize_model(model, args.method, calibration_batches=windows, hessian=args.hessian,
                                 progress=progress, lm_head=lm_head, **params)
     else:
-        report = quantize_model(model, args.method, calibration=stats, progress=progress, lm_head=lm_head, **params)
+        report = quantize_model(model, args.method, calibration=stats, progress=progress, lm_head=lm_head,
+                                plan=args.plan or "weights", **params)
     if probe is not None:
         before, probe_windows, probe_text = probe
         after = _windows_perplexity(model, probe_windows)
@@ -396,6 +423,9 @@ def cmd_quantize(args) -> int:
     if args.verbose:
         print(report.table())
     print(f"quantized in {seconds:.1f} s{' (calibration included)' if windows else ''}")
+    plan = _plan_row(args, params, report)
+    if plan is not None:
+        print(f"4-bit groups: {plan}")
     save_quantized(model, args.out, tokenizer=tokenizer,
                    dtype="auto" if args.save_dtype == "auto" else getattr(torch, args.save_dtype))
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
@@ -598,6 +628,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "groups of 32, 4.44 bits per weight; lower values cost perplexity, see README 'Results')")
     q.add_argument("--bits", type=float, help="mixed: bits per weight for the whole model; ratio_4bit is then "
                                               "chosen per layer (memboost.allocate_ratio_4bit; needs --calibrate)")
+    q.add_argument("--plan", choices=("weights", "uniform"),
+                   help="mixed without --calibrate, --ratio-4bit below 1: 'weights' (default) spends the ratio's "
+                        "4-bit groups where each layer's weights say they matter, within the same bits "
+                        "(memboost.model.plan.weights_plan; `memboost info OUT` says why per layer); 'uniform' "
+                        "keeps the same ratio in every layer")
     q.add_argument("--group-size", type=int,
                    help=f"mixed: input columns per group (default: {MIXED_DEFAULTS['group_size']})")
     q.add_argument("--outlier-fraction", type=float,

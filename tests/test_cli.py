@@ -143,6 +143,8 @@ def _no_model_load(monkeypatch):
     (["--hessian"], "--hessian needs --calibrate TEXT"),
     (["--bits", "3.5", "--ratio-4bit", "0.5", "--calibrate", "fortunes"], "give --ratio-4bit (the same in every layer) or --bits"),
     (["--calibrate", "/no/such/text"], "text '/no/such/text' is not a file"),
+    (["--method", "nf4", "--plan", "uniform"], "--plan applies to --method mixed only"),
+    (["--plan", "weights", "--calibrate", "fortunes"], "--plan spreads the 4-bit groups without calibration"),
 ])
 def test_options_that_do_not_apply_are_refused_before_the_model_loads(model_dir, tmp_path, capsys, monkeypatch,
                                                                       argv, message):
@@ -211,7 +213,7 @@ def test_calibrated_quantization_probes_perplexity_and_warns_when_it_rises(model
     assert "warning: the quick perplexity probe rose" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["--method", "nf4"], ["--calibrate", "TEXT", "--calib-tokens", "100", "--hessian",
+@pytest.mark.parametrize("argv", [["--method", "nf4"], ["--ratio-4bit", "0.5"], ["--calibrate", "TEXT", "--calib-tokens", "100", "--hessian",
                                                        "--sequential", "--ratio-4bit", "0.5"],
                                   ["--calibrate", "TEXT", "--calib-tokens", "100", "--hessian", "--bits", "5.0",
                                    "--group-size", "32"]])
@@ -227,11 +229,35 @@ def test_a_model_folder_is_quantized_block_by_block(model_dir, tmp_path, capsys,
     assert "| streamed | block by block" in printed and "| peak resident memory |" in printed
     assert "| bits per weight |" in printed and "| time |" in printed
     assert ("bits plan (two passes) included" in printed) == ("--bits" in argv)
+    # without calibration, the weights plan spreads the 4-bit groups as it does in memory
+    assert ("| 4-bit groups | weights: " in printed) == ("--calibrate" not in argv and "nf4" not in argv)
     summary = [[line for line in out.splitlines() if line.startswith("memboost ")] for out in (whole, printed)]
     assert summary[0] == summary[1] and len(summary[0]) == 1   # the same summary line
     a, b = load_state(tmp_path / "whole"), load_state(tmp_path / "streamed")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path / "streamed"))
+
+
+def test_plan_weights_by_default_uniform_on_request(model_dir, tmp_path, capsys):
+    """Below ratio_4bit 1 without calibration the layers' ratios differ (the weights plan), averaging the ratio
+    asked for within its bits; --plan uniform keeps it in every layer; the closing lines say which."""
+    def ratios(out):
+        return {name: m.weight.tensor().ratio_4bit for name, m in memboost.load_quantized(str(out)).named_modules()
+                if isinstance(m, memboost.nn.MixedLinear)}
+
+    argv = ["--ratio-4bit", "0.5", "--in-memory", "--quiet"]
+    assert cli.main(["quantize", str(model_dir), str(tmp_path / "planned")] + argv) == 0
+    planned = capsys.readouterr().out
+    assert cli.main(["quantize", str(model_dir), str(tmp_path / "uniform"), "--plan", "uniform"] + argv) == 0
+    uniform = capsys.readouterr().out
+    assert set(ratios(tmp_path / "uniform").values()) == {0.5}
+    assert "4-bit groups: uniform: ratio_4bit 0.5 in every layer (--plan uniform)" in uniform
+    assert len(set(ratios(tmp_path / "planned").values())) > 1
+    assert "4-bit groups: weights: " in planned and "weights plan (no calibration): " in planned
+
+    def bits(printed):
+        return float(printed.split(" bits per weight")[0].rsplit(" ", 1)[1])
+    assert bits(uniform) - 0.1 <= bits(planned) <= bits(uniform) + 1e-3
 
 
 def test_a_model_folder_without_tokenizer_quantizes_and_refuses_only_text_steps(model_dir, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The mixed format's weights plan without calibration
-(memboost.model.plan.weights_plan, quantize_model's plan="weights"), and the
-calibrated plan (allocate_ratio_4bit), on a model with planted sensitivity."""
+(memboost.model.plan.weights_plan: quantize_model's default, plan="weights"),
+and the calibrated plan (allocate_ratio_4bit), on a model with planted
+sensitivity."""
 
 import copy
 import math
@@ -17,26 +18,27 @@ from conftest import tiny_llama
 pytest.importorskip("transformers")
 
 RATIO = 0.25   # the setting that lost a real model without calibration (issue 26: about 2.8 bits there)
-GROUP = 32
+GROUP = 32     # the small model's rows (128 wide) hold 4 groups
 
 
-def _planted(spread: float = 8.0, plant: bool = True):
+def _planted(hidden: int = 128, intermediate: int = 256, spread: float = 8.0, sharpness: float = 30.0,
+             plant: bool = True):
     """A tiny Llama whose value projections are far more sensitive than the
     other layers: the norm before attention scales input channel c by 1/s_c
     and v_proj's column c by s_c (s_c log-uniform in [1, spread]), so that
     v_proj's output draws on every channel alike while its groups mix weights
     up to `spread` times apart, which 2 bits cannot hold. The output layer is
-    scaled so that the model predicts sharply (low entropy), where any error
-    shows."""
-    model = tiny_llama(hidden_size=128, intermediate_size=256)
+    scaled by `sharpness` so that the model predicts sharply (low entropy),
+    where any error shows."""
+    model = tiny_llama(hidden_size=hidden, intermediate_size=intermediate)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in model.model.layers:
             if plant:
-                s = torch.exp(torch.rand(128, generator=g) * math.log(spread))
+                s = torch.exp(torch.rand(hidden, generator=g) * math.log(spread))
                 layer.input_layernorm.weight.div_(s)
                 layer.self_attn.v_proj.weight.mul_(s)
-        model.lm_head.weight.mul_(30.0)
+        model.lm_head.weight.mul_(sharpness)
     return model
 
 
@@ -58,51 +60,71 @@ def _perplexity_vs_float(model, reference) -> float:
     return math.exp(kl / count)
 
 
-def _quantized(reference, **kwargs):
+def _quantized(reference, group_size=GROUP, **kwargs):
     model = copy.deepcopy(reference)
-    report = memboost.quantize_model(model, "mixed", group_size=GROUP, lm_head=None, **kwargs)
+    report = memboost.quantize_model(model, "mixed", group_size=group_size, lm_head=None, progress=False, **kwargs)
     return model, report
 
 
-def test_planted_sensitivity_collapses_uniform_not_the_weights_plan_and_calibration_does_best():
-    reference = _planted()
-    uniform, uniform_report = _quantized(reference, ratio_4bit=RATIO, plan=None)
-    planned, report = _quantized(reference, ratio_4bit=RATIO, plan="weights")
+def _ratios(report):
+    return {r.name: r.details["ratio_4bit"] for r in report.replaced}
+
+
+@pytest.mark.slow
+def test_planted_sensitivity_at_about_2_9_bits_collapses_uniform_not_the_default_and_calibration_does_best():
+    """Rows 512 and 1024 wide in groups of 64 (the format's default), ratio_4bit 0.25: 2.9 bits per weight,
+    scales and outliers counted (the issue's real model had 2.8 at this ratio)."""
+    reference = _planted(hidden=512, intermediate=1024, spread=16.0, sharpness=5.0)
+    uniform, uniform_report = _quantized(reference, group_size=64, ratio_4bit=RATIO, plan="uniform")
+    planned, report = _quantized(reference, group_size=64, ratio_4bit=RATIO)   # the default plan
+    assert 2.8 <= uniform_report.bits_per_weight <= 2.95
     assert report.bits_per_weight <= uniform_report.bits_per_weight + 1e-9
     uniform_ppl, planned_ppl = _perplexity_vs_float(uniform, reference), _perplexity_vs_float(planned, reference)
-    assert uniform_ppl >= 10.0, uniform_ppl
+    assert uniform_ppl > 3.0, uniform_ppl   # the reason this test exists
     assert planned_ppl <= 3.0, planned_ppl
-    # The value projections got their 4-bit groups, and the report says why.
+    # The plan moved bits to the planted kind (every value projection all 4-bit), and the report says why.
+    ratios = _ratios(report)
     for i in range(2):
         v = f"model.layers.{i}.self_attn.v_proj"
-        assert report.plan[v].startswith("more 4-bit groups")
+        assert ratios[v] == 1.0 and report.plan[v].startswith("more 4-bit groups")
         assert f"inputs scaled by model.layers.{i}.input_layernorm" in report.plan[v]
-        assert next(r for r in report.replaced if r.name == v).details["ratio_4bit"] == 1.0
-    assert "plan" in report.table().splitlines()[0] and "weights plan (no calibration)" in report.summary()
+    others = [r for name, r in ratios.items() if not name.endswith("v_proj")]
+    assert max(others) <= RATIO and min(others) >= RATIO / 2   # paid for by the others, none starved
+    assert "weights plan (no calibration)" in report.summary()
 
     # Calibrated, the --bits plan finds the same layers on its own and does better still.
     batches = _tokens(7)
     stats = memboost.calibrate(reference, batches)
-    ratios = memboost.allocate_ratio_4bit(reference, batches, bits=uniform_report.bits_per_weight,
-                                          calibration=stats, group_size=GROUP)
-    assert all(ratios[f"model.layers.{i}.self_attn.v_proj"] == 1.0 for i in range(2))
-    calibrated, cal_report = _quantized(reference, ratio_4bit=ratios, calibration=stats)
+    calibrated_ratios = memboost.allocate_ratio_4bit(reference, batches, bits=uniform_report.bits_per_weight,
+                                                     calibration=stats, group_size=64)
+    assert all(calibrated_ratios[f"model.layers.{i}.self_attn.v_proj"] == 1.0 for i in range(2))
+    calibrated, cal_report = _quantized(reference, group_size=64, ratio_4bit=calibrated_ratios, calibration=stats)
     assert cal_report.bits_per_weight <= uniform_report.bits_per_weight + 1e-9 and not cal_report.plan
     assert _perplexity_vs_float(calibrated, reference) < planned_ppl
 
 
-def test_weights_plan_keeps_the_bits_and_does_not_hurt_an_ordinary_model():
-    reference = _planted(plant=False)
-    uniform, uniform_report = _quantized(reference, ratio_4bit=RATIO, plan=None)
-    assert {r.details["ratio_4bit"] for r in uniform_report.replaced} == {RATIO} and not uniform_report.plan
-    planned, report = _quantized(reference, ratio_4bit=RATIO, plan="weights")
-    assert len({r.details["ratio_4bit"] for r in report.replaced}) > 1
-    assert uniform_report.bits_per_weight - 0.05 <= report.bits_per_weight <= uniform_report.bits_per_weight + 1e-9
-    assert _perplexity_vs_float(planned, reference) <= _perplexity_vs_float(uniform, reference)
+def test_small_planted_model_the_default_plan_finds_the_value_projections():
+    reference = _planted()
+    uniform, uniform_report = _quantized(reference, ratio_4bit=RATIO, plan="uniform")
+    planned, report = _quantized(reference, ratio_4bit=RATIO)
+    assert report.bits_per_weight <= uniform_report.bits_per_weight + 1e-9
+    assert _perplexity_vs_float(planned, reference) < 0.5 * _perplexity_vs_float(uniform, reference)
+    assert all(_ratios(report)[f"model.layers.{i}.self_attn.v_proj"] == 1.0 for i in range(2))
+    assert "plan" in report.table().splitlines()[0]
     # Every layer whose ratio changed has its reason, and only those.
-    changed = {r.name for r in report.replaced if r.details["ratio_4bit"] != RATIO}
-    assert changed == set(report.plan)
+    changed = {name for name, r in _ratios(report).items() if r != RATIO}
+    assert changed and changed == set(report.plan)
     assert all(r.details.get("plan") == report.plan.get(r.name) for r in report.replaced)
+
+
+def test_the_default_plan_does_not_hurt_an_ordinary_model():
+    reference = _planted(plant=False)
+    uniform, uniform_report = _quantized(reference, ratio_4bit=RATIO, plan="uniform")
+    assert set(_ratios(uniform_report).values()) == {RATIO} and not uniform_report.plan
+    planned, report = _quantized(reference, ratio_4bit=RATIO)
+    assert uniform_report.bits_per_weight - 0.05 <= report.bits_per_weight <= uniform_report.bits_per_weight + 1e-9
+    assert _perplexity_vs_float(planned, reference) <= _perplexity_vs_float(uniform, reference) * (1 + 1e-6)
+    assert {name for name, r in _ratios(report).items() if r != RATIO} == set(report.plan)
 
 
 def test_weights_plan_is_deterministic_and_spends_the_uniform_budget():
@@ -115,16 +137,15 @@ def test_weights_plan_is_deterministic_and_spends_the_uniform_budget():
     assert all(first[n] == 1.0 for n in layers if n.endswith("v_proj"))
     # The stored bits of the uniform ratio, spent: no more, and within one layer's smallest step of it.
     uniform = memboost.quantize_model(copy.deepcopy(model), "mixed", ratio_4bit=RATIO, group_size=GROUP,
-                                      lm_head=None, plan=None)
+                                      lm_head=None, plan="uniform")
     planned = memboost.quantize_model(copy.deepcopy(model), "mixed", ratio_4bit=first, group_size=GROUP,
                                       lm_head=None)
     step = min(2 * GROUP * lin.out_features for lin in layers.values()) / sum(lin.weight.numel() for lin in layers.values())
     assert uniform.bits_per_weight - step <= planned.bits_per_weight <= uniform.bits_per_weight + 1e-9
 
 
-@pytest.mark.parametrize("kwargs", [dict(ratio_4bit=1.0, plan="weights"), dict(ratio_4bit=0.0, plan="weights"),
-                                    dict(ratio_4bit=RATIO),
-                                    dict(ratio_4bit={}, plan="weights")])
+@pytest.mark.parametrize("kwargs", [dict(ratio_4bit=1.0), dict(ratio_4bit=0.0), dict(ratio_4bit=RATIO, plan="uniform"),
+                                    dict(ratio_4bit={})])
 def test_weights_plan_only_where_it_applies(kwargs):
     reference = _planted()
     if kwargs["ratio_4bit"] == {}:   # given per layer: kept as given
@@ -139,19 +160,20 @@ def test_weights_plan_only_where_it_applies(kwargs):
 def test_weights_plan_not_with_calibration_nor_other_formats():
     reference = _planted()
     stats = memboost.calibrate(reference, _tokens(7))
-    _, report = _quantized(reference, ratio_4bit=RATIO, calibration=stats, plan="weights")
-    assert not report.plan and {r.details["ratio_4bit"] for r in report.replaced} == {RATIO}
-    report = memboost.quantize_model(copy.deepcopy(reference), "nf4", lm_head=None, plan="weights")
+    _, report = _quantized(reference, ratio_4bit=RATIO, calibration=stats)
+    assert not report.plan and set(_ratios(report).values()) == {RATIO}
+    report = memboost.quantize_model(copy.deepcopy(reference), "nf4", lm_head=None)
     assert not report.plan
-    with pytest.raises(memboost.MemboostError, match="'plan' must be"):
-        memboost.quantize_model(copy.deepcopy(reference), "mixed", plan="hessian")
+    for plan in ("hessian", None):
+        with pytest.raises(memboost.MemboostError, match="'plan' must be 'weights' .* or 'uniform'"):
+            memboost.quantize_model(copy.deepcopy(reference), "mixed", plan=plan)
 
 
 def test_info_reads_the_saved_plan_back(tmp_path, capsys):
     from memboost import cli
 
     model, out = _planted(), tmp_path / "q"
-    report = memboost.quantize_model(model, "mixed", ratio_4bit=RATIO, group_size=GROUP, plan="weights")
+    report = memboost.quantize_model(model, "mixed", ratio_4bit=RATIO, group_size=GROUP)
     assert "weights plan (no calibration)" in report.summary() and report.plan
     memboost.save_quantized(model, out)
     assert cli.main(["info", str(out)]) == 0

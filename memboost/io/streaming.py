@@ -41,7 +41,8 @@ from ..errors import MemboostError, MemboostTypeError
 from ..model.plan import _group_costs, loss_inputs_of, ratio_4bit_from_costs
 from ..model.quantize import (QuantizationReport, _as_linear, _block_inputs, _block_outputs, _check_batches,
                               _input_moments, _is_conv1d, _linears, _output_layer, _run_batches, _skipped_by_name,
-                              check_params, damage_warnings, quantize_call, quantize_model, select_layers)
+                              check_params, check_plan, damage_warnings, quantize_call, quantize_model,
+                              select_layers)
 from .checkpoint import (CONFIG_NAME, ScratchFile, ShardWriter, _own_dtype, _parameters_on_meta, _plain_float_dtype,
                          cast_for_storage, quantization_config_of, quantized_formats, replace_directory, write_config)
 from .serialization import SafetensorsSource, _split_aliases, check_output_path
@@ -206,7 +207,8 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
                     calibration_batches: Optional[Iterable] = None, sequential: bool = True, hessian: bool = False,
                     dtype: Union[str, torch.dtype] = "auto", save_dtype: Union[str, torch.dtype, None] = "auto",
                     max_shard_size: Union[int, str] = "2GB", tokenizer=None, progress: Optional[bool] = None,
-                    verify: bool = True, lm_head: Optional[str] = "int8", **params) -> QuantizationReport:
+                    verify: bool = True, lm_head: Optional[str] = "int8", plan: str = "weights",
+                    **params) -> QuantizationReport:
     """Quantizes the Hugging Face model in the folder `source` (config.json
     and safetensors weights, one file or shards) with `method` and `params`
     (as quantize_model) into `directory`, the folder save_quantized writes
@@ -222,13 +224,15 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
     calibration runs in ("auto": the config's); `save_dtype`: that of the
     unquantized tensors in `directory` (save_quantized's `dtype`);
     `tokenizer` is saved with the model. A progress bar runs over the
-    blocks (progress as quantize_model's). Returns the QuantizationReport
-    of all layers."""
+    blocks (progress as quantize_model's). `plan` as quantize_model's: the
+    weights plan spends each block's bits within the block, as it does in
+    memory. Returns the QuantizationReport of all layers."""
     if isinstance(skip, str):
         skip = (skip,)
     skip = tuple(skip)
     calibrated = calibration_batches is not None
     check_params(method, params, calibrated=calibrated)
+    check_plan(plan)
     if not (save_dtype is None or save_dtype == "auto" or save_dtype in _FLOAT_DTYPES):
         raise MemboostError(f"'save_dtype' must be 'auto', None or one of {[str(d) for d in _FLOAT_DTYPES]}, "
                             f"got {save_dtype!r}")
@@ -272,7 +276,7 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
             with warnings.catch_warnings():  # a block without a layer to quantize is not worth a warning
                 warnings.filterwarnings("ignore", message="memboost.quantize_model replaced no layer")
                 part_report = quantize_model(part, method, skip=skip, progress=False, name_prefix=prefix,
-                                             lm_head=head, **extra, **params)
+                                             lm_head=head, plan=plan, **extra, **params)
             report.replaced.extend(part_report.replaced)
             report.skipped.extend(part_report.skipped)
             report.plan.update(part_report.plan)

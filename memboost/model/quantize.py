@@ -382,6 +382,17 @@ def check_params(method: str, params: Mapping, calibrated: bool = False):
     return layer_cls
 
 
+PLANS = ("weights", "uniform")   # quantize_model's `plan`: the first is the default
+
+
+def check_plan(plan) -> None:
+    """Refuses a `plan` that quantize_model does not know."""
+    if plan not in PLANS:
+        raise MemboostError(f"'plan' must be 'weights' (the default: spread the mixed format's 4-bit groups by the "
+                            f"weights when no calibration is given) or 'uniform' (the same ratio_4bit in every "
+                            f"layer), got {plan!r}")
+
+
 def quantize_call(method: str, params: Mapping, skip: Iterable[str], calibrated: bool, layers: int) -> dict:
     """The record of one quantize_model call that save_quantized writes into
     quantization_config's 'quantize_calls' (plain parameters only)."""
@@ -441,7 +452,7 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
                    filter_fn: Optional[Callable[[str, nn.Module], bool]] = None, verbose: bool = False,
                    progress: Optional[bool] = None, *, calibration_batches: Optional[Iterable] = None,
                    hessian: bool = False, name_prefix: str = "", lm_head: Optional[str] = "int8",
-                   plan: Optional[str] = None, **params) -> QuantizationReport:
+                   plan: str = "weights", **params) -> QuantizationReport:
     """Replaces, in place, every nn.Linear (and GPT-2 Conv1D) of `model` not
     named in `skip` and accepted by `filter_fn` with the drop-in layer of
     `method` (memboost.nn.QuantizedLinear.for_format), quantized with
@@ -488,24 +499,21 @@ def quantize_model(model: nn.Module, method: str = "mixed", skip: Iterable[str] 
     them again. None keeps the output layer as `skip` decides (float by
     default). The report lists it as `output_layer`.
 
-    plan: "weights" (opt-in; None, the default, keeps the same ratio_4bit in
-    every layer: on SmolLM2-135M at ratio_4bit 0.25 the weights plan gave
-    perplexity 362 against 259 uniform, so it is not the default) has the mixed format, without calibration and
-    with one ratio_4bit below 1 for every layer, spend the 4-bit groups that
-    ratio gives the layers where the weights alone say they matter
-    (memboost.model.plan.weights_plan: each layer's relative output error at
-    2 bits, inputs scaled by the norm before it), within the same stored
-    bits; report.plan and the table's 'plan' column say which layers got
-    more or fewer and why."""
+    plan: "weights" (the default) has the mixed format, without calibration
+    and with one ratio_4bit below 1 for every layer, spend the 4-bit groups
+    that ratio gives the layers where the weights alone say they matter
+    (memboost.model.plan.weights_plan), within the same stored bits, so that
+    ratio_4bit stays the average ratio; report.plan and the table's 'plan'
+    column say which layers got more or fewer and why. "uniform" keeps the
+    same ratio_4bit in every layer. With calibration, a ratio per layer, or
+    another format, the plan does not apply."""
     if not isinstance(model, nn.Module):
         raise MemboostTypeError(f"'model' must be an nn.Module, got {type(model).__name__}")
     layer_cls = check_params(method, params, calibrated=calibration is not None or calibration_batches is not None)
     if lm_head not in (None, "int8"):
         raise MemboostError(f"'lm_head' must be 'int8' (quantize the output layer to int8) or None (leave it as "
                             f"'skip' decides), got {lm_head!r}")
-    if plan not in (None, "weights"):
-        raise MemboostError(f"'plan' must be 'weights' (spread the mixed format's 4-bit groups by the weights "
-                            f"without calibration) or None (the same ratio_4bit in every layer), got {plan!r}")
+    check_plan(plan)
     if isinstance(skip, str):
         skip = (skip,)
     report = QuantizationReport(method)
