@@ -431,10 +431,13 @@ def _spiky_activations(batch, k, seed=0):
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 @pytest.mark.parametrize("batch", [1, 3, 6])
 @pytest.mark.parametrize("group_size", [64, 128])
-def test_int8_path_matches_its_reference_on_every_isa(monkeypatch, isa, batch, group_size):
-    q = _quantize("cpu", shape=(72, 512), ratio_4bit=0.3, outlier_fraction=0.01, group_size=group_size)
-    x = _spiky_activations(batch, 512)
-    bias = torch.randn(72)
+# (37, 4352): a last tile of one row, and 68 or 34 groups per row, whose mask
+# words (3 or 2 per row) the kernel reads by gather or by permute.
+@pytest.mark.parametrize("shape", [(72, 512), (37, 4352)])
+def test_int8_path_matches_its_reference_on_every_isa(monkeypatch, isa, batch, group_size, shape):
+    q = _quantize("cpu", shape=shape, ratio_4bit=0.3, outlier_fraction=0.01, group_size=group_size)
+    x = _spiky_activations(batch, shape[1])
+    bias = torch.randn(shape[0])
     monkeypatch.setenv("MEMBOOST_CPU_ISA", isa)
     y = q.linear(x, bias, act_bits=8)
     want = reference.mixed_linear(x, *_parts(q), bias, group_size, act_bits=8)

@@ -131,9 +131,10 @@ MB_TARGET_AVX2 inline float hsum(__m256 v) { return cpu::hsum_ps256(v); }
 // Rows ahead whose streams a kernel requests while it works on row r. Besides
 // the 2-bit plane a row reads its 4-bit low bits, group metadata, mask and
 // range: separate arrays the hardware prefetcher does not follow well all at
-// once (the int8 kernel stalled on its low-bit loads before this). A few rows
-// (about a microsecond of work) cover DRAM latency.
-constexpr int64_t kRowsAhead = 8;
+// once (the int8 kernel stalled on its low-bit loads before this). At 8 rows
+// ahead the int8 kernel still stalled on them in SmolLM2's decode; 24 (about a
+// microsecond of work on 576 columns) decoded 3-5% faster, 48 no faster.
+constexpr int64_t kRowsAhead = 24;
 
 // Requests row r's low bits, metadata, mask and range (and its plane when
 // `plane`): every cache line of each. r past the last row requests nothing.
@@ -271,6 +272,11 @@ struct Int8Rows {
   std::vector<int8_t> x;       // [m, padded] int8 in pair order, zero-padded to whole pairs
   std::vector<float> pattern;  // [m, pairs, 8] the pair's four block scales in the lane pattern
   std::vector<float> gsum;     // [m, groups] sum of the dequantized activations per group
+  // [m, 2 * pairs, 64] the same int8 activations chunk by chunk (x86 kernels):
+  // xc[64c + 16s + k] = x[64c + 4k + s], so that one chunk's four slices are
+  // one contiguous 64-byte run for the 4-bit groups' low-bit walk. Chunk c's
+  // block scales are pattern[4c .. 4c + 3] = (b0, b0, b1, b1).
+  std::vector<int8_t> xc;
   int64_t padded = 0, pairs = 0;
 };
 
@@ -326,6 +332,11 @@ Int8Rows quantize_activations_pairs(const at::Tensor& xf, const MixedDims& d, cp
 #if MB_HAVE_X86_KERNELS
     if (isa != cpu::Isa::Portable) {
       pair_order_avx2(src, sc, out.pairs, dst, out.pattern.data() + i * out.pairs * 8);
+      if (out.xc.empty()) out.xc.resize(m_rows * padded);
+      int8_t* xc = out.xc.data() + i * padded;
+      for (int64_t c = 0; c < 2 * out.pairs; ++c)
+        for (int s = 0; s < 4; ++s)
+          std::memcpy(xc + c * kChunk + 16 * s, dst + (c / 2) * kPair + 32 * s + 16 * (c % 2), 16);
     } else
 #endif
     {
@@ -457,26 +468,20 @@ MB_TARGET_AVX2 inline RowParams row_params_avx2(const MixedView& v, int64_t r) {
 
 // row_group_params for 8 groups at a time: the 16 ranges of the row are two
 // registers, looked up with two permutes and a blend. Same float operations.
-// plane_step (if given): step, times 4 in 4-bit groups (their plane holds the code's high bits).
-// slack: the outputs have room for 8 floats past `groups`, so a last partial
-// run of groups is one more vector step (its extra lanes: zero_step 0, finite steps).
-MB_TARGET_AVX2 inline void row_group_params_avx2(const RowParams& p, int64_t groups, float* step, float* zero_step,
-                                                 float* plane_step = nullptr, bool slack = false) {
+MB_TARGET_AVX2 inline void row_group_params_avx2(const RowParams& p, int64_t groups, float* step, float* zero_step) {
   const __m256 ranges_lo = _mm256_loadu_ps(p.ranges.range), ranges_hi = _mm256_loadu_ps(p.ranges.range + 8);
   const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   int64_t g0 = 0;
-  for (; g0 < groups && (slack || g0 + 8 <= groups); g0 += 8) {
-    const int64_t run = std::min<int64_t>(8, groups - g0);
-    uint64_t meta_bytes = 0;  // the row's meta ends at `groups`: a last partial run reads no further
-    if (run == 8) std::memcpy(&meta_bytes, p.meta + g0, 8);
-    else for (int64_t i = 0; i < run; ++i) meta_bytes |= static_cast<uint64_t>(p.meta[g0 + i]) << (8 * i);
+  for (; g0 + 8 <= groups; g0 += 8) {
+    uint64_t meta_bytes;
+    std::memcpy(&meta_bytes, p.meta + g0, 8);
     const __m256i meta = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(meta_bytes)));
     const __m256i code = _mm256_and_si256(meta, _mm256_set1_epi32(15));
     const __m256i index = _mm256_and_si256(code, _mm256_set1_epi32(7));
     const __m256 upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(code, _mm256_set1_epi32(7)));
     const __m256 range = _mm256_blendv_ps(_mm256_permutevar8x32_ps(ranges_lo, index),
                                           _mm256_permutevar8x32_ps(ranges_hi, index), upper);
-    const int flags = static_cast<int>((p.mask[g0 >> 5] >> (g0 & 31)) & ((1u << run) - 1));
+    const int flags = static_cast<int>((p.mask[g0 >> 5] >> (g0 & 31)) & 0xFFu);
     const __m256 four = _mm256_castsi256_ps(
         _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(flags), bit), bit));
     const __m256 st = _mm256_mul_ps(range, _mm256_blendv_ps(_mm256_set1_ps(1.0f / 3.0f), _mm256_set1_ps(1.0f / 15.0f), four));
@@ -484,24 +489,13 @@ MB_TARGET_AVX2 inline void row_group_params_avx2(const RowParams& p, int64_t gro
                                       _mm256_blendv_ps(_mm256_set1_ps(0.25f), _mm256_set1_ps(1.0f), four));
     _mm256_storeu_ps(step + g0, st);
     _mm256_storeu_ps(zero_step + g0, _mm256_mul_ps(zero, st));
-    if (plane_step) _mm256_storeu_ps(plane_step + g0, _mm256_mul_ps(st, _mm256_blendv_ps(_mm256_set1_ps(1.0f), _mm256_set1_ps(4.0f), four)));
   }
   for (; g0 < groups; ++g0) {
     const GroupParams gp = group_params_from_range(p.meta[g0], test_bit(p.mask, static_cast<int>(g0)),
                                                    p.ranges.range[p.meta[g0] & 0xF]);
     step[g0] = gp.step;
     zero_step[g0] = gp.zero_step;
-    if (plane_step) plane_step[g0] = gp.four_bit ? 4.0f * gp.step : gp.step;
   }
-}
-
-MB_TARGET_AVX2 inline float dot_avx2(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  float out = hsum(acc);
-  for (; i < n; ++i) out += a[i] * b[i];
-  return out;
 }
 
 // The int8 GEMV kernel, one body for both instruction sets. A tile of
@@ -509,10 +503,13 @@ MB_TARGET_AVX2 inline float dot_avx2(const float* a, const float* b, int64_t n) 
 // kernel does), and the walk over the 2-bit plane has no branch: a 4-bit
 // group's code is 4 * hi + lo, so in those groups the plane's dot product is
 // scaled by 4 * step, and the low bits are added by a second, short walk over
-// the row's 4-bit groups only (found by scanning the mask's set bits). Per
-// pair of chunks (128 weights) and row: one 32-byte load, four dot products
-// of 2-bit codes against the permuted activations, one float FMA with the
-// pair's (chunk step * block scale) lane pattern.
+// the row's 4-bit groups only (found by scanning the mask's set bits), one
+// 64-code chunk per vector against the chunk-major copy of the activations.
+// Per pair of chunks (128 weights) and row: one 32-byte load, four dot
+// products of 2-bit codes against the permuted activations, one float FMA
+// with the pair's (chunk step * block scale) lane pattern. The tile's group
+// tables (steps, zero points) are computed 8 groups per vector across its
+// rows (int8_tile_tables): at 576 columns they were a third of the kernel.
 constexpr int kInt8RowTile = 4;
 
 // Codes 0..3 against int8 activations, four 4-byte dot products summed per
@@ -525,11 +522,19 @@ struct DotAvx2 {
                                        _mm256_add_epi16(_mm256_maddubs_epi16(c2, x2), _mm256_maddubs_epi16(c3, x3)));
     return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
   }
-  MB_TARGET_AVX2 static __m128i dot4(__m128i c0, __m128i c1, __m128i c2, __m128i c3, __m128i x0, __m128i x1,
-                                     __m128i x2, __m128i x3) {
-    const __m128i s = _mm_add_epi16(_mm_add_epi16(_mm_maddubs_epi16(c0, x0), _mm_maddubs_epi16(c1, x1)),
-                                    _mm_add_epi16(_mm_maddubs_epi16(c2, x2), _mm_maddubs_epi16(c3, x3)));
-    return _mm_madd_epi16(s, _mm_set1_epi16(1));
+  // One chunk's 64 low-bit codes (16 bytes, element 4k + s at bits 2s of byte
+  // k) against its chunk-major activations xc[16s + k]: the 16 bytes in both
+  // halves, shifted by 2s per half. Int32 lane j of each half sums elements of
+  // block j / 2 of the chunk, so the lanes' scales are (b0, b0, b1, b1) twice.
+  MB_TARGET_AVX2 static __m256i low_chunk(const uint8_t* low, const int8_t* xc) {
+    const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low)));
+    const __m256i three = _mm256_set1_epi8(3);
+    const __m256i c01 = _mm256_and_si256(_mm256_srlv_epi32(lo, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), three);
+    const __m256i c23 = _mm256_and_si256(_mm256_srlv_epi32(lo, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6)), three);
+    const __m256i s = _mm256_add_epi16(
+        _mm256_maddubs_epi16(c01, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc))),
+        _mm256_maddubs_epi16(c23, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + 32))));
+    return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
   }
 };
 // AVX-512 VNNI: two chains of two vpdpbusd each.
@@ -540,38 +545,102 @@ struct DotVnni {
     const __m256i b = cpu::dpbusd_vnni256(cpu::dpbusd_vnni256(_mm256_setzero_si256(), c1, x1), c3, x3);
     return _mm256_add_epi32(a, b);
   }
-  MB_TARGET_AVX512 static __m128i dot4(__m128i c0, __m128i c1, __m128i c2, __m128i c3, __m128i x0, __m128i x1,
-                                       __m128i x2, __m128i x3) {
-    const __m128i a = cpu::dpbusd_vnni128(cpu::dpbusd_vnni128(_mm_setzero_si128(), c0, x0), c2, x2);
-    const __m128i b = cpu::dpbusd_vnni128(cpu::dpbusd_vnni128(_mm_setzero_si128(), c1, x1), c3, x3);
-    return _mm_add_epi32(a, b);
+  // DotAvx2::low_chunk with one 512-bit vpdpbusd (quarter s of the vector
+  // shifted by 2s); its halves added give the same lane scales.
+  MB_TARGET_AVX512 static __m256i low_chunk(const uint8_t* low, const int8_t* xc) {
+    const __m512i lo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low)));
+    const __m512i shifts = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+    const __m512i codes = _mm512_and_si512(_mm512_srlv_epi32(lo, shifts), _mm512_set1_epi8(3));
+    const __m512i dot = cpu::dpbusd_vnni512(_mm512_setzero_si512(), codes, _mm512_loadu_si512(xc));
+    return _mm256_add_epi32(_mm512_castsi512_si256(dot), _mm512_extracti64x4_epi64(dot, 1));
   }
 };
 
-// Per-row float tables of one tile, allocated once per parallel task.
+// Float tables of one tile of rows, allocated once per parallel task. Row i
+// of the tile has its groups' entries at i * groups (its chunks' at i * chunks);
+// every array has a vector of slack past the tile.
 struct Int8TileScratch {
-  int64_t group_stride, chunk_stride;
-  std::vector<float> step, zero_step, plane_step, chunk_step;
-  explicit Int8TileScratch(const MixedDims& d)
-      : group_stride(d.groups + 8), chunk_stride(d.cols / kChunk + 8),
-        step(kInt8RowTile * group_stride, 0.f), zero_step(kInt8RowTile * group_stride, 0.f),
-        plane_step(kInt8RowTile * group_stride, 0.f), chunk_step(kInt8RowTile * chunk_stride, 0.f) {}
+  int64_t groups, chunks;
+  // Lane t of the tile's groups (zero in the slack), so that one vector of 8
+  // lanes covers groups of several rows: 2 * its row in the tile (where the
+  // row's log2_base is among the tile's row scales), the index of its mask
+  // word from the tile's first, and its bit in that word.
+  std::vector<int32_t> lane_row2, lane_word, lane_bit;
+  std::vector<float> zero_step, plane_step, chunk_step;
+  explicit Int8TileScratch(const MixedDims& d) : groups(d.groups), chunks(d.cols / kChunk) {
+    const int64_t lanes = kInt8RowTile * groups + 8;
+    lane_row2.assign(lanes, 0);
+    lane_word.assign(lanes, 0);
+    lane_bit.assign(lanes, 0);
+    for (int64_t t = 0; t < kInt8RowTile * groups; ++t) {
+      const int64_t row = t / groups, group = t % groups;
+      lane_row2[t] = static_cast<int32_t>(2 * row);
+      lane_word[t] = static_cast<int32_t>(row * d.mask_words + group / 32);
+      lane_bit[t] = static_cast<int32_t>(group % 32);
+    }
+    zero_step.assign(lanes, 0.f);
+    plane_step.assign(lanes, 0.f);
+    chunk_step.assign(kInt8RowTile * chunks + 8, 0.f);
+  }
 };
 
-// Row r's tables into slot i of the scratch; returns its chunk steps (the
-// plane's multiplier per chunk of 64 codes: step, or 4 * step in 4-bit groups).
-MB_TARGET_AVX2 inline const float* int8_row_tables(const MixedView& v, int64_t r, int i, Int8TileScratch& s) {
+// Every group's zero * step and plane step (step, or 4 * step in 4-bit
+// groups, whose plane holds the code's high bits) of rows [r0, r0 + rt), 8
+// groups per vector across row boundaries: a row's metadata and ranges are
+// contiguous with the next row's, and a small layer has only a few groups
+// per row (9 for 576 columns), so per-row vectors would be mostly slack.
+// The float operations of group_params (exp2 of log2_base + code * log2_step).
+// Returns the tile's chunk steps: row i's at i * chunks.
+template <int rt>
+MB_TARGET_AVX2 inline const float* int8_tile_tables(const MixedView& v, int64_t r0, Int8TileScratch& s) {
   const MixedDims& d = v.d;
-  float* step = s.step.data() + i * s.group_stride;
-  float* plane_step = s.plane_step.data() + i * s.group_stride;
-  row_group_params_avx2(row_params_avx2(v, r), d.groups, step, s.zero_step.data() + i * s.group_stride, plane_step,
-                        /*slack=*/true);
+  const int64_t lanes = rt * d.groups;
+  float scales[2 * kInt8RowTile] = {};
+  std::memcpy(scales, v.row_scale + 2 * r0, 2 * rt * sizeof(float));
+  const __m256 row_scale = _mm256_loadu_ps(scales);  // (log2_base, log2_step) of each row
+  const uint8_t* meta = v.meta + r0 * d.groups;
+  const int* mask = reinterpret_cast<const int*>(v.mask + r0 * d.mask_words);
+  const __m256i one = _mm256_set1_epi32(1), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  // The tile's mask words in one register when they fit (up to 2048 columns
+  // at group size 64): a permute per vector instead of a gather.
+  const bool few_words = rt * d.mask_words <= 8;
+  int words_copy[8] = {};
+  if (few_words) for (int64_t k = 0; k < rt * d.mask_words; ++k) words_copy[k] = mask[k];
+  const __m256i tile_words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(words_copy));
+  for (int64_t t = 0; t < lanes; t += 8) {
+    uint64_t meta_bytes = 0;  // the tile's metadata ends at `lanes`: no read past it
+    if (t + 8 <= lanes) std::memcpy(&meta_bytes, meta + t, 8);
+    else for (int64_t k = t; k < lanes; ++k) meta_bytes |= static_cast<uint64_t>(meta[k]) << (8 * (k - t));
+    const __m256i m = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(meta_bytes)));
+    const __m256i row2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.lane_row2.data() + t));
+    const __m256i word_index = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.lane_word.data() + t));
+    const __m256 base = _mm256_permutevar8x32_ps(row_scale, row2);
+    const __m256 lstep = _mm256_permutevar8x32_ps(row_scale, _mm256_add_epi32(row2, one));
+    // The group's mask bit; lanes past the tile gather nothing (they read as 2-bit).
+    __m256i words;
+    if (few_words) {
+      words = _mm256_permutevar8x32_epi32(tile_words, word_index);
+    } else {
+      const __m256i valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(lanes - t)), lane);
+      words = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), mask, word_index, valid, 4);
+    }
+    const __m256i bit = _mm256_and_si256(
+        _mm256_srlv_epi32(words, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s.lane_bit.data() + t))), one);
+    const __m256 four = _mm256_castsi256_ps(_mm256_cmpeq_epi32(bit, one));
+    const __m256 code = _mm256_cvtepi32_ps(_mm256_and_si256(m, _mm256_set1_epi32(15)));
+    const __m256 range = cpu::exp2_ps256(_mm256_add_ps(base, _mm256_mul_ps(code, lstep)));
+    const __m256 st = _mm256_mul_ps(range, _mm256_blendv_ps(_mm256_set1_ps(1.0f / 3.0f), _mm256_set1_ps(1.0f / 15.0f), four));
+    const __m256 zero = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(m, 4)),
+                                      _mm256_blendv_ps(_mm256_set1_ps(0.25f), _mm256_set1_ps(1.0f), four));
+    _mm256_storeu_ps(s.zero_step.data() + t, _mm256_mul_ps(zero, st));
+    _mm256_storeu_ps(s.plane_step.data() + t,
+                     _mm256_mul_ps(st, _mm256_blendv_ps(_mm256_set1_ps(1.0f), _mm256_set1_ps(4.0f), four)));
+  }
   const int64_t cpg = d.group_size / kChunk;
-  if (cpg == 1) return plane_step;
-  float* cs = s.chunk_step.data() + i * s.chunk_stride;
-  for (int64_t g = 0; g < d.groups; ++g)
-    for (int64_t c = 0; c < cpg; ++c) cs[g * cpg + c] = plane_step[g];
-  return cs;
+  if (cpg == 1) return s.plane_step.data();
+  for (int64_t t = 0; t < lanes; ++t)
+    for (int64_t c = 0; c < cpg; ++c) s.chunk_step[t * cpg + c] = s.plane_step[t];
+  return s.chunk_step.data();
 }
 
 // outlier_dot with F16C conversions (every AVX2 CPU has F16C), cheaper than
@@ -583,24 +652,18 @@ __attribute__((target("avx2,fma,f16c"))) float outlier_dot_f16c(const MixedView&
   return out;
 }
 
-MB_TARGET_AVX2 inline float hsum128(__m128 s) {
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
 #define MB_INT8_TILE_BODY                                                                                          \
   const MixedDims& d = v.d;                                                                                        \
   const int64_t chunks = d.cols / kChunk, full_pairs = chunks / 2, cpg = d.group_size / kChunk;                    \
   const __m256i three = _mm256_set1_epi8(3);                                                                       \
-  const __m128i three128 = _mm_set1_epi8(3);                                                                       \
   const __m256i half_lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);                                            \
   const uint8_t* plane[RT];                                                                                        \
   const float* cs[RT];                                                                                             \
+  const float* tile_cs = int8_tile_tables<RT>(v, r0, scratch);                                                     \
   for (int i = 0; i < RT; ++i) {                                                                                   \
     prefetch_row(v, r0 + i + kRowsAhead, /*plane=*/false); /* the plane: kPrefetchBytes ahead, below */            \
     plane[i] = reinterpret_cast<const uint8_t*>(v.plane2 + (r0 + i) * d.plane_words);                              \
-    cs[i] = int8_row_tables(v, r0 + i, i, scratch);                                                                \
+    cs[i] = tile_cs + i * scratch.chunks;                                                                          \
   }                                                                                                                \
   for (int64_t m = 0; m < m_rows; ++m) {                                                                           \
     const int8_t* xq = a.x.data() + m * a.padded;                                                                  \
@@ -632,37 +695,38 @@ MB_TARGET_AVX2 inline float hsum128(__m128 s) {
         acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(steps, pair_pat), acc[i]);                 \
       }                                                                                                            \
     }                                                                                                              \
+    const int8_t* xc = a.xc.data() + m * a.padded;                                                                 \
     for (int i = 0; i < RT; ++i) {                                                                                 \
       const int64_t r = r0 + i;                                                                                    \
-      const float* step = scratch.step.data() + i * scratch.group_stride;                                          \
+      const float* plane_step = scratch.plane_step.data() + i * d.groups; /* 4 * step in 4-bit groups */          \
       const uint8_t* low = reinterpret_cast<const uint8_t*>(v.lowbits + r * d.low_words);                          \
       const uint32_t* mask = v.mask + r * d.mask_words;                                                            \
-      __m128 low_acc = _mm_setzero_ps();                                                                           \
+      __m256 low_acc = _mm256_setzero_ps();                                                                        \
       int64_t j = 0; /* the 4-bit groups before this one */                                                        \
       for (int64_t word = 0; word < d.mask_words; ++word) {                                                        \
         for (uint32_t bits = mask[word]; bits != 0; bits &= bits - 1, ++j) {                                       \
           const int64_t g = word * 32 + __builtin_ctz(bits);                                                       \
-          const __m128 group_step = _mm_set1_ps(step[g]);                                                          \
+          const __m256 group_step = _mm256_set1_ps(0.25f * plane_step[g]);                                         \
           for (int64_t cc = 0; cc < cpg; ++cc) {                                                                   \
-            const int64_t c = g * cpg + cc, p = c >> 1, h = c & 1;                                                 \
-            const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(low + (j * cpg + cc) * 16));       \
-            const int8_t* xp = xq + p * kPair + 16 * h;                                                            \
-            const __m128i dot = Dot::dot4(                                                                         \
-                _mm_and_si128(lo, three128), _mm_and_si128(_mm_srli_epi16(lo, 2), three128),                       \
-                _mm_and_si128(_mm_srli_epi16(lo, 4), three128), _mm_and_si128(_mm_srli_epi16(lo, 6), three128),    \
-                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp)),                                             \
-                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp + 32)),                                        \
-                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp + 64)),                                        \
-                _mm_loadu_si128(reinterpret_cast<const __m128i*>(xp + 96)));                                       \
-            low_acc = _mm_fmadd_ps(_mm_cvtepi32_ps(dot), _mm_mul_ps(group_step, _mm_loadu_ps(pat + p * 8 + 4 * h)), \
-                                   low_acc);                                                                       \
+            const int64_t c = g * cpg + cc;                                                                        \
+            const __m256i dot = Dot::low_chunk(low + (j * cpg + cc) * 16, xc + c * kChunk);                        \
+            low_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),                                                     \
+                                      _mm256_mul_ps(group_step, _mm256_broadcast_ps(                               \
+                                                                    reinterpret_cast<const __m128*>(pat + 4 * c))), \
+                                      low_acc);                                                                    \
           }                                                                                                        \
         }                                                                                                          \
       }                                                                                                            \
-      y[m * d.rows + r] = hsum(acc[i]) + hsum128(low_acc) -                                                        \
-                          dot_avx2(scratch.zero_step.data() + i * scratch.group_stride,                            \
-                                   a.gsum.data() + m * d.groups, d.groups) +                                       \
-                          outlier_dot_f16c(v, r, xf + m * d.cols);                                                 \
+      /* minus the zero points' share, sum over groups of zero_step * gsum */                                     \
+      const float* zs = scratch.zero_step.data() + i * d.groups;                                                   \
+      const float* gs = a.gsum.data() + m * d.groups;                                                              \
+      __m256 total = _mm256_add_ps(acc[i], low_acc);                                                               \
+      int64_t g = 0;                                                                                               \
+      for (; g + 8 <= d.groups; g += 8)                                                                            \
+        total = _mm256_fnmadd_ps(_mm256_loadu_ps(zs + g), _mm256_loadu_ps(gs + g), total);                         \
+      float out = hsum(total);                                                                                     \
+      for (; g < d.groups; ++g) out -= zs[g] * gs[g];                                                              \
+      y[m * d.rows + r] = out + outlier_dot_f16c(v, r, xf + m * d.cols);                                           \
     }                                                                                                              \
   }
 
