@@ -560,15 +560,15 @@ struct DotVnni {
 // of the tile has its groups' entries at i * groups (its chunks' at i * chunks);
 // every array has a vector of slack past the tile.
 struct Int8TileScratch {
-  int64_t groups, chunks;
+  int64_t chunks;  // per row
   // Lane t of the tile's groups (zero in the slack), so that one vector of 8
   // lanes covers groups of several rows: 2 * its row in the tile (where the
   // row's log2_base is among the tile's row scales), the index of its mask
   // word from the tile's first, and its bit in that word.
   std::vector<int32_t> lane_row2, lane_word, lane_bit;
   std::vector<float> zero_step, plane_step, chunk_step;
-  explicit Int8TileScratch(const MixedDims& d) : groups(d.groups), chunks(d.cols / kChunk) {
-    const int64_t lanes = kInt8RowTile * groups + 8;
+  explicit Int8TileScratch(const MixedDims& d) : chunks(d.cols / kChunk) {
+    const int64_t groups = d.groups, lanes = kInt8RowTile * groups + 8;
     lane_row2.assign(lanes, 0);
     lane_word.assign(lanes, 0);
     lane_bit.assign(lanes, 0);
