@@ -46,6 +46,13 @@ TORCH_LIBRARY(memboost, m) {
   m.def(
       "ternary_linear(Tensor x, Tensor packed, Tensor scales, Tensor? bias, int cols, int group_size, "
       "int act_bits) -> Tensor");
+  // LoRT (ternary + low rank): y = x @ (alpha * T + A @ B.T).T + bias, T the
+  // packed trits (as ternary_linear with group_size 0: alpha float32 [N or 1,
+  // 1]), A float16 [N, rank], B float16 [cols, rank] (rank may be 0); act_bits
+  // as ternary_linear's for the ternary part, the low-rank part in float32.
+  m.def(
+      "lort_linear(Tensor x, Tensor packed, Tensor alpha, Tensor A, Tensor B, Tensor? bias, int cols, "
+      "int act_bits) -> Tensor");
   // NF4 (layout and rounding: csrc/common/nf4.h). w (any shape, flattened)
   // -> codes uint8 [ceil(n/2)], absmax float32 [ceil(n/block_size)]; block_size even.
   m.def("nf4_quantize(Tensor w, int block_size) -> (Tensor, Tensor)");

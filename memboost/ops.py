@@ -256,6 +256,54 @@ torch.library.register_autograd(
 )
 
 
+# ---------------------------------------------------------------------- LoRT
+@_register_fake("lort_linear")
+def _(x, packed, alpha, A, B, bias, cols, act_bits):
+    _check_ternary_fake(packed, alpha, cols)
+    torch._check_value(x.dtype in _FLOAT_DTYPES, lambda: f"'x' must be float16, bfloat16 or float32, got {x.dtype}")
+    torch._check_value(x.shape[-1] == cols, lambda: "'x' last dimension must equal in_features")
+    torch._check_value(act_bits in (0, 8), lambda: f"'act_bits' must be 0 or 8, got {act_bits}")
+    torch._check_value(A.dtype == torch.float16 and B.dtype == torch.float16,
+                       lambda: f"'A' and 'B' must be float16, got {A.dtype} and {B.dtype}")
+    torch._check_value(A.dim() == 2 and A.shape[0] == packed.shape[0],
+                       lambda: "'A' must have shape [out_features, rank]")
+    torch._check_value(B.dim() == 2 and B.shape[0] == cols and B.shape[1] == A.shape[1],
+                       lambda: "'B' must have shape [in_features, rank]")
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def lort_linear(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                bias: Optional[torch.Tensor], cols: int, act_bits: int = 0) -> torch.Tensor:
+    return _call_linear(_ops.lort_linear.default, (x, packed, alpha, A, B, bias, cols, act_bits), x, bias)
+
+
+def lort_linear_bound(packed: torch.Tensor, alpha: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                      bias: Optional[torch.Tensor], cols: int, act_bits: int = 0):
+    """lort_linear with everything but x bound (see _bound_linear)."""
+    return _bound_linear(_ops.lort_linear.default, (packed, alpha, A, B, bias, cols, act_bits))
+
+
+def _lort_linear_setup_context(ctx, inputs, output):
+    x, packed, alpha, A, B, bias, cols, act_bits = inputs
+    ctx.weight = (packed, alpha, A, B, cols)
+    ctx.has_bias = bias is not None
+
+
+def _lort_linear_backward(ctx, grad):
+    # Gradients to x and bias; the weight (trits, alpha and factors) is frozen
+    # here (memboost.heal trains LoRT's factors through its own module).
+    packed, alpha, A, B, cols = ctx.weight
+    w = _ops.ternary_dequantize.default(packed, alpha, cols, 0, torch.float32).addmm_(A.float(), B.float().T)
+    grad_x = grad @ w.to(grad.dtype)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, None, None, grad_bias, None, None
+
+
+torch.library.register_autograd(
+    "memboost::lort_linear", _lort_linear_backward, setup_context=_lort_linear_setup_context
+)
+
+
 # ---------------------------------------------------------------------- NF4
 _NF4_MAX_BLOCK_SIZE = 1 << 20  # csrc/common/nf4.h kMaxBlockSize
 @_register_fake("nf4_quantize")

@@ -202,6 +202,17 @@ def ternary_linear(x, packed, scales, bias: Optional[torch.Tensor], cols: int, g
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+def lort_linear(x, packed, alpha, A, B, bias: Optional[torch.Tensor], cols: int, act_bits: int) -> torch.Tensor:
+    """x @ (alpha * T + A @ B.T).T + bias: ternary_linear (group_size 0) in
+    float32, plus (x @ B) @ A.T in float32, one rounding to x's dtype."""
+    xf = x.to(torch.float32)
+    y = ternary_linear(xf, packed, alpha, None, cols, 0, act_bits)
+    y = y + (xf @ B.to(torch.float32)) @ A.to(torch.float32).T
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype)
+
+
 # ---------------------------------------------------------------------- NF4
 # Layout and rounding: csrc/common/nf4.h. These follow bitsandbytes' pure
 # PyTorch backend, which the tests check byte for byte.

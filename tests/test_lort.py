@@ -238,6 +238,75 @@ def test_linear_is_ternary_kernel_plus_low_rank(device, act_bits, shape):
         assert rel_err(got, torch.nn.functional.linear(x, q.dequantize(), bias)) < 1e-5
 
 
+def _lort_op_args(n, k, rank, seed=0, per_row_alpha=True, device="cpu"):
+    """(packed, alpha, A, B) of a LoRT weight with the given rank (any rank, not only what decompose picks)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    alpha = torch.rand(n if per_row_alpha else 1, 1, generator=g) + 0.5
+    a = (torch.randn(n, rank, generator=g) * 0.3).half()
+    b = (torch.randn(k, rank, generator=g) * 0.3).half()
+    return [v.to(device) for v in (memboost.ops.ternary_pack(t), alpha, a, b)]
+
+
+# ranks around the kernel's vector width (8) and register chunk (64); batches
+# through the float16 GEMV (< 16 rows) and the converted-factor GEMM
+@pytest.mark.parametrize("rank", [0, 1, 3, 8, 13, 64, 70])
+@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("act_bits", [0, 8])
+def test_lort_linear_op_matches_reference_on_every_path(target, rank, m, act_bits):
+    n, k = 37, 200
+    packed, alpha, a, b = _lort_op_args(n, k, min(rank, n), seed=rank + m, device=target)
+    x = torch.randn(m, k, device=target)
+    bias = torch.randn(n, device=target)
+    got = torch.ops.memboost.lort_linear(x, packed, alpha, a, b, bias, k, act_bits)
+    want = reference.lort_linear(x.cpu(), packed.cpu(), alpha.cpu(), a.cpu(), b.cpu(), bias.cpu(), k, act_bits)
+    assert got.shape == (m, n)
+    assert rel_err(got, want) < 1e-5
+
+
+def test_lort_linear_op_dtypes_batch_shapes_and_autograd(device):
+    packed, alpha, a, b = _lort_op_args(24, 130, 5, device=device)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(2, 3, 130, device=device).to(dtype)
+        got = torch.ops.memboost.lort_linear(x, packed, alpha, a, b, None, 130, 0)
+        want = reference.lort_linear(x.cpu(), packed.cpu(), alpha.cpu(), a.cpu(), b.cpu(), None, 130, 0)
+        assert got.dtype == dtype and got.shape == (2, 3, 24)
+        assert rel_err(got, want) < 1e-2
+    x = torch.randn(4, 130, device=device, requires_grad=True)
+    bias = torch.randn(24, device=device, requires_grad=True)
+    memboost.ops.lort_linear(x, packed, alpha, a, b, bias, 130, 0).square().sum().backward()
+    w = (memboost.ops.ternary_dequantize(packed, alpha, 130, 0, torch.float32) + a.float() @ b.float().T)
+    x2, bias2 = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x2, w, bias2).square().sum().backward()
+    assert rel_err(x.grad, x2.grad) < 1e-5 and rel_err(bias.grad, bias2.grad) < 1e-5
+
+
+def test_lort_linear_opcheck(device):
+    packed, alpha, a, b = _lort_op_args(20, 300, 7, device=device)
+    x = torch.randn(3, 300, device=device)
+    bias = torch.randn(20, device=device)
+    for act_bits in (0, 8):
+        torch.library.opcheck(torch.ops.memboost.lort_linear.default, (x, packed, alpha, a, b, bias, 300, act_bits))
+        torch.library.opcheck(torch.ops.memboost.lort_linear.default,
+                              (x.clone().requires_grad_(), packed, alpha, a, b, None, 300, act_bits))
+
+
+def test_lort_linear_op_refuses_bad_factors_by_name():
+    packed, alpha, a, b = _lort_op_args(20, 300, 7)
+    x = torch.randn(1, 300)
+    op = torch.ops.memboost.lort_linear
+    with pytest.raises(ValueError, match="'A' must have dtype torch.float16"):
+        op(x, packed, alpha, a.float(), b, None, 300, 0)
+    with pytest.raises(ValueError, match="'B' must have shape"):
+        op(x, packed, alpha, a, b[:, :6].contiguous(), None, 300, 0)
+    with pytest.raises(ValueError, match="'A' must have shape"):
+        op(x, packed, alpha, a[:19], b, None, 300, 0)
+    with pytest.raises(ValueError, match="contiguous"):
+        op(x, packed, alpha, a, b.T.contiguous().T, None, 300, 0)
+    with pytest.raises(ValueError, match="'act_bits'"):
+        op(x, packed, alpha, a, b, None, 300, 4)
+
+
 def test_state_dict_round_trip_safetensors_and_weights_only(tmp_path):
     q, _ = lort.decompose(llm_like_weight(40, 130, seed=7, dtype=torch.float16), rank=5, iters=2)
     memboost.save_safetensors(q.state_dict(), str(tmp_path / "q.safetensors"))

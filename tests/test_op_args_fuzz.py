@@ -90,6 +90,13 @@ def build(draw, op):
             return [packed, scales, k, gs, draw(st.sampled_from(FLOATS))]
         x = _x(draw, k)
         return [x, packed, scales, _bias(draw, n, x.dtype), k, gs, draw(st.sampled_from([0, 8]))]
+    if op == "lort_linear":
+        n, k = draw(st.integers(1, 5)), draw(st.integers(1, 300))
+        rank = draw(st.integers(0, min(n, k)))
+        q = ternary.quantize(torch.randn(n, k), per_row=draw(st.booleans()))
+        x = _x(draw, k)
+        return [x, q.tensors["packed"], q.tensors["scales"], torch.randn(n, rank).half(),
+                torch.randn(k, rank).half(), _bias(draw, n, x.dtype), k, draw(st.sampled_from([0, 8]))]
     if op == "nf4_quantize":
         return [torch.randn(draw(st.integers(0, 300))).to(draw(st.sampled_from(FLOATS))),
                 draw(st.sampled_from(nf4.BLOCK_SIZES[:3]))]
@@ -135,7 +142,7 @@ def build(draw, op):
 
 REFERENCES = {name: getattr(reference, name) for name in
               ("pack_2bit", "unpack_2bit", "pack_4bit", "unpack_4bit", "mixed_dequantize", "mixed_linear",
-               "ternary_pack", "ternary_unpack", "ternary_dequantize", "ternary_linear", "nf4_quantize",
+               "ternary_pack", "ternary_unpack", "ternary_dequantize", "ternary_linear", "lort_linear", "nf4_quantize",
                "nf4_quantize_absmax", "nf4_dequantize", "nf4_linear", "rms_norm", "decode_attention",
                "int8_dequantize", "int8_linear")}
 

@@ -54,6 +54,23 @@ inline void check_activation(const at::Tensor& x, const TernaryDims& d, const c1
   check_linear_input(x, d.cols, d.rows, bias, packed, "packed");
 }
 
+// lort_linear's factors: A float16 [rows, rank], B float16 [cols, rank],
+// contiguous, on the weight's device. Returns rank (0 allowed: no low-rank part).
+inline int64_t check_low_rank_factors(const at::Tensor& a, const at::Tensor& b, const TernaryDims& d,
+                                      const at::Tensor& packed) {
+  MB_CHECK_DTYPE(a, at::kHalf, "A");
+  MB_CHECK_DTYPE(b, at::kHalf, "B");
+  MB_CHECK_DIM(a, 2, "A");
+  MB_CHECK_DIM(b, 2, "B");
+  MB_CHECK_SAME_DEVICE(a, packed, "A", "packed");
+  MB_CHECK_SAME_DEVICE(b, packed, "B", "packed");
+  MB_CHECK(a.size(0) == d.rows, "'A' must have shape [", d.rows, ", rank] (out_features rows), got ", a.sizes());
+  MB_CHECK(b.size(0) == d.cols && b.size(1) == a.size(1), "'B' must have shape [", d.cols, ", ", a.size(1),
+           "] (in_features, A's rank), got ", b.sizes());
+  MB_CHECK(a.is_contiguous() && b.is_contiguous(), "'A' and 'B' must be contiguous");
+  return a.size(1);
+}
+
 inline void check_act_bits(int64_t act_bits) {
   MB_CHECK(act_bits == 0 || act_bits == 8,
            "'act_bits' must be 0 (exact float activations) or 8 (int8 activations, W1.58A8), got ", act_bits);

@@ -15,6 +15,9 @@
 // (AVX2; the portable path decodes a row into an L1 buffer), s applied per
 // group; from batch 32 blocks of rows decoded for ATen's GEMM
 // (cpu/decoded_gemm.h).
+//
+// lort_linear: the same product plus the low-rank part (x @ B) @ A.T read
+// from the float16 factors (cpu/low_rank.h), one call for a LoRT layer.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -29,6 +32,7 @@
 #include "cpu/int8/dot.h"
 #include "cpu/int8/isa.h"
 #include "cpu/linear_io.h"
+#include "cpu/low_rank.h"
 
 namespace memboost {
 namespace ternary {
@@ -40,6 +44,9 @@ constexpr int kRowTile = 4;          // weight rows sharing each activation load
 // A tile's rows are contiguous, so while chunk c of row i is read, the byte
 // cpu::kPrefetchBytes further on (a later tile) is requested.
 constexpr int64_t kGemmMinRows = 32;  // exact path: decoded blocks + GEMM from this batch on
+// lort_linear: from this batch on the factors are converted once for ATen's
+// GEMMs; below, they are read as float16 by cpu/low_rank.h's GEMV.
+constexpr int64_t kLowRankGemmMinRows = 16;
 
 struct WeightView {
   const uint8_t* packed;
@@ -429,13 +436,9 @@ at::Tensor ternary_dequantize_cpu(const at::Tensor& packed, const at::Tensor& sc
   return dtype == at::kFloat ? out : out.to(dtype);
 }
 
-at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
-                              const c10::optional<at::Tensor>& bias, int64_t cols, int64_t group_size,
-                              int64_t act_bits) {
-  const TernaryDims d = check_ternary_args(packed, scales, cols, group_size);
-  check_activation(x, d, bias, packed);
-  check_act_bits(act_bits);
-  const auto xf = cpu::float_rows(x, d.cols);
+// xf float32 [M, cols] -> y = xf @ W.T, float32 [M, rows], no bias.
+at::Tensor ternary_product(const at::Tensor& xf, const at::Tensor& packed, const at::Tensor& scales,
+                           const TernaryDims& d, int64_t act_bits) {
   const int64_t m_rows = xf.size(0);
   auto y = at::empty({m_rows, d.rows}, xf.options());
   if (m_rows > 0 && d.rows > 0) {
@@ -502,6 +505,40 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, con
       }
     }
   }
+  return y;
+}
+
+at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                              const c10::optional<at::Tensor>& bias, int64_t cols, int64_t group_size,
+                              int64_t act_bits) {
+  const TernaryDims d = check_ternary_args(packed, scales, cols, group_size);
+  check_activation(x, d, bias, packed);
+  check_act_bits(act_bits);
+  auto y = ternary_product(cpu::float_rows(x, d.cols), packed, scales, d, act_bits);
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  return cpu::linear_result(y, x, d.rows);
+}
+
+// LoRT: the ternary product plus (x @ B) @ A.T from the float16 factors
+// (cpu/low_rank.h), in float32 until the one conversion to x's dtype.
+at::Tensor lort_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& alpha,
+                           const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& bias,
+                           int64_t cols, int64_t act_bits) {
+  const TernaryDims d = check_ternary_args(packed, alpha, cols, 0);
+  check_activation(x, d, bias, packed);
+  check_act_bits(act_bits);
+  const int64_t rank = check_low_rank_factors(a, b, d, packed);
+  const auto xf = cpu::float_rows(x, d.cols);
+  auto y = ternary_product(xf, packed, alpha, d, act_bits);
+  const int64_t m_rows = xf.size(0);
+  if (rank > 0 && m_rows > 0 && d.rows > 0) {
+    if (m_rows < kLowRankGemmMinRows) {
+      cpu::add_low_rank_f16(xf.data_ptr<float>(), m_rows, d.cols, b.data_ptr<at::Half>(), a.data_ptr<at::Half>(),
+                            d.rows, rank, y.data_ptr<float>(), cpu::active_isa() != cpu::Isa::Portable);
+    } else {
+      y.addmm_(at::mm(xf, b.to(at::kFloat)), a.to(at::kFloat).t());
+    }
+  }
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   return cpu::linear_result(y, x, d.rows);
 }
@@ -513,6 +550,7 @@ TORCH_LIBRARY_IMPL(memboost, CPU, m) {
   m.impl("ternary_unpack", &ternary_unpack_cpu);
   m.impl("ternary_dequantize", &ternary_dequantize_cpu);
   m.impl("ternary_linear", &ternary_linear_cpu);
+  m.impl("lort_linear", &lort_linear_cpu);
 }
 
 }  // namespace ternary

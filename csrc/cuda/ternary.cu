@@ -313,6 +313,23 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
   return y.to(x.scalar_type()).reshape(out_shape);
 }
 
+// LoRT: the ternary GEMV, then the low-rank part as two cuBLAS GEMMs on the
+// float32 factors, in float32 until the one conversion to x's dtype.
+at::Tensor lort_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& alpha,
+                            const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& bias,
+                            int64_t cols, int64_t act_bits) {
+  const TernaryDims d = check_ternary_args(packed, alpha, cols, 0);
+  check_activation(x, d, bias, packed);
+  check_act_bits(act_bits);
+  const int64_t rank = check_low_rank_factors(a, b, d, packed);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto xf = x.reshape({-1, d.cols}).to(at::kFloat);
+  at::Tensor y = ternary_linear_cuda(xf, packed, alpha, c10::nullopt, cols, 0, act_bits);
+  if (rank > 0 && xf.size(0) > 0 && d.rows > 0) y.addmm_(at::mm(xf, b.to(at::kFloat)), a.to(at::kFloat).t());
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  return y.to(x.scalar_type()).reshape(linear_output_shape(x, d.rows));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(memboost, CUDA, m) {
@@ -320,6 +337,7 @@ TORCH_LIBRARY_IMPL(memboost, CUDA, m) {
   m.impl("ternary_unpack", &ternary_unpack_cuda);
   m.impl("ternary_dequantize", &ternary_dequantize_cuda);
   m.impl("ternary_linear", &ternary_linear_cuda);
+  m.impl("lort_linear", &lort_linear_cuda);
 }
 
 }  // namespace ternary

@@ -93,21 +93,18 @@ class LoRTQuantizedTensor(QuantizedTensor):
 
     def linear(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None, act_bits: Optional[int] = None
                ) -> torch.Tensor:
-        """x @ (alpha*T + A@B.T).T + bias: the ternary_linear kernel (exact, or
-        int8 activations with act_bits=8) writes the output, then the low-rank
-        path (x @ B, then @ A.T; two small GEMMs in x's dtype) is added into it."""
+        """x @ (alpha*T + A@B.T).T + bias in one op (memboost::lort_linear): the
+        ternary kernel (exact, or int8 activations with act_bits=8) plus the
+        low-rank path (x @ B) @ A.T from the float16 factors, in float32.
+        Gradients flow to x and bias."""
         t = self.tensors
-        n, k = self.meta["shape"]
-        y = ops.ternary_linear(x, t["packed"], t["alpha"], bias, k, 0, _ACT_BITS[check_act_bits(act_bits)])
-        if self.rank:
-            # no cast or view where none is needed: each is a dispatcher call,
-            # a measurable part of a batch-1 call on a small layer
-            a, b = t["A"], t["B"]
-            if b.dtype != x.dtype:
-                a, b = a.to(x.dtype), b.to(x.dtype)
-            x2, y2 = (x, y) if x.dim() == 2 else (x.reshape(-1, k), y.view(-1, n))
-            y2.addmm_(x2 @ b, a.T)
-        return y
+        return ops.lort_linear(x, t["packed"], t["alpha"], t["A"], t["B"], bias, self.shape[1],
+                               _ACT_BITS[check_act_bits(act_bits)])
+
+    def linear_bound(self, bias: Optional[torch.Tensor] = None, act_bits: Optional[int] = None):
+        t = self.tensors
+        return ops.lort_linear_bound(t["packed"], t["alpha"], t["A"], t["B"], bias, self.shape[1],
+                                     _ACT_BITS[check_act_bits(act_bits)])
 
     def _repr_fields(self) -> dict:
         return {"rank": self.rank, "alpha": "row" if self.per_row_alpha else "tensor"}
