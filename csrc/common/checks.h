@@ -5,6 +5,7 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <array>
 #include <string>
 #include <vector>
 

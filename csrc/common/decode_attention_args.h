@@ -33,7 +33,7 @@ inline DecodeDims check_decode_attention_args(const at::Tensor& q, const at::Ten
            "'q' last dimension must be heads * head_dim with heads a multiple of the cache's ", kv_heads,
            " key/value heads of width ", head_dim, ", got shape ", q.sizes());
   const int64_t heads = q.size(2) / head_dim;
-  const std::vector<int64_t> kv_shape{batch, 1, kv_heads * head_dim}, rot_shape{batch, 1, head_dim};
+  const std::array<int64_t, 3> kv_shape{batch, 1, kv_heads * head_dim}, rot_shape{batch, 1, head_dim};
   MB_CHECK_SHAPE(k, kv_shape, "k");
   MB_CHECK_SHAPE(v, kv_shape, "v");
   MB_CHECK_SHAPE(cos, rot_shape, "cos");

@@ -54,10 +54,10 @@ inline MixedDims check_mixed_args(const at::Tensor& plane2, const at::Tensor& lo
               "'lowbits' has ", d.low_words, " words per row, not a whole number of 4-bit groups of size ",
               group_size);
   MB_CHECK(lowbits.size(0) == d.rows, "'lowbits' must have ", d.rows, " rows, got ", lowbits.size(0));
-  MB_CHECK_SHAPE(meta, (std::vector<int64_t>{d.rows, d.groups}), "meta");
-  MB_CHECK_SHAPE(mask, (std::vector<int64_t>{d.rows, d.mask_words}), "mask");
-  MB_CHECK_SHAPE(row_scale, (std::vector<int64_t>{d.rows, 2}), "row_scale");
-  MB_CHECK_SHAPE(outlier_rowptr, (std::vector<int64_t>{d.rows + 1}), "outlier_rowptr");
+  MB_CHECK_SHAPE(meta, (std::array<int64_t, 2>{d.rows, d.groups}), "meta");
+  MB_CHECK_SHAPE(mask, (std::array<int64_t, 2>{d.rows, d.mask_words}), "mask");
+  MB_CHECK_SHAPE(row_scale, (std::array<int64_t, 2>{d.rows, 2}), "row_scale");
+  MB_CHECK_SHAPE(outlier_rowptr, (std::array<int64_t, 1>{d.rows + 1}), "outlier_rowptr");
   MB_CHECK(outlier_cols.numel() == outlier_vals.numel(), "'outlier_cols' and 'outlier_vals' differ in length (",
               outlier_cols.numel(), " vs ", outlier_vals.numel(), ")");
   MB_CHECK(outlier_vals.numel() == 0 || d.cols <= 65536,

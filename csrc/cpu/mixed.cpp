@@ -278,6 +278,10 @@ struct Int8Rows {
   // block scales are pattern[4c .. 4c + 3] = (b0, b0, b1, b1).
   std::vector<int8_t> xc;
   int64_t padded = 0, pairs = 0;
+  // the quantizer's output before reordering
+  std::vector<int8_t> q;
+  std::vector<float> scales;
+  std::vector<int32_t> sums;
 };
 
 #if MB_HAVE_X86_KERNELS
@@ -310,21 +314,26 @@ MB_TARGET_AVX2 void pair_order_avx2(const int8_t* src, const float* sc, int64_t 
 }
 #endif
 
-Int8Rows quantize_activations_pairs(const at::Tensor& xf, const MixedDims& d, cpu::Isa isa) {
+// Fills `out`, whose buffers are reused from call to call (a thread_local of
+// the caller): at batch 1 on a small layer, allocating them each call was a
+// measurable part of it.
+void quantize_activations_pairs(const at::Tensor& xf, const MixedDims& d, cpu::Isa isa, Int8Rows& out) {
   const int64_t m_rows = xf.size(0), padded = (d.cols + kPair - 1) / kPair * kPair;
   const int64_t blocks = padded / cpu::kActBlock;
-  // plain buffers: at batch 1 three at::empty cost more than quantizing the row
-  std::vector<int8_t> q(m_rows * padded);
-  std::vector<float> scales(m_rows * blocks);
-  std::vector<int32_t> sums(m_rows * blocks);
+  std::vector<int8_t>& q = out.q;
+  std::vector<float>& scales = out.scales;
+  std::vector<int32_t>& sums = out.sums;
+  q.resize(m_rows * padded);
+  scales.resize(m_rows * blocks);
+  sums.resize(m_rows * blocks);
   cpu::quantize_activations_into(isa != cpu::Isa::Portable, xf.data_ptr<float>(), m_rows, d.cols, padded,
                                  cpu::kActBlock, q.data(), scales.data(), sums.data());
-  Int8Rows out;
   out.padded = padded;
   out.pairs = padded / kPair;
   out.x.resize(m_rows * padded);
   out.pattern.resize(m_rows * out.pairs * 8);
   out.gsum.assign(m_rows * d.groups, 0.f);
+  if (isa != cpu::Isa::Portable) out.xc.resize(m_rows * padded);
   for (int64_t i = 0; i < m_rows; ++i) {
     const int8_t* src = q.data() + i * padded;
     int8_t* dst = out.x.data() + i * padded;
@@ -332,7 +341,6 @@ Int8Rows quantize_activations_pairs(const at::Tensor& xf, const MixedDims& d, cp
 #if MB_HAVE_X86_KERNELS
     if (isa != cpu::Isa::Portable) {
       pair_order_avx2(src, sc, out.pairs, dst, out.pattern.data() + i * out.pairs * 8);
-      if (out.xc.empty()) out.xc.resize(m_rows * padded);
       int8_t* xc = out.xc.data() + i * padded;
       for (int64_t c = 0; c < 2 * out.pairs; ++c)
         for (int s = 0; s < 4; ++s)
@@ -350,7 +358,6 @@ Int8Rows quantize_activations_pairs(const at::Tensor& xf, const MixedDims& d, cp
     for (int64_t b = 0; b < d.cols / cpu::kActBlock; ++b)
       out.gsum[i * d.groups + b * cpu::kActBlock / d.group_size] += sc[b] * static_cast<float>(sums[i * blocks + b]);
   }
-  return out;
 }
 
 struct RowParams {
@@ -560,15 +567,23 @@ struct DotVnni {
 // of the tile has its groups' entries at i * groups (its chunks' at i * chunks);
 // every array has a vector of slack past the tile.
 struct Int8TileScratch {
-  int64_t chunks;  // per row
+  int64_t chunks = -1;  // per row
   // Lane t of the tile's groups (zero in the slack), so that one vector of 8
   // lanes covers groups of several rows: 2 * its row in the tile (where the
   // row's log2_base is among the tile's row scales), the index of its mask
   // word from the tile's first, and its bit in that word.
   std::vector<int32_t> lane_row2, lane_word, lane_bit;
   std::vector<float> zero_step, plane_step, chunk_step;
-  explicit Int8TileScratch(const MixedDims& d) : chunks(d.cols / kChunk) {
-    const int64_t groups = d.groups, lanes = kInt8RowTile * groups + 8;
+  int64_t groups = -1, mask_words = -1;
+  // Sized and filled for layers of d's shape; kept as they are when the last
+  // layer had the same shape (the tables are per thread and reused, so a
+  // small layer's call allocates nothing).
+  void prepare(const MixedDims& d) {
+    if (d.groups == groups && d.mask_words == mask_words && d.cols / kChunk == chunks) return;
+    groups = d.groups;
+    mask_words = d.mask_words;
+    chunks = d.cols / kChunk;
+    const int64_t lanes = kInt8RowTile * groups + 8;
     lane_row2.assign(lanes, 0);
     lane_word.assign(lanes, 0);
     lane_bit.assign(lanes, 0);
@@ -786,7 +801,8 @@ MB_TARGET_AVX512 void int8_tile_vnni(const MixedView& v, int64_t r0, const Int8R
 
 void int8_rows_x86(bool vnni, const MixedView& v, int64_t begin, int64_t end, const Int8Rows& a, const float* xf,
                    int64_t m_rows, float* y) {
-  Int8TileScratch scratch(v.d);
+  static thread_local Int8TileScratch scratch;
+  scratch.prepare(v.d);
   int64_t r = begin;
   for (; r + kInt8RowTile <= end; r += kInt8RowTile) {
     if (vnni) int8_tile_vnni<kInt8RowTile>(v, r, a, xf, m_rows, scratch, y);
@@ -804,7 +820,11 @@ inline int64_t row_grain(const MixedDims& d, int64_t m_rows) { return cpu::task_
 
 void linear_int8(const MixedView& v, const at::Tensor& xf, float* y) {
   const cpu::Isa isa = cpu::active_isa();
-  const Int8Rows a = quantize_activations_pairs(xf, v.d, isa);
+  // the calling thread's buffers, read by every task (a thread_local named
+  // in the lambda would be each worker's own, empty one)
+  static thread_local Int8Rows rows;
+  const Int8Rows& a = rows;
+  quantize_activations_pairs(xf, v.d, isa, rows);
   const float* xp = xf.data_ptr<float>();
   const int64_t m_rows = xf.size(0);
   at::parallel_for(0, v.d.rows, row_grain(v.d, m_rows), [&](int64_t begin, int64_t end) {
