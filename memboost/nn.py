@@ -405,9 +405,9 @@ class Int8Linear(QuantizedLinear):
 
 class LoRTLinear(QuantizedLinear):
     """nn.Linear with a LoRT weight alpha*T + A@B.T (memboost.lort): forward
-    is the project's ternary_linear kernel for alpha*T (exact, or int8
-    activations with act_bits=8) plus the low-rank path x@B then @A.T, added
-    into the same output buffer."""
+    is one op, memboost::lort_linear: the ternary kernel for alpha*T (exact,
+    or int8 activations with act_bits=8) plus the low-rank path x@B then
+    @A.T from the float16 factors, added into the same output buffer."""
 
     format = "lort"
 
