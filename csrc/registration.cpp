@@ -53,6 +53,11 @@ TORCH_LIBRARY(memboost, m) {
   m.def(
       "lort_linear(Tensor x, Tensor packed, Tensor alpha, Tensor A, Tensor B, Tensor? bias, int cols, "
       "int act_bits) -> Tensor");
+  // base + (x @ B) @ A.T: a low-rank product added to an op's output (a
+  // healed layer's corrector, memboost.heal). x [..., cols]; A [N, rank] and
+  // B [cols, rank] of one dtype, float16 or float32; base [..., N] of x's
+  // dtype or None (zeros). float32 sums, one rounding to x's dtype.
+  m.def("low_rank_linear(Tensor x, Tensor A, Tensor B, Tensor? base) -> Tensor");
   // NF4 (layout and rounding: csrc/common/nf4.h). w (any shape, flattened)
   // -> codes uint8 [ceil(n/2)], absmax float32 [ceil(n/block_size)]; block_size even.
   m.def("nf4_quantize(Tensor w, int block_size) -> (Tensor, Tensor)");

@@ -304,6 +304,34 @@ torch.library.register_autograd(
 )
 
 
+@_register_fake("low_rank_linear")
+def _(x, A, B, base):
+    torch._check_value(x.dtype in _FLOAT_DTYPES, lambda: f"'x' must be float16, bfloat16 or float32, got {x.dtype}")
+    torch._check_value(A.dtype in (torch.float16, torch.float32) and B.dtype == A.dtype,
+                       lambda: f"'A' and 'B' must both be float16 or float32, got {A.dtype} and {B.dtype}")
+    torch._check_value(A.dim() == 2 and B.dim() == 2 and B.shape[1] == A.shape[1],
+                       lambda: "'A' [out_features, rank] and 'B' [in_features, rank] must share their rank")
+    torch._check_value(x.shape[-1] == B.shape[0], lambda: "'x' last dimension must equal B's rows")
+    return x.new_empty((*x.shape[:-1], A.shape[0]))
+
+
+def low_rank_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
+    """base + (x @ B) @ A.T in one op, for inference (no autograd formula:
+    memboost.heal trains correctors through its own module)."""
+    return _ops.low_rank_linear.default(x, A, B, base)
+
+
+def low_rank_linear_bound(A: torch.Tensor, B: torch.Tensor, base_linear):
+    """x -> low_rank_linear(x, A, B, base_linear(x)): a bound *_linear op plus
+    a low-rank product, for inference (see _bound_linear)."""
+    op = _ops.low_rank_linear.default
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        return op(x, A, B, base_linear(x))
+    return call
+
+
 # ---------------------------------------------------------------------- NF4
 _NF4_MAX_BLOCK_SIZE = 1 << 20  # csrc/common/nf4.h kMaxBlockSize
 @_register_fake("nf4_quantize")

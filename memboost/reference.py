@@ -213,6 +213,15 @@ def lort_linear(x, packed, alpha, A, B, bias: Optional[torch.Tensor], cols: int,
     return y.to(x.dtype)
 
 
+def low_rank_linear(x, A, B, base: Optional[torch.Tensor]) -> torch.Tensor:
+    """base + (x @ B) @ A.T in float32, one rounding to x's dtype."""
+    xf = x.to(torch.float32)
+    y = (xf @ B.to(torch.float32)) @ A.to(torch.float32).T
+    if base is not None:
+        y = base.to(torch.float32) + y
+    return y.to(x.dtype)
+
+
 # ---------------------------------------------------------------------- NF4
 # Layout and rounding: csrc/common/nf4.h. These follow bitsandbytes' pure
 # PyTorch backend, which the tests check byte for byte.

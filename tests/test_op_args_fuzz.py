@@ -97,6 +97,12 @@ def build(draw, op):
         x = _x(draw, k)
         return [x, q.tensors["packed"], q.tensors["scales"], torch.randn(n, rank).half(),
                 torch.randn(k, rank).half(), _bias(draw, n, x.dtype), k, draw(st.sampled_from([0, 8]))]
+    if op == "low_rank_linear":
+        n, k, rank = draw(st.integers(0, 5)), draw(st.integers(1, 300)), draw(st.integers(0, 6))
+        dtype = draw(st.sampled_from([torch.float16, torch.float32]))
+        x = _x(draw, k)
+        base = torch.randn(*x.shape[:-1], n).to(x.dtype) if draw(st.booleans()) else None
+        return [x, torch.randn(n, rank).to(dtype), torch.randn(k, rank).to(dtype), base]
     if op == "nf4_quantize":
         return [torch.randn(draw(st.integers(0, 300))).to(draw(st.sampled_from(FLOATS))),
                 draw(st.sampled_from(nf4.BLOCK_SIZES[:3]))]
@@ -142,7 +148,8 @@ def build(draw, op):
 
 REFERENCES = {name: getattr(reference, name) for name in
               ("pack_2bit", "unpack_2bit", "pack_4bit", "unpack_4bit", "mixed_dequantize", "mixed_linear",
-               "ternary_pack", "ternary_unpack", "ternary_dequantize", "ternary_linear", "lort_linear", "nf4_quantize",
+               "ternary_pack", "ternary_unpack", "ternary_dequantize", "ternary_linear", "lort_linear", "low_rank_linear",
+               "nf4_quantize",
                "nf4_quantize_absmax", "nf4_dequantize", "nf4_linear", "rms_norm", "decode_attention",
                "int8_dequantize", "int8_linear")}
 

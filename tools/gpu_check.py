@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The CUDA op tests the sanitizers run (their CUDA cases only, not the slow ones).
 OP_TESTS = ["tests/test_cuda_review.py", "tests/test_mixed.py", "tests/test_ternary.py", "tests/test_nf4.py",
-            "tests/test_pack.py"]
+            "tests/test_pack.py", "tests/test_low_rank.py"]
 # Seconds per step: 8 minutes in all.
 BUDGET = {"build": 210, "cuda tests": 90, "memcheck": 75, "racecheck": 60, "benchmark": 45}
 

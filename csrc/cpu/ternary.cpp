@@ -44,9 +44,6 @@ constexpr int kRowTile = 4;          // weight rows sharing each activation load
 // A tile's rows are contiguous, so while chunk c of row i is read, the byte
 // cpu::kPrefetchBytes further on (a later tile) is requested.
 constexpr int64_t kGemmMinRows = 32;  // exact path: decoded blocks + GEMM from this batch on
-// lort_linear: from this batch on the factors are converted once for ATen's
-// GEMMs; below, they are read as float16 by cpu/low_rank.h's GEMV.
-constexpr int64_t kLowRankGemmMinRows = 16;
 
 struct WeightView {
   const uint8_t* packed;
@@ -530,15 +527,7 @@ at::Tensor lort_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const 
   const int64_t rank = check_low_rank_factors(a, b, d, packed);
   const auto xf = cpu::float_rows(x, d.cols);
   auto y = ternary_product(xf, packed, alpha, d, act_bits);
-  const int64_t m_rows = xf.size(0);
-  if (rank > 0 && m_rows > 0 && d.rows > 0) {
-    if (m_rows < kLowRankGemmMinRows) {
-      cpu::add_low_rank_f16(xf.data_ptr<float>(), m_rows, d.cols, b.data_ptr<at::Half>(), a.data_ptr<at::Half>(),
-                            d.rows, rank, y.data_ptr<float>(), cpu::active_isa() != cpu::Isa::Portable);
-    } else {
-      y.addmm_(at::mm(xf, b.to(at::kFloat)), a.to(at::kFloat).t());
-    }
-  }
+  if (rank > 0) cpu::add_low_rank_rows(xf, a, b, y);
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   return cpu::linear_result(y, x, d.rows);
 }

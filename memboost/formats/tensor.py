@@ -8,6 +8,7 @@ from typing import Dict, Optional, Type
 
 import torch
 
+from .. import ops
 from ..errors import MemboostError, MemboostTypeError
 
 FORMAT_INFO_KEY = "format_info"
@@ -340,15 +341,20 @@ def _add_corrector(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.T
 
 
 def _corrected_linear_bound(linear_bound):
-    """A format's linear_bound plus its corrector, when it has one."""
+    """A format's linear_bound plus its corrector, when it has one: one more
+    op (memboost::low_rank_linear) on the format op's output, reading float16
+    factors as stored (int8 ones dequantized to float32 once, here)."""
     @functools.wraps(linear_bound)
     def bound(self, bias=None, act_bits=None):
         f = linear_bound(self, bias, act_bits)
-        factors = corrector_factors(self.tensors, torch.float32)
-        if factors is None:
+        a = self.tensors.get("corrector_A")
+        if a is None:
             return f
-        a, b = factors
-        return lambda x: _add_corrector(f(x), x, a, b)
+        if a.dtype == torch.float16:
+            a, b = a.contiguous(), self.tensors["corrector_B"].contiguous()
+        else:
+            a, b = corrector_factors(self.tensors, torch.float32)
+        return ops.low_rank_linear_bound(a, b, f)
     return bound
 
 
