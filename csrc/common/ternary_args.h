@@ -76,6 +76,26 @@ inline void check_act_bits(int64_t act_bits) {
            "'act_bits' must be 0 (exact float activations) or 8 (int8 activations, W1.58A8), got ", act_bits);
 }
 
+// Every ternary_linear argument.
+inline TernaryDims check_ternary_linear_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
+                                             const c10::optional<at::Tensor>& bias, int64_t cols, int64_t group_size,
+                                             int64_t act_bits) {
+  const TernaryDims d = check_ternary_args(packed, scales, cols, group_size);
+  check_activation(x, d, bias, packed);
+  check_act_bits(act_bits);
+  return d;
+}
+
+// Every lort_linear argument: the ternary part's (group_size 0), x, bias,
+// act_bits and the factors. Returns the dims; *rank is A's.
+inline TernaryDims check_lort_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& alpha,
+                                   const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& bias,
+                                   int64_t cols, int64_t act_bits, int64_t* rank) {
+  const TernaryDims d = check_ternary_linear_args(x, packed, alpha, bias, cols, 0, act_bits);
+  *rank = check_low_rank_factors(a, b, d, packed);
+  return d;
+}
+
 
 // ternary_pack: int8 trits [..., cols] -> uint8 [..., row_bytes(cols)].
 inline std::vector<int64_t> packed_sizes(const at::Tensor& trits_in) {

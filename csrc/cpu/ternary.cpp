@@ -508,9 +508,7 @@ at::Tensor ternary_product(const at::Tensor& xf, const at::Tensor& packed, const
 at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                               const c10::optional<at::Tensor>& bias, int64_t cols, int64_t group_size,
                               int64_t act_bits) {
-  const TernaryDims d = check_ternary_args(packed, scales, cols, group_size);
-  check_activation(x, d, bias, packed);
-  check_act_bits(act_bits);
+  const TernaryDims d = check_ternary_linear_args(x, packed, scales, bias, cols, group_size, act_bits);
   auto y = ternary_product(cpu::float_rows(x, d.cols), packed, scales, d, act_bits);
   if (bias.has_value()) y.add_(bias->to(at::kFloat));
   return cpu::linear_result(y, x, d.rows);
@@ -521,10 +519,8 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& packed, con
 at::Tensor lort_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& alpha,
                            const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& bias,
                            int64_t cols, int64_t act_bits) {
-  const TernaryDims d = check_ternary_args(packed, alpha, cols, 0);
-  check_activation(x, d, bias, packed);
-  check_act_bits(act_bits);
-  const int64_t rank = check_low_rank_factors(a, b, d, packed);
+  int64_t rank = 0;
+  const TernaryDims d = check_lort_args(x, packed, alpha, a, b, bias, cols, act_bits, &rank);
   const auto xf = cpu::float_rows(x, d.cols);
   auto y = ternary_product(xf, packed, alpha, d, act_bits);
   if (rank > 0) cpu::add_low_rank_rows(xf, a, b, y);

@@ -277,9 +277,7 @@ void gemv(const DeviceView& v, const void* x, int64_t padded, const float* xscal
 at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                                const c10::optional<at::Tensor>& bias, int64_t cols, int64_t group_size,
                                int64_t act_bits) {
-  const TernaryDims d = check_ternary_args(packed, scales, cols, group_size);
-  check_activation(x, d, bias, packed);
-  check_act_bits(act_bits);
+  const TernaryDims d = check_ternary_linear_args(x, packed, scales, bias, cols, group_size, act_bits);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto out_shape = linear_output_shape(x, d.rows);
   const int64_t padded = trits::padded_cols(d.cols);
@@ -318,10 +316,8 @@ at::Tensor ternary_linear_cuda(const at::Tensor& x, const at::Tensor& packed, co
 at::Tensor lort_linear_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& alpha,
                             const at::Tensor& a, const at::Tensor& b, const c10::optional<at::Tensor>& bias,
                             int64_t cols, int64_t act_bits) {
-  const TernaryDims d = check_ternary_args(packed, alpha, cols, 0);
-  check_activation(x, d, bias, packed);
-  check_act_bits(act_bits);
-  const int64_t rank = check_low_rank_factors(a, b, d, packed);
+  int64_t rank = 0;
+  const TernaryDims d = check_lort_args(x, packed, alpha, a, b, bias, cols, act_bits, &rank);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto xf = x.reshape({-1, d.cols}).to(at::kFloat);
   at::Tensor y = ternary_linear_cuda(xf, packed, alpha, c10::nullopt, cols, 0, act_bits);
