@@ -132,7 +132,7 @@ ASAN_TESTS ?= tests
 # harnesses' child processes ran out of memory and time under ASan (not yet
 # understood); before it, as in every earlier sanitizer run, they pass.
 ASAN_CI_TESTS = tests/test_atomic_writes.py tests/test_checkpoint.py tests/test_decode_attention.py tests/test_fuzz.py tests/test_fuzz_regressions.py \
-	tests/test_int8.py tests/test_integrity.py tests/test_lort.py tests/test_mixed.py tests/test_nf4.py \
+	tests/test_int8.py tests/test_integrity.py tests/test_lort.py tests/test_low_rank.py tests/test_mixed.py tests/test_nf4.py \
 	tests/test_nn.py tests/test_op_args_fuzz.py tests/test_pack.py tests/test_qlora.py \
 	tests/test_rms_norm.py tests/test_runtime.py tests/test_serialization.py tests/test_ternary.py
 test-asan:
