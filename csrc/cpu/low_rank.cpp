@@ -126,9 +126,7 @@ MB_TARGET_F16C void rows_avx2(const T* a, int64_t begin, int64_t end, int64_t n,
       const __m256 av = _mm256_and_ps(load8(p), mask);
       acc = _mm256_fmadd_ps(av, _mm256_loadu_ps(tpad + 8 * full), acc);
     }
-    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    y[j] += _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+    y[j] += hsum_ps256(acc);
   }
 }
 #endif

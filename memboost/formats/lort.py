@@ -98,7 +98,8 @@ class LoRTQuantizedTensor(QuantizedTensor):
         low-rank path (x @ B) @ A.T from the float16 factors, in float32.
         Gradients flow to x and bias."""
         t = self.tensors
-        return ops.lort_linear(x, t["packed"], t["alpha"], t["A"], t["B"], bias, self.shape[1],
+        # meta's list, not self.shape (a torch.Size built on every call)
+        return ops.lort_linear(x, t["packed"], t["alpha"], t["A"], t["B"], bias, self.meta["shape"][1],
                                _ACT_BITS[check_act_bits(act_bits)])
 
     def linear_bound(self, bias: Optional[torch.Tensor] = None, act_bits: Optional[int] = None):
