@@ -129,7 +129,9 @@ def gguf_row(python: str, folder: str, gguf_type: str, work: str, label: str) ->
     return row
 
 
-def bench(model: str, formats, seqs: int, length: int, work: str, gguf_type: str = "", bits: float = 3.5) -> list:
+def bench(model: str, formats, seqs: int, length: int, work: str, gguf_type: str = "", bits: float = 3.5,
+          float_gguf: bool = True, save=lambda rows: None) -> list:
+    """The rows; `save(rows)` is called after each one, so an hour-long run keeps what it measured."""
     python = sys.executable
     base = run_sampled([python, "-c", "import memboost, transformers; from transformers import LlamaForCausalLM"])
     rows = [{"format": "baseline (imports)", "peak_rss_gib": base["peak_rss_gib"],
@@ -139,13 +141,14 @@ def bench(model: str, formats, seqs: int, length: int, work: str, gguf_type: str
         out = os.path.join(work, f"q-{fmt}")
         q = run_sampled([python, "-m", "memboost", "quantize", model, out, "--quiet"]
                         + quantize_args(fmt, seqs, length, bits))
-        bits = float(re.search(r"\| bits per weight \| ([0-9.]+) over ([0-9.]+) M", q["out"]).group(1))
+        # not `bits`: that is mixed-bits' budget for the formats after this one
+        avg_bits = float(re.search(r"\| bits per weight \| ([0-9.]+) over ([0-9.]+) M", q["out"]).group(1))
         weights = float(re.search(r"\| bits per weight \| [0-9.]+ over ([0-9.]+) M", q["out"]).group(1)) * 1e6
         size = folder_bytes(out)
         r = run_sampled([python, "-m", "memboost", "generate", out, "--prompt", PROMPT, "--new-tokens", "8"])
         text = r["out"].strip().splitlines()[-1][:80] if r["out"].strip() else ""
         row = {"format": fmt, "quantize_s": q["seconds"], "s_per_bweights": q["seconds"] / (weights / 1e9),
-               "peak_rss_gib": q["peak_rss_gib"], "peak_anon_gib": q["peak_anon_gib"], "bits": bits,
+               "peak_rss_gib": q["peak_rss_gib"], "peak_anon_gib": q["peak_anon_gib"], "bits": avg_bits,
                "out_gib": size / 2**30, "reload_s": r["seconds"], "reload_rss_gib": r["peak_rss_gib"],
                "reload_over_size": r["peak_rss_gib"] * 2**30 / size,
                "reload_above_base_over_size": (r["peak_rss_gib"] - base["peak_rss_gib"]) * 2**30 / size,
@@ -154,9 +157,11 @@ def bench(model: str, formats, seqs: int, length: int, work: str, gguf_type: str
         if gguf_type:
             row.update({k: v for k, v in gguf_row(python, out, gguf_type, work, fmt).items() if k != "format"})
         rows.append(row)
+        save(rows)
         shutil.rmtree(out, ignore_errors=True)
-    if gguf_type:
+    if gguf_type and float_gguf:
         rows.append(gguf_row(python, model, gguf_type, work, "float folder"))
+        save(rows)
     return rows
 
 
@@ -171,6 +176,7 @@ def main(argv=None) -> int:
     parser.add_argument("--note", default="", help="a note stored with the rows (e.g. how loaded the machine was)")
     parser.add_argument("--bits-budget", type=float, default=3.5, help="mixed-bits: the --bits budget")
     parser.add_argument("--gguf-type", default="Q4_0", help="GGUF type of the exports ('' for no export)")
+    parser.add_argument("--no-float-gguf", action="store_true", help="skip the float folder's GGUF export row")
     parser.add_argument("--work", help="folder for the quantized outputs (default: a temporary folder)")
     parser.add_argument("--json", help="write the rows here (default benchmarks/results/big_model_cpu.json; "
                                        "none with --config tiny)")
@@ -181,6 +187,14 @@ def main(argv=None) -> int:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         parser.error(f"unknown format(s) {unknown}; choose from {list(FORMATS)}")
+    json_path = args.json if args.json is not None else ("" if args.config else
+                                                          os.path.join(ROOT, "benchmarks/results/big_model_cpu.json"))
+
+    def save(rows):
+        write_json(json_path, {"model": args.model or args.config, "calib_seqs": args.calib_seqs,
+                               "calib_len": args.calib_len, "bits_budget": args.bits_budget, "note": args.note,
+                               "rows": rows})
+
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         model = args.model
         if args.config:
@@ -188,7 +202,8 @@ def main(argv=None) -> int:
 
             model = os.path.join(work, "model")
             make(model, args.config, shard_size="10MB" if args.config == "tiny" else "200MB")
-        rows = bench(model, formats, args.calib_seqs, args.calib_len, work, args.gguf_type, args.bits_budget)
+        rows = bench(model, formats, args.calib_seqs, args.calib_len, work, args.gguf_type, args.bits_budget,
+                     float_gguf=not args.no_float_gguf, save=save)
     print_table(rows, ["format", "quantize_s", "s_per_bweights", "peak_rss_gib", "peak_anon_gib", "bits", "out_gib",
                        "reload_s", "reload_rss_gib", "reload_over_size", "reload_above_base_over_size"],
                 f"memboost quantize block by block: {args.model or args.config}")
@@ -197,10 +212,6 @@ def main(argv=None) -> int:
         print_table(rows[1:], ["format", "gguf_s", "gguf_rss_gib", "gguf_anon_gib", "gguf_gib", "llama_cpp_s",
                                "llama_cpp_rss_gib", "llama_cpp_text", "gguf_error"],
                     f"GGUF export ({args.gguf_type}) and llama.cpp")
-    json_path = args.json if args.json is not None else ("" if args.config else
-                                                          os.path.join(ROOT, "benchmarks/results/big_model_cpu.json"))
-    write_json(json_path, {"model": args.model or args.config, "calib_seqs": args.calib_seqs,
-                           "calib_len": args.calib_len, "bits_budget": args.bits_budget, "note": args.note, "rows": rows})
     return 0
 
 

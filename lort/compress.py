@@ -196,7 +196,7 @@ def _calibrated_layers(spec: Optional[str], source, plan, calibration: Callable,
         from memboost import testbed
 
         model, tokenizer = testbed.load_smollm2()
-        mapped = None
+        folder_source = None
     else:
         if not os.path.isdir(spec):
             raise MemboostError(f"--calibrate needs a model folder (config.json, safetensors weights and the "
@@ -204,20 +204,21 @@ def _calibrated_layers(spec: Optional[str], source, plan, calibration: Callable,
         from memboost.cli import load_tokenizer, need_tokenizer
 
         tokenizer = need_tokenizer(load_tokenizer(spec), spec, "--calibrate")
-        model, mapped = _meta_model(spec, _read_config(spec), torch.float32), source
+        model, folder_source = _meta_model(spec, _read_config(spec), torch.float32), source
     batches = list(calibration(tokenizer))
     blocks, prefix = decoder_blocks(model)
     ranks = {name[:-len(".weight")]: r for name, _, r in plan}
     shapes = {name: shape for name, shape, _ in plan}
     done = set()
     with torch.no_grad():
-        loaded = _materialize(model, "", mapped, torch.float32, skip_prefix=prefix) if mapped else []
+        loaded = (_materialize(model, "", folder_source, torch.float32, skip_prefix=prefix, mapped=True)
+                  if folder_source else [])
         inputs = _as_keyword_inputs(_block_inputs(model, blocks[0], batches))
         _release(loaded)
         for i in range(len(blocks)):
             block, block_prefix = blocks[i], f"{prefix}{i}."
-            if mapped:
-                _materialize(block, block_prefix, mapped, torch.float32)
+            if folder_source:
+                _materialize(block, block_prefix, folder_source, torch.float32)
             floats = {block_prefix + n + ".weight": m.weight.detach().clone() for n, m in block.named_modules()
                       if block_prefix + n + ".weight" in shapes}
             with warnings.catch_warnings():  # a block without a layer to decompose is not worth a warning
@@ -238,7 +239,7 @@ def _calibrated_layers(spec: Optional[str], source, plan, calibration: Callable,
                     yield name, shapes[name], ranks[name[:-len(".weight")]], q, error, w.numel()
             if i + 1 < len(blocks):
                 inputs = _block_outputs(block, inputs)
-            if mapped:
+            if folder_source:
                 blocks[i] = nn.Module()  # its float and decomposed tensors are freed (the writer has the latter)
     for name, shape, r in plan:  # outside the blocks: no H
         if name not in done:

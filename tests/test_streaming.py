@@ -359,3 +359,106 @@ def test_reload_of_a_streamed_folder_maps_its_tensors(tmp_path):
         result = json.loads(out.strip().splitlines()[-1])
         assert result["anon_grown"] < 0.25 * size, (how, result, size)
         assert result["mapped"] > 0.95 * size and result["copied"] < 2**20, (how, result, size)
+
+
+def test_each_block_is_freed_before_the_next(float_folder, tmp_path, monkeypatch):
+    """Only one block's float weights are alive at a time: block 0's are gone (no reference left, e.g. in the
+    list of layers checked up front) when block 1's are read."""
+    import gc
+    import weakref
+
+    materialize = streaming._materialize
+    first, alive_at_block_1 = [], []
+
+    def recording(module, prefix, *args, **kwargs):
+        if prefix.endswith("layers.1."):
+            gc.collect()
+            alive_at_block_1.extend(ref() is not None for ref in first)
+        replaced = materialize(module, prefix, *args, **kwargs)
+        if prefix.endswith("layers.0."):
+            first.extend(weakref.ref(table[attr]) for table, attr, _ in replaced)
+        return replaced
+
+    monkeypatch.setattr(streaming, "_materialize", recording)
+    streaming.quantize_folder(float_folder, tmp_path / "out", "nf4", progress=False)
+    assert first and len(alive_at_block_1) == len(first)
+    assert not any(alive_at_block_1)
+
+
+def test_read_into_memory_is_the_mapped_tensor(float_folder, tmp_path):
+    """SafetensorsSource.get(mapped=False) reads the bytes the map gives, checks a saved CRC-32 on them, and
+    names the file of a truncated tensor."""
+    import shutil
+
+    from memboost.io.serialization import FileChecksums, SafetensorsSource
+
+    with SafetensorsSource(float_folder) as src:
+        for name in src.names():
+            mapped, read = src.get(name), src.get(name, mapped=False)
+            assert read.dtype == mapped.dtype and torch.equal(read, mapped), name
+    # a memboost folder records CRC-32s: a changed byte is found by the plain read too
+    out = tmp_path / "q"
+    streaming.quantize_folder(float_folder, out, "nf4", progress=False, max_shard_size="40KB")
+    shard = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))[0]
+    layout = FileChecksums(out / shard)
+    assert layout.recorded
+    name, (start, end) = max(layout.offsets.items(), key=lambda item: item[1][1] - item[1][0])
+    with open(out / shard, "r+b") as f:
+        f.seek(start)
+        byte = f.read(1)
+        f.seek(start)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with SafetensorsSource(out) as src, pytest.raises(MemboostError, match=f"{name}.*damaged"):
+        src.get(name, mapped=False)
+    with SafetensorsSource(out, verify=False) as src:
+        src.get(name, mapped=False)   # verify=False reads it anyway
+    # truncated: the file is named
+    folder = tmp_path / "cut"
+    shutil.copytree(float_folder, folder)
+    last = sorted(f for f in os.listdir(folder) if f.endswith(".safetensors"))[-1]
+    with SafetensorsSource(folder) as src:
+        name = max((n for n in src.names() if src._where[n].endswith(last)), key=lambda n: src.shape(n))
+        with open(folder / last, "r+b") as f:
+            f.truncate(os.path.getsize(folder / last) - 8)
+        with pytest.raises(MemboostError, match=f"{last}.*truncated"):
+            src.get(name, mapped=False)
+
+
+_RELEASE_PROBE = r"""
+import sys
+import torch
+from memboost.io.streaming import load_mapped
+from memboost.io.serialization import release_mapped_pages
+
+def rss_file_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+
+model = load_mapped(sys.argv[1], dtype=torch.float32)
+sums = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
+touched = rss_file_kib()
+dropped = release_mapped_pages()
+after = rss_file_kib()
+again = {k: float(v.double().sum()) for k, v in model.state_dict().items()}
+w = model.model.layers[0].mlp.down_proj.weight
+w.data[0, 0] = 123.0                 # a written page: its map is kept
+release_mapped_pages()
+print(touched, after, dropped, again == sums, float(w[0, 0]))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="release_mapped_pages reads /proc/self/smaps "
+                    "(Linux); elsewhere it does nothing")
+def test_release_mapped_pages_keeps_the_values(tmp_path):
+    """release_mapped_pages drops the resident pages of a model mapped from its files (the GGUF export calls it
+    after each tensor); the tensors read the same afterwards, and a map with a written page is left alone."""
+    import subprocess
+    import sys
+
+    folder = _save_folder(tiny_llama(hidden_size=256, intermediate_size=1024), tmp_path / "f")  # float32, 8 MB
+    out = subprocess.run([sys.executable, "-c", _RELEASE_PROBE, folder], capture_output=True, text=True, check=True)
+    touched, after, dropped, same, written = out.stdout.split()
+    assert int(dropped) > 0
+    assert int(touched) - int(after) > 4096, (touched, after)   # most of the weights' pages left the process
+    assert same == "True" and float(written) == 123.0

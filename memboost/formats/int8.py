@@ -95,6 +95,9 @@ class Int8QuantizedTensor(QuantizedTensor):
             raise MemboostError("'scales' contains NaN or Inf values")
 
 
+_SLICE_WEIGHTS = 1 << 24
+
+
 def quantize(w: torch.Tensor) -> Int8QuantizedTensor:
     """int8 (Q8_0) quantization of a weight [out_features, in_features]
     (fp16/bf16/fp32, any device; in_features a multiple of 32)."""
@@ -104,7 +107,14 @@ def quantize(w: torch.Tensor) -> Int8QuantizedTensor:
     why = skip_reason(w.shape[1])
     if why:
         raise MemboostError(f"'w': {why}")
-    values, scales = reference.int8_quantize(w)
+    n, k = w.shape
+    values = torch.empty((n, k), dtype=torch.int8, device=w.device)
+    scales = torch.empty((n, k // BLOCK), dtype=torch.float16, device=w.device)
+    # A slice of rows at a time: the float32 copies are one slice's (64 MiB), not the whole weight's (a
+    # 128256 x 4096 output layer's are 2 GiB each). The same bytes as one call.
+    rows = max(1, _SLICE_WEIGHTS // max(k, 1))
+    for r in range(0, n, rows):
+        values[r:r + rows], scales[r:r + rows] = reference.int8_quantize(w[r:r + rows])
     if not bool(torch.isfinite(scales).all()):
         raise MemboostError("'w' has a block whose largest value / 127 overflows float16 (the Q8_0 scale)")
     return Int8QuantizedTensor._wrap({"values": values.contiguous(), "scales": scales.contiguous()},

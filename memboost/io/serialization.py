@@ -158,15 +158,17 @@ _CRC_CHUNK = 16 << 20  # bytes read at a time while checking a tensor
 
 
 class FileChecksums:
-    """The CRC-32s a safetensors file's metadata records (CHECKSUMS_KEY) and
-    where each tensor's bytes lie, read from its header; `verify(names)`
-    reads those bytes back and raises MemboostError naming the first tensor
-    whose bytes changed. `recorded` is False for a file written without
-    checksums (verify then checks nothing). Call it on a file whose header
-    check_safetensors_header (or safetensors) accepted."""
+    """Where each tensor's bytes lie in a safetensors file (`offsets`: name
+    -> (start, end) in the file, read from its header) and the CRC-32s its
+    metadata records (CHECKSUMS_KEY; `ranges`: name -> (start, end, crc));
+    `verify(names)` reads those bytes back and raises MemboostError naming
+    the first tensor whose bytes changed. `recorded` is False for a file
+    written without checksums (verify then checks nothing). Call it on a
+    file whose header check_safetensors_header (or safetensors) accepted."""
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
+        self.offsets: Dict[str, Tuple[int, int]] = {}  # name -> (start, end in the file)
         self.ranges: Dict[str, Tuple[int, int, int]] = {}  # name -> (start, end in the file, crc)
         with open(self.path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
@@ -176,7 +178,18 @@ class FileChecksums:
                 raise MemboostError(f"{self.path!r} is not a safetensors file: its header is not JSON "
                                     f"({exc})") from None
         size = os.path.getsize(self.path)
-        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        if not isinstance(header, dict):
+            raise MemboostError(f"{self.path!r} is not a safetensors file: its header is not a JSON object")
+        data_start = 8 + header_len
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+            if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+                    and 0 <= offsets[0] <= offsets[1] <= size - data_start):
+                raise MemboostError(f"{self.path!r}: tensor {name!r} has invalid data_offsets {offsets!r}")
+            self.offsets[name] = (data_start + offsets[0], data_start + offsets[1])
+        metadata = header.get("__metadata__")
         text = metadata.get(CHECKSUMS_KEY) if isinstance(metadata, dict) else None
         self.recorded = text is not None
         if not self.recorded:
@@ -190,18 +203,11 @@ class FileChecksums:
         if checksums is None:
             raise MemboostError(f"{self.path!r}: metadata '{CHECKSUMS_KEY}' must map tensor names to 8 hex digits "
                                 "(damaged header?)")
-        data_start = 8 + header_len
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
+        for name, (start, end) in self.offsets.items():
             if name not in checksums:
                 raise MemboostError(f"{self.path!r}: tensor {name!r} has no checksum in '{CHECKSUMS_KEY}' (damaged "
                                     "header?)")
-            offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-            if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-                    and 0 <= offsets[0] <= offsets[1] <= size - data_start):
-                raise MemboostError(f"{self.path!r}: tensor {name!r} has invalid data_offsets {offsets!r}")
-            self.ranges[name] = (data_start + offsets[0], data_start + offsets[1], checksums.pop(name))
+            self.ranges[name] = (start, end, checksums.pop(name))
         if checksums:
             raise MemboostError(f"{self.path!r}: '{CHECKSUMS_KEY}' lists tensor(s) the file does not hold, e.g. "
                                 f"{sorted(checksums)[:3]} (damaged header?)")
@@ -214,7 +220,7 @@ class FileChecksums:
         view = memoryview(buf)
         with open(self.path, "rb") as f:
             for name in self.ranges if names is None else names:
-                start, end, expected = self.ranges[name]
+                start, end, _ = self.ranges[name]
                 f.seek(start)
                 crc, left = 0, end - start
                 while left:
@@ -223,11 +229,18 @@ class FileChecksums:
                         raise MemboostError(f"{self.path!r}: tensor {name!r} is truncated")
                     crc = zlib.crc32(view[:n], crc)
                     left -= n
-                if crc != expected:
-                    raise MemboostError(f"{self.path!r}: tensor {name!r} is damaged: its bytes do not match the "
-                                        f"checksum saved with them (CRC-32 {crc:08x}, saved {expected:08x}); "
-                                        "restore the file from a good copy (verify=False / --no-verify loads it "
-                                        "anyway)")
+                self.check(name, crc)
+
+    def check(self, name: str, crc: int) -> None:
+        """Raises MemboostError when `crc`, the CRC-32 of tensor `name`'s bytes as read, is not the recorded one."""
+        if not self.recorded:
+            return
+        expected = self.ranges[name][2]
+        if crc != expected:
+            raise MemboostError(f"{self.path!r}: tensor {name!r} is damaged: its bytes do not match the "
+                                f"checksum saved with them (CRC-32 {crc:08x}, saved {expected:08x}); "
+                                "restore the file from a good copy (verify=False / --no-verify loads it "
+                                "anyway)")
 
 
 def check_safetensors_header(path: str) -> int:
@@ -300,6 +313,51 @@ def load_safetensors(path: str, device: str = "cpu", verify: bool = True) -> Dic
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
                        "U8": torch.uint8, "BOOL": torch.bool}
+_MADV_DONTNEED = 4   # Linux
+
+
+def release_mapped_pages() -> int:
+    """Drops this process's resident pages of memory-mapped safetensors
+    files (Linux; elsewhere a no-op); returns the size of the maps dropped. A model
+    whose tensors are mapped from its files (load_quantized, load_mapped)
+    keeps every page it has read in its resident memory until the maps go;
+    a pass that reads each tensor once (the GGUF export) calls this after
+    each one, so that it holds one tensor's pages, not the model's. The
+    pages stay in the kernel's page cache and a later read maps them again.
+    Only maps of a *.safetensors file that are readable, not executable and
+    hold no page of their own (smaps' Anonymous: 0 kB: nothing was written
+    to them) are dropped, so no data can be lost."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    candidates, current = [], None
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 5 and "-" in fields[0] and not fields[0].endswith(":"):   # a map's first line
+            current = None
+            perms, path = fields[1], fields[5] if len(fields) > 5 else ""
+            if path.endswith(".safetensors") and perms.startswith("r") and "x" not in perms:
+                start, end = (int(v, 16) for v in fields[0].split("-"))
+                current = [start, end, None]
+                candidates.append(current)
+        elif current is not None and fields and fields[0] == "Anonymous:":
+            current[2] = int(fields[1])
+    if not candidates:
+        return 0
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    dropped = 0
+    for start, end, anonymous in candidates:
+        if anonymous == 0 and libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED) == 0:
+            dropped += end - start
+    return dropped
+
+
 _SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
 
 
@@ -330,11 +388,12 @@ class SafetensorsSource:
         self._handles = {}
         self._where: Dict[str, str] = {}
         self._checksums: Dict[str, FileChecksums] = {}
+        self._layouts: Dict[str, FileChecksums] = {}
         self.aliases: Dict[str, str] = {}
         for file in self.files:
             handle = self._open(file)
             if verify:  # each tensor is checked when get() reads it
-                self._checksums[file] = FileChecksums(file)
+                self._checksums[file] = self._layouts[file] = FileChecksums(file)
             for name in handle.keys():
                 self._where.setdefault(name, file)
             metadata = handle.metadata() or {}
@@ -375,18 +434,63 @@ class SafetensorsSource:
         """The torch dtype of a tensor, or safetensors' name of a dtype torch has no match for here."""
         return _SAFETENSORS_DTYPES.get(self.dtype(name), self.dtype(name))
 
-    def get(self, name: str, device: str = "cpu") -> torch.Tensor:
+    def get(self, name: str, device: str = "cpu", mapped: bool = True) -> torch.Tensor:
+        """The tensor `name`. mapped=True: a view of safetensors' memory map
+        of the file (nothing copied; the pages read stay in this process's
+        resident memory, as the file's, until the source is closed).
+        mapped=False: its bytes read into memory of its own, given back when
+        the tensor is freed (a model read block by block then holds one
+        block's pages at a time, not every page it read)."""
         name = self.aliases.get(name, name)
         self._slice(name)  # names the tensor when it is missing
-        checksums = self._checksums.get(self._where[name])
+        file = self._where[name]
+        if not mapped:
+            t = self._read(file, name)
+            return t if str(device) == "cpu" else t.to(device)
+        checksums = self._checksums.get(file)
         if checksums is not None:
             checksums.verify([name])
         try:
-            t = self._handles[self._where[name]].get_tensor(name)
+            t = self._handles[file].get_tensor(name)
         except (self._error, OSError, RuntimeError) as exc:
-            raise MemboostError(f"{self._where[name]!r}: tensor {name!r} cannot be read (truncated or "
+            raise MemboostError(f"{file!r}: tensor {name!r} cannot be read (truncated or "
                                 f"corrupt?): {exc}") from exc
         return t if str(device) == "cpu" else t.to(device)
+
+    def _read(self, file: str, name: str) -> torch.Tensor:
+        """get(mapped=False): the bytes read with plain reads into a new tensor, its CRC-32 checked on them."""
+        dtype, shape = self.torch_dtype(name), self.shape(name)
+        if not isinstance(dtype, torch.dtype):
+            raise MemboostError(f"{file!r}: tensor {name!r} has dtype {dtype!r}, which torch cannot hold")
+        if file not in self._layouts:
+            self._layouts[file] = FileChecksums(file)
+        layout = self._layouts[file]
+        start, end = layout.offsets[name]
+        numel = 1
+        for n in shape:
+            numel *= n
+        if end - start != numel * dtype.itemsize:   # safetensors checked the header; a cheap guard all the same
+            raise MemboostError(f"{file!r}: tensor {name!r} spans {end - start} bytes, its shape {list(shape)} and "
+                                f"dtype {dtype} need {numel * dtype.itemsize}")
+        if not numel:
+            return torch.empty(shape, dtype=dtype)
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        checking = file in self._checksums and name in layout.ranges   # verify=True and the file has CRC-32s
+        crc, done = 0, 0
+        with open(file, "rb", buffering=0) as f:
+            f.seek(start)
+            while done < end - start:
+                n = f.readinto(view[done:done + min(_CRC_CHUNK, end - start - done)])
+                if not n:
+                    raise MemboostError(f"{file!r}: tensor {name!r} is truncated: {done} of its {end - start} bytes "
+                                        "are in the file")
+                if checking:
+                    crc = zlib.crc32(view[done:done + n], crc)
+                done += n
+        if checking:
+            layout.check(name, crc)
+        return buf.view(dtype).reshape(shape)
 
     def close(self) -> None:
         self._stack.close()

@@ -5,8 +5,9 @@ from its safetensors folder to a save_quantized folder.
     report = quantize_folder("Llama-3-8B", "llama-mixed", "mixed", calibration_batches=windows, hessian=True)
 
 The model is built from its config on the meta device (no memory; transformers'
-classes), then each decoder block in turn gets its float weights from the
-memory-mapped shards (SafetensorsSource), is quantized by quantize_model
+classes), then each decoder block in turn gets its float weights read from
+the shards (SafetensorsSource, into memory freed with the block: a memory
+map's pages would stay in the process until the end), is quantized by quantize_model
 (the same quantizers as the in-memory path), written (ShardWriter) and
 dropped. With calibration batches, the inputs of the first block are captured
 with only the tensors outside the blocks mapped (the embeddings), and each
@@ -77,12 +78,20 @@ def _slots(module: nn.Module, prefix: str, tensors: Dict[int, List[Tuple[str, nn
 
 
 def _materialize(module: nn.Module, prefix: str, source: SafetensorsSource, dtype: torch.dtype,
-                 skip_prefix: Optional[str] = None) -> List[Tuple[nn.Module, str, bool, torch.Tensor]]:
+                 skip_prefix: Optional[str] = None, mapped: bool = False
+                 ) -> List[Tuple[nn.Module, str, bool, torch.Tensor]]:
     """Gives every parameter (and persistent buffer) of `module`, named
-    `prefix` in the model, its tensor from `source` (memory-mapped; floating
-    point ones in `dtype`), tied slots the same tensor. Names under
-    `skip_prefix` (the decoder blocks, handled one by one) are left alone.
-    Returns what _release needs to put the meta tensors back."""
+    `prefix` in the model, its tensor from `source` (floating point ones in
+    `dtype`), tied slots the same tensor. Names under `skip_prefix` (the
+    decoder blocks, handled one by one) are left alone. mapped=False reads
+    each tensor into memory of its own, freed with the module's tensors: a
+    block's pages leave the process with the block (a memory map's pages
+    would count in its resident memory until the source closes: the whole
+    model's, 16 GB for an 8B model in bfloat16, by the last block).
+    mapped=True maps them: for a model kept whole (load_mapped), or a pass
+    that touches a few pages of large tensors (the embedding rows of the
+    first block's inputs). Returns what _release needs to put the meta
+    tensors back."""
     replaced = []
     for slots in _slots(module, prefix, {}).values():
         slots = [s for s in slots if skip_prefix is None or not s[0].startswith(skip_prefix)]
@@ -97,7 +106,7 @@ def _materialize(module: nn.Module, prefix: str, source: SafetensorsSource, dtyp
                                 "be streamed: load it whole)")
         name, mod, attr, _ = stored[0]
         current = getattr(mod, attr)
-        t = source.get(name)
+        t = source.get(name, mapped=mapped)
         if tuple(t.shape) != tuple(current.shape):
             raise MemboostError(f"{source.path!r}: tensor {name!r} has shape {tuple(t.shape)}, the model's config "
                                 f"makes it {tuple(current.shape)}")
@@ -199,7 +208,7 @@ def load_mapped(source: str, dtype: Union[str, torch.dtype] = "auto", verify: bo
     with SafetensorsSource(source, verify=verify) as src:
         compute_dtype = _compute_dtype(dtype, config, src)
         model = _meta_model(source, config, compute_dtype)
-        _materialize(model, "", src, compute_dtype)
+        _materialize(model, "", src, compute_dtype, mapped=True)
     return model
 
 
@@ -255,6 +264,9 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
         if not targets:
             raise MemboostError(f"no layer of {source!r} is left to quantize: every one is skipped")
         outside = [name for name, *_ in targets if not name.startswith(blocks_prefix)]
+        # names only from here: the list holds every layer module, whose weights would then outlive their block
+        # (each block's float weights kept to the end: the whole model's, in memory)
+        del targets
         if calibrated and outside:
             raise MemboostError(f"calibrated quantization block by block covers the decoder blocks only; layer "
                                 f"{outside[0]!r} lies outside them: add it to 'skip' (e.g. skip=('lm_head',))")
@@ -268,7 +280,7 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
         if calibrated:
             # The first block's inputs, with what lies outside the blocks mapped (embeddings; lm_head's pages
             # are never read: the forward passes stop at the first block).
-            loaded = _materialize(model, "", src, compute_dtype, skip_prefix=blocks_prefix)
+            loaded = _materialize(model, "", src, compute_dtype, skip_prefix=blocks_prefix, mapped=True)
             inputs = _as_keyword_inputs(_block_inputs(model, blocks[0], batches))
             _release(loaded)
 
@@ -312,21 +324,26 @@ def quantize_folder(source: str, directory: str, method: str = "mixed", skip: It
         inputs = None
 
         # What lies outside the blocks: embeddings, final norm, lm_head (quantized when not skipped).
-        _materialize(model, "", src, compute_dtype, skip_prefix=blocks_prefix)
+        loaded = _materialize(model, "", src, compute_dtype, skip_prefix=blocks_prefix)
         quantize_part(model, "", head=lm_head)  # the output layer as quantize_model's lm_head says
         rest_formats = quantized_formats(model)
         formats.update(rest_formats)
         rest = {k: v for k, v in model.state_dict().items() if not k.startswith(blocks_prefix)}
         stored, aliases = _split_aliases(rest)
+        plain_dtype = _plain_float_dtype(model, stored)
+        # The float weights of a quantized lm_head are freed (1 GiB for the 8B shape) before a shard may be
+        # written from the scratch file (its pages mapped meanwhile), the stored ones (the embedding) once they
+        # are in the scratch file.
+        _release(loaded)
         writer.add(cast_for_storage(stored, rest_formats, storage_dtype))
-        del rest
+        del rest, stored
         writer.close(aliases)
         call = quantize_call(method, params, skip, calibrated, len(report.replaced))
         call["lm_head"] = lm_head if lm_head is not None and lm_head in rest_formats.values() else None
         if report.plan:
             call["plan"] = dict(report.plan)
         write_config(staging, model.config, quantization_config_of(formats, [call]), model.generation_config,
-                     plain_dtype=_plain_float_dtype(model, stored))
+                     plain_dtype=plain_dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
     report.warnings.extend(damage_warnings(method, report, calibrated))
@@ -423,7 +440,7 @@ def _plan_statistics(source, batches, bits, skip, group_size, outlier_fraction, 
             raise MemboostError(f"{source!r} has no layer in its decoder blocks whose in_features "
                                 f"group_size={group_size} divides (every one skipped or not divisible)")
 
-        loaded = _materialize(model, "", src, compute_dtype, skip_prefix=blocks_prefix)
+        loaded = _materialize(model, "", src, compute_dtype, skip_prefix=blocks_prefix, mapped=True)
         inputs = _as_keyword_inputs(_block_inputs(model, blocks[0], batches))
         _release(loaded)
         saved = ScratchFile(scratch)

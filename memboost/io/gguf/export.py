@@ -25,7 +25,7 @@ import torch
 
 from . import quants as gguf_quants
 from ...errors import MemboostError, MemboostTypeError
-from ..serialization import atomic_write
+from ..serialization import atomic_write, release_mapped_pages
 
 @dataclasses.dataclass(frozen=True)
 class Architecture:
@@ -817,6 +817,8 @@ def _export_spilled(model, path, weight_type, output_type, tokenizer, name, weig
                 spilled = (spilled[0], spilled[1], (spilled[2][0] + at[2][0],) + tuple(at[2][1:]))
             nbytes += data.numel() * data.element_size()
             del data, w_src, w_out
+        # a model mapped from its files (load_quantized, load_mapped) would otherwise keep every page read
+        release_mapped_pages()
         err = math.sqrt(err_sq) / max(math.sqrt(src_sq), 1e-30)
         numel = math.prod(value.shape)
         rows.append(TensorRow(gguf_name, source, qtype, 8.0 * nbytes / numel, err, note, numel, nbytes))
@@ -832,9 +834,12 @@ def _export_spilled(model, path, weight_type, output_type, tokenizer, name, weig
     _add_hparams(writer, hp, weight_type, name)
     tok_notes = _add_tokenizer(writer, tokenizer, hp.n_vocab)
     scratch.flush()
-    spilled = np.memmap(scratch, dtype=np.uint8, mode="r") if scratch.tell() else np.empty(0, np.uint8)
     for gguf_name, (offset, dtype, shape), qtype in converted:
-        arr = np.frombuffer(spilled, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+        # One map per tensor: the writer drops each array once written, which unmaps its pages; through one
+        # map of the whole scratch file, every page written would stay in this process's resident memory (the
+        # whole output's size by the end).
+        arr = (np.memmap(scratch, dtype=dtype, mode="r", offset=offset, shape=tuple(shape)) if math.prod(shape)
+               else np.empty(shape, dtype))
         if qtype in ("F32", "F16"):
             writer.add_tensor(gguf_name, arr)
         else:
