@@ -35,6 +35,7 @@ quantizing the 8B shape; reload <= 1.2x the quantized size.
 """
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -180,6 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work", help="folder for the quantized outputs (default: a temporary folder)")
     parser.add_argument("--json", help="write the rows here (default benchmarks/results/big_model_cpu.json; "
                                        "none with --config tiny)")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of other formats already in --json "
+                        "(this run's rows replace those of their formats; each row says when it was measured)")
     args = parser.parse_args(argv)
     if (args.model is None) == (args.config is None):
         parser.error("give --model DIR or --config tiny|small")
@@ -190,10 +193,20 @@ def main(argv=None) -> int:
     json_path = args.json if args.json is not None else ("" if args.config else
                                                           os.path.join(ROOT, "benchmarks/results/big_model_cpu.json"))
 
+    earlier = []
+    if args.merge and json_path and os.path.exists(json_path):
+        with open(json_path) as f:
+            earlier = json.load(f).get("rows", [])
+    today = time.strftime("%Y-%m-%d")
+
     def save(rows):
+        for row in rows:
+            row.setdefault("measured", today)
+        ours = {row["format"]: row for row in rows}
+        merged = [ours.pop(row["format"], row) for row in earlier] + list(ours.values())
         write_json(json_path, {"model": args.model or args.config, "calib_seqs": args.calib_seqs,
                                "calib_len": args.calib_len, "bits_budget": args.bits_budget, "note": args.note,
-                               "rows": rows})
+                               "rows": merged})
 
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         model = args.model

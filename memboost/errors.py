@@ -10,6 +10,8 @@ arguments in C++ and raise plain ValueError with the same kind of message
 
 import torch
 
+from ._slices import row_slices
+
 
 class MemboostError(ValueError):
     """Bad input to memboost: an argument, a quantized state or a file. The
@@ -30,14 +32,9 @@ def check_float_weight(w, name: str = "w") -> None:
         raise MemboostError(f"'{name}' is empty (shape {tuple(w.shape)})")
     # Checked a slice at a time: isfinite's temporaries are one slice's, not a copy of a 0.5 G-weight output
     # layer (2.5 GB for 128256 x 4096 in bfloat16).
-    flat = w.reshape(-1) if w.is_contiguous() else w
-    step = _FINITE_SLICE if flat.dim() == 1 else max(1, _FINITE_SLICE // max(1, w[0].numel()))
-    for start in range(0, flat.shape[0], step):
-        if not bool(torch.isfinite(flat[start:start + step]).all()):
+    for piece in row_slices(w.reshape(-1) if w.is_contiguous() else w):
+        if not bool(torch.isfinite(piece).all()):
             raise MemboostError(f"'{name}' contains NaN or Inf values")
-
-
-_FINITE_SLICE = 1 << 24
 
 
 def check_device(device, name: str = "device") -> torch.device:

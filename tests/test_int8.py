@@ -203,10 +203,11 @@ def test_gguf_export_writes_the_int8_output_layer_as_q8_0_unchanged(tmp_path):
 def test_quantize_in_row_slices_gives_the_same_bytes(monkeypatch):
     """int8.quantize works a slice of rows at a time (an 8B model's 128256 x 4096 output layer would otherwise
     need 2 GiB float32 copies): the same values and scales as one reference call, the last slice short."""
+    from memboost import _slices
     from memboost.formats import int8 as int8_format
 
     w = llm_like_weight(100, 64, seed=3, dtype=torch.bfloat16)
-    monkeypatch.setattr(int8_format, "_SLICE_WEIGHTS", 7 * 64)   # slices of 7 rows: 14 full ones and 2 rows
+    monkeypatch.setattr(_slices, "SLICE_ELEMENTS", 7 * 64)   # slices of 7 rows: 14 full ones and 2 rows
     q = int8_format.quantize(w)
     values, scales = reference.int8_quantize(w)
     assert torch.equal(q.tensors["values"], values) and torch.equal(q.tensors["scales"], scales)
@@ -215,9 +216,9 @@ def test_quantize_in_row_slices_gives_the_same_bytes(monkeypatch):
 def test_finite_check_in_slices_finds_a_late_nan(monkeypatch):
     """check_float_weight checks a slice at a time: a NaN in the last slice, or in a non-contiguous weight, is
     still found."""
-    from memboost import errors
+    from memboost import _slices, errors
 
-    monkeypatch.setattr(errors, "_FINITE_SLICE", 100)
+    monkeypatch.setattr(_slices, "SLICE_ELEMENTS", 100)
     w = torch.randn(33, 32)
     w[-1, -1] = float("nan")
     with pytest.raises(memboost.MemboostError, match="'w' contains NaN"):

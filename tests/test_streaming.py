@@ -274,6 +274,7 @@ def test_streamed_bits_plan_errors(float_folder, tmp_path):
 def test_gguf_export_in_row_slices_gives_the_same_bytes(tmp_path, monkeypatch):
     """export_gguf converts a large matrix (an 8B model's embedding and output layer) a slice of rows at a time,
     float or int8: the file is byte for byte the one-piece conversion's, and the reported errors agree."""
+    from memboost import _slices
     from memboost.io.gguf import export as gguf_export
 
     model, _ = tiny_llama_with_tokenizer(tie_word_embeddings=False)
@@ -281,12 +282,12 @@ def test_gguf_export_in_row_slices_gives_the_same_bytes(tmp_path, monkeypatch):
     assert type(model.lm_head.weight.tensor()).__name__ == "Int8QuantizedTensor"
     reports = {}
     for name, weights in (("whole", 1 << 30), ("sliced", 1000)):   # 64 x 64 matrices: slices of 15 rows
-        monkeypatch.setattr(gguf_export, "_EXPORT_SLICE_WEIGHTS", weights)
+        monkeypatch.setattr(_slices, "SLICE_ELEMENTS", weights)
         for qtype in ("Q4_0", "F16"):
             reports[name, qtype] = memboost.export_gguf(model, tmp_path / f"{name}-{qtype}.gguf", qtype,
                                                         verbose=False)
     for value in (model.model.embed_tokens.weight, model.lm_head.weight.tensor()):
-        sliced = list(gguf_export._row_slices(value, 1000))
+        sliced = list(gguf_export._row_slices(value))   # still 1000 elements per slice
         assert len(sliced) == 5 and sum(p.shape[0] for p in sliced) == 64
     for qtype in ("Q4_0", "F16"):
         assert (tmp_path / f"whole-{qtype}.gguf").read_bytes() == (tmp_path / f"sliced-{qtype}.gguf").read_bytes()

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from .. import ops, reference
+from .._slices import rows_per_slice
 from ..errors import MemboostError, check_float_weight
 from .tensor import QuantizedTensor, dtype_name
 from .ternary import check_act_bits
@@ -95,9 +96,6 @@ class Int8QuantizedTensor(QuantizedTensor):
             raise MemboostError("'scales' contains NaN or Inf values")
 
 
-_SLICE_WEIGHTS = 1 << 24
-
-
 def quantize(w: torch.Tensor) -> Int8QuantizedTensor:
     """int8 (Q8_0) quantization of a weight [out_features, in_features]
     (fp16/bf16/fp32, any device; in_features a multiple of 32)."""
@@ -112,7 +110,7 @@ def quantize(w: torch.Tensor) -> Int8QuantizedTensor:
     scales = torch.empty((n, k // BLOCK), dtype=torch.float16, device=w.device)
     # A slice of rows at a time: the float32 copies are one slice's (64 MiB), not the whole weight's (a
     # 128256 x 4096 output layer's are 2 GiB each). The same bytes as one call.
-    rows = max(1, _SLICE_WEIGHTS // max(k, 1))
+    rows = rows_per_slice(w.shape)
     for r in range(0, n, rows):
         values[r:r + rows], scales[r:r + rows] = reference.int8_quantize(w[r:r + rows])
     if not bool(torch.isfinite(scales).all()):

@@ -24,6 +24,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 
 from . import quants as gguf_quants
+from ..._slices import rows_per_slice
 from ...errors import MemboostError, MemboostTypeError
 from ..serialization import atomic_write, release_mapped_pages
 
@@ -726,16 +727,14 @@ def _check_output_is_embedding(lm_head, embed, arch: str) -> None:
                         "lm_head is another matrix (untied); it cannot be exported for it")
 
 
-_EXPORT_SLICE_WEIGHTS = 1 << 24   # weights per slice of a large matrix's rows (64 MB in float32)
 
-
-def _row_slices(value, weights: int):
+def _row_slices(value):
     """`value` (a float matrix or an int8 QuantizedTensor) as slices of whole
-    rows of about `weights` weights each; other quantized formats whole."""
+    rows (memboost._slices); other quantized formats whole."""
     from ...formats.int8 import Int8QuantizedTensor
 
     rows, cols = value.shape
-    step = max(1, weights // max(cols, 1))
+    step = rows_per_slice(value.shape)
     if rows <= step or not (isinstance(value, torch.Tensor) or type(value) is Int8QuantizedTensor):
         yield value
         return
@@ -798,7 +797,7 @@ def _export_spilled(model, path, weight_type, output_type, tokenizer, name, weig
         # output layer) a slice at a time: its float32 copies (source,
         # dequantized bytes, their difference) are then one slice's; the bytes
         # are the same (rows are quantized independently).
-        for piece in ([value] if permuted or not is_matrix else _row_slices(value, _EXPORT_SLICE_WEIGHTS)):
+        for piece in ([value] if permuted or not is_matrix else _row_slices(value)):
             try:
                 data, qtype, source, note, w_src, w_out = _convert(piece, wanted, is_matrix, importance.get(hf_name))
             except MemboostError as exc:
