@@ -17,7 +17,7 @@ PACKAGE = os.path.join(ROOT, "memboost")
 # Lowest first. A module may import from its own layer and the ones before it.
 LAYERS = [
     ["memboost._version", "memboost.errors", "memboost._native", "memboost._threads", "memboost._progress",
-     "memboost._build_info", "memboost._C"],
+     "memboost._build_info", "memboost._C", "memboost._slices"],
     ["memboost.ops", "memboost.reference"],
     ["memboost.formats"],
     ["memboost.nn"],
