@@ -4,9 +4,10 @@ transformers' eager generate in float32, and llama.cpp (llama-cpp-python) on
 memboost's own GGUF export (memboost.export_gguf of the float model) at the
 nearest GGUF type. Every row carries its ratio to llama.cpp at that type.
 
-Models: SmolLM2-135M (memboost.testbed, float32) and a Llama-3.2-1B-shaped
-model with random bf16 weights built from a LlamaConfig (nothing downloaded;
-memboost computes in bf16 on it, transformers' row in float32).
+Models: SmolLM2-135M (memboost.testbed, float32) and Llama-3.2-1B- and
+3B-shaped models (`llama1b`, `llama3b`) with random bf16 weights built from a
+LlamaConfig (nothing downloaded; memboost computes in bf16 on them,
+transformers' row in float32).
 
 Batch 1: `--tokens` greedy tokens after a short prompt, tokens/s = tokens /
 wall time of the whole call (prefill included), best of `--repeats` after a
@@ -51,16 +52,24 @@ REFERENCE_ONLY = ["Q8_0"]  # llama.cpp rows with no memboost counterpart
 PROMPT = "The capital of France is"
 
 
-def llama_1b_config():
-    """Llama-3.2-1B's architecture (its published config.json), no weights."""
+# Llama-3.2-1B's and -3B's architectures (their published config.json), no weights.
+LLAMA_SHAPES = {
+    "llama1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                    head_dim=64),
+    "llama3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                    head_dim=128),
+}
+
+
+def llama_config(name: str):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                       num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
+    return LlamaConfig(vocab_size=128256, num_key_value_heads=8, max_position_embeddings=131072,
                        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
                        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                        "original_max_position_embeddings": 8192})
+                                        "original_max_position_embeddings": 8192},
+                       **LLAMA_SHAPES[name])
 
 
 def load(name: str):
@@ -68,12 +77,12 @@ def load(name: str):
     if name == "smollm2":
         model, tokenizer = memboost.testbed.load_smollm2()
         return model, tokenizer, torch.float32
-    if name == "llama1b":
+    if name in LLAMA_SHAPES:
         from transformers import LlamaForCausalLM
 
         torch.manual_seed(0)
         with torch.device("meta"):
-            model = LlamaForCausalLM(llama_1b_config())
+            model = LlamaForCausalLM(llama_config(name))
         model = model.to_empty(device="cpu").to(torch.bfloat16).eval()  # random bf16 weights, as a checkpoint holds
         model.tie_weights()  # to_empty made the lm_head its own tensor again
         with torch.no_grad():
@@ -82,7 +91,7 @@ def load(name: str):
         model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)  # its buffers were on meta
         model.generation_config.eos_token_id = None
         return model, None, torch.bfloat16
-    raise SystemExit(f"unknown model {name!r}: smollm2 or llama1b")
+    raise SystemExit(f"unknown model {name!r}: smollm2, {', '.join(LLAMA_SHAPES)}")
 
 
 def prompts_for(tokenizer, vocab: int, count: int):
@@ -260,7 +269,7 @@ def bench_model(name: str, args, tmp: str):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2,llama1b", help="comma-separated: smollm2, llama1b")
+    ap.add_argument("--models", default="smollm2,llama1b", help="comma-separated: smollm2, llama1b, llama3b")
     ap.add_argument("--formats", default="float,mixed,nf4,ternary,lort", help="comma-separated memboost formats")
     ap.add_argument("--tokens", type=int, default=64, help="greedy tokens generated per prompt")
     ap.add_argument("--batches", default="8,16", help="batch sizes of the throughput table ('' for none)")
