@@ -6,7 +6,8 @@ streamed weights (a round robin over copies totalling 4x the last-level
 cache, as a decode step reads every layer once), batch 1 and 8.
 
 Each streamed row also shows the weight-reading floor (the layer's bytes at
-the read bandwidth this script measures first) and the call's time above it:
+the read bandwidth this script measures, the better of a probe before and
+one after the rows) and the call's time above it:
 the fixed cost of a call is what remains when the weights are hot or the
 floor is subtracted. `streamed_us` (and `over_floor_us`) time the call the
 decode loop makes on each copy (its bound op); `streamed_forward_us` the
@@ -55,6 +56,12 @@ def read_bandwidth(nbytes: int) -> float:
     return nbytes / time_cpu(lambda: buf.sum(), min_time=0.3)
 
 
+def set_floors(rows: list, bandwidth: float) -> None:
+    for r in rows:
+        r["floor_us"] = r["weight_KiB"] * 1024 / bandwidth * 1e6
+        r["over_floor_us"] = r["streamed_us"] - r["floor_us"]
+
+
 def layer_bytes(layer) -> int:
     if isinstance(layer, torch.nn.Linear):
         return layer.weight.nbytes
@@ -82,8 +89,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     stream_bytes = 4 * ((args.llc_mib << 20) if args.llc_mib else llc_bytes())
-    bandwidth = read_bandwidth(max(stream_bytes, 64 << 20))
-    print(f"{args.threads} threads, streaming over {stream_bytes >> 20} MiB, read bandwidth {bandwidth / 1e9:.1f} GB/s")
+    probe_bytes = max(stream_bytes, 64 << 20)
+    bandwidth_before = read_bandwidth(probe_bytes)
     rows = []
     with torch.inference_mode():
         for shape in args.shapes:
@@ -112,12 +119,19 @@ def main() -> None:
                              if isinstance(layer, torch.nn.Linear) else [c.linear_bound(x.dtype) for c in copies])
                     streamed = time_cpu(lambda: [c(x) for c in calls], min_time=0.0, warmup=1) / len(copies)
                     del calls
-                    floor = nbytes / bandwidth
                     rows.append({"shape": shape, "format": name, "mode": mode, "batch": batch, "weight_KiB": nbytes / 1024,
                                  "hot_us": hot * 1e6, "bound_hot_us": bound * 1e6, "streamed_us": streamed * 1e6,
-                                 "streamed_forward_us": streamed_forward * 1e6, "floor_us": floor * 1e6,
-                                 "over_floor_us": (streamed - floor) * 1e6})
+                                 "streamed_forward_us": streamed_forward * 1e6})
                 del copies
+    # The floor reads at the better of two probes, before and after the rows:
+    # this shared host's bandwidth dips for minutes at a time (one probe read
+    # 18 GB/s where the run before read 45), and the floor is what the memory
+    # can deliver, not what it did at one moment.
+    bandwidth_after = read_bandwidth(probe_bytes)
+    bandwidth = max(bandwidth_before, bandwidth_after)
+    set_floors(rows, bandwidth)
+    print(f"{args.threads} threads, streaming over {stream_bytes >> 20} MiB, read bandwidth "
+          f"{bandwidth_before / 1e9:.1f} GB/s before the rows, {bandwidth_after / 1e9:.1f} after")
     baseline = {(r["shape"], r["batch"]): r["hot_us"] for r in rows if r["format"] == "float32 F.linear"}
     bound_baseline = {(r["shape"], r["batch"]): r["bound_hot_us"] for r in rows if r["format"] == "float32 F.linear"}
     for r in rows:
@@ -128,6 +142,7 @@ def main() -> None:
                 f"µs per call, {args.threads} threads (hot_vs_float32 > 1: faster than F.linear on float32)")
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     write_json(args.json, {"threads": args.threads, "stream_bytes": stream_bytes, "read_bandwidth_Bps": bandwidth,
+                           "read_bandwidth_probes_Bps": [bandwidth_before, bandwidth_after],
                            "torch": torch.__version__, "rows": rows})
 
 
