@@ -144,3 +144,44 @@ def test_killed_lort_writer_leaves_a_whole_file(tmp_path):
         i = f.meta["version"]
         assert i in (0, 1) and torch.equal(f.tensors["b"], torch.arange(1000.0) + i)
         assert set(f.layers) == {"w"}
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_replaced_directory_is_never_missing(tmp_path, monkeypatch, exchange):
+    # The folder is swapped in one renameat2(RENAME_EXCHANGE) where Linux
+    # allows it; elsewhere two renames. Both leave the new contents and no
+    # staging or old folder behind; with the exchange, the folder at the path
+    # is never absent (a rename of the path itself is refused mid-swap).
+    from memboost.io import checkpoint
+
+    if not exchange:
+        monkeypatch.setattr(checkpoint, "_exchange_paths", lambda a, b: False)
+    target = tmp_path / "model"
+    for version in range(3):
+        with checkpoint.replace_directory(str(target)) as staging:
+            with open(os.path.join(staging, "version"), "w") as f:
+                f.write(str(version))
+        assert (target / "version").read_text() == str(version)
+        assert sorted(os.listdir(tmp_path)) == ["model"]
+    if exchange:
+        renamed = []
+        real_replace = os.replace
+        monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: (renamed.append((a, b)), real_replace(a, b)))
+        with checkpoint.replace_directory(str(target)) as staging:
+            open(os.path.join(staging, "version"), "w").close()
+        assert renamed == []  # one exchange, no rename that takes the folder away
+        assert (target / "version").read_text() == ""
+
+
+def test_directory_exchange_swaps_two_folders(tmp_path):
+    from memboost.io.checkpoint import _exchange_paths
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    assert _exchange_paths(str(a), str(b))  # Linux (3.15+) on a local file system, as CI runs
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+    assert not _exchange_paths(str(a), str(tmp_path / "missing"))  # an error changes nothing
+    assert (a / "x").read_text() == "b"

@@ -243,11 +243,34 @@ def write_config(folder: str, config, qconfig: dict, generation_config=None,
         generation_config.save_pretrained(folder)
 
 
+_RENAME_EXCHANGE = 2   # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange_paths(a: str, b: str) -> bool:
+    """Swaps the folders at `a` and `b` in one step (Linux renameat2 with
+    RENAME_EXCHANGE); False where the C library, the kernel or the file
+    system cannot, and nothing was changed."""
+    try:
+        import ctypes
+
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    return renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0
+
+
 @contextlib.contextmanager
 def replace_directory(directory: str):
     """Yields a fresh folder next to `directory`; on success it replaces
     `directory` (which keeps its old contents until then), on error it is
-    removed and `directory` is untouched. The folder gets the user's umask."""
+    removed and `directory` is untouched. The folder gets the user's umask.
+    The two folders are exchanged in one atomic rename where the system
+    allows it: two renames (old folder aside, new one in) leave no folder at
+    `directory` if the process dies between them, which a test that kills
+    the writer at random moments once hit."""
     directory = check_output_path(directory, folder=True)
     parent = os.path.dirname(directory)
     try:
@@ -257,7 +280,9 @@ def replace_directory(directory: str):
     try:
         apply_umask(staging, folder=True)
         yield staging
-        if os.path.isdir(directory):
+        if os.path.isdir(directory) and _exchange_paths(staging, directory):
+            shutil.rmtree(staging, ignore_errors=True)  # the old folder, now at the staging path
+        elif os.path.isdir(directory):
             old = tempfile.mkdtemp(prefix="." + os.path.basename(directory) + ".old.", dir=parent)
             os.rmdir(old)
             os.replace(directory, old)
