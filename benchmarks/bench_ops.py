@@ -11,9 +11,9 @@ one after the rows) and the call's time above it:
 the fixed cost of a call is what remains when the weights are hot or the
 floor is subtracted. `streamed_us` (and `over_floor_us`) time the call the
 decode loop makes on each copy (its bound op); `streamed_forward_us` the
-module's forward, with its Python, on the same copies. `bound_hot_us` is the call the decode loop makes (the
-op with the weight bound, QuantizedLinear.linear_bound; F.linear for
-float32), hot. Goals (issue 23): at most 5 µs above the floor, and
+module's forward, with its Python, on the same copies. `bound_hot_us` is
+the call the decode loop makes (the op with the weight bound,
+QuantizedLinear.linear_bound; F.linear for float32), hot. Goals (issue 23): at most 5 µs above the floor, and
 every shape at least as fast as float32 F.linear with hot weights.
 
     python benchmarks/bench_ops.py [--threads 2] [--json benchmarks/results/ops_cpu.json]
