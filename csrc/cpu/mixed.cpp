@@ -669,13 +669,13 @@ __attribute__((target("avx2,fma,f16c"))) float outlier_dot_f16c(const MixedView&
 
 // Per tile row: the 4-bit groups' low bits, one chunk per set mask bit,
 // minus the zero points' share (the sum over groups of zero_step * gsum): the
-// starting values of the rows' accumulators, from one activation row. Groups
-// of 64 (one chunk each) walk the mask without a chunk loop or a running group
-// count, and the last groups' zero points take one masked vector instead of a
-// scalar loop: with one horizontal sum for a tile's four rows, 5% fewer
-// instructions per SmolLM2-sized call (benchmarks/callgrind_ops.py, AVX2).
+// starting values of the rows' accumulators, from one activation row (a
+// block of MB_INT8_TILE_BODY, below). Groups of 64 (one chunk each) walk the
+// mask without a chunk loop or a running group count, and the last groups'
+// zero points take one masked vector instead of a scalar loop: with one
+// horizontal sum for a tile's four rows, 5% fewer instructions per
+// SmolLM2-sized call (benchmarks/callgrind_ops.py, AVX2).
 #define MB_INT8_LOW_PASS_BODY                                                                                      \
-  const MixedDims& d = v.d;                                                                                        \
   const int64_t cpg = d.group_size / kChunk;                                                                       \
   const __m256i lane_index = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);                                            \
   for (int i = 0; i < RT; ++i) {                                                                                   \
@@ -726,23 +726,6 @@ __attribute__((target("avx2,fma,f16c"))) float outlier_dot_f16c(const MixedView&
     acc[i] = low_acc;                                                                                              \
   }
 
-template <int RT>
-MB_TARGET_AVX2 inline void low_pass_avx2(const MixedView& v, int64_t r0, const Int8TileScratch& scratch,
-                                                            const int8_t* xc, const float* pat, const float* gs,
-                                                            __m256* acc) {
-  using Dot = DotAvx2;
-  MB_INT8_LOW_PASS_BODY
-}
-
-template <int RT>
-MB_TARGET_AVX512 inline void low_pass_vnni(const MixedView& v, int64_t r0, const Int8TileScratch& scratch,
-                                                              const int8_t* xc, const float* pat, const float* gs,
-                                                              __m256* acc) {
-  using Dot = DotVnni;
-  MB_INT8_LOW_PASS_BODY
-}
-#undef MB_INT8_LOW_PASS_BODY
-
 #define MB_INT8_TILE_BODY                                                                                          \
   const MixedDims& d = v.d;                                                                                        \
   const int64_t chunks = d.cols / kChunk, full_pairs = chunks / 2;                                                 \
@@ -762,7 +745,7 @@ MB_TARGET_AVX512 inline void low_pass_vnni(const MixedView& v, int64_t r0, const
     const int8_t* xc = a.xc.data() + m * a.padded;                                                                 \
     const float* gs = a.gsum.data() + m * d.groups;                                                                \
     __m256 acc[RT];                                                                                                \
-    MB_INT8_LOW_PASS(v, r0, scratch, xc, pat, gs, acc);                                                           \
+    { MB_INT8_LOW_PASS_BODY }                                                                                      \
     int64_t p_start = 0;                                                                                           \
     MB_INT8_WIDE_PAIRS                                                                                             \
     for (int64_t p = p_start; p < a.pairs; ++p) {                                                                  \
@@ -808,9 +791,7 @@ template <int RT>
 MB_TARGET_AVX2 void int8_tile_avx2(const MixedView& v, int64_t r0, const Int8Rows& a, const float* xf,
                                    int64_t m_rows, Int8TileScratch& scratch, float* y) {
   using Dot = DotAvx2;
-#define MB_INT8_LOW_PASS low_pass_avx2<RT>
   MB_INT8_TILE_BODY
-#undef MB_INT8_LOW_PASS
 }
 
 #undef MB_INT8_WIDE_PAIRS
@@ -851,11 +832,10 @@ template <int RT>
 MB_TARGET_AVX512 void int8_tile_vnni(const MixedView& v, int64_t r0, const Int8Rows& a, const float* xf,
                                      int64_t m_rows, Int8TileScratch& scratch, float* y) {
   using Dot = DotVnni;
-#define MB_INT8_LOW_PASS low_pass_vnni<RT>
   MB_INT8_TILE_BODY
-#undef MB_INT8_LOW_PASS
 }
 #undef MB_INT8_TILE_BODY
+#undef MB_INT8_LOW_PASS_BODY
 #undef MB_INT8_WIDE_PAIRS
 
 // The calling thread's tile tables, reached through a call the optimizer
