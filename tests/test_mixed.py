@@ -432,8 +432,10 @@ def _spiky_activations(batch, k, seed=0):
 @pytest.mark.parametrize("batch", [1, 3, 6])
 @pytest.mark.parametrize("group_size", [64, 128])
 # (37, 4352): a last tile of one row, and 68 or 34 groups per row, whose mask
-# words (3 or 2 per row) the kernel reads by gather or by permute.
-@pytest.mark.parametrize("shape", [(72, 512), (37, 4352)])
+# words (3 or 2 per row) the AVX2 tables read by gather or by permute;
+# (13, 8320): 130 groups of 64, 5 mask words per row, which the AVX-512 tables
+# gather (a tile's 20 words do not fit one register).
+@pytest.mark.parametrize("shape", [(72, 512), (37, 4352), (13, 8320)])
 def test_int8_path_matches_its_reference_on_every_isa(monkeypatch, isa, batch, group_size, shape):
     q = _quantize("cpu", shape=shape, ratio_4bit=0.3, outlier_fraction=0.01, group_size=group_size)
     x = _spiky_activations(batch, shape[1])

@@ -252,3 +252,23 @@ def test_formats_compute_float64_in_float32_and_return_float64():
         layer = memboost.nn.QuantizedLinear.for_format(fmt).from_quantized(q, bias)
         y = layer(x.double())
         assert y.dtype == torch.float64 and torch.equal(y, expected.double()), fmt
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act_bits", [None, 8])
+def test_half_inputs_compute_in_float32_and_round_the_result_once(dtype, act_bits):
+    """A bf16 or fp16 x is widened to float32 and the float32 result rounded
+    to x's dtype once, exactly as x.float() and .to(dtype) would (the CPU ops
+    convert in their own loops, not through ATen), for a contiguous x of any
+    rank and for a strided one."""
+    from memboost.formats import int8
+
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(64, 128, generator=g), torch.randn(2, 3, 128, generator=g).to(dtype)
+    weights = _every_format_weight(w)
+    weights["int8"] = int8.quantize(w)
+    for fmt, q in weights.items():
+        for xi in (x, x[0], x.transpose(0, 1)):
+            want = q.linear(xi.float(), act_bits=act_bits).to(dtype)
+            y = q.linear(xi, act_bits=act_bits)
+            assert y.dtype == dtype and y.shape == want.shape and torch.equal(y, want), (fmt, xi.shape)

@@ -532,8 +532,12 @@ struct DotAvx2 {
   // One chunk's 64 low-bit codes (16 bytes, element 4k + s at bits 2s of byte
   // k) against its chunk-major activations xc[16s + k]: the 16 bytes in both
   // halves, shifted by 2s per half. Int32 lane j of each half sums elements of
-  // block j / 2 of the chunk, so the lanes' scales are (b0, b0, b1, b1) twice.
-  MB_TARGET_AVX2 static __m256i low_chunk(const uint8_t* low, const int8_t* xc) {
+  // block j / 2 of the chunk, so the lanes' scales are (b0, b0, b1, b1) twice:
+  // acc + dot * step * (the chunk's four lane scales at pat4, in both halves).
+  using LowAcc = __m256;
+  MB_TARGET_AVX2 static LowAcc low_zero() { return _mm256_setzero_ps(); }
+  MB_TARGET_AVX2 static LowAcc low_chunk(const uint8_t* low, const int8_t* xc, float step, const float* pat4,
+                                         LowAcc acc) {
     const __m256i lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low)));
     const __m256i three = _mm256_set1_epi8(3);
     const __m256i c01 = _mm256_and_si256(_mm256_srlv_epi32(lo, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)), three);
@@ -541,8 +545,12 @@ struct DotAvx2 {
     const __m256i s = _mm256_add_epi16(
         _mm256_maddubs_epi16(c01, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc))),
         _mm256_maddubs_epi16(c23, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + 32))));
-    return _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+    const __m256i dot = _mm256_madd_epi16(s, _mm256_set1_epi16(1));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),
+                           _mm256_mul_ps(_mm256_set1_ps(step), _mm256_broadcast_ps(reinterpret_cast<const __m128*>(pat4))),
+                           acc);
   }
+  MB_TARGET_AVX2 static __m256 low_fold(LowAcc acc) { return acc; }
 };
 // AVX-512 VNNI: two chains of two vpdpbusd each.
 struct DotVnni {
@@ -553,13 +561,22 @@ struct DotVnni {
     return _mm256_add_epi32(a, b);
   }
   // DotAvx2::low_chunk with one 512-bit vpdpbusd (quarter s of the vector
-  // shifted by 2s); its halves added give the same lane scales.
-  MB_TARGET_AVX512 static __m256i low_chunk(const uint8_t* low, const int8_t* xc) {
+  // shifted by 2s), whose four quarters have the same lane scales: the sums
+  // stay 512-bit until low_fold, one fold per row instead of one per chunk.
+  using LowAcc = __m512;
+  MB_TARGET_AVX512 static LowAcc low_zero() { return _mm512_setzero_ps(); }
+  MB_TARGET_AVX512 static LowAcc low_chunk(const uint8_t* low, const int8_t* xc, float step, const float* pat4,
+                                           LowAcc acc) {
     const __m512i lo = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low)));
     const __m512i shifts = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
     const __m512i codes = _mm512_and_si512(_mm512_srlv_epi32(lo, shifts), _mm512_set1_epi8(3));
     const __m512i dot = cpu::dpbusd_vnni512(_mm512_setzero_si512(), codes, _mm512_loadu_si512(xc));
-    return _mm256_add_epi32(_mm512_castsi512_si256(dot), _mm512_extracti64x4_epi64(dot, 1));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                           _mm512_mul_ps(_mm512_set1_ps(step), _mm512_broadcast_f32x4(_mm_loadu_ps(pat4))), acc);
+  }
+  MB_TARGET_AVX512 static __m256 low_fold(LowAcc acc) {
+    return _mm256_add_ps(_mm512_castps512_ps256(acc),
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1)));
   }
 };
 
@@ -583,7 +600,7 @@ struct Int8TileScratch {
     groups = d.groups;
     mask_words = d.mask_words;
     chunks = d.cols / kChunk;
-    const int64_t lanes = kInt8RowTile * groups + 8;
+    const int64_t lanes = kInt8RowTile * groups + 16;  // a 16-lane vector of slack
     lane_row2.assign(lanes, 0);
     lane_word.assign(lanes, 0);
     lane_bit.assign(lanes, 0);
@@ -598,6 +615,16 @@ struct Int8TileScratch {
     chunk_step.assign(kInt8RowTile * chunks + 8, 0.f);
   }
 };
+
+// The tile's steps per chunk (row i's at i * chunks): the plane steps
+// themselves when a group is one chunk, else each repeated per chunk.
+inline const float* tile_chunk_steps(const MixedDims& d, int64_t lanes, Int8TileScratch& s) {
+  const int64_t cpg = d.group_size / kChunk;
+  if (cpg == 1) return s.plane_step.data();
+  for (int64_t t = 0; t < lanes; ++t)
+    for (int64_t c = 0; c < cpg; ++c) s.chunk_step[t * cpg + c] = s.plane_step[t];
+  return s.chunk_step.data();
+}
 
 // Every group's zero * step and plane step (step, or 4 * step in 4-bit
 // groups, whose plane holds the code's high bits) of rows [r0, r0 + rt), 8
@@ -651,11 +678,70 @@ MB_TARGET_AVX2 inline const float* int8_tile_tables(const MixedView& v, int64_t 
     _mm256_storeu_ps(s.plane_step.data() + t,
                      _mm256_mul_ps(st, _mm256_blendv_ps(_mm256_set1_ps(1.0f), _mm256_set1_ps(4.0f), four)));
   }
-  const int64_t cpg = d.group_size / kChunk;
-  if (cpg == 1) return s.plane_step.data();
-  for (int64_t t = 0; t < lanes; ++t)
-    for (int64_t c = 0; c < cpg; ++c) s.chunk_step[t * cpg + c] = s.plane_step[t];
-  return s.chunk_step.data();
+  return tile_chunk_steps(d, lanes, s);
+}
+
+// int8_tile_tables on AVX-512, 16 groups per vector, with the same values bit
+// for bit: each tile row's 16 ranges are computed once (row_ranges_avx2: the
+// same multiply, add and exp2) and looked up per group with permutes, where
+// int8_tile_tables takes an exp2 per group. A 2048-column row has 32 groups,
+// so the exp2s were most of the tables' work there.
+template <int rt>
+MB_TARGET_AVX512 inline const float* int8_tile_tables_vnni(const MixedView& v, int64_t r0, Int8TileScratch& s) {
+  static_assert(rt == 1 || rt == kInt8RowTile, "the lookup below takes one row or a whole tile");
+  const MixedDims& d = v.d;
+  const int64_t lanes = rt * d.groups;
+  __m512 ranges[rt];  // row i's range of code c in lane c
+  for (int i = 0; i < rt; ++i)
+    ranges[i] = _mm512_loadu_ps(row_ranges_avx2(v.row_scale[2 * (r0 + i)], v.row_scale[2 * (r0 + i) + 1]).range);
+  const uint8_t* meta = v.meta + r0 * d.groups;
+  const uint32_t* mask = v.mask + r0 * d.mask_words;
+  const __m512i one = _mm512_set1_epi32(1);
+  // The tile's mask words in one register when they fit (up to 8192 columns
+  // at group size 64): a permute per vector instead of a gather.
+  const bool few_words = rt * d.mask_words <= 16;
+  const __m512i tile_words =
+      few_words ? _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << (rt * d.mask_words)) - 1), mask)
+                : _mm512_setzero_si512();
+  for (int64_t t = 0; t < lanes; t += 16) {
+    // lanes past the tile read no metadata or mask (the lane tables' slack is zero there)
+    const __mmask16 valid = lanes - t >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (lanes - t)) - 1);
+    const __m512i m = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(valid, meta + t));
+    const __m512i row2 = _mm512_loadu_si512(s.lane_row2.data() + t);
+    const __m512i word_index = _mm512_loadu_si512(s.lane_word.data() + t);
+    const __m512i words = few_words ? _mm512_permutexvar_epi32(word_index, tile_words)
+                                    : _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, word_index, mask, 4);
+    const __mmask16 four = _mm512_test_epi32_mask(
+        _mm512_srlv_epi32(words, _mm512_loadu_si512(s.lane_bit.data() + t)), one);
+    // 16 * (the lane's row in the tile) + its code: an index into the tile's ranges
+    const __m512i index = _mm512_add_epi32(_mm512_slli_epi32(row2, 3), _mm512_and_si512(m, _mm512_set1_epi32(15)));
+    __m512 range;
+    if constexpr (rt == 1) {
+      range = _mm512_permutexvar_ps(index, ranges[0]);
+    } else {  // rows 0-1 and 2-3 are two 32-entry tables, chosen by the index's bit 5
+      range = _mm512_mask_blend_ps(_mm512_test_epi32_mask(index, _mm512_set1_epi32(32)),
+                                   _mm512_permutex2var_ps(ranges[0], index, ranges[1]),
+                                   _mm512_permutex2var_ps(ranges[2], index, ranges[3]));
+    }
+    const __m512 st = _mm512_mul_ps(range, _mm512_mask_blend_ps(four, _mm512_set1_ps(1.0f / 3.0f),
+                                                                _mm512_set1_ps(1.0f / 15.0f)));
+    const __m512 zero = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(m, 4)),
+                                      _mm512_mask_blend_ps(four, _mm512_set1_ps(0.25f), _mm512_set1_ps(1.0f)));
+    _mm512_storeu_ps(s.zero_step.data() + t, _mm512_mul_ps(zero, st));
+    _mm512_storeu_ps(s.plane_step.data() + t,
+                     _mm512_mul_ps(st, _mm512_mask_blend_ps(four, _mm512_set1_ps(1.0f), _mm512_set1_ps(4.0f))));
+  }
+  return tile_chunk_steps(d, lanes, s);
+}
+
+// The tile tables of each instruction set, chosen by the tile body's Dot.
+template <int rt>
+MB_TARGET_AVX2 inline const float* tile_tables(DotAvx2, const MixedView& v, int64_t r0, Int8TileScratch& s) {
+  return int8_tile_tables<rt>(v, r0, s);
+}
+template <int rt>
+MB_TARGET_AVX512 inline const float* tile_tables(DotVnni, const MixedView& v, int64_t r0, Int8TileScratch& s) {
+  return int8_tile_tables_vnni<rt>(v, r0, s);
 }
 
 // outlier_dot with F16C conversions (every AVX2 CPU has F16C), cheaper than
@@ -683,7 +769,7 @@ __attribute__((target("avx2,fma,f16c"))) float outlier_dot_f16c(const MixedView&
     const float* plane_step = scratch.plane_step.data() + i * d.groups; /* 4 * step in 4-bit groups */             \
     const uint8_t* low = reinterpret_cast<const uint8_t*>(v.lowbits + r * d.low_words);                            \
     const uint32_t* mask = v.mask + r * d.mask_words;                                                              \
-    __m256 low_acc = _mm256_setzero_ps();                                                                          \
+    typename Dot::LowAcc low_sum = Dot::low_zero();                                                                \
     if (cpg == 1) { /* group size 64, the common case: a group is one chunk */                                     \
       for (int64_t word = 0; word < d.mask_words; ++word) {                                                        \
         const float* ps = plane_step + 32 * word;                                                                  \
@@ -691,30 +777,20 @@ __attribute__((target("avx2,fma,f16c"))) float outlier_dot_f16c(const MixedView&
         const int8_t* xw = xc + 32 * kChunk * word;                                                                \
         for (uint32_t bits = mask[word]; bits != 0; bits &= bits - 1, low += 16) {                                 \
           const int b = __builtin_ctz(bits);                                                                       \
-          const __m256i dot = Dot::low_chunk(low, xw + b * kChunk);                                                \
-          low_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),                                                       \
-                                    _mm256_mul_ps(_mm256_set1_ps(ps[b]),                                           \
-                                                  _mm256_broadcast_ps(reinterpret_cast<const __m128*>(pw + 4 * b))), \
-                                    low_acc);                                                                      \
+          low_sum = Dot::low_chunk(low, xw + b * kChunk, ps[b], pw + 4 * b, low_sum);                              \
         }                                                                                                          \
       }                                                                                                            \
     } else {                                                                                                       \
       for (int64_t word = 0; word < d.mask_words; ++word) {                                                        \
         for (uint32_t bits = mask[word]; bits != 0; bits &= bits - 1) {                                            \
           const int64_t g = word * 32 + __builtin_ctz(bits);                                                       \
-          const __m256 group_step = _mm256_set1_ps(plane_step[g]);                                                 \
-          for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c, low += 16) {                                           \
-            const __m256i dot = Dot::low_chunk(low, xc + c * kChunk);                                              \
-            low_acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot),                                                     \
-                                      _mm256_mul_ps(group_step, _mm256_broadcast_ps(                               \
-                                                                    reinterpret_cast<const __m128*>(pat + 4 * c))), \
-                                      low_acc);                                                                    \
-          }                                                                                                        \
+          for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c, low += 16)                                             \
+            low_sum = Dot::low_chunk(low, xc + c * kChunk, plane_step[g], pat + 4 * c, low_sum);                   \
         }                                                                                                          \
       }                                                                                                            \
     }                                                                                                              \
     /* plane_step is 4 * step in 4-bit groups: a quarter of it is the low bits' step (exact in binary) */          \
-    low_acc = _mm256_mul_ps(low_acc, _mm256_set1_ps(0.25f));                                                       \
+    __m256 low_acc = _mm256_mul_ps(Dot::low_fold(low_sum), _mm256_set1_ps(0.25f));                               \
     const float* zs = scratch.zero_step.data() + i * d.groups;                                                     \
     int64_t g = 0;                                                                                                 \
     for (; g + 8 <= d.groups; g += 8)                                                                              \
@@ -733,7 +809,7 @@ __attribute__((target("avx2,fma,f16c"))) float outlier_dot_f16c(const MixedView&
   const __m256i half_lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);                                            \
   const uint8_t* plane[RT];                                                                                        \
   const float* cs[RT];                                                                                             \
-  const float* tile_cs = int8_tile_tables<RT>(v, r0, scratch);                                                     \
+  const float* tile_cs = tile_tables<RT>(Dot{}, v, r0, scratch);                                                  \
   for (int i = 0; i < RT; ++i) {                                                                                   \
     prefetch_row(v, r0 + i + kRowsAhead, /*plane=*/false); /* the plane: kPrefetchBytes ahead, below */            \
     plane[i] = reinterpret_cast<const uint8_t*>(v.plane2 + (r0 + i) * d.plane_words);                              \
