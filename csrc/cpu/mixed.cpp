@@ -128,6 +128,15 @@ void linear_rows_generic(const MixedView& v, int64_t begin, int64_t end, const f
 // one FMA per group.
 MB_TARGET_AVX2 inline float hsum(__m256 v) { return cpu::hsum_ps256(v); }
 
+// The mixed kernels request their weight streams into L2 (_MM_HINT_T1), not
+// L1: a row tile reads five streams (plane, low bits, metadata, mask, ranges)
+// and prefetching 16 KiB of plane plus 24 rows of the rest into a 32 KiB L1
+// evicted lines before their use. Streamed act_bits=8 calls on 2048x8192
+// took 0.80-0.88 of the time with T1 (benchmarks/bench_ops.py-style copies,
+// 2 threads, two alternating runs per hint); NF4's and ternary's single
+// streams gained nothing from it and keep T0.
+constexpr _mm_hint kStreamHint = _MM_HINT_T1;
+
 // Rows ahead whose streams a kernel requests while it works on row r. Besides
 // the 2-bit plane a row reads its 4-bit low bits, group metadata, mask and
 // range: separate arrays the hardware prefetcher does not follow well all at
@@ -143,14 +152,14 @@ inline void prefetch_row(const MixedView& v, int64_t r, bool plane) {
   if (r >= d.rows) return;
   auto lines = [](const void* p, int64_t bytes) {
     const char* c = static_cast<const char*>(p);
-    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
-    _mm_prefetch(c + bytes - 1, _MM_HINT_T0);  // the last line when p is not line-aligned
+    for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, kStreamHint);
+    _mm_prefetch(c + bytes - 1, kStreamHint);  // the last line when p is not line-aligned
   };
   if (plane) lines(v.plane2 + r * d.plane_words, d.plane_words * 4);
   if (d.low_words > 0) lines(v.lowbits + r * d.low_words, d.low_words * 4);
   lines(v.meta + r * d.groups, d.groups);
-  _mm_prefetch(reinterpret_cast<const char*>(v.mask + r * d.mask_words), _MM_HINT_T0);
-  _mm_prefetch(reinterpret_cast<const char*>(v.row_scale + 2 * r), _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(v.mask + r * d.mask_words), kStreamHint);
+  _mm_prefetch(reinterpret_cast<const char*>(v.row_scale + 2 * r), kStreamHint);
 }
 
 // row_ranges with two vector exp2 (cpu::exp2_ps256): range[c] = exp2(log2_base + c * log2_step)
@@ -834,7 +843,7 @@ __attribute__((target("avx2,fma,f16c"))) float outlier_dot_f16c(const MixedView&
       const bool full = p < full_pairs;                                                                            \
       for (int i = 0; i < RT; ++i) {                                                                               \
         const uint8_t* w = plane[i] + p * 32;                                                                      \
-        _mm_prefetch(reinterpret_cast<const char*>(w + cpu::kPrefetchBytes), _MM_HINT_T0);                         \
+        _mm_prefetch(reinterpret_cast<const char*>(w + cpu::kPrefetchBytes), kStreamHint);                         \
         /* an odd last chunk: its upper half reads as codes 0 against zero padding */                              \
         const __m256i hi = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w))                          \
                                 : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));    \
@@ -887,7 +896,7 @@ MB_TARGET_AVX2 void int8_tile_avx2(const MixedView& v, int64_t r0, const Int8Row
       const __m512 quad_pat = _mm512_loadu_ps(pat + p_start * 8);                                                  \
       for (int i = 0; i < RT; ++i) {                                                                               \
         const uint8_t* w = plane[i] + p_start * 32;                                                                \
-        _mm_prefetch(reinterpret_cast<const char*>(w + cpu::kPrefetchBytes), _MM_HINT_T0);                         \
+        _mm_prefetch(reinterpret_cast<const char*>(w + cpu::kPrefetchBytes), kStreamHint);                         \
         const __m512i hi = _mm512_loadu_si512(w);                                                                  \
         const __m512i d0 = cpu::dpbusd_vnni512(cpu::dpbusd_vnni512(_mm512_setzero_si512(),                         \
                                                _mm512_and_si512(hi, three512), xs[0]),                             \
