@@ -430,6 +430,21 @@ def _spiky_activations(batch, k, seed=0):
 
 @pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
 @pytest.mark.parametrize("batch", [1, 3, 6])
+# groups of 3, 4 and 32 words of 16 codes
+@pytest.mark.parametrize("group_size", [48, 64, 512])
+def test_exact_path_matches_its_reference_on_every_isa(monkeypatch, isa, batch, group_size):
+    shape = (37, 1536)
+    q = _quantize("cpu", shape=shape, ratio_4bit=0.5, outlier_fraction=0.01, group_size=group_size)
+    x = _spiky_activations(batch, shape[1])
+    bias = torch.randn(shape[0])
+    monkeypatch.setenv("MEMBOOST_CPU_ISA", isa)
+    y = q.linear(x, bias)
+    want = reference.mixed_linear(x, *_parts(q), bias, group_size)
+    assert rel_err(y, want) < 1e-5
+
+
+@pytest.mark.parametrize("isa", ["avx512", "avx2", "portable"])
+@pytest.mark.parametrize("batch", [1, 3, 6])
 @pytest.mark.parametrize("group_size", [64, 128])
 # (37, 4352): a last tile of one row, and 68 or 34 groups per row, whose mask
 # words (3 or 2 per row) the AVX2 tables read by gather or by permute;
