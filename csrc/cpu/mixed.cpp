@@ -132,9 +132,10 @@ MB_TARGET_AVX2 inline float hsum(__m256 v) { return cpu::hsum_ps256(v); }
 // L1: a row tile reads five streams (plane, low bits, metadata, mask, ranges)
 // and prefetching 16 KiB of plane plus 24 rows of the rest into a 32 KiB L1
 // evicted lines before their use. Streamed act_bits=8 calls on 2048x8192
-// took 0.80-0.88 of the time with T1 (benchmarks/bench_ops.py-style copies,
+// took 0.79-0.88 of the time with T1 (benchmarks/bench_ops.py-style copies,
 // 2 threads, two alternating runs per hint); NF4's and ternary's single
-// streams gained nothing from it and keep T0.
+// streams gained nothing from it and keep T0. The exact path's row
+// prefetch shares the hint; it was not measured on its own.
 constexpr _mm_hint kStreamHint = _MM_HINT_T1;
 
 // Rows ahead whose streams a kernel requests while it works on row r. Besides
