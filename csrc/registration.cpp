@@ -4,11 +4,20 @@
 #include <Python.h>
 #include <torch/library.h>
 
-// An empty module: importing memboost._C loads the library, whose static
-// initializers register the ops with the dispatcher.
+namespace memboost {
+int add_bound_op(PyObject* module);  // csrc/bound_op.cpp
+}
+
+// Importing memboost._C loads the library, whose static initializers register
+// the ops with the dispatcher; the module itself holds bind_op (bound_op.cpp).
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && memboost::add_bound_op(module) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 
 TORCH_LIBRARY(memboost, m) {

@@ -18,7 +18,7 @@ if torch.__version__ != _build_info.TORCH_VERSION:
     )
 
 try:
-    from . import _C  # noqa: F401  (registers the ops with the dispatcher)
+    from . import _C as C  # registers the ops with the dispatcher; C.bind_op: memboost.ops
 except ImportError as exc:
     raise ImportError(f"memboost._C failed to load ({exc}); {_REBUILD}") from exc
 

@@ -86,11 +86,12 @@ def _call_linear(op, args, x: torch.Tensor, bias: Optional[torch.Tensor]) -> tor
 def _bound_linear(op, rest: tuple):
     """x -> op(x, *rest): a *_linear op with every argument but x bound, for
     inference (torch.inference_mode, where the dispatcher skips the autograd
-    kernels): the per-call Python between a decode loop and the kernel is
-    this one closure."""
-    def call(x: torch.Tensor) -> torch.Tensor:
-        return op(x, *rest)
-    return call
+    kernels). A memboost._C.BoundOp: the bound arguments are converted once,
+    so a call is one dispatcher call with no per-argument parsing (through
+    torch.ops, a dozen arguments cost about 2 us a call, as much as a small
+    layer's kernel). torch.compile cannot trace it: compiled code calls the
+    format's linear."""
+    return _native.C.bind_op(op._schema.name, tuple(rest))
 
 
 @_register_fake("mixed_dequantize")
@@ -325,6 +326,8 @@ def low_rank_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base: Opt
 def low_rank_linear_bound(A: torch.Tensor, B: torch.Tensor, base_linear):
     """x -> low_rank_linear(x, A, B, base_linear(x)): a bound *_linear op plus
     a low-rank product, for inference (see _bound_linear)."""
+    if isinstance(base_linear, _native.C.BoundOp):
+        return _native.C.bind_op("memboost::low_rank_linear", (A, B), base_linear)
     op = _ops.low_rank_linear.default
 
     def call(x: torch.Tensor) -> torch.Tensor:

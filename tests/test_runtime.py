@@ -308,6 +308,62 @@ def test_bound_linear_keeps_the_layer_where_it_has_work_of_its_own():
     assert layer.linear_bound(torch.float32) is not layer
 
 
+def _ternary_weight(rows: int = 24, cols: int = 128):
+    from memboost.formats import ternary
+
+    return ternary.quantize(torch.randn(rows, cols, generator=torch.Generator().manual_seed(5)))
+
+
+def test_bound_op_calls_the_op_through_the_dispatcher():
+    """memboost._C.bind_op (what every linear_bound returns): the op's result, bit for bit, in and out of
+    inference mode; the bound tensors kept alive by the binding; autograd and the profiler still see the op."""
+    from memboost import _native, ops
+
+    q = _ternary_weight()
+    args = (q.tensors["packed"], q.tensors["scales"], torch.randn(24), 128, q.group_size, 0)
+    bound = ops.ternary_linear_bound(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
+    assert isinstance(bound, _native.C.BoundOp) and "memboost::ternary_linear" in repr(bound)
+    x = torch.randn(3, 128)
+    want = ops.ternary_linear(x, *args)
+    import gc
+    gc.collect()  # the clones' only references are the binding's
+    with torch.inference_mode():
+        assert torch.equal(bound(x), want)
+    assert torch.equal(bound(x), want)
+    x_bound, x_op = x.clone().requires_grad_(), x.clone().requires_grad_()
+    bound(x_bound).square().sum().backward()  # through the op's autograd kernel, as ops.ternary_linear
+    ops.ternary_linear(x_op, *args).square().sum().backward()
+    assert torch.equal(x_bound.grad, x_op.grad)
+    with torch.profiler.profile() as prof, torch.inference_mode():
+        bound(x)
+    assert any(e.name == "memboost::ternary_linear" for e in prof.events())
+
+
+def test_bound_op_refuses_bad_arguments_by_name():
+    from memboost import _native, ops
+
+    q = _ternary_weight()
+    packed, scales = q.tensors["packed"], q.tensors["scales"]
+    bind = _native.C.bind_op
+    with pytest.raises(ValueError, match="no operator named 'memboost::no_such_op'"):
+        bind("memboost::no_such_op", ())
+    with pytest.raises(ValueError, match="does not take a tensor and the 2 arguments given"):
+        bind("memboost::ternary_linear", (packed, scales))
+    with pytest.raises(TypeError, match="argument 'cols' must be int, got float"):
+        bind("memboost::ternary_linear", (packed, scales, None, 128.0, q.group_size, 0))
+    with pytest.raises(TypeError, match="argument 'scales' must be Tensor, got str"):
+        bind("memboost::ternary_linear", (packed, "scales", None, 128, q.group_size, 0))
+    with pytest.raises(ValueError, match="'inner' must be a bound op or None"):
+        bind("memboost::low_rank_linear", (torch.zeros(24, 2), torch.zeros(128, 2)), lambda x: x)
+    bound = ops.ternary_linear_bound(packed, scales, None, 128, q.group_size, 0)
+    for call in (lambda: bound(), lambda: bound(torch.zeros(1, 128), torch.zeros(1, 128)),
+                 lambda: bound(x=torch.zeros(1, 128)), lambda: bound([0.0] * 128)):
+        with pytest.raises(TypeError, match="a bound memboost::ternary_linear takes one tensor 'x'"):
+            call()
+    with pytest.raises(ValueError, match="memboost: "):  # the kernel's own check, as a ValueError
+        bound(torch.zeros(1, 64))
+
+
 def test_decoder_rebinds_a_moved_weight():
     """A bound call holds the weight's tensors: when they are replaced (as .to() does) the next generate binds
     the new ones."""

@@ -263,7 +263,11 @@ class MemboostLinearMethod(LinearMethodBase):
         layer.memboost_calls = [w.linear_bound(None, self.act_bits) for w in weights]
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        calls = layer.memboost_calls
+        if torch.compiler.is_compiling():
+            # A bound op is a C object torch.compile cannot trace; the formats' linear it can.
+            calls = [functools.partial(w.linear, bias=None, act_bits=self.act_bits) for w in layer.memboost_weights]
+        else:
+            calls = layer.memboost_calls
         if len(calls) == 1:
             if bias is None:
                 return calls[0](x)
