@@ -1,6 +1,6 @@
 // memboost._C.BoundOp: one of memboost's ops with every argument but the
 // first bound, called from Python with one tensor. The decode loop calls a
-// *_linear op about 200 times per token; through torch.ops each call parses
+// *_linear op about 200 times per token (and rms_norm 60); through torch.ops each call parses
 // its dozen arguments against the schema in Python and C++ (about 2 us, as
 // much as a small layer's kernel). Here they are converted once, at bind
 // time, and a call is one boxed dispatcher call: the dispatcher still picks
@@ -70,10 +70,42 @@ PyObject* bound_op_repr(PyObject* obj) {
   return PyUnicode_FromFormat("<memboost bound %s>", self->op->schema().name().c_str());
 }
 
+PyObject* bound_op_name(PyObject* obj, void*) {
+  return PyUnicode_FromString(reinterpret_cast<BoundOp*>(obj)->op->schema().name().c_str());
+}
+
+// The bound arguments back as Python values (for inspection: what a decode loop bound).
+PyObject* bound_op_args(PyObject* obj, void*) {
+  HANDLE_TH_ERRORS
+  const auto& rest = *reinterpret_cast<BoundOp*>(obj)->rest;
+  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(rest.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < rest.size(); ++i) {
+    const c10::IValue& v = rest[i];
+    PyObject* item = v.isTensor()  ? THPVariable_Wrap(v.toTensor())
+                     : v.isInt()   ? PyLong_FromLongLong(v.toInt())
+                     : v.isDouble() ? PyFloat_FromDouble(v.toDouble())
+                     : v.isBool()  ? PyBool_FromLong(v.toBool())
+                                   : Py_NewRef(Py_None);
+    if (item == nullptr) {
+      Py_DECREF(out);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), item);
+  }
+  return out;
+  END_HANDLE_TH_ERRORS
+}
+
+PyGetSetDef bound_op_getset[] = {
+    {"name", bound_op_name, nullptr, "the op's schema name, e.g. memboost::mixed_linear", nullptr},
+    {"args", bound_op_args, nullptr, "the bound arguments (every one after x)", nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr}};
+
 PyTypeObject BoundOpType = {PyVarObject_HEAD_INIT(nullptr, 0)};
 
-// One bound argument as the schema types it (the *_linear ops take tensors,
-// optional tensors and ints).
+// One bound argument as the schema types it: a tensor, an optional tensor,
+// an int, a float or a bool (what the *_linear ops and rms_norm take).
 c10::IValue bound_argument(const c10::Argument& arg, PyObject* value, const std::string& op_name) {
   const auto& type = arg.type();
   const bool optional = type->kind() == c10::TypeKind::OptionalType;
@@ -85,6 +117,12 @@ c10::IValue bound_argument(const c10::Argument& arg, PyObject* value, const std:
     if (v == -1 && PyErr_Occurred()) throw python_error();
     return c10::IValue(static_cast<int64_t>(v));
   }
+  if (base->kind() == c10::TypeKind::FloatType && (PyFloat_Check(value) || (PyLong_Check(value) && !PyBool_Check(value)))) {
+    const double v = PyFloat_AsDouble(value);
+    if (v == -1.0 && PyErr_Occurred()) throw python_error();
+    return c10::IValue(v);
+  }
+  if (base->kind() == c10::TypeKind::BoolType && PyBool_Check(value)) return c10::IValue(value == Py_True);
   throw c10::TypeError({__func__, __FILE__, static_cast<uint32_t>(__LINE__)},
                        "memboost: bind_op(" + op_name + "): argument '" + arg.name() + "' must be " +
                            type->str() + ", got " + Py_TYPE(value)->tp_name);
@@ -142,6 +180,7 @@ int add_bound_op(PyObject* module) {
   BoundOpType.tp_call = PyVectorcall_Call;
   BoundOpType.tp_dealloc = bound_op_dealloc;
   BoundOpType.tp_repr = bound_op_repr;
+  BoundOpType.tp_getset = bound_op_getset;
   BoundOpType.tp_doc = "A memboost op with every argument but x bound (memboost._C.bind_op).";
   if (PyType_Ready(&BoundOpType) < 0) return -1;
   Py_INCREF(&BoundOpType);

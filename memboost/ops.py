@@ -440,6 +440,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: b
     return _ops.rms_norm.default(x, weight, float(eps), bool(weight_offset))
 
 
+def rms_norm_bound(weight: torch.Tensor, eps: float, weight_offset: bool = False):
+    """x -> rms_norm(x, weight, eps, weight_offset), bound as _bound_linear binds a *_linear op."""
+    return _native.C.bind_op("memboost::rms_norm", (weight, float(eps), bool(weight_offset)))
+
+
 @_register_fake("decode_attention")
 def _(q, k, v, cos, sin, key_cache, value_cache, start, key_mask, scale):
     torch._check_value(q.dtype in _FLOAT_DTYPES, lambda: f"'q' must be float16, bfloat16 or float32, got {q.dtype}")

@@ -2,12 +2,11 @@
 the CUDA kernel against the pure-PyTorch reference and transformers' own
 RMSNorm modules (Llama's rounding and Gemma's 1 + weight), opcheck, bad
 arguments, and the decode loop binding it."""
-import functools
 
 import pytest
 import torch
 
-from memboost import ops, reference
+from memboost import _native, ops, reference
 
 from conftest import tiny_llama
 
@@ -41,6 +40,15 @@ def test_matches_reference(target, dtype, shape, offset):
     got = ops.rms_norm(x, w, 1e-6, offset)
     expected = reference.rms_norm(x, w, 1e-6, offset)
     _assert_close_ulps(got, expected, dtype)
+
+
+@pytest.mark.parametrize("offset", [False, True])
+def test_bound_equals_the_op(target, offset):
+    """ops.rms_norm_bound (the decode loop's norm, a memboost._C.BoundOp): the op's result bit for bit."""
+    x, w = _inputs((1, 1, 576), torch.float32, target, offset=offset)
+    bound = ops.rms_norm_bound(w, 1e-6, offset)
+    with torch.inference_mode():
+        assert torch.equal(bound(x), ops.rms_norm(x, w, 1e-6, offset))
 
 
 def test_non_contiguous_and_empty(target):
@@ -93,9 +101,10 @@ def test_decode_loop_binds_the_fused_norm():
     model = tiny_llama()
     decoder = Decoder(model, max_batch=1, max_length=16)
     norm = decoder._steps[0].attn_in
-    assert isinstance(norm, functools.partial) and norm.func is ops.rms_norm
-    assert norm.keywords["weight_offset"] is False
-    assert isinstance(decoder._norm, functools.partial)
+    assert isinstance(norm, _native.C.BoundOp) and norm.name == "memboost::rms_norm"
+    weight, eps, offset = norm.args
+    assert weight is model.model.layers[0].input_layernorm.weight and offset is False
+    assert isinstance(decoder._norm, _native.C.BoundOp) and decoder._norm.name == "memboost::rms_norm"
 
 
 def test_decode_loop_keeps_a_norm_it_does_not_reproduce():

@@ -323,6 +323,7 @@ def test_bound_op_calls_the_op_through_the_dispatcher():
     args = (q.tensors["packed"], q.tensors["scales"], torch.randn(24), 128, q.group_size, 0)
     bound = ops.ternary_linear_bound(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
     assert isinstance(bound, _native.C.BoundOp) and "memboost::ternary_linear" in repr(bound)
+    assert bound.name == "memboost::ternary_linear" and bound.args[3:] == (128, q.group_size, 0)
     x = torch.randn(3, 128)
     want = ops.ternary_linear(x, *args)
     import gc
@@ -353,6 +354,10 @@ def test_bound_op_refuses_bad_arguments_by_name():
         bind("memboost::ternary_linear", (packed, scales, None, 128.0, q.group_size, 0))
     with pytest.raises(TypeError, match="argument 'scales' must be Tensor, got str"):
         bind("memboost::ternary_linear", (packed, "scales", None, 128, q.group_size, 0))
+    with pytest.raises(TypeError, match="argument 'weight_offset' must be bool, got int"):
+        bind("memboost::rms_norm", (torch.ones(128), 1e-6, 1))
+    with pytest.raises(TypeError, match="argument 'eps' must be float, got str"):
+        bind("memboost::rms_norm", (torch.ones(128), "1e-6", False))
     with pytest.raises(ValueError, match="'inner' must be a bound op or None"):
         bind("memboost::low_rank_linear", (torch.zeros(24, 2), torch.zeros(128, 2)), lambda x: x)
     bound = ops.ternary_linear_bound(packed, scales, None, 128, q.group_size, 0)

@@ -53,8 +53,12 @@ inline void narrow(const float* src, Half16* dst, int64_t n) {
 
 // x as a contiguous float32 [M, cols] matrix: x itself when it already is one.
 inline at::Tensor float_rows(const at::Tensor& x, int64_t cols) {
-  if (x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous()) return x;
   const auto dtype = x.scalar_type();
+  if (dtype == at::kFloat && x.is_contiguous()) {
+    // A decode step's [batch, 1, cols]: one view (reshape, to and contiguous
+    // were three dispatcher calls, each on every op call).
+    return x.dim() == 2 ? x : x.view({-1, cols});
+  }
   if (x.is_contiguous() && (dtype == at::kBFloat16 || dtype == at::kHalf)) {
     at::Tensor xf = at::empty({x.numel() / cols, cols}, x.options().dtype(at::kFloat));
     if (dtype == at::kBFloat16) widen(x.const_data_ptr<at::BFloat16>(), xf.mutable_data_ptr<float>(), x.numel());
@@ -66,8 +70,9 @@ inline at::Tensor float_rows(const at::Tensor& x, int64_t cols) {
 
 // The float32 result y [M, out_features] in x's dtype and leading shape.
 inline at::Tensor linear_result(const at::Tensor& y, const at::Tensor& x, int64_t out_features) {
-  if (x.dim() == 2 && x.scalar_type() == at::kFloat) return y;
   const auto dtype = x.scalar_type();
+  if (dtype == at::kFloat && y.is_contiguous())
+    return x.dim() == 2 ? y : y.view(linear_output_shape(x, out_features));
   if (y.is_contiguous() && (dtype == at::kBFloat16 || dtype == at::kHalf)) {
     at::Tensor out = at::empty(linear_output_shape(x, out_features), y.options().dtype(dtype));
     if (dtype == at::kBFloat16) narrow(y.const_data_ptr<float>(), out.mutable_data_ptr<at::BFloat16>(), y.numel());

@@ -24,7 +24,6 @@ the final logit soft-capping are read from the modules and the config.
 """
 
 import dataclasses
-import functools
 import sys
 import weakref
 from typing import List, Optional, Sequence
@@ -477,7 +476,7 @@ def _norm_callable(module, dtype: torch.dtype):
             got = ops.rms_norm(probe, weight, eps, offset)
             if got.dtype == expected.dtype and torch.allclose(got.float(), expected.float(), rtol=tolerance,
                                                              atol=tolerance * float(expected.abs().max())):
-                return functools.partial(ops.rms_norm, weight=weight, eps=eps, weight_offset=offset)
+                return ops.rms_norm_bound(weight, eps, offset)
     return _callable(module)
 
 
